@@ -1,0 +1,38 @@
+# The two commands a newcomer types: `make demo` and `make test`. Both set up .venv if needed.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+# Caches and temp dirs stay inside the project's ignored folders.
+CACHE := $(CURDIR)/.cache
+export HF_HOME := $(CACHE)/hf
+export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
+# Ray temp dir in the project, unless the path is too long for its unix sockets (107 bytes).
+export RAY_TMPDIR := $(shell d="$(CACHE)/ray"; [ $${#d} -le 48 ] && echo "$$d" || echo /tmp/te-ray-$$(id -u))
+export MPLCONFIGDIR := $(CACHE)/matplotlib
+export MLFLOW_DISABLE_TELEMETRY := true
+export DS_ACCELERATOR := cpu
+export RAY_AUTH_MODE := disabled
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) jobs/demo.py
+
+bench: setup
+	for b in benchmarks/[a-z]*.py; do $(PY) -m benchmarks.$$(basename $$b .py) || exit 1; done
+
+clean:
+	rm -rf $(CACHE) .pytest_cache

@@ -1,0 +1,1 @@
+"""Data: public annotation formats, the synthetic benchmark, video decoding, Ray Data pipeline."""

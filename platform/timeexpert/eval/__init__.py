@@ -1,0 +1,1 @@
+"""Evaluation: metrics that match the official scorers, answer parsing, evaluation runs."""

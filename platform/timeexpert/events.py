@@ -1,0 +1,250 @@
+"""The canonical event and record types, the one temporal IoU, and THE event serializer.
+
+Every part of the platform (data, model, eval, serve) speaks these types. Answers are a causal
+sequence of events (t_m, s_m, c_m) (TimeExpert eq. 1-2, following TRACE): per event the
+timestamps, then the saliency score, then the caption.
+
+Serialized answer grammar (what `serialize_events` writes and `parse_pieces` reads)::
+
+    answer  := TEXT* ( SWITCH time score TEXT* )* EOS
+    time    := digits SEP digits SYNC        (start, end: time head)
+    score   := digits SYNC                   (saliency: score head)
+
+`digits` are symbols of NUMBER_SYMBOLS. SWITCH and EOS are text-vocabulary tokens emitted by the
+LM head: SWITCH hands the next tokens to the time head, EOS ends the answer. After a time SYNC the
+score head takes over, after a score SYNC the LM head. Zero events serialize to `[EOS]`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+# --- vocabularies ---------------------------------------------------------------------------
+
+NUMBER_SYMBOLS: tuple[str, ...] = tuple("0123456789.")  # the 11 number tokens
+SEP = "<sep>"  # between two numbers of one time segment
+SYNC = "<sync>"  # closes a number sequence
+NUMBER_VOCAB: tuple[str, ...] = NUMBER_SYMBOLS + (SEP, SYNC)  # vocab of the time and score heads
+SWITCH = "<swi>"  # text-vocab token: an event's numbers follow (the switching token)
+EOS = "<eos>"  # text-vocab token: the answer ends
+TIME_DECIMALS = 1  # timestamps are written with one decimal (0.1 s resolution)
+SCORE_DECIMALS = 1  # saliency scores likewise
+
+
+class Task(str, enum.Enum):
+    """The three VTG tasks."""
+
+    MR = "mr"  # moment retrieval: query -> ranked windows
+    VHD = "vhd"  # video highlight detection: query -> per-clip saliency (+ windows)
+    DVC = "dvc"  # dense video captioning: video -> events with captions
+
+    @classmethod
+    def parse(cls, value: "str | Task") -> "Task":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"unknown task {value!r}; expected one of {[t.value for t in cls]}"
+            ) from None
+
+
+class TokenType(enum.IntEnum):
+    """Task type of every decoder token: gating statistics (A_t) and telemetry are kept per type."""
+
+    TIME = 0
+    SCORE = 1
+    TEXT = 2
+    VISUAL = 3
+    QUERY = 4
+
+
+NUM_TOKEN_TYPES = len(TokenType)
+
+
+@dataclass
+class Event:
+    """One grounded event: an interval in seconds, an optional saliency score, a caption."""
+
+    start: float
+    end: float
+    score: float | None = None
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start) and math.isfinite(self.end)):
+            raise ValueError(f"event times must be finite, got ({self.start}, {self.end})")
+        if self.start < 0 or self.end < self.start:
+            raise ValueError(
+                f"event needs 0 <= start <= end, got start={self.start} end={self.end}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Event":
+        return cls(
+            start=float(d["start"]),
+            end=float(d["end"]),
+            score=None if d.get("score") is None else float(d["score"]),
+            caption=str(d.get("caption", "")),
+        )
+
+
+@dataclass
+class Record:
+    """One canonical training/eval example, whatever public format it came from."""
+
+    id: str  # unique within a dataset (e.g. qid, or video id + index)
+    video: str  # URI of the video: a local path, file:// or s3://
+    duration: float  # seconds
+    task: Task
+    query: str  # the query (MR/VHD) or instruction (DVC); may be empty for DVC
+    events: list[Event] = field(default_factory=list)  # the target events, in time order
+    saliency: list[float] | None = None  # per-clip saliency (VHD), clip length `clip_len`
+    clip_len: float = 2.0  # seconds per saliency clip (QVHighlights uses 2 s)
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        self.task = Task.parse(self.task)
+        if not self.duration > 0:
+            raise ValueError(f"record {self.id!r}: duration must be > 0, got {self.duration}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["task"] = self.task.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Record":
+        return cls(
+            id=str(d["id"]),
+            video=str(d["video"]),
+            duration=float(d["duration"]),
+            task=Task.parse(d["task"]),
+            query=str(d.get("query", "")),
+            events=[Event.from_dict(e) for e in d.get("events", [])],
+            saliency=None if d.get("saliency") is None else [float(s) for s in d["saliency"]],
+            clip_len=float(d.get("clip_len", 2.0)),
+            split=str(d.get("split", "train")),
+        )
+
+
+# --- the one temporal IoU ------------------------------------------------------------------
+
+
+def temporal_iou(a: Any, b: Any) -> np.ndarray | float:
+    """IoU of intervals `a` (..., N, 2) against `b` (..., M, 2) -> (..., N, M).
+
+    Two single intervals (shape (2,)) give a float. An interval of zero length that lies inside
+    the other has IoU 0 (intersection 0), and two identical points have IoU 0 too: the union is 0
+    and we define 0/0 = 0, as the QVHighlights scorer does.
+    """
+    a_arr = np.asarray(a, dtype=np.float64)
+    b_arr = np.asarray(b, dtype=np.float64)
+    scalar = a_arr.ndim == 1 and b_arr.ndim == 1
+    a_N2 = a_arr[..., :, None, :] if a_arr.ndim > 1 else a_arr[None, None, :]
+    b_M2 = b_arr[..., None, :, :] if b_arr.ndim > 1 else b_arr[None, None, :]
+    inter = np.clip(
+        np.minimum(a_N2[..., 1], b_M2[..., 1]) - np.maximum(a_N2[..., 0], b_M2[..., 0]), 0, None
+    )
+    union = (a_N2[..., 1] - a_N2[..., 0]) + (b_M2[..., 1] - b_M2[..., 0]) - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return float(iou[0, 0]) if scalar else iou
+
+
+# --- the one serializer -----------------------------------------------------------------------
+
+
+def format_number(value: float, decimals: int) -> list[str]:
+    """A non-negative number as number symbols, e.g. 12.3 -> ['1', '2', '.', '3']."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"only finite non-negative numbers serialize, got {value}")
+    return list(f"{value:.{decimals}f}")
+
+
+def serialize_events(events: Sequence[Event]) -> list[tuple[TokenType, str]]:
+    """Events -> pieces `(token_type, piece)` in causal order (grammar in the module docstring).
+
+    TIME/SCORE pieces are single symbols of NUMBER_VOCAB; TEXT pieces are a caption string (to be
+    split by the text tokenizer) or one of SWITCH / EOS. A missing score is written as 0.
+    """
+    pieces: list[tuple[TokenType, str]] = []
+    for event in events:
+        pieces.append((TokenType.TEXT, SWITCH))
+        pieces += [(TokenType.TIME, s) for s in format_number(event.start, TIME_DECIMALS)]
+        pieces.append((TokenType.TIME, SEP))
+        pieces += [(TokenType.TIME, s) for s in format_number(event.end, TIME_DECIMALS)]
+        pieces.append((TokenType.TIME, SYNC))
+        score = 0.0 if event.score is None else event.score
+        pieces += [(TokenType.SCORE, s) for s in format_number(score, SCORE_DECIMALS)]
+        pieces.append((TokenType.SCORE, SYNC))
+        if event.caption:
+            pieces.append((TokenType.TEXT, event.caption))
+    pieces.append((TokenType.TEXT, EOS))
+    return pieces
+
+
+def _parse_number(symbols: list[str]) -> float:
+    text = "".join(symbols)
+    if not text or text.count(".") > 1 or text in {"."}:
+        raise ValueError(f"malformed number {text!r}")
+    return float(text)
+
+
+def parse_pieces(pieces: Iterable[tuple[TokenType | int, str]]) -> list[Event]:
+    """Pieces (as written by `serialize_events` or produced by generation) -> events.
+
+    Strict: a malformed sequence raises ValueError saying where. Consecutive TEXT pieces of one
+    event are joined with a space into its caption. A sequence cut before EOS (a generation cap)
+    keeps the complete events and drops the unfinished one.
+    """
+    events: list[Event] = []
+    state = "text"  # text | start | end | score
+    numbers: list[str] = []
+    start = end = 0.0
+    caption: list[str] = []
+    current: Event | None = None
+
+    def close_caption() -> None:
+        if current is not None and caption:
+            current.caption = " ".join(caption).strip()
+
+    for i, (kind, piece) in enumerate(pieces):
+        kind = TokenType(kind)
+        if state == "text":
+            if kind != TokenType.TEXT:
+                raise ValueError(f"piece {i}: expected text, {SWITCH} or {EOS}, got {piece!r}")
+            if piece == EOS:
+                close_caption()
+                return events
+            if piece == SWITCH:
+                close_caption()
+                caption, current, state, numbers = [], None, "start", []
+            elif current is not None:
+                caption.append(piece)
+            # text before the first event (a free-text preface) carries no event
+            continue
+        expected = TokenType.SCORE if state == "score" else TokenType.TIME
+        if kind != expected or piece not in NUMBER_VOCAB:
+            raise ValueError(f"piece {i}: expected a {expected.name} number symbol, got {piece!r}")
+        if state == "start" and piece == SEP:
+            start, numbers, state = _parse_number(numbers), [], "end"
+        elif state == "end" and piece == SYNC:
+            end, numbers, state = _parse_number(numbers), [], "score"
+        elif state == "score" and piece == SYNC:
+            score = _parse_number(numbers)
+            current = Event(start=start, end=end, score=score)
+            events.append(current)
+            numbers, state = [], "text"
+        elif piece in (SEP, SYNC):
+            raise ValueError(f"piece {i}: unexpected {piece!r} while reading the {state} number")
+        else:
+            numbers.append(piece)
+    close_caption()
+    return events  # cut before EOS: complete events only

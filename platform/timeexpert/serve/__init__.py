@@ -1,0 +1,1 @@
+"""Serving: the Ray Serve deployment classes used by serve_apps/."""
