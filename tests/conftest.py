@@ -51,3 +51,58 @@ def shared_fixtures() -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f"official golden files not found at {path} (../shared is absent)")
     return path
+
+
+class S3Server:
+    """A moto S3 server on loopback: `endpoint_url`, `bucket`, `root` (s3://bucket), and
+    `storage_options` (s3fs keyword arguments, for code that takes them explicitly)."""
+
+    def __init__(self, endpoint_url: str, bucket: str):
+        self.endpoint_url = endpoint_url
+        self.bucket = bucket
+        self.root = f"s3://{bucket}"
+        self.storage_options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint_url, "region_name": "us-east-1"},
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's ThreadedMotoServer on 127.0.0.1 with one bucket; the AWS_* env vars (endpoint,
+    keys, region) point at it for the session and are restored at teardown. Set before any
+    `ray.init` in the same session so Ray workers inherit them. Yields an `S3Server`."""
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem(
+            key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}
+        )
+        bucket = "timeexpert-test"
+        fs.mkdir(bucket)
+        yield S3Server(endpoint, bucket)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

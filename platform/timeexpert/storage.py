@@ -1,0 +1,185 @@
+"""The one URI opener: local paths, `file://` and `s3://` (s3fs), through fsspec.
+
+Everything that reads or writes a dataset, a manifest, a video or a checkpoint goes through here.
+S3 endpoint and credentials come from the standard AWS settings (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...) or from explicit storage options
+(s3fs keyword arguments, e.g. `{"client_kwargs": {"endpoint_url": ...}, "key": ..., "secret": ...}`).
+
+`resolve_under_root` is the one containment check: a manifest entry or a Serve request may only
+name a URI under the configured storage root.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import IO, Any
+
+import fsspec
+
+LOCAL_SCHEMES = ("", "file", "local")
+SUPPORTED_SCHEMES = ("", "file", "s3")
+
+
+def split_scheme(uri: str) -> tuple[str, str]:
+    """`s3://b/k` -> ("s3", "b/k"); `file:///a` -> ("file", "/a"); `/a` or `a` -> ("", uri)."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"a URI must be a non-empty string, got {uri!r}")
+    if "\x00" in uri:
+        raise ValueError(f"URI contains a NUL byte: {uri!r}")
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        scheme = scheme.lower()
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(
+                f"unsupported URI scheme {scheme!r} in {uri!r}; expected a local path, "
+                "file:// or s3://"
+            )
+        return scheme, rest
+    return "", uri
+
+
+def _s3_options(storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the endpoint from AWS_ENDPOINT_URL(_S3) when the caller gave none."""
+    options = dict(storage_options)
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    endpoint = options.pop("endpoint_url", None) or client_kwargs.get("endpoint_url")
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL"
+    )
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    return options
+
+
+def filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving `uri` and the path inside it (`bucket/key` for S3)."""
+    scheme, rest = split_scheme(uri)
+    if scheme == "s3":
+        if not rest or rest.startswith("/"):
+            raise ValueError(f"an s3 URI needs a bucket: s3://BUCKET/KEY, got {uri!r}")
+        return fsspec.filesystem("s3", **_s3_options(storage_options)), rest
+    path = rest if scheme == "" else "/" + rest.lstrip("/")
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+
+
+def open_uri(uri: str, mode: str = "rb", **storage_options: Any) -> IO:
+    """Open `uri` like `open()`; parent folders are created when writing a local file."""
+    fs, path = filesystem(uri, **storage_options)
+    if any(m in mode for m in "wa") and not _is_s3(uri):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    return fs.open(path, mode)
+
+
+def _is_s3(uri: str) -> bool:
+    return split_scheme(uri)[0] == "s3"
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """Join path parts onto a URI root with `/`, keeping the root's scheme."""
+    out = root.rstrip("/") if root not in ("/", "") else root
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}" if out else part
+    return out
+
+
+def exists(uri: str, **storage_options: Any) -> bool:
+    fs, path = filesystem(uri, **storage_options)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, **storage_options: Any) -> bytes:
+    """The whole object; FileNotFoundError when it is missing."""
+    fs, path = filesystem(uri, **storage_options)
+    return fs.cat_file(path)
+
+
+def write_bytes(uri: str, data: bytes, **storage_options: Any) -> None:
+    with open_uri(uri, "wb", **storage_options) as f:
+        f.write(data)
+
+
+def read_text(uri: str, **storage_options: Any) -> str:
+    return read_bytes(uri, **storage_options).decode("utf-8")
+
+
+def write_text(uri: str, text: str, **storage_options: Any) -> None:
+    write_bytes(uri, text.encode("utf-8"), **storage_options)
+
+
+def upload_dir(local_dir: str, uri: str, **storage_options: Any) -> None:
+    """Copy every file under `local_dir` to `uri` (a local folder or an s3 prefix)."""
+    if not os.path.isdir(local_dir):
+        raise ValueError(f"upload_dir needs an existing local folder, got {local_dir!r}")
+    fs, root = filesystem(uri, **storage_options)
+    for folder, _, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(folder, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            dst = posixpath.join(root, rel)
+            if not _is_s3(uri):
+                fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            fs.put_file(src, dst)
+
+
+def download_dir(uri: str, local_dir: str, **storage_options: Any) -> None:
+    """Copy every object under `uri` into `local_dir` (created), keeping relative paths."""
+    fs, root = filesystem(uri, **storage_options)
+    root = root.rstrip("/")
+    paths = fs.find(root)
+    if not paths:
+        raise FileNotFoundError(f"nothing to download under {uri!r}")
+    for path in paths:
+        rel = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
+        dst = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        fs.get_file(path, dst)
+
+
+def list_files(uri: str, **storage_options: Any) -> list[str]:
+    """Every file under `uri`, as URIs of the same scheme, sorted."""
+    fs, root = filesystem(uri, **storage_options)
+    paths = sorted(fs.find(root))
+    return [("s3://" + p) if _is_s3(uri) else p for p in paths]
+
+
+def _normalized(uri: str) -> tuple[str, str]:
+    """(kind, absolute normalised path): kind is "s3:BUCKET" or "local"."""
+    scheme, rest = split_scheme(uri)
+    if scheme == "s3":
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"an s3 URI needs a bucket: s3://BUCKET/KEY, got {uri!r}")
+        key = posixpath.normpath("/" + key) if key else "/"
+        return f"s3:{bucket}", key
+    path = rest if scheme == "" else "/" + rest.lstrip("/")
+    return "local", os.path.realpath(os.path.expanduser(path))
+
+
+def resolve_under_root(uri: str, root: str) -> str:
+    """`uri` resolved against `root`, refused with ValueError unless it lies under `root`.
+
+    A relative `uri` (no scheme, not absolute) is taken relative to the root. `..` segments,
+    symlinks (local), another bucket and another scheme cannot escape. The result keeps the root's
+    form: an `s3://bucket/key` URI, or an absolute local path for a local or `file://` root.
+    """
+    root_scheme, _ = split_scheme(root)
+    scheme, rest = split_scheme(uri)
+    if scheme == "" and not rest.startswith("/") and not rest.startswith("~"):
+        uri = join_uri(root, rest)
+        scheme = root_scheme
+    if (scheme == "s3") != (root_scheme == "s3"):
+        raise ValueError(f"{uri!r} is outside the storage root {root!r} (another scheme)")
+    kind, path = _normalized(uri)
+    root_kind, root_path = _normalized(root)
+    if kind != root_kind:
+        raise ValueError(f"{uri!r} is outside the storage root {root!r} (another bucket)")
+    if not (path == root_path or path.startswith(root_path.rstrip("/") + "/")):
+        raise ValueError(f"{uri!r} is outside the storage root {root!r}")
+    if kind.startswith("s3:"):
+        return f"s3://{kind[3:]}{path}" if path != "/" else f"s3://{kind[3:]}"
+    return path
