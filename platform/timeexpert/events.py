@@ -197,12 +197,16 @@ def _parse_number(symbols: list[str]) -> float:
     return float(text)
 
 
-def parse_pieces(pieces: Iterable[tuple[TokenType | int, str]]) -> list[Event]:
+def parse_pieces(
+    pieces: Iterable[tuple[TokenType | int, str]], *, order_times: bool = False
+) -> list[Event]:
     """Pieces (as written by `serialize_events` or produced by generation) -> events.
 
     Strict: a malformed sequence raises ValueError saying where. Consecutive TEXT pieces of one
     event are joined with a space into its caption. A sequence cut before EOS (a generation cap)
-    keeps the complete events and drops the unfinished one.
+    keeps the complete events and drops the unfinished one. A model may generate an end before
+    its start: `order_times=True` (generation) stores such an event with the two times swapped,
+    the default raises as Event does.
     """
     events: list[Event] = []
     state = "text"  # text | start | end | score
@@ -239,6 +243,8 @@ def parse_pieces(pieces: Iterable[tuple[TokenType | int, str]]) -> list[Event]:
             end, numbers, state = _parse_number(numbers), [], "score"
         elif state == "score" and piece == SYNC:
             score = _parse_number(numbers)
+            if order_times:
+                start, end = min(start, end), max(start, end)
             current = Event(start=start, end=end, score=score)
             events.append(current)
             numbers, state = [], "text"
