@@ -1,0 +1,94 @@
+"""Expert parallelism for `MoELayer`: expert slots sharded over a process group, tokens by all-to-all.
+
+Shape letters: P (token, expert) pairs on this rank, Q pairs received for this rank's experts,
+D model dim, E expert slots, L slots per rank (E / R), R ranks of the EP group.
+
+Rank r holds the contiguous slots [r L, (r+1) L). Pairs arrive sorted by global expert id, which
+also sorts them by destination rank, so one `all_to_all_single` with uneven splits dispatches
+them; the expert outputs come back by the reverse all-to-all. Both directions carry autograd
+(the backward of an all-to-all is the all-to-all with the splits swapped). Works on gloo and NCCL.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# parameters sharded over EP ranks along dim 0; everything else in a MoELayer is replicated
+EXPERT_PARAM_NAMES = ("w1_LFD", "w3_LFD", "w2_LDF")
+
+
+class _AllToAll(torch.autograd.Function):
+    """`all_to_all_single` with uneven splits along dim 0, differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad_out.new_empty((sum(in_splits),) + tuple(grad_out.shape[1:]))
+        dist.all_to_all_single(
+            grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group
+        )
+        return grad_in, None, None, None
+
+
+def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    """Differentiable uneven all-to-all: send `in_splits[r]` rows to rank r, receive `out_splits`."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def dispatch_compute_combine(
+    x_PD: Tensor,
+    counts_E: Tensor,
+    local_experts: Callable[[Tensor, list[int]], Tensor],
+    group: dist.ProcessGroup,
+) -> Tensor:
+    """Send pairs (sorted by global expert) to the expert owners, run them, bring results back.
+
+    `counts_E[e]`: this rank's pairs for global expert e. `local_experts(x_QD, counts_L)` runs
+    this rank's L experts on rows sorted by local expert. Returns (P, D) in `x_PD`'s order.
+    """
+    R = dist.get_world_size(group)
+    L = counts_E.numel() // R
+    # how many pairs each source rank sends to each of my L experts
+    recv_RL = torch.empty_like(counts_E)
+    dist.all_to_all_single(recv_RL, counts_E.contiguous(), group=group)
+    recv_RL = recv_RL.view(R, L)
+    send_splits = counts_E.view(R, L).sum(1).tolist()
+    recv_splits = recv_RL.sum(1).tolist()
+    x_QD = all_to_all(x_PD, recv_splits, send_splits, group)  # ordered (source rank, expert)
+    # regroup received rows by local expert (stable: source rank order within an expert)
+    expert_Q = torch.arange(L, device=x_PD.device).repeat(R).repeat_interleave(recv_RL.flatten())
+    order_Q = expert_Q.argsort(stable=True)
+    y_QD = local_experts(x_QD[order_Q], recv_RL.sum(0).tolist())
+    y_QD = torch.empty_like(y_QD).index_copy(0, order_Q, y_QD)  # back to (source rank, expert)
+    return all_to_all(y_QD, send_splits, recv_splits, group)
+
+
+def shard_state_dict(state_dict: dict[str, Tensor], rank: int, ep_size: int) -> dict[str, Tensor]:
+    """An EP=1 MoELayer state dict -> the one of EP rank `rank` (its slice of expert slots)."""
+    out = {}
+    for name, value in state_dict.items():
+        if name.rsplit(".", 1)[-1] in EXPERT_PARAM_NAMES:
+            if value.shape[0] % ep_size:
+                raise ValueError(f"{name}: {value.shape[0]} slots not divisible by {ep_size}")
+            L = value.shape[0] // ep_size
+            value = value[rank * L : (rank + 1) * L]
+        out[name] = value
+    return out
+
+
+def gather_experts(local_LX: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Concatenate every rank's expert-sharded tensor (a weight or its gradient) along dim 0."""
+    parts = [torch.empty_like(local_LX) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local_LX.contiguous(), group=group)
+    return torch.cat(parts)
