@@ -1,0 +1,113 @@
+"""Charades-STA / ActivityNet MR metrics: hand-computed cases, IoU properties, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from timeexpert.eval import charades
+from timeexpert.eval.metrics import recall_at_iou
+from timeexpert.events import temporal_iou
+
+
+def test_perfect():
+    r = recall_at_iou([[[1, 5]], [[2.5, 7.5]]], [[1, 5], [2.5, 7.5]])
+    assert r == {"R1@0.3": 100.0, "R1@0.5": 100.0, "R1@0.7": 100.0, "mIoU": 100.0, "num_queries": 2}
+
+
+def test_missing_prediction_counts_as_miss():
+    r = recall_at_iou([[[0, 10]], None, []], [[0, 10], [0, 10], [0, 10]])
+    assert r["num_queries"] == 3
+    assert r["R1@0.5"] == pytest.approx(100 / 3)
+    assert r["mIoU"] == pytest.approx(100 / 3)
+
+
+def test_disjoint_and_partial_overlap():
+    # [0,10] vs [5,15]: IoU 5/15 = 1/3 -> hit at 0.3, miss at 0.5
+    r = recall_at_iou([[[0, 10]], [[20, 30]]], [[5, 15], [0, 10]])
+    assert r["R1@0.3"] == 50.0 and r["R1@0.5"] == 0.0
+    assert r["mIoU"] == pytest.approx(100 * (1 / 3) / 2)
+
+
+def test_threshold_tie_counts_as_hit():
+    # IoU exactly 0.5 and 0.7 -> hits (>=), like 2D-TAN / Moment-DETR
+    r = recall_at_iou([[[0, 5]], [[0, 7]]], [[0, 10], [0, 10]], thresholds=(0.5, 0.7))
+    assert r["R1@0.5"] == 100.0 and r["R1@0.7"] == 50.0
+
+
+def test_more_predictions_than_gt_only_top1_counts_for_r1():
+    preds = [[[20, 30, 0.9], [0, 10, 0.8]]]  # ranked: a wrong window first
+    r = recall_at_iou(preds, [[0, 10]], ks=(1, 5))
+    assert r["R1@0.5"] == 0.0 and r["R5@0.5"] == 100.0 and r["mIoU"] == 0.0
+
+
+def test_several_gt_windows_best_match():
+    r = recall_at_iou([[[20, 30]]], [[[0, 10], [20, 30]]])
+    assert r["R1@0.7"] == 100.0
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        recall_at_iou([None, None], [[0, 1]])
+    with pytest.raises(ValueError, match="ks must be >= 1"):
+        recall_at_iou([None], [[0, 1]], ks=(0,))
+
+
+interval = st.tuples(
+    st.floats(0, 1000, allow_nan=False), st.floats(0, 1000, allow_nan=False)
+).map(lambda t: sorted(t))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(interval, min_size=1, max_size=5), st.lists(interval, min_size=1, max_size=5))
+def test_iou_symmetric_and_bounded(a, b):
+    ab, ba = temporal_iou(a, b), temporal_iou(b, a)
+    np.testing.assert_allclose(ab, ba.T)
+    assert np.all(ab >= 0) and np.all(ab <= 1 + 1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(interval)
+def test_iou_self_is_one(a):
+    expected = 1.0 if a[1] > a[0] else 0.0  # a point has IoU 0 by definition (0/0 = 0)
+    assert temporal_iou(a, a) == pytest.approx(expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(interval, interval)
+def test_recall_monotone_in_threshold(a, b):
+    r = recall_at_iou([[a]], [b], thresholds=(0.1, 0.3, 0.5, 0.7, 0.9))
+    values = [r[f"R1@{t:g}"] for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    assert values == sorted(values, reverse=True)
+    assert r["mIoU"] == pytest.approx(100 * temporal_iou(a, b))
+
+
+def test_charades_cli(tmp_path, capsys):
+    gt = tmp_path / "gt.txt"
+    gt.write_text(
+        "3MSZA 24.3 30.4##person turn a light on.\n"
+        "3MSZA 1.0 5.0##person opens the door.\n"
+        "ABCDE 0.0 8.0##a person is eating.\n"
+    )
+    preds = [
+        {"qid": 0, "pred_relevant_windows": [[24.3, 30.4, 0.9]]},
+        {"vid": "3MSZA", "query": "person opens the door.", "answer": "from 0:02 to 0:05"},
+        # ABCDE has no prediction: a miss, and a parse failure
+    ]
+    (tmp_path / "pred.jsonl").write_text("\n".join(json.dumps(p) for p in preds))
+    assert charades.main(["--gt", str(gt), "--pred", str(tmp_path / "pred.jsonl")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_queries"] == 3
+    assert out["R1@0.7"] == pytest.approx(200 / 3)  # [2,5] vs [1,5]: IoU 0.75
+    assert out["parse_failure_rate"] == pytest.approx(100 / 3)
+
+
+def test_charades_bad_gt_line(tmp_path, capsys):
+    (tmp_path / "gt.txt").write_text("3MSZA 24.3 person##x\n")
+    (tmp_path / "p.jsonl").write_text("")
+    assert charades.main(["--gt", str(tmp_path / "gt.txt"), "--pred", str(tmp_path / "p.jsonl")]) == 2
+    assert "gt.txt:1" in capsys.readouterr().err
