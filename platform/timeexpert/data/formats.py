@@ -1,0 +1,524 @@
+"""Readers and writers: our canonical manifest and the public VTG annotation formats.
+
+Every format maps to and from `timeexpert.events.Record`, so the same pipeline and scorers serve
+synthetic and real datasets. Each format is a pair `parse_X(text, ...) -> list[Record]` /
+`dump_X(records) -> str`, registered in FORMATS; `read_format` / `write_format` add storage I/O.
+
+- manifest: JSONL of `Record.to_dict()` (ours; lossless).
+- charades_sta: `vid start end##query` lines (MR). Durations are not in the file: pass them.
+- qvhighlights: jsonl with `qid, query, duration, vid, relevant_windows, relevant_clip_ids,
+  saliency_scores` (3 annotators, 0-4, per 2 s clip) (VHD; the windows are the MR target too).
+  Our per-clip saliency is the annotators' mean; we write three equal integer scores.
+- activitynet: ActivityNet Captions json `{vid: {duration, timestamps, sentences}}` (DVC).
+- youcook2: YouCook2 json `{"database": {vid: {duration, subset, annotations: [{segment,
+  sentence}]}}}` (DVC).
+- sharegpt: Grounding-FT instruction data, a json list of `{id, video, duration, task,
+  conversations: [{from: human, value}, {from: gpt, value}]}` with the MR answer
+  "The moment happens from {start}s to {end}s." and the HD answer "The highlights are: {t}s, ...
+  Their saliency scores are {s}, ..." (GroundVTS / TimeChat style templates, below).
+- evidence: D2VLM / E.T.-style evidence data `{id, video, duration, task, time_gt,
+  conversations}` where the i-th `<evi>...</evi>` span of the answer is grounded at `time_gt[i]`.
+
+Formats that carry no id give records ids derived from the video id (`{vid}_{k}`); formats that
+carry no video URI get `video_pattern.format(vid=...)`, relative to the storage root by default.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import posixpath
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+from timeexpert import storage
+from timeexpert.events import Event, Record, Task
+
+DEFAULT_VIDEO_PATTERN = "videos/{vid}.mp4"  # relative to the storage root
+
+
+def video_id(record: Record) -> str:
+    """The id public formats use for a video: the file name without its extension."""
+    return posixpath.splitext(posixpath.basename(record.video))[0]
+
+
+def _t(x: float) -> str:
+    """A timestamp as the templates write it (0.1 s, as events.TIME_DECIMALS)."""
+    return f"{x:.1f}"
+
+
+def _num(x: float) -> float | int:
+    """Integral floats as ints in JSON (12.0 -> 12), others unchanged."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def num_clips(duration: float, clip_len: float) -> int:
+    return max(1, math.ceil(round(duration / clip_len, 6)))
+
+
+# --- canonical manifest ---------------------------------------------------------------------
+
+
+def parse_manifest(text: str, *, skipped: collections.Counter | None = None) -> list[Record]:
+    """JSONL records. A bad line raises ValueError naming it, or, when a `skipped` Counter is
+    given, is counted under "bad_annotation" and left out."""
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(Record.from_dict(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as e:
+            if skipped is None:
+                raise ValueError(f"manifest line {lineno}: {e}: {line[:200]!r}") from None
+            skipped["bad_annotation"] += 1
+    return records
+
+
+def dump_manifest(records: Iterable[Record]) -> str:
+    return "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in records)
+
+
+def read_manifest(
+    uri: str, *, skipped: collections.Counter | None = None, **storage_options: Any
+) -> list[Record]:
+    return parse_manifest(storage.read_text(uri, **storage_options), skipped=skipped)
+
+
+def write_manifest(records: Iterable[Record], uri: str, **storage_options: Any) -> None:
+    storage.write_text(uri, dump_manifest(records), **storage_options)
+
+
+# --- Charades-STA ---------------------------------------------------------------------------
+
+
+def parse_charades_sta(
+    text: str,
+    *,
+    durations: Mapping[str, float],
+    video_pattern: str = DEFAULT_VIDEO_PATTERN,
+    split: str = "train",
+) -> list[Record]:
+    """`vid start end##query` lines -> MR records (durations per vid come from elsewhere)."""
+    records, counts = [], collections.Counter()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        head, sep, query = line.partition("##")
+        parts = head.split()
+        if not sep or len(parts) != 3:
+            raise ValueError(f"Charades-STA line {lineno}: expected 'vid start end##query': {line!r}")
+        vid, start, end = parts[0], float(parts[1]), float(parts[2])
+        if vid not in durations:
+            raise ValueError(f"Charades-STA line {lineno}: no duration given for video {vid!r}")
+        records.append(
+            Record(
+                id=f"{vid}_{counts[vid]}",
+                video=video_pattern.format(vid=vid),
+                duration=float(durations[vid]),
+                task=Task.MR,
+                query=query.strip(),
+                events=[Event(start=start, end=end)],
+                split=split,
+            )
+        )
+        counts[vid] += 1
+    return records
+
+
+def dump_charades_sta(records: Iterable[Record]) -> str:
+    lines = []
+    for r in records:
+        for e in r.events[:1]:  # one moment per line, the first (Charades-STA has one)
+            lines.append(f"{video_id(r)} {_t(e.start)} {_t(e.end)}##{r.query}\n")
+    return "".join(lines)
+
+
+# --- QVHighlights ---------------------------------------------------------------------------
+
+
+def parse_qvhighlights(
+    text: str,
+    *,
+    video_pattern: str = DEFAULT_VIDEO_PATTERN,
+    split: str = "train",
+    task: Task | str = Task.VHD,
+    clip_len: float = 2.0,
+) -> list[Record]:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            duration = float(d["duration"])
+            clip_ids = [int(c) for c in d.get("relevant_clip_ids", [])]
+            scores = d.get("saliency_scores", [])
+            if len(scores) != len(clip_ids):
+                raise ValueError(
+                    f"{len(clip_ids)} relevant_clip_ids but {len(scores)} saliency_scores"
+                )
+            saliency = None
+            if clip_ids:
+                saliency = [0.0] * num_clips(duration, clip_len)
+                for cid, s in zip(clip_ids, scores):
+                    if not 0 <= cid < len(saliency):
+                        raise ValueError(f"clip id {cid} outside 0..{len(saliency) - 1}")
+                    saliency[cid] = sum(s) / len(s)
+            records.append(
+                Record(
+                    id=str(d["qid"]),
+                    video=video_pattern.format(vid=d["vid"]),
+                    duration=duration,
+                    task=task,
+                    query=d["query"],
+                    events=[Event(start=float(w[0]), end=float(w[1])) for w in d.get("relevant_windows", [])],
+                    saliency=saliency,
+                    clip_len=clip_len,
+                    split=split,
+                )
+            )
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"QVHighlights line {lineno}: {e}") from None
+    return records
+
+
+def dump_qvhighlights(records: Iterable[Record]) -> str:
+    lines = []
+    for r in records:
+        sal = r.saliency or []
+        clip_ids = [i for i, s in enumerate(sal) if s > 0]
+        lines.append(
+            json.dumps(
+                {
+                    "qid": r.id,
+                    "query": r.query,
+                    "duration": _num(r.duration),
+                    "vid": video_id(r),
+                    "relevant_windows": [[_num(e.start), _num(e.end)] for e in r.events],
+                    "relevant_clip_ids": clip_ids,
+                    "saliency_scores": [[int(round(sal[i]))] * 3 for i in clip_ids],
+                }
+            )
+            + "\n"
+        )
+    return "".join(lines)
+
+
+# --- ActivityNet Captions / YouCook2 --------------------------------------------------------
+
+
+def parse_activitynet(
+    text: str, *, video_pattern: str = DEFAULT_VIDEO_PATTERN, split: str = "train"
+) -> list[Record]:
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"ActivityNet Captions json must be an object by video id, got {type(data)}")
+    records = []
+    for vid, d in data.items():
+        if len(d["timestamps"]) != len(d["sentences"]):
+            raise ValueError(
+                f"ActivityNet video {vid!r}: {len(d['timestamps'])} timestamps but "
+                f"{len(d['sentences'])} sentences"
+            )
+        events = [
+            Event(start=float(t[0]), end=float(t[1]), caption=s.strip())
+            for t, s in zip(d["timestamps"], d["sentences"])
+        ]
+        records.append(
+            Record(
+                id=vid,
+                video=video_pattern.format(vid=vid),
+                duration=float(d["duration"]),
+                task=Task.DVC,
+                query="",
+                events=events,
+                split=split,
+            )
+        )
+    return records
+
+
+def dump_activitynet(records: Iterable[Record]) -> str:
+    return json.dumps(
+        {
+            video_id(r): {
+                "duration": _num(r.duration),
+                "timestamps": [[_num(e.start), _num(e.end)] for e in r.events],
+                "sentences": [e.caption for e in r.events],
+            }
+            for r in records
+        },
+        indent=1,
+    )
+
+
+_YC2_SUBSETS = {"training": "train", "validation": "val", "testing": "test"}
+
+
+def parse_youcook2(text: str, *, video_pattern: str = DEFAULT_VIDEO_PATTERN) -> list[Record]:
+    data = json.loads(text)
+    if "database" not in data:
+        raise ValueError("YouCook2 json needs a top-level 'database' object")
+    records = []
+    for vid, d in data["database"].items():
+        subset = d.get("subset", "training")
+        records.append(
+            Record(
+                id=vid,
+                video=video_pattern.format(vid=vid),
+                duration=float(d["duration"]),
+                task=Task.DVC,
+                query="",
+                events=[
+                    Event(start=float(a["segment"][0]), end=float(a["segment"][1]), caption=a["sentence"])
+                    for a in d["annotations"]
+                ],
+                split=_YC2_SUBSETS.get(subset, subset),
+            )
+        )
+    return records
+
+
+def dump_youcook2(records: Iterable[Record]) -> str:
+    to_subset = {v: k for k, v in _YC2_SUBSETS.items()}
+    return json.dumps(
+        {
+            "database": {
+                video_id(r): {
+                    "duration": _num(r.duration),
+                    "subset": to_subset.get(r.split, r.split),
+                    "annotations": [
+                        {"id": i, "segment": [_num(e.start), _num(e.end)], "sentence": e.caption}
+                        for i, e in enumerate(r.events)
+                    ],
+                }
+                for r in records
+            }
+        },
+        indent=1,
+    )
+
+
+# --- ShareGPT Grounding-FT instructions -----------------------------------------------------
+
+MR_PROMPT = (
+    "<video>\nFind the moment in the video that matches the query: '{query}'. "
+    "Answer with its start and end time."
+)
+MR_ANSWER = "The moment happens {windows}."  # windows: "from {start}s to {end}s" joined by " and "
+HD_PROMPT = (
+    "<video>\nThe query is '{query}'. Which clips of the video are highlights for it, "
+    "and how salient is each?"
+)
+HD_ANSWER = "The highlights are: {times}. Their saliency scores are {scores}."
+DVC_PROMPT = "<video>\nLocalize a series of events in the video and describe each one."
+DVC_ANSWER_LINE = "{start}s - {end}s: {caption}"  # one line per event
+
+_QUERY_RE = re.compile(r"'(.*)'", re.S)
+_WINDOW_RE = re.compile(r"from ([\d.]+)s to ([\d.]+)s")
+_HD_RE = re.compile(r"The highlights are: (.*)\. Their saliency scores are (.*)\.$", re.S)
+_DVC_RE = re.compile(r"^([\d.]+)s - ([\d.]+)s: (.*)$")
+
+
+def _conversation(prompt: str, answer: str) -> list[dict[str, str]]:
+    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+
+
+def _turns(d: dict) -> tuple[str, str]:
+    conv = d["conversations"]
+    human = next(c["value"] for c in conv if c["from"] == "human")
+    gpt = next(c["value"] for c in conv if c["from"] == "gpt")
+    return human, gpt
+
+
+def _query_of(prompt: str) -> str:
+    m = _QUERY_RE.search(prompt)
+    if not m:
+        raise ValueError(f"no quoted query in prompt {prompt[:120]!r}")
+    return m.group(1)
+
+
+def dump_sharegpt(records: Iterable[Record]) -> str:
+    items = []
+    for r in records:
+        if r.task == Task.MR:
+            windows = " and ".join(f"from {_t(e.start)}s to {_t(e.end)}s" for e in r.events)
+            conv = _conversation(MR_PROMPT.format(query=r.query), MR_ANSWER.format(windows=windows))
+        elif r.task == Task.VHD:
+            sal = r.saliency or []
+            clips = [i for i, s in enumerate(sal) if s > 0]
+            conv = _conversation(
+                HD_PROMPT.format(query=r.query),
+                HD_ANSWER.format(
+                    times=", ".join(f"{_t(i * r.clip_len)}s" for i in clips),
+                    scores=", ".join(f"{sal[i]:g}" for i in clips),
+                ),
+            )
+        else:
+            lines = [
+                DVC_ANSWER_LINE.format(start=_t(e.start), end=_t(e.end), caption=e.caption)
+                for e in r.events
+            ]
+            conv = _conversation(DVC_PROMPT, "\n".join(lines))
+        items.append(
+            {
+                "id": r.id,
+                "video": r.video,
+                "duration": _num(r.duration),
+                "task": r.task.value,
+                "split": r.split,
+                "conversations": conv,
+            }
+        )
+    return json.dumps(items, indent=1)
+
+
+def parse_sharegpt(text: str, *, clip_len: float = 2.0) -> list[Record]:
+    records = []
+    for i, d in enumerate(json.loads(text)):
+        try:
+            task = Task.parse(d["task"])
+            human, gpt = _turns(d)
+            duration = float(d["duration"])
+            saliency, events, query = None, [], ""
+            if task == Task.MR:
+                query = _query_of(human)
+                events = [Event(start=float(a), end=float(b)) for a, b in _WINDOW_RE.findall(gpt)]
+            elif task == Task.VHD:
+                query = _query_of(human)
+                m = _HD_RE.search(gpt.strip())
+                if not m:
+                    raise ValueError(f"answer does not follow the HD template: {gpt[:120]!r}")
+                times = [float(t.strip().rstrip("s")) for t in m.group(1).split(",") if t.strip()]
+                scores = [float(s) for s in m.group(2).split(",") if s.strip()]
+                saliency = [0.0] * num_clips(duration, clip_len)
+                for t, s in zip(times, scores, strict=True):
+                    saliency[int(round(t / clip_len))] = s
+            else:
+                for line in gpt.strip().splitlines():
+                    m = _DVC_RE.match(line.strip())
+                    if not m:
+                        raise ValueError(f"answer line does not follow the DVC template: {line!r}")
+                    events.append(Event(start=float(m[1]), end=float(m[2]), caption=m[3]))
+            records.append(
+                Record(
+                    id=str(d["id"]),
+                    video=d["video"],
+                    duration=duration,
+                    task=task,
+                    query=query,
+                    events=events,
+                    saliency=saliency,
+                    clip_len=clip_len,
+                    split=d.get("split", "train"),
+                )
+            )
+        except (KeyError, ValueError, TypeError, StopIteration) as e:
+            raise ValueError(f"ShareGPT item {i}: {e}") from None
+    return records
+
+
+# --- evidence (D2VLM / E.T.) ----------------------------------------------------------------
+
+EVI, EVI_END = "<evi>", "</evi>"
+EVIDENCE_MR_PROMPT = (
+    "<video>\nWatch the video carefully and find the visual event described by the sentence: "
+    "'{query}'."
+)
+EVIDENCE_DVC_PROMPT = "<video>\nFind every visual event in the video and describe each one."
+_EVI_RE = re.compile(re.escape(EVI) + r"(.*?)" + re.escape(EVI_END), re.S)
+_EVIDENCE_TASKS = {"tvg": Task.MR, "dvc": Task.DVC}
+
+
+def dump_evidence(records: Iterable[Record]) -> str:
+    items = []
+    for r in records:
+        if r.task == Task.MR:
+            prompt = EVIDENCE_MR_PROMPT.format(query=r.query)
+            answer = " ".join(f"The event happens in {EVI}{EVI_END}." for _ in r.events)
+            task = "tvg"
+        elif r.task == Task.DVC:
+            prompt = EVIDENCE_DVC_PROMPT
+            answer = " ".join(f"{EVI}{e.caption}{EVI_END}" for e in r.events)
+            task = "dvc"
+        else:
+            raise ValueError(f"record {r.id!r}: the evidence format holds mr and dvc, not {r.task.value}")
+        items.append(
+            {
+                "id": r.id,
+                "video": r.video,
+                "duration": _num(r.duration),
+                "task": task,
+                "split": r.split,
+                "time_gt": [[_num(e.start), _num(e.end)] for e in r.events],
+                "conversations": _conversation(prompt, answer),
+            }
+        )
+    return json.dumps(items, indent=1)
+
+
+def parse_evidence(text: str) -> list[Record]:
+    records = []
+    for i, d in enumerate(json.loads(text)):
+        try:
+            if d["task"] not in _EVIDENCE_TASKS:
+                raise ValueError(f"task {d['task']!r} not one of {sorted(_EVIDENCE_TASKS)}")
+            task = _EVIDENCE_TASKS[d["task"]]
+            human, gpt = _turns(d)
+            spans = _EVI_RE.findall(gpt)
+            if len(spans) != len(d["time_gt"]):
+                raise ValueError(
+                    f"{len(spans)} {EVI} spans but {len(d['time_gt'])} time_gt intervals"
+                )
+            events = [
+                Event(start=float(t[0]), end=float(t[1]), caption=s.strip() if task == Task.DVC else "")
+                for t, s in zip(d["time_gt"], spans)
+            ]
+            records.append(
+                Record(
+                    id=str(d["id"]),
+                    video=d["video"],
+                    duration=float(d["duration"]),
+                    task=task,
+                    query=_query_of(human) if task == Task.MR else "",
+                    events=events,
+                    split=d.get("split", "train"),
+                )
+            )
+        except (KeyError, ValueError, TypeError, StopIteration) as e:
+            raise ValueError(f"evidence item {i}: {e}") from None
+    return records
+
+
+# --- registry and storage I/O ---------------------------------------------------------------
+
+FORMATS: dict[str, tuple[Callable[..., list[Record]], Callable[[Iterable[Record]], str]]] = {
+    "manifest": (parse_manifest, dump_manifest),
+    "charades_sta": (parse_charades_sta, dump_charades_sta),
+    "qvhighlights": (parse_qvhighlights, dump_qvhighlights),
+    "activitynet": (parse_activitynet, dump_activitynet),
+    "youcook2": (parse_youcook2, dump_youcook2),
+    "sharegpt": (parse_sharegpt, dump_sharegpt),
+    "evidence": (parse_evidence, dump_evidence),
+}
+
+
+def _format(name: str):
+    if name not in FORMATS:
+        raise ValueError(f"unknown annotation format {name!r}; expected one of {sorted(FORMATS)}")
+    return FORMATS[name]
+
+
+def read_format(name: str, uri: str, *, storage_options: dict | None = None, **kwargs: Any) -> list[Record]:
+    """Read `uri` in the public format `name` (keyword arguments go to its parser)."""
+    parse, _ = _format(name)
+    return parse(storage.read_text(uri, **(storage_options or {})), **kwargs)
+
+
+def write_format(
+    name: str, records: Iterable[Record], uri: str, *, storage_options: dict | None = None
+) -> None:
+    _, dump = _format(name)
+    storage.write_text(uri, dump(list(records)), **(storage_options or {}))
