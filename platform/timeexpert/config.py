@@ -6,8 +6,8 @@ Hugging Face config (`TimeExpertConfig`) is built from these in `timeexpert.mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 GatingMode = Literal["dense", "topk", "dynamic"]
 
@@ -43,3 +43,60 @@ class MoEConfig:
                 f"topk gating needs 1 <= num_experts_per_token <= num_experts "
                 f"({self.num_experts}), got {self.num_experts_per_token}"
             )
+
+
+@dataclass(kw_only=True)
+class VideoConfig:
+    """Which frames a sample decodes, and at what size (resized at decode)."""
+
+    num_frames: int | None = 8  # uniform frames per video; None when sampling by `fps`
+    fps: float | None = None  # target sampling rate instead of `num_frames` (capped)
+    max_frames: int = 128  # cap for `fps` sampling; shorter videos are padded to it (frame_mask)
+    height: int = 224  # decoded frame height, pixels
+    width: int = 224  # decoded frame width, pixels
+
+    def __post_init__(self) -> None:
+        if (self.num_frames is None) == (self.fps is None):
+            raise ValueError(
+                f"set exactly one of num_frames and fps, got num_frames={self.num_frames} "
+                f"fps={self.fps}"
+            )
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.max_frames < 1 or self.height < 1 or self.width < 1:
+            raise ValueError(
+                f"max_frames, height and width must be >= 1, got {self.max_frames}, "
+                f"{self.height}, {self.width}"
+            )
+
+    @property
+    def frames_per_sample(self) -> int:
+        """T of every sample's `frames` (T, H, W, 3)."""
+        return self.num_frames if self.num_frames is not None else self.max_frames
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the dataset lives and how the Ray Data pipeline streams it."""
+
+    root: str = ".cache/data"  # storage root: a local folder or s3://bucket/prefix
+    manifest: str = "manifests/{split}.jsonl"  # manifest URI, relative to `root`; {split} filled
+    video: VideoConfig = field(default_factory=VideoConfig)  # frame sampling and size
+    task_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"mr": 2, "dvc": 1}:
+    # resample records to these task shares (same total); empty: as in the manifest
+    decode_batch_size: int = 4  # videos per decode task (map_batches batch size)
+    decode_num_cpus: float = 1.0  # CPUs reserved per decode task
+    decode_concurrency: int | None = None  # most decode tasks at once; None: Ray Data decides
+    seed: int = 0  # seed of the task mixing
+    storage_options: dict[str, Any] = field(default_factory=dict)  # s3fs options (else AWS_* env)
+
+    def __post_init__(self) -> None:
+        bad = {t: w for t, w in self.task_weights.items() if t not in ("mr", "vhd", "dvc") or w < 0}
+        if bad:
+            raise ValueError(
+                f"task_weights must map mr/vhd/dvc to weights >= 0, got {bad}"
+            )
+        if self.decode_batch_size < 1:
+            raise ValueError(f"decode_batch_size must be >= 1, got {self.decode_batch_size}")
