@@ -1,0 +1,109 @@
+"""Trivial baselines, so every reported number comes with the floor it has to beat.
+
+`trivial_baselines(train_records, test_records, seed=0)` scores, on the test records of each task
+present, through the same `evaluate_predictions` as the model:
+
+- MR `mean_interval`: the train split's mean normalised (start/duration, end/duration) of each
+  record's first window, applied to each test video's duration (the "prior" baseline of the
+  Charades-STA bias studies). `random_interval`: two uniform times in [0, duration], sorted,
+  from `numpy.random.default_rng(seed)`.
+- VHD `uniform_saliency`: every clip gets the same score. As in the official scorer, tied scores
+  form a single threshold, so HL-mAP equals the fraction of positive clips, and HIT@1 takes the
+  first clip (np.argmax returns the first maximum). Also `mean_interval` on its windows.
+- DVC `single_event`: one event covering the whole video; `uniform_k`: k equal consecutive events,
+  k = the train split's mean event count (rounded, at least 1). Captions: the train split's most
+  frequent caption (empty when it has none).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+import numpy as np
+
+from timeexpert.eval.evaluate import evaluate_predictions
+from timeexpert.events import Event, Record, Task
+
+
+def mean_normalised_interval(train_records: Sequence[Record]) -> tuple[float, float]:
+    """Mean (start/duration, end/duration) of each train record's first window; (0, 1) if none."""
+    spans = [(r.events[0].start / r.duration, r.events[0].end / r.duration)
+             for r in train_records if r.events]
+    if not spans:
+        return 0.0, 1.0
+    start, end = np.mean(spans, axis=0)
+    return float(min(start, 1.0)), float(min(max(end, start), 1.0))
+
+
+def _most_common_caption(train_records: Sequence[Record]) -> str:
+    counts = collections.Counter(e.caption for r in train_records for e in r.events if e.caption)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def mr_baselines(train_records, test_records, seed: int = 0) -> dict[str, dict[str, list[Event]]]:
+    """Baseline name -> {record id: [window]} for MR-style records."""
+    s, e = mean_normalised_interval(train_records)
+    rng = np.random.default_rng(seed)
+    random = {}
+    for r in test_records:
+        a, b = np.sort(rng.uniform(0, r.duration, 2))
+        random[r.id] = [Event(float(a), float(b), score=1.0)]
+    return {
+        "mean_interval": {r.id: [Event(s * r.duration, e * r.duration, score=1.0)] for r in test_records},
+        "random_interval": random,
+    }
+
+
+def dvc_baselines(train_records, test_records) -> dict[str, dict[str, list[Event]]]:
+    caption = _most_common_caption(train_records)
+    counts = [len(r.events) for r in train_records if r.events]
+    k = max(1, int(round(float(np.mean(counts))))) if counts else 1
+    uniform = {}
+    for r in test_records:
+        edges = np.linspace(0, r.duration, k + 1)
+        uniform[r.id] = [Event(float(a), float(b), caption=caption) for a, b in zip(edges[:-1], edges[1:])]
+    return {
+        "single_event": {r.id: [Event(0.0, r.duration, caption=caption)] for r in test_records},
+        "uniform_k": uniform,
+    }
+
+
+class _Saliency:  # a Prediction-like object carrying only a saliency list
+    def __init__(self, saliency: list[float]) -> None:
+        self.events: list[Event] = []
+        self.saliency = saliency
+        self.text = ""
+
+
+def trivial_baselines(
+    train_records: Sequence[Record],
+    test_records: Sequence[Record],
+    seed: int = 0,
+    captions: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """"{task}/{baseline}" -> metrics on the test records of that task (module doc for each).
+
+    `captions=False` skips the java caption metrics of the DVC baselines.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for task in Task:
+        test = [r for r in test_records if r.task == task]
+        if not test:
+            continue
+        train = [r for r in train_records if r.task == task]
+        if task == Task.MR:
+            for name, preds in mr_baselines(train, test, seed).items():
+                out[f"mr/{name}"] = evaluate_predictions(test, preds, task)
+        elif task == Task.VHD:
+            uniform = {
+                r.id: _Saliency([1.0] * len(r.saliency or [0.0])) for r in test
+            }
+            out["vhd/uniform_saliency"] = evaluate_predictions(test, uniform, task)
+            if all(r.events for r in test):
+                preds = mr_baselines(train, test, seed)["mean_interval"]
+                out["vhd/mean_interval"] = evaluate_predictions(test, preds, task)
+        else:
+            for name, preds in dvc_baselines(train, test).items():
+                out[f"dvc/{name}"] = evaluate_predictions(test, preds, task, captions=captions)
+    return out

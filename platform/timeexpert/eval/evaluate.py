@@ -1,0 +1,194 @@
+"""One call from canonical records + predictions to metrics, and writers to the official formats.
+
+`evaluate_predictions(records, predictions, task)` is what the training loop calls at the end of a
+stage and what `jobs/evaluate.py` calls on a split. It dispatches by task:
+
+- MR: R@1 at IoU 0.3/0.5/0.7 and mIoU (every record counts; no or unparseable answer = miss), and
+  the QVHighlights-style mAP over IoU 0.5:0.05:0.95 (`mAP`, `mAP@0.5`, `mAP@0.75`) of the ranked,
+  scored windows (unscored windows are ranked by their order).
+- VHD: HL-mAP / HL-Hit1 at the Fair/Good/VeryGood thresholds (`timeexpert.eval.metrics.
+  highlight_metrics`) against the record's per-clip saliency. Canonical records keep one score per
+  clip (QVHighlights: the annotators' mean), so this is the one-annotator form; the official
+  3-annotator figures come from the official files (`timeexpert.eval.qvhighlights`). The
+  prediction's saliency is used when given, else derived from its scored windows. The MR
+  metrics of its windows are reported too when the records have windows.
+- DVC: `timeexpert.eval.dvc.eval_dvc` (P/R/F1 at tIoU 0.3-0.9, METEOR, CIDEr, SODA_c).
+
+Every result carries `parse_failure_rate` (percent of records whose prediction was missing or
+could not be parsed) and `num_records`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from timeexpert.eval import dvc as dvc_metrics
+from timeexpert.eval.metrics import (
+    QVH_IOU_THRESHOLDS,
+    QVH_SALIENCY_MIN,
+    average_precision_detection,
+    highlight_metrics,
+    recall_at_iou,
+)
+from timeexpert.eval.parse import ParseResult, as_parse_result
+from timeexpert.eval.qvhighlights import prediction_row, write_jsonl
+from timeexpert.events import Event, Record, Task
+
+
+def _select(records: Sequence[Record], task: Task | str | None) -> tuple[list[Record], Task]:
+    if not records:
+        raise ValueError("no records to evaluate")
+    if task is None:
+        tasks = {r.task for r in records}
+        if len(tasks) != 1:
+            raise ValueError(f"records mix tasks {sorted(t.value for t in tasks)}; pass task=")
+        task = tasks.pop()
+    task = Task.parse(task)
+    chosen = [r for r in records if r.task == task]
+    if not chosen:
+        raise ValueError(f"no {task.value!r} records among {len(records)}")
+    return chosen, task
+
+
+def parse_all(
+    records: Sequence[Record], predictions: Mapping[str, Any], task: Task
+) -> list[ParseResult]:
+    """Each record's prediction (any form `as_parse_result` takes) -> ParseResult; None if absent."""
+    return [
+        as_parse_result(predictions.get(r.id), task, r.duration, r.clip_len) for r in records
+    ]
+
+
+def _ranked_windows(events: Sequence[Event]) -> list[list[float]]:
+    """[[start, end, score]]: an unscored window gets a rank score so its order is kept."""
+    return [
+        [e.start, e.end, float(e.score) if e.score is not None else 1.0 / (i + 1)]
+        for i, e in enumerate(events)
+    ]
+
+
+def _mr_metrics(records: Sequence[Record], parsed: Sequence[ParseResult]) -> dict[str, float]:
+    preds = [_ranked_windows(p.events) if p.ok else None for p in parsed]
+    gts = [[[e.start, e.end] for e in r.events] for r in records]
+    out = recall_at_iou(preds, gts)
+    out.pop("num_queries")
+    aps = [average_precision_detection(g, p or [], QVH_IOU_THRESHOLDS) for g, p in zip(gts, preds) if g]
+    ap_T = np.mean(aps, axis=0) if aps else np.zeros(len(QVH_IOU_THRESHOLDS))
+    out["mAP"] = 100.0 * float(ap_T.mean())
+    out["mAP@0.5"] = 100.0 * float(ap_T[0])
+    out["mAP@0.75"] = 100.0 * float(ap_T[QVH_IOU_THRESHOLDS.index(0.75)])
+    return out
+
+
+def _vhd_metrics(records: Sequence[Record], parsed: Sequence[ParseResult]) -> dict[str, float]:
+    from timeexpert.inference import saliency_from_events
+
+    pred_scores, gt_scores = [], []
+    for r, p in zip(records, parsed):
+        if r.saliency is None:
+            raise ValueError(f"VHD record {r.id!r} has no saliency to score against")
+        gt_scores.append(np.asarray(r.saliency, dtype=np.float64)[:, None])
+        if not p.ok:
+            pred_scores.append(None)
+        elif p.saliency is not None:
+            pred_scores.append(p.saliency)
+        else:
+            scored = [Event(e.start, e.end, 1.0 if e.score is None else e.score) for e in p.events]
+            pred_scores.append(saliency_from_events(scored, r.duration, r.clip_len))
+    out: dict[str, float] = {}
+    for name, min_score in QVH_SALIENCY_MIN.items():
+        hl = highlight_metrics(pred_scores, gt_scores, min_score)
+        out[f"HL-min-{name}-mAP"], out[f"HL-min-{name}-Hit1"] = hl["HL-mAP"], hl["HL-Hit1"]
+    if all(r.events for r in records):
+        out.update({f"MR-{k}": v for k, v in _mr_metrics(records, parsed).items()})
+    return out
+
+
+def dvc_ground_truth(records: Sequence[Record]) -> dict[str, dict[str, Any]]:
+    """Canonical DVC records -> ActivityNet-style GT json keyed by record id."""
+    return {
+        r.id: {
+            "duration": r.duration,
+            "timestamps": [[e.start, e.end] for e in r.events],
+            "sentences": [e.caption for e in r.events],
+        }
+        for r in records
+    }
+
+
+def dvc_results(records: Sequence[Record], parsed: Sequence[ParseResult]) -> dict[str, Any]:
+    """Parsed DVC answers -> the ActivityNet challenge prediction json, keyed by record id."""
+    return {
+        "version": "VERSION 1.0",
+        "external_data": {"used": False, "details": ""},
+        "results": {
+            r.id: [{"timestamp": [e.start, e.end], "sentence": e.caption} for e in p.events]
+            for r, p in zip(records, parsed)
+            if p.ok
+        },
+    }
+
+
+def evaluate_predictions(
+    records: Sequence[Record],
+    predictions: Mapping[str, Any],
+    task: Task | str | None = None,
+    *,
+    captions: bool = True,
+) -> dict[str, float]:
+    """Metrics of `predictions` (record id -> events / Prediction / answer text / None) on `records`.
+
+    Only the records of `task` count (default: the records' one task). Records without a
+    prediction are misses. `captions=False` skips the java caption metrics of DVC.
+    """
+    records, task = _select(records, task)
+    parsed = parse_all(records, predictions, task)
+    if task == Task.MR:
+        out = _mr_metrics(records, parsed)
+    elif task == Task.VHD:
+        out = _vhd_metrics(records, parsed)
+    else:
+        out = dvc_metrics.eval_dvc(
+            dvc_ground_truth(records), dvc_results(records, parsed), captions=captions
+        )
+        out.pop("num_videos", None)
+    out["num_records"] = len(records)
+    out["parse_failure_rate"] = 100.0 * sum(not p.ok for p in parsed) / len(parsed)
+    return out
+
+
+def write_predictions(
+    records: Sequence[Record],
+    predictions: Mapping[str, Any],
+    task: Task | str,
+    path: str | pathlib.Path,
+) -> pathlib.Path:
+    """Predictions in the official file format of their task, for the official scorers.
+
+    MR / VHD: QVHighlights submission jsonl (qid, query, vid, pred_relevant_windows,
+    pred_saliency_scores); the same rows are our Charades-STA prediction format. DVC: the
+    ActivityNet challenge json {"results": {id: [{"timestamp", "sentence"}]}}. Unparseable
+    predictions are written as empty (MR/VHD rows with no windows; DVC videos left out).
+    """
+    records, task = _select(records, task)
+    parsed = parse_all(records, predictions, task)
+    path = pathlib.Path(path)
+    if task == Task.DVC:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dvc_results(records, parsed)))
+        return path
+    rows = []
+    for r, p in zip(records, parsed):
+        row = prediction_row(r, p if p.ok else ParseResult())
+        if task == Task.VHD and "pred_saliency_scores" not in row and p.ok:
+            from timeexpert.inference import saliency_from_events
+
+            row["pred_saliency_scores"] = saliency_from_events(p.events, r.duration, r.clip_len)
+        rows.append(row)
+    write_jsonl(rows, path)
+    return path
+

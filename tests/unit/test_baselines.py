@@ -1,0 +1,101 @@
+"""Trivial baselines and the one-call evaluator over canonical records, with the official writers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from timeexpert.eval import dvc
+from timeexpert.eval.baselines import mean_normalised_interval, mr_baselines, trivial_baselines
+from timeexpert.eval.evaluate import dvc_ground_truth, evaluate_predictions, write_predictions
+from timeexpert.eval.metrics import load_jsonl
+from timeexpert.events import Event, Record
+
+
+def _mr(id_, dur, s, e, split="test"):
+    return Record(id=id_, video=f"videos/{id_}.mp4", duration=dur, task="mr", query="q",
+                  events=[Event(s, e)], split=split)
+
+
+TRAIN = [_mr("a", 10, 2, 4, "train"), _mr("b", 10, 4, 6, "train")]
+
+
+def test_mean_interval_hand_computed():
+    assert mean_normalised_interval(TRAIN) == pytest.approx((0.3, 0.5))
+    test = [_mr("t1", 20, 6, 10), _mr("t2", 20, 0, 2)]
+    preds = mr_baselines(TRAIN, test)["mean_interval"]
+    assert (preds["t1"][0].start, preds["t1"][0].end) == pytest.approx((6.0, 10.0))
+    m = evaluate_predictions(test, preds, "mr")
+    assert m["R1@0.7"] == 50.0 and m["mIoU"] == pytest.approx(50.0)
+    assert m["mAP@0.5"] == 50.0 and m["parse_failure_rate"] == 0.0 and m["num_records"] == 2
+
+
+def test_random_interval_is_seeded_and_inside_the_video():
+    test = [_mr(f"t{i}", 30, 0, 5) for i in range(20)]
+    a = mr_baselines(TRAIN, test, seed=3)["random_interval"]
+    b = mr_baselines(TRAIN, test, seed=3)["random_interval"]
+    c = mr_baselines(TRAIN, test, seed=4)["random_interval"]
+    assert [(e[0].start, e[0].end) for e in a.values()] == [(e[0].start, e[0].end) for e in b.values()]
+    assert [e[0].start for e in a.values()] != [e[0].start for e in c.values()]
+    assert all(0 <= e[0].start <= e[0].end <= 30 for e in a.values())
+
+
+def test_uniform_saliency_tie_handling():
+    rec = Record(id="h", video="v.mp4", duration=8, task="vhd", query="q",
+                 saliency=[0.0, 3.0, 0.0, 2.0], events=[Event(2, 4)])
+    out = trivial_baselines([], [rec])
+    u = out["vhd/uniform_saliency"]
+    assert u["HL-min-Fair-mAP"] == pytest.approx(50.0)  # all tied: AP = fraction positive
+    assert u["HL-min-Good-mAP"] == pytest.approx(25.0)
+    assert u["HL-min-Fair-Hit1"] == 0.0  # argmax of a constant = clip 0, not salient
+    assert "vhd/mean_interval" in out
+
+
+def test_dvc_baselines_localization():
+    def rec(id_, dur, events, split="test"):
+        return Record(id=id_, video=f"{id_}.mp4", duration=dur, task="dvc", query="",
+                      events=events, split=split)
+
+    train = [rec("tr", 10, [Event(0, 5, caption="a man talks"), Event(5, 10, caption="a man talks")],
+                 "train")]
+    test = [rec("x", 20, [Event(0, 20, caption="someone cooks")]),
+            rec("y", 20, [Event(0, 10, caption="a"), Event(10, 20, caption="b")])]
+    out = trivial_baselines(train, test, captions=False)
+    assert out["dvc/single_event"]["Precision@0.9"] == pytest.approx(50.0)  # x hit, y miss
+    assert out["dvc/uniform_k"]["Recall@0.9"] == pytest.approx(50.0)  # k=2: y hit, x miss
+
+
+class _Prediction:
+    def __init__(self, events, saliency=None, text=""):
+        self.events, self.saliency, self.text, self.num_tokens = events, saliency, text, 0
+
+
+def test_evaluate_predictions_accepts_every_form_and_reports_failures():
+    test = [_mr("t1", 20, 6, 10), _mr("t2", 20, 0, 2), _mr("t3", 20, 0, 2), _mr("t4", 20, 0, 2)]
+    preds = {
+        "t1": "The moment happens from 6.0s to 10.0s.",
+        "t2": _Prediction([Event(0, 2, 0.9)]),
+        "t3": "I don't know.",
+        # t4 missing
+    }
+    m = evaluate_predictions(test, preds)
+    assert m["R1@0.5"] == 50.0 and m["parse_failure_rate"] == 50.0
+    with pytest.raises(ValueError, match="no 'dvc' records"):
+        evaluate_predictions(test, preds, "dvc")
+
+
+def test_writers_produce_files_the_official_scorers_read(tmp_path):
+    test = [_mr("17", 20, 6, 10)]
+    path = write_predictions(test, {"17": [Event(6, 10, 0.5), Event(0, 3)]}, "mr", tmp_path / "p.jsonl")
+    (row,) = load_jsonl(path)
+    assert row["qid"] == 17 and row["vid"] == "17"
+    assert row["pred_relevant_windows"] == [[6, 10, 0.5], [0, 3, 1.0 / 2]]
+
+    recs = [Record(id="v1", video="v1.mp4", duration=20, task="dvc", query="",
+                   events=[Event(0, 10, caption="a man talks")])]
+    preds = {"v1": "0.0 - 10.0 seconds, a man talks."}
+    path = write_predictions(recs, preds, "dvc", tmp_path / "dvc.json")
+    official = dvc.eval_dvc(dvc_ground_truth(recs), json.loads(path.read_text()), captions=False)
+    ours = evaluate_predictions(recs, preds, captions=False)
+    assert official["F1"] == ours["F1"] == 100.0
