@@ -1,0 +1,138 @@
+"""Evaluate a checkpoint on a dataset split: predictions, metrics, trivial baselines, report.
+
+    python jobs/evaluate.py --checkpoint CKPT_URI --manifest test.jsonl --out runs/eval \
+        [--train-manifest train.jsonl] [--split test] [--task mr] [--tracking-uri URI]
+
+Writes under --out: predictions in the official formats (`{task}_predictions.jsonl` for MR/VHD,
+QVHighlights submission rows; `dvc_predictions.json`, ActivityNet challenge json), `metrics.json`
+(model and baselines per task, decode skips) and `report.md`. Logs params, metrics and those
+files to MLflow when a tracking URI is given (or MLFLOW_TRACKING_URI is set).
+A video that cannot be decoded is skipped, counted by reason, and scored as a miss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import sys
+import time
+
+from timeexpert import storage
+from timeexpert.data.formats import read_manifest
+from timeexpert.data.video import VideoDecodeError, decode_frames
+from timeexpert.eval.baselines import trivial_baselines
+from timeexpert.eval.evaluate import evaluate_predictions, write_predictions
+from timeexpert.events import Task
+
+HEADLINE = {
+    Task.MR: ["R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP"],
+    Task.VHD: ["HL-min-VeryGood-mAP", "HL-min-VeryGood-Hit1", "HL-min-Fair-mAP"],
+    Task.DVC: ["F1", "SODA_c", "METEOR", "CIDEr"],
+}
+
+
+def predict_all(model, records, root: str, args) -> tuple[dict, collections.Counter]:
+    predictions, skipped = {}, collections.Counter()
+    for r in records:
+        try:
+            uri = storage.resolve_under_root(r.video, root)
+            with storage.open_uri(uri) as f:
+                video = decode_frames(f.read(), num_frames=args.num_frames,
+                                      size=(args.size, args.size))
+        except (VideoDecodeError, OSError, ValueError) as e:
+            skipped[getattr(e, "reason", type(e).__name__)] += 1
+            continue
+        predictions[r.id] = model.predict(video.frames, video.timestamps, r.task, r.query,
+                                          duration=r.duration, clip_len=r.clip_len)
+    return predictions, skipped
+
+
+def markdown_report(checkpoint: str, results: dict, skipped: dict) -> str:
+    lines = [f"# Evaluation of `{checkpoint}`", ""]
+    for task_name, res in results.items():
+        task = Task.parse(task_name)
+        keys = [k for k in HEADLINE[task] if k in res["model"]] + ["parse_failure_rate"]
+        lines += [f"## {task.value.upper()} ({res['model']['num_records']} records)", "",
+                  "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for name, metrics in [("model", res["model"]), *res["baselines"].items()]:
+            lines.append(f"| {name} | " + " | ".join(f"{metrics.get(k, float('nan')):.2f}" for k in keys) + " |")
+        lines.append("")
+    if skipped:
+        lines.append("Videos skipped (scored as misses): " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint dir / file:// / s3:// URI")
+    parser.add_argument("--manifest", required=True, help="canonical manifest of the eval split")
+    parser.add_argument("--train-manifest", help="train split manifest, for the baselines' priors")
+    parser.add_argument("--split", help="keep only records of this split")
+    parser.add_argument("--task", choices=[t.value for t in Task], help="default: every task present")
+    parser.add_argument("--root", help="storage root for relative video URIs (default: the manifest's dir)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--num-frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224, help="frame height = width")
+    parser.add_argument("--limit", type=int, help="evaluate the first N records only")
+    parser.add_argument("--seed", type=int, default=0, help="random baseline seed")
+    parser.add_argument("--no-captions", action="store_true", help="skip METEOR/CIDEr/SODA_c (java)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    args = parser.parse_args(argv)
+
+    from timeexpert.inference import GroundingModel
+
+    records = read_manifest(args.manifest)
+    if args.split:
+        records = [r for r in records if r.split == args.split]
+    if args.task:
+        records = [r for r in records if r.task == Task.parse(args.task)]
+    records = records[: args.limit] if args.limit else records
+    if not records:
+        print(f"error: no records in {args.manifest} for split={args.split} task={args.task}", file=sys.stderr)
+        return 2
+    train = read_manifest(args.train_manifest) if args.train_manifest else []
+    root = args.root or (args.manifest.rsplit("/", 1)[0] if "/" in args.manifest else ".")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    model = GroundingModel.load(args.checkpoint)
+    predictions, skipped = predict_all(model, records, root, args)
+    results = {}
+    for task in sorted({r.task for r in records}, key=lambda t: t.value):
+        task_records = [r for r in records if r.task == task]
+        suffix = "json" if task == Task.DVC else "jsonl"
+        write_predictions(task_records, predictions, task, out / f"{task.value}_predictions.{suffix}")
+        results[task.value] = {
+            "model": evaluate_predictions(task_records, predictions, task, captions=not args.no_captions),
+            "baselines": trivial_baselines(train, task_records, seed=args.seed, captions=not args.no_captions),
+        }
+    summary = {"checkpoint": args.checkpoint, "manifest": args.manifest, "num_records": len(records),
+               "skipped_videos": dict(skipped), "seconds": time.perf_counter() - t0, "results": results}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    report = markdown_report(args.checkpoint, results, dict(skipped))
+    (out / "report.md").write_text(report)
+    print(report)
+
+    if args.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)
+        with mlflow.start_run(run_name="evaluate"):
+            mlflow.log_params({"checkpoint": args.checkpoint, "manifest": args.manifest,
+                               "split": args.split or "", "num_records": len(records)})
+            for task_name, res in results.items():
+                for who, metrics in [("model", res["model"]), *res["baselines"].items()]:
+                    mlflow.log_metrics({
+                        f"{task_name}/{who}/{k}".replace("@", "_at_"): float(v)
+                        for k, v in metrics.items() if isinstance(v, (int, float))
+                    })
+            mlflow.log_artifacts(str(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
