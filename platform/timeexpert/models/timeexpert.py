@@ -1,0 +1,704 @@
+"""TimeExpert for video temporal grounding, top to bottom.
+
+frames -> vision encoder -> slot compression -> projector -> [timestamp tokens + visual tokens per
+frame, instruction] -> decoder (causal attention + MoE FFN per block, every token tagged with its
+TokenType) -> time head / score head / LM head -> grounded events (TimeExpert, Yang et al. 2025,
+eq. 1-2: the answer is a causal sequence of events (t_m, s_m, c_m), following TRACE).
+
+Shape letters: B batch, N tokens of this call, L cached (past) tokens, K keys (L + N), M frames of
+the whole batch, S tokens per frame, D model width, H query heads, G key/value heads, d head dim,
+V text vocab, U number vocab (13).
+
+Reading order: config -> decoder building blocks (norm, rotary, attention, block) -> output type
+-> the model (vision, embedding, decoder, heads, losses) -> generation (the head-switching state
+machine) -> Auto registration -> `create_model` (fresh model with pretrained parts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from timeexpert.config import MoEConfig
+from timeexpert.events import NUM_TOKEN_TYPES, TokenType
+from timeexpert.models.moe import MoELayer, ExpertUpdate
+from timeexpert.models.temporal import (
+    DIGIT_IDS,
+    DOT_ID,
+    NUM_NUMBER_TOKENS,
+    SEP_ID,
+    SYNC_ID,
+    NumberEncoder,
+    NumberHead,
+)
+from timeexpert.models.vision import (
+    FrameProcessor,
+    PatchViT,
+    Projector,
+    SiglipFrameEncoder,
+    SlotCompressor,
+    siglip_config_from_path,
+)
+
+IGNORE_INDEX = -100
+
+# Config fields that decide parameter shapes or the computed function: a checkpoint must agree.
+ARCHITECTURE_FIELDS = (
+    "vision_encoder", "vision_siglip", "image_size", "patch_size", "vision_width",
+    "vision_num_layers", "vision_num_heads", "tokens_per_frame", "compressor_num_heads",
+    "text_vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "attention_bias", "moe",
+)
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+class TimeExpertConfig(PretrainedConfig):
+    """The whole model's config (a Hugging Face config, saved as config.json).
+
+    Flat fields by component; the MoE FFN's own fields (`timeexpert.config.MoEConfig` minus its
+    widths, which come from `hidden_size` / `intermediate_size`) sit in the `moe` dict. No field is
+    named like a transformers generation parameter (`top_k`, `max_length`, ...).
+    """
+
+    model_type = "timeexpert"
+
+    # vision
+    vision_encoder: str = "vit"  # "vit": a small ViT built from the fields below; "siglip"
+    vision_path: str = ""  # local SigLIP checkpoint that `create_model` loads weights from
+    vision_siglip: dict | None = None  # SigLIP vision config (read from vision_path if empty)
+    image_size: int = 32  # frames are resized to image_size x image_size
+    patch_size: int = 8  # ViT patch size (pixels)
+    vision_width: int = 64  # width V of the frame encoder's patch tokens
+    vision_num_layers: int = 2  # ViT blocks
+    vision_num_heads: int = 4  # ViT attention heads
+    image_mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # pixel normalisation
+    image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    tokens_per_frame: int = 8  # S: slot tokens each frame is compressed to
+    compressor_num_heads: int = 4  # heads of the slot cross-attention
+    num_frames: int = 8  # frames sampled per video by the data pipeline and inference
+    # decoder
+    text_vocab_size: int = 1000  # V, len(tokenizer) including the added special tokens
+    hidden_size: int = 64  # D
+    intermediate_size: int = 128  # width F of each SwiGLU expert
+    num_hidden_layers: int = 2  # decoder blocks
+    num_attention_heads: int = 4  # H
+    num_key_value_heads: int = 4  # G (grouped-query attention when G < H)
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2 has it)
+    rope_theta: float = 10000.0  # rotary position base
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 1024  # the context length (prompt + answer), enforced
+    initializer_range: float = 0.02
+    moe: dict | None = None  # MoEConfig fields without dim / hidden_dim; None: MoEConfig defaults
+    # text ids of the answer grammar, taken from the tokenizer (`with_tokenizer`)
+    switch_token_id: int | None = None  # SWITCH: the next tokens are an event's numbers
+    answer_end_token_id: int | None = None  # EOS of the answer
+    forbidden_text_ids: list = field(default_factory=list)  # special ids never generated
+    # generation caps
+    max_events: int = 16  # events per answer
+    max_caption_tokens: int = 32  # text tokens per caption
+    max_number_symbols: int = 7  # symbols of one number ('12345.6')
+    # losses
+    loss_weight_time: float = 1.0
+    loss_weight_score: float = 1.0
+    loss_weight_text: float = 1.0
+    # initialisation (used by `create_model` only)
+    upcycle_from: str = ""  # local dense causal-LM checkpoint to sparse-upcycle the decoder from
+    upcycle_noise_std: float = 0.01  # relative perturbation of each expert's copy of the FFN
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.vision_encoder not in ("vit", "siglip"):
+            raise ValueError(f"vision_encoder must be 'vit' or 'siglip', got {self.vision_encoder!r}")
+        if self.vision_encoder == "siglip":
+            if not self.vision_siglip:
+                if not self.vision_path:
+                    raise ValueError("vision_encoder='siglip' needs vision_path or vision_siglip")
+                self.vision_siglip = siglip_config_from_path(self.vision_path)
+            # the SigLIP config is the source of truth for the encoder's geometry
+            self.image_size = int(self.vision_siglip["image_size"])
+            self.patch_size = int(self.vision_siglip["patch_size"])
+            self.vision_width = int(self.vision_siglip["hidden_size"])
+        for name in ("tokens_per_frame", "num_frames", "hidden_size", "num_hidden_layers",
+                     "text_vocab_size", "max_position_embeddings"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.vision_width % self.compressor_num_heads:
+            raise ValueError(
+                f"vision_width ({self.vision_width}) must be divisible by compressor_num_heads "
+                f"({self.compressor_num_heads})"
+            )
+        if self.moe is None:
+            self.moe = {}
+        self.moe_config()  # validates the MoE fields
+        super().__post_init__(**kwargs)
+
+    def moe_config(self) -> MoEConfig:
+        """The MoEConfig of every decoder FFN."""
+        fields = dict(self.moe or {})
+        for key in ("dim", "hidden_dim"):
+            if key in fields:
+                raise ValueError(
+                    f"moe[{key!r}] is set by hidden_size / intermediate_size; remove it"
+                )
+        return MoEConfig(dim=self.hidden_size, hidden_dim=self.intermediate_size, **fields)
+
+    def with_tokenizer(self, tokenizer) -> "TimeExpertConfig":
+        """Take the text vocab size and the answer grammar's ids from a GroundingTokenizer."""
+        self.text_vocab_size = tokenizer.text_vocab_size
+        self.switch_token_id = tokenizer.switch_id
+        self.answer_end_token_id = tokenizer.eos_id
+        self.forbidden_text_ids = tokenizer.forbidden_text_ids
+        return self
+
+    def architecture_diff(self, other: "TimeExpertConfig | dict") -> dict[str, tuple[Any, Any]]:
+        """Fields of ARCHITECTURE_FIELDS where `other` differs: {name: (self, other)}."""
+        theirs = other if isinstance(other, dict) else other.to_dict()
+        mine = self.to_dict()
+        return {
+            k: (mine.get(k), theirs.get(k))
+            for k in ARCHITECTURE_FIELDS
+            if json.dumps(mine.get(k), sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True)
+        }
+
+
+# --- decoder building blocks --------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids_BN: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """RoPE tables for explicit positions (kept tokens keep their original position ids)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BN.device).float() / head_dim))
+    freqs_BNh = position_ids_BN.float()[..., None] * inv_freq
+    emb_BNd = torch.cat([freqs_BNh, freqs_BNh], dim=-1)
+    return emb_BNd.cos().to(dtype)[:, None], emb_BNd.sin().to(dtype)[:, None]  # (B, 1, N, d)
+
+
+def apply_rotary(x_BHNd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHNd.chunk(2, dim=-1)
+    return x_BHNd * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE, grouped-query heads and an optional KV cache."""
+
+    def __init__(self, config: TimeExpertConfig) -> None:
+        super().__init__()
+        D, H, G = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.H, self.G, self.d = H, G, D // H
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(D, H * self.d, bias=bias)
+        self.k_proj = nn.Linear(D, G * self.d, bias=bias)
+        self.v_proj = nn.Linear(D, G * self.d, bias=bias)
+        self.o_proj = nn.Linear(H * self.d, D, bias=False)
+
+    def forward(self, x_BND, cos, sin, mask_B1NK, past_kv):
+        B, N, _ = x_BND.shape
+        q_BHNd = self.q_proj(x_BND).view(B, N, self.H, self.d).transpose(1, 2)
+        k_BGNd = self.k_proj(x_BND).view(B, N, self.G, self.d).transpose(1, 2)
+        v_BGNd = self.v_proj(x_BND).view(B, N, self.G, self.d).transpose(1, 2)
+        q_BHNd, k_BGNd = apply_rotary(q_BHNd, cos, sin), apply_rotary(k_BGNd, cos, sin)
+        if past_kv is not None:
+            k_BGKd = torch.cat([past_kv[0], k_BGNd], dim=2)
+            v_BGKd = torch.cat([past_kv[1], v_BGNd], dim=2)
+        else:
+            k_BGKd, v_BGKd = k_BGNd, v_BGNd
+        out_BHNd = F.scaled_dot_product_attention(
+            q_BHNd, k_BGKd, v_BGKd, attn_mask=mask_B1NK, enable_gqa=self.G != self.H
+        )
+        return self.o_proj(out_BHNd.transpose(1, 2).reshape(B, N, -1)), (k_BGKd, v_BGKd)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: attention, then the MoE FFN over the real (unpadded) tokens."""
+
+    def __init__(self, config: TimeExpertConfig, ep_group=None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn = MoELayer(config.moe_config(), ep_group=ep_group)
+
+    def forward(self, x_BND, types_BN, valid_BN, cos, sin, mask_B1NK, past_kv):
+        a_BND, kv = self.attn(self.attn_norm(x_BND), cos, sin, mask_B1NK, past_kv)
+        x_BND = x_BND + a_BND
+        h_BND = self.ffn_norm(x_BND)
+        # padding and finished sequences neither cost expert compute nor enter routing statistics
+        index = valid_BN.nonzero(as_tuple=True)
+        y_ND, losses = self.ffn(h_BND[index], types_BN[index])
+        y_BND = h_BND.new_zeros(h_BND.shape).index_put(index, y_ND)
+        return x_BND + y_BND, kv, losses
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TimeExpertOutput(ModelOutput):
+    """Losses per head (cross-entropy, mean over that head's target tokens), router losses summed
+    over layers, logits of the three heads, and the KV cache."""
+
+    loss: torch.Tensor | None = None  # weighted sum of the five terms below
+    loss_time: torch.Tensor | None = None
+    loss_score: torch.Tensor | None = None
+    loss_text: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # TimeExpert eq. 9, summed over layers
+    z_loss: torch.Tensor | None = None  # router z-loss, summed over layers
+    time_logits: torch.Tensor | None = None  # (B, N, U)
+    score_logits: torch.Tensor | None = None  # (B, N, U)
+    text_logits: torch.Tensor | None = None  # (B, N, V)
+    hidden_states: torch.Tensor | None = None  # (B, N, D), after the final norm
+    past_key_values: list | None = None  # per layer (k, v), each (B, G, K, d)
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+class TimeExpertForGrounding(PreTrainedModel):
+    """Video + instruction -> events, through a MoE decoder with time, score and text heads."""
+
+    config_class = TimeExpertConfig
+    base_model_prefix = "timeexpert"
+    main_input_name = "input_ids"
+    _no_split_modules = ["DecoderBlock"]
+
+    def __init__(self, config: TimeExpertConfig, ep_group=None) -> None:
+        super().__init__(config)
+        D = config.hidden_size
+        # vision: frames -> patch tokens -> S slots per frame -> decoder width
+        self.frame_processor = FrameProcessor(
+            image_size=config.image_size, mean=config.image_mean, std=config.image_std
+        )
+        if config.vision_encoder == "siglip":
+            self.frame_encoder = SiglipFrameEncoder(config.vision_siglip)
+        else:
+            self.frame_encoder = PatchViT(
+                image_size=config.image_size, patch_size=config.patch_size,
+                width=config.vision_width, num_layers=config.vision_num_layers,
+                num_heads=config.vision_num_heads,
+            )
+        self.compressor = SlotCompressor(
+            width=config.vision_width, num_slots=config.tokens_per_frame,
+            num_heads=config.compressor_num_heads,
+        )
+        self.projector = Projector(config.vision_width, D)
+        # token embeddings: text (TEXT, QUERY) and the separate time / score encoders
+        self.text_embed = nn.Embedding(config.text_vocab_size, D)
+        nn.init.normal_(self.text_embed.weight, std=config.initializer_range)
+        self.time_encoder = NumberEncoder(D, init_std=config.initializer_range)
+        self.score_encoder = NumberEncoder(D, init_std=config.initializer_range)
+        # decoder
+        self.layers = nn.ModuleList(
+            DecoderBlock(config, ep_group=ep_group) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(D, config.rms_norm_eps)
+        # heads
+        self.time_head = NumberHead(D, init_std=config.initializer_range)
+        self.score_head = NumberHead(D, init_std=config.initializer_range)
+        self.lm_head = nn.Linear(D, config.text_vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Every submodule initialises itself when built (torch defaults, slot queries, the MoE
+        # layer's own scheme), and `from_pretrained` refuses incomplete checkpoints, so there is
+        # nothing left to fill in; the generic re-init would overwrite the MoE gate init.
+        return
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    # --- vision -----------------------------------------------------------------------------
+
+    def preprocess_frames(self, frames_THWC) -> torch.Tensor:
+        """uint8 (T, H, W, 3) frames -> normalised pixels (T, 3, image_size, image_size)."""
+        return self.frame_processor(frames_THWC)
+
+    def encode_frames(self, pixels_MCHW: torch.Tensor) -> torch.Tensor:
+        """Pixels of M frames -> (M, S, D) visual tokens for the decoder."""
+        expected = (3, self.config.image_size, self.config.image_size)
+        if pixels_MCHW.ndim != 4 or tuple(pixels_MCHW.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must be (M, {expected[0]}, {expected[1]}, {expected[2]}), got "
+                f"{tuple(pixels_MCHW.shape)}; use preprocess_frames on uint8 frames"
+            )
+        dtype = self.projector.net[0].weight.dtype
+        patches_MPV = self.frame_encoder(pixels_MCHW.to(dtype))
+        return self.projector(self.compressor(patches_MPV))
+
+    # --- embedding ---------------------------------------------------------------------------
+
+    def embed_tokens(
+        self, input_ids_BN: torch.Tensor, types_BN: torch.Tensor, visual_MSD: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Each token embedded by its type's encoder; VISUAL slots take the frames' tokens in
+        order (batch row by row, frame by frame)."""
+        is_text = (types_BN == TokenType.TEXT) | (types_BN == TokenType.QUERY)
+        is_time, is_score = types_BN == TokenType.TIME, types_BN == TokenType.SCORE
+        is_visual = types_BN == TokenType.VISUAL
+        x_BND = self.text_embed(input_ids_BN.masked_fill(~is_text, 0))
+        x_BND = torch.where(is_time[..., None], self.time_encoder(input_ids_BN.masked_fill(~is_time, 0)), x_BND)
+        x_BND = torch.where(is_score[..., None], self.score_encoder(input_ids_BN.masked_fill(~is_score, 0)), x_BND)
+        num_visual = int(is_visual.sum())
+        available = 0 if visual_MSD is None else visual_MSD.shape[0] * visual_MSD.shape[1]
+        if num_visual != available:
+            raise ValueError(
+                f"the batch has {num_visual} VISUAL tokens but the frames give {available} "
+                f"({self.config.tokens_per_frame} per frame); pass pixel_values for every frame"
+            )
+        if num_visual:
+            x_BND = x_BND.masked_scatter(is_visual[..., None], visual_MSD.reshape(-1, x_BND.shape[-1]).to(x_BND.dtype))
+        return x_BND
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_types: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        visual_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: list | None = None,
+        use_cache: bool = False,
+        return_logits: bool = True,
+        **kwargs: Any,
+    ) -> TimeExpertOutput:
+        """One decoder pass.
+
+        input_ids (B, N): ids local to each token's type vocabulary (see `tokenizer.py`);
+        token_types (B, N): TokenType values; attention_mask (B, K): 1 real, 0 padding (over the
+        cached and new tokens); position_ids (B, N): explicit positions, by default the count of
+        real tokens before each one; pixel_values (M, 3, H, W) or visual_embeds (M, S, D): the
+        frames behind the VISUAL tokens; labels (B, N): target ids (IGNORE_INDEX where none),
+        predicted from the previous position by the head of the label's token type.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        cfg = self.config
+        if input_ids.shape != token_types.shape or input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids and token_types must both be (B, N), got {tuple(input_ids.shape)} "
+                f"and {tuple(token_types.shape)}"
+            )
+        if token_types.numel() and (token_types.min() < 0 or token_types.max() >= NUM_TOKEN_TYPES):
+            raise ValueError(f"token_types must be TokenType values 0..{NUM_TOKEN_TYPES - 1}")
+        B, N = input_ids.shape
+        L = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if L + N > cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {L + N} tokens exceeds the context of {cfg.max_position_embeddings}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L + N, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, L + N):
+            raise ValueError(
+                f"attention_mask must be (B, past + N) = ({B}, {L + N}), got {tuple(attention_mask.shape)}"
+            )
+        key_valid_BK = attention_mask.bool()
+        valid_BN = key_valid_BK[:, L:]
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, L:]
+
+        # frames -> vision -> compression -> projector
+        if pixel_values is not None and visual_embeds is not None:
+            raise ValueError("pass pixel_values or visual_embeds, not both")
+        if pixel_values is not None:
+            visual_embeds = self.encode_frames(pixel_values)
+        x_BND = self.embed_tokens(input_ids, token_types, visual_embeds)
+
+        # decoder: causal mask over the cache + new tokens, a token always sees itself (so that a
+        # padding row never has an empty softmax)
+        q_pos_N = torch.arange(L, L + N, device=x_BND.device)
+        k_pos_K = torch.arange(L + N, device=x_BND.device)
+        causal_NK = k_pos_K[None, :] <= q_pos_N[:, None]
+        mask_B1NK = (causal_NK & key_valid_BK[:, None, :]) | (k_pos_K[None, :] == q_pos_N[:, None])
+        mask_B1NK = mask_B1NK[:, None]
+        cos, sin = rotary_cos_sin(position_ids, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, x_BND.dtype)
+        aux = z = x_BND.new_zeros(())
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            x_BND, kv, losses = layer(x_BND, token_types, valid_BN, cos, sin, mask_B1NK, past)
+            aux, z = aux + losses.aux, z + losses.z
+            new_cache.append(kv)
+        h_BND = self.norm(x_BND)
+
+        # heads
+        out = TimeExpertOutput(
+            aux_loss=aux, z_loss=z, hidden_states=h_BND,
+            past_key_values=new_cache if use_cache else None,
+        )
+        if return_logits:
+            out.time_logits = self.time_head(h_BND)
+            out.score_logits = self.score_head(h_BND)
+            out.text_logits = self.lm_head(h_BND)
+        if labels is not None:
+            out.loss_time, out.loss_score, out.loss_text = self._head_losses(h_BND, token_types, labels)
+            out.loss = (
+                cfg.loss_weight_time * out.loss_time + cfg.loss_weight_score * out.loss_score
+                + cfg.loss_weight_text * out.loss_text + aux + z
+            )
+        return out
+
+    def _head_losses(self, h_BND, types_BN, labels_BN):
+        """Cross-entropy per head: position n predicts token n+1 with the head of its type."""
+        if labels_BN.shape != types_BN.shape:
+            raise ValueError(f"labels must be (B, N) like input_ids, got {tuple(labels_BN.shape)}")
+        h_BND, target_BN, target_type_BN = h_BND[:, :-1], labels_BN[:, 1:], types_BN[:, 1:]
+        losses = []
+        for head, kind in (
+            (self.time_head, TokenType.TIME), (self.score_head, TokenType.SCORE),
+            (self.lm_head, TokenType.TEXT),
+        ):
+            sel_BN = (target_BN != IGNORE_INDEX) & (target_type_BN == kind)
+            if sel_BN.any():
+                losses.append(F.cross_entropy(head(h_BND[sel_BN]), target_BN[sel_BN]))
+            else:
+                losses.append(h_BND.sum() * 0.0)  # no target of this head in the batch
+        return tuple(losses)
+
+    # --- routing (TimeExpert sec. 3.3) ---------------------------------------------------------
+
+    def update_experts(self) -> list[ExpertUpdate]:
+        """Token-adaptive routing step of every MoE layer (add / prune experts)."""
+        return [layer.ffn.update_experts() for layer in self.layers]
+
+    def routing_telemetry(self) -> list[dict]:
+        return [layer.ffn.telemetry() for layer in self.layers]
+
+    def reset_routing_telemetry(self) -> None:
+        for layer in self.layers:
+            layer.ffn.reset_telemetry()
+
+    # --- generation: the head-switching state machine ----------------------------------------
+
+    @torch.no_grad()
+    def generate_answer(
+        self,
+        input_ids: torch.Tensor,
+        token_types: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        visual_embeds: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 256,
+        max_events: int | list[int] | None = None,
+    ) -> list[tuple[list[int], list[int]]]:
+        """Greedy decoding of the answer grammar of `timeexpert.events` for a LEFT-padded batch.
+
+        A per-sequence state (text / start / end / score / done) picks the head: the LM head in
+        text, the time head after SWITCH and after the start's <sep>, the score head after the
+        time <sync>, the LM head again after the score <sync>; EOS ends. The logits of the three
+        heads are concatenated ([text V | time U | score U]) and the state masks out what the
+        grammar forbids there, so one argmax per step serves the whole batch: well-formed numbers
+        (digits, at most one '.', no empty number, at most `max_number_symbols` symbols), at most
+        `max_events` events (one cap, or one per sequence), at most `max_caption_tokens` per
+        caption, `max_new_tokens` in all.
+        Returns per sequence the generated (ids, types), EOS included when reached.
+        """
+        cfg = self.config
+        if cfg.switch_token_id is None or cfg.answer_end_token_id is None:
+            raise ValueError("config has no switch/answer-end ids; call config.with_tokenizer()")
+        B, N = input_ids.shape
+        device = input_ids.device
+        max_events = cfg.max_events if max_events is None else max_events
+        max_events_B = torch.as_tensor(max_events, dtype=torch.long, device=device).expand(B)
+        if (max_events_B < 0).any() or max_new_tokens < 1:
+            raise ValueError(
+                f"need max_events >= 0 and max_new_tokens >= 1, got {max_events}, {max_new_tokens}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones(B, N, dtype=torch.long, device=device)
+        if N + max_new_tokens > cfg.max_position_embeddings:
+            max_new_tokens = cfg.max_position_embeddings - N
+            if max_new_tokens < 1:
+                raise ValueError(
+                    f"prompt of {N} tokens leaves no room to answer in the context of "
+                    f"{cfg.max_position_embeddings}"
+                )
+        V, U = cfg.text_vocab_size, NUM_NUMBER_TOKENS
+        switch, eos = cfg.switch_token_id, cfg.answer_end_token_id
+        text_ok_V = torch.ones(V, dtype=torch.bool, device=device)
+        text_ok_V[list(cfg.forbidden_text_ids)] = False
+        text_ok_V[[switch, eos]] = False  # allowed separately below
+        digit_U = torch.zeros(U, dtype=torch.bool, device=device)
+        digit_U[list(DIGIT_IDS)] = True
+        TEXT, START, END, SCORE, DONE = 0, 1, 2, 3, 4
+        state_B = torch.full((B,), TEXT, device=device)
+        events_B = torch.zeros(B, dtype=torch.long, device=device)
+        caption_B = torch.zeros(B, dtype=torch.long, device=device)
+        num_len_B = torch.zeros(B, dtype=torch.long, device=device)
+        has_dot_B = torch.zeros(B, dtype=torch.bool, device=device)
+        last_dot_B = torch.zeros(B, dtype=torch.bool, device=device)
+        cap = cfg.max_number_symbols
+
+        out = self(
+            input_ids, token_types, attention_mask=attention_mask, pixel_values=pixel_values,
+            visual_embeds=visual_embeds, use_cache=True,
+        )
+        position_B = (attention_mask.long().sum(-1) - 1).clamp_min(0)
+        h_BD = out.hidden_states[:, -1]
+        cache = out.past_key_values
+        tokens, kinds, alive = [], [], []
+        for _ in range(max_new_tokens):
+            in_text, in_number = state_B == TEXT, (state_B == START) | (state_B == END) | (state_B == SCORE)
+            # the grammar's mask over [text V | time U | score U]
+            text_allow_BV = (in_text & (caption_B < cfg.max_caption_tokens))[:, None] & text_ok_V
+            text_allow_BV[:, switch] = in_text & (events_B < max_events_B)
+            text_allow_BV[:, eos] = in_text | (state_B == DONE)
+            number_nonempty = (num_len_B > 0) & ~last_dot_B
+            num_allow_BU = torch.zeros(B, U, dtype=torch.bool, device=device)
+            num_allow_BU |= digit_U & (num_len_B < cap)[:, None]
+            num_allow_BU[:, DOT_ID] = ~has_dot_B & (num_len_B > 0) & (num_len_B < cap - 1)
+            num_allow_BU[:, SEP_ID] = number_nonempty & (state_B == START)
+            num_allow_BU[:, SYNC_ID] = number_nonempty & ((state_B == END) | (state_B == SCORE))
+            time_allow = num_allow_BU & ((state_B == START) | (state_B == END))[:, None]
+            score_allow = num_allow_BU & (state_B == SCORE)[:, None]
+            allow = torch.cat([text_allow_BV, time_allow, score_allow], dim=1)
+            logits = torch.cat([self.lm_head(h_BD), self.time_head(h_BD), self.score_head(h_BD)], dim=1)
+            choice_B = logits.float().masked_fill(~allow, float("-inf")).argmax(-1)
+            kind_B = torch.where(
+                choice_B < V, int(TokenType.TEXT),
+                torch.where(choice_B < V + U, int(TokenType.TIME), int(TokenType.SCORE)),
+            )
+            local_B = torch.where(choice_B < V, choice_B, torch.where(choice_B < V + U, choice_B - V, choice_B - V - U))
+            was_alive = state_B != DONE
+            tokens.append(local_B)
+            kinds.append(kind_B)
+            alive.append(was_alive)
+            # state transitions
+            is_number = in_number
+            is_term = is_number & ((local_B == SEP_ID) | (local_B == SYNC_ID))
+            num_len_B = torch.where(is_term, 0, num_len_B + is_number.long())
+            has_dot_B = torch.where(is_term, False, has_dot_B | (is_number & (local_B == DOT_ID)))
+            last_dot_B = is_number & (local_B == DOT_ID)
+            is_switch = in_text & (local_B == switch)
+            is_eos = in_text & (local_B == eos)
+            caption_B = torch.where(is_switch, 0, caption_B + (in_text & ~is_switch & ~is_eos).long())
+            events_B = events_B + (is_term & (state_B == SCORE)).long()
+            new_state = state_B.clone()
+            new_state[is_switch] = START
+            new_state[is_eos] = DONE
+            new_state[is_term & (state_B == START)] = END
+            new_state[is_term & (state_B == END)] = SCORE
+            new_state[is_term & (state_B == SCORE)] = TEXT
+            state_B = new_state
+            if not bool((state_B != DONE).any()):
+                break
+            # one decoder step; finished sequences are masked (no expert compute, no statistics)
+            position_B = position_B + 1
+            attention_mask = torch.cat([attention_mask, was_alive.long()[:, None] & (state_B != DONE).long()[:, None]], dim=1)
+            step = self(
+                local_B[:, None], kind_B[:, None], attention_mask=attention_mask,
+                position_ids=position_B[:, None], past_key_values=cache, use_cache=True,
+                return_logits=False,
+            )
+            h_BD, cache = step.hidden_states[:, -1], step.past_key_values
+        tokens_BS = torch.stack(tokens, 1).tolist()
+        kinds_BS = torch.stack(kinds, 1).tolist()
+        alive_BS = torch.stack(alive, 1).tolist()
+        return [
+            (
+                [t for t, a in zip(tokens_BS[b], alive_BS[b]) if a],
+                [k for k, a in zip(kinds_BS[b], alive_BS[b]) if a],
+            )
+            for b in range(B)
+        ]
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that does not match: a config
+        given here that differs from the checkpoint's in an architecture field, or missing,
+        unexpected or mis-shaped weights -> ValueError naming them."""
+        path = str(pretrained_model_name_or_path)
+        config = kwargs.get("config")
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise ValueError(f"{path!r} is not a TimeExpert checkpoint directory (no config.json)")
+        with open(config_file) as f:
+            saved = json.load(f)
+        if saved.get("model_type") != TimeExpertConfig.model_type:
+            raise ValueError(
+                f"{path!r} holds a {saved.get('model_type')!r} checkpoint, not {TimeExpertConfig.model_type!r}"
+            )
+        if isinstance(config, TimeExpertConfig):
+            diff = config.architecture_diff(saved)
+            if diff:
+                raise ValueError(
+                    f"checkpoint {path!r} does not match the given config: "
+                    + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+                )
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except RuntimeError as err:  # size mismatches surface here
+            raise ValueError(f"checkpoint {path!r} does not match its config: {err}") from err
+        problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise ValueError(f"checkpoint {path!r} does not match the model: {problems}")
+        return (model, info) if want_info else model
+
+
+TimeExpertModel = TimeExpertForGrounding  # the name the issue uses
+
+AutoConfig.register(TimeExpertConfig.model_type, TimeExpertConfig, exist_ok=True)
+AutoModel.register(TimeExpertConfig, TimeExpertForGrounding, exist_ok=True)
+
+
+# --- a fresh model with its pretrained parts ----------------------------------------------------
+
+
+def create_model(config: TimeExpertConfig, ep_group=None) -> TimeExpertForGrounding:
+    """A new model: random init, then the SigLIP weights from `config.vision_path` and the dense
+    decoder from `config.upcycle_from` (sparse upcycling) when those are given."""
+    from timeexpert.models.upcycle import upcycle_decoder
+
+    model = TimeExpertForGrounding(config, ep_group=ep_group)
+    if config.vision_encoder == "siglip" and config.vision_path:
+        model.frame_encoder.load_pretrained(config.vision_path)
+    if config.upcycle_from:
+        upcycle_decoder(model, config.upcycle_from, noise_std=config.upcycle_noise_std)
+    return model
