@@ -1,0 +1,305 @@
+"""Ray Data pipeline: manifest -> video bytes by URI -> the needed frames (decord, resized at
+decode) -> optional preprocess / tokenize hooks -> batches for Ray Train or offline evaluation.
+
+The driver reads the (small) manifest, refuses any video outside the storage root, applies the
+per-task mixing and hands the rows to Ray Data; the videos are fetched and decoded in
+`map_batches` tasks, streamed, so memory stays bounded whatever the number of videos. A bad
+video or annotation is skipped and counted by reason (`VideoDataset.skip_summary()`), never a
+crash.
+
+Output columns, one row per record (what `iter_batches` / `iter_torch_batches` yield, batched):
+
+    id, task, query, split, video     str
+    duration, clip_len                float64
+    events                            str: JSON list of Event dicts (`record_from_row` parses)
+    saliency                          str: JSON list of per-clip scores, or "null"
+    frames                            uint8 (T, H, W, 3), RGB, T = VideoConfig.frames_per_sample
+    timestamps                        float32 (T,), seconds (0 where padded)
+    frame_mask                        bool (T,): False for padding (fps sampling of short videos)
+
+plus whatever columns the `tokenize` hook adds. For `iter_torch_batches` pass
+`collate_fn=torch_collate()` (text columns stay lists of str). Pixel normalisation belongs to the model's
+preprocessor: pass it as `preprocess` to run it inside the pipeline, or apply it in the loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from timeexpert import storage
+from timeexpert.config import DataConfig, VideoConfig
+from timeexpert.data import formats
+from timeexpert.data.video import VideoDecodeError, decode_frames
+from timeexpert.events import Event, Record, Task
+
+BatchFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# Reasons beyond the video ones (video.SKIP_REASONS): an annotation we cannot use, and a video
+# that could not be fetched for another reason (permissions, network).
+ANNOTATION_REASON = "bad_annotation"
+UNREADABLE_REASON = "unreadable"
+DURATION_TOLERANCE = 1.0  # seconds an event may run past the stated duration
+
+
+def mix_tasks(records: Sequence[Record], weights: dict[str, float], seed: int) -> list[Record]:
+    """Resample records so each task's share follows `weights` (same total, shuffled).
+
+    A task short of its share is upsampled with replacement; tasks without weight are dropped.
+    Empty `weights` returns the records unchanged.
+    """
+    if not weights:
+        return list(records)
+    by_task: dict[Task, list[Record]] = collections.defaultdict(list)
+    for r in records:
+        by_task[r.task].append(r)
+    active = {Task.parse(t): w for t, w in weights.items() if w > 0}
+    missing = [t.value for t in active if not by_task[t]]
+    if missing:
+        raise ValueError(f"task_weights ask for {missing} but the manifest has no such records")
+    if not active:
+        raise ValueError(f"task_weights {weights} give every task weight 0")
+    rng = np.random.default_rng(seed)
+    total, wsum = len(records), sum(active.values())
+    out: list[Record] = []
+    for task, w in active.items():
+        pool, n = by_task[task], int(round(total * w / wsum))
+        if n <= len(pool):
+            out += [pool[i] for i in rng.choice(len(pool), n, replace=False)]
+        else:
+            out += pool + [pool[i] for i in rng.integers(len(pool), size=n - len(pool))]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def record_from_row(row: dict[str, Any]) -> Record:
+    """A pipeline row (or one row of a batch) back to a Record (frames left out)."""
+    saliency = json.loads(row["saliency"])
+    return Record(
+        id=str(row["id"]),
+        video=str(row["video"]),
+        duration=float(row["duration"]),
+        task=str(row["task"]),
+        query=str(row["query"]),
+        events=[Event.from_dict(e) for e in json.loads(row["events"])],
+        saliency=saliency,
+        clip_len=float(row["clip_len"]),
+        split=str(row["split"]),
+    )
+
+
+def _row(r: Record, video: str) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "task": r.task.value,
+        "query": r.query,
+        "split": r.split,
+        "video": video,
+        "duration": float(r.duration),
+        "clip_len": float(r.clip_len),
+        "events": json.dumps([e.to_dict() for e in r.events]),
+        "saliency": json.dumps(r.saliency),
+    }
+
+
+def _skip_counter_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SkipCounter:
+        """Skipped records by id -> reason (a record skipped again in a later epoch counts once)."""
+
+        def __init__(self) -> None:
+            self.by_id: dict[str, str] = {}
+
+        def add(self, items: list[tuple[str, str]]) -> None:
+            for rid, reason in items:
+                self.by_id.setdefault(rid, reason)
+
+        def summary(self) -> dict[str, int]:
+            return dict(collections.Counter(self.by_id.values()))
+
+        def skipped(self) -> dict[str, str]:
+            return dict(self.by_id)
+
+    return SkipCounter
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    video: VideoConfig,
+    storage_options: dict[str, Any],
+    counter: Any = None,
+    preprocess: BatchFn | None = None,
+    tokenize: BatchFn | None = None,
+) -> dict[str, np.ndarray]:
+    """The map_batches function: fetch and decode each row's video; drop and count failures."""
+    t, h, w = video.frames_per_sample, video.height, video.width
+    keep, frames, stamps, masks, skipped = [], [], [], [], []
+    for i, (rid, uri) in enumerate(zip(batch["id"], batch["video"])):
+        try:
+            data = storage.read_bytes(str(uri), **storage_options)
+            d = decode_frames(
+                data, num_frames=video.num_frames, fps=video.fps, max_frames=video.max_frames,
+                size=(h, w),
+            )
+        except VideoDecodeError as e:
+            skipped.append((str(rid), e.reason))
+            continue
+        except FileNotFoundError:
+            skipped.append((str(rid), "missing"))
+            continue
+        except OSError:
+            skipped.append((str(rid), UNREADABLE_REASON))
+            continue
+        n = len(d.timestamps)
+        f = np.zeros((t, h, w, 3), np.uint8)
+        f[:n] = d.frames
+        s = np.zeros((t,), np.float32)
+        s[:n] = d.timestamps
+        m = np.zeros((t,), bool)
+        m[:n] = True
+        keep.append(i)
+        frames.append(f)
+        stamps.append(s)
+        masks.append(m)
+    if skipped and counter is not None:
+        import ray
+
+        ray.get(counter.add.remote(skipped))  # wait: the summary must be complete at the end
+    out = {k: v[keep] for k, v in batch.items()}
+    out["frames"] = np.stack(frames) if frames else np.zeros((0, t, h, w, 3), np.uint8)
+    out["timestamps"] = np.stack(stamps) if stamps else np.zeros((0, t), np.float32)
+    out["frame_mask"] = np.stack(masks) if masks else np.zeros((0, t), bool)
+    if preprocess is not None:
+        out = preprocess(out)
+    if tokenize is not None:
+        out = tokenize(out)
+    return out
+
+
+def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Numeric columns to tensors (copied: Ray hands out read-only arrays), text columns (id,
+    task, query, events JSON ...) to lists of str."""
+    import torch
+
+    return {
+        k: torch.from_numpy(np.array(v)) if v.dtype.kind in "biuf" else [str(x) for x in v]
+        for k, v in batch.items()
+    }
+
+
+def torch_collate():
+    """A collate for `iter_torch_batches(collate_fn=torch_collate())` (Ray's default collate
+    cannot convert string columns). Built on call: importing this module stays light."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class TorchCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            return to_torch(batch)
+
+    return TorchCollate()
+
+
+@dataclass
+class VideoDataset:
+    """A streaming Ray Dataset of decoded samples, with the skip accounting of its build."""
+
+    dataset: Any  # ray.data.Dataset
+    records: list[Record]  # the records fed to the pipeline (after checks and mixing)
+    driver_skips: dict[str, int] = field(default_factory=dict)  # skipped before Ray (annotations)
+    counter: Any = None  # SkipCounter actor handle
+
+    def skip_summary(self) -> dict[str, int]:
+        """Records skipped so far, by reason. Complete once the dataset has been consumed."""
+        counts = collections.Counter(self.driver_skips)
+        if self.counter is not None:
+            import ray
+
+            counts.update(ray.get(self.counter.summary.remote()))
+        return dict(counts)
+
+    def skipped_ids(self) -> dict[str, str]:
+        """Record id -> reason, for the records skipped while decoding."""
+        if self.counter is None:
+            return {}
+        import ray
+
+        return ray.get(self.counter.skipped.remote())
+
+    def metrics(self, prefix: str = "data/") -> dict[str, float]:
+        """The summary as flat MLflow metrics: `{prefix}skipped/{reason}`, totals, records."""
+        summary = self.skip_summary()
+        out = {f"{prefix}skipped/{k}": float(v) for k, v in sorted(summary.items())}
+        out[f"{prefix}skipped_total"] = float(sum(summary.values()))
+        out[f"{prefix}records"] = float(len(self.records))
+        return out
+
+
+def build_dataset(
+    config: DataConfig,
+    *,
+    split: str = "train",
+    records: Sequence[Record] | None = None,
+    preprocess: BatchFn | None = None,
+    tokenize: BatchFn | None = None,
+    shuffle: bool = False,
+    preserve_order: bool = False,
+) -> VideoDataset:
+    """Build the streaming dataset of `split` (or of the given `records`).
+
+    The manifest is `config.manifest` (with `{split}`) under `config.root`. Every video URI must
+    resolve under `config.root` (relative URIs are taken relative to it), otherwise ValueError:
+    the manifest is refused. `preprocess` and `tokenize` are batch functions (numpy dict in, numpy
+    dict out, possibly an empty batch) run after decoding, in that order: data/ cannot import the
+    model, so the model's preprocessor and tokenizer are injected here. `shuffle` permutes the
+    records (seeded by config.seed); `preserve_order` keeps output order = record order.
+    """
+    import ray
+    import ray.data
+
+    driver_skips: collections.Counter = collections.Counter()
+    if records is None:
+        manifest = storage.resolve_under_root(config.manifest.format(split=split), config.root)
+        records = formats.read_manifest(manifest, skipped=driver_skips, **config.storage_options)
+    rows, kept = [], []
+    for r in mix_tasks(list(records), config.task_weights, config.seed):
+        try:
+            video = storage.resolve_under_root(r.video, config.root)
+        except ValueError as e:
+            raise ValueError(f"manifest refused: record {r.id!r}: {e}") from None
+        if any(e.end > r.duration + DURATION_TOLERANCE for e in r.events) or (
+            r.saliency is not None and len(r.saliency) != formats.num_clips(r.duration, r.clip_len)
+        ):
+            driver_skips[ANNOTATION_REASON] += 1
+            continue
+        rows.append(_row(r, video))
+        kept.append(r)
+    if shuffle:
+        order = np.random.default_rng(config.seed).permutation(len(rows))
+        rows, kept = [rows[i] for i in order], [kept[i] for i in order]
+    counter = _skip_counter_class().remote()
+    if not rows:
+        raise ValueError(f"no usable records for split {split!r} under {config.root!r}")
+    num_blocks = max(1, min(len(rows) // config.decode_batch_size, 2000))
+    ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
+    if preserve_order:
+        ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=config.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=config.decode_num_cpus,
+        concurrency=config.decode_concurrency,
+        fn_kwargs=dict(
+            video=config.video,
+            storage_options=config.storage_options,
+            counter=counter,
+            preprocess=preprocess,
+            tokenize=tokenize,
+        ),
+    )
+    return VideoDataset(dataset=ds, records=kept, driver_skips=dict(driver_skips), counter=counter)
