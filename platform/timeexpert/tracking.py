@@ -1,0 +1,195 @@
+"""MLflow helpers: runs by explicit id (no global active run), step metrics, plots as artifacts.
+
+A pipeline has one parent run and a nested run per stage (`create_run(parent_id=...)`); Train
+workers log step metrics into the stage's run by id (`StepLogger`), the driver adds params, eval
+metrics and plots. Everything is a no-op without a tracking URI. Nothing here starts a run at
+import; jobs decide when.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+_BAD_KEY = re.compile(r"[^0-9A-Za-z_\-. /:]")
+
+
+def _key(name: str) -> str:
+    return _BAD_KEY.sub("_", name)
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created when missing."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created concurrently
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def create_run(tracking_uri: str, experiment: str, run_name: str, *, parent_id: str = "",
+               tags: Mapping[str, str] | None = None) -> str:
+    """A new RUNNING run (nested under `parent_id` when given); returns its id."""
+    all_tags = {"mlflow.runName": run_name, **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    run = client(tracking_uri).create_run(experiment_id(tracking_uri, experiment), tags=all_tags,
+                                          run_name=run_name)
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(_key(k), str(v)[:6000]) for k, v in flatten(params).items()]
+    c = client(tracking_uri)
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(_key(k), float(v), ts, step) for k, v in metrics.items()
+             if isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(float(v))]
+    c = client(tracking_uri)
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    c = client(tracking_uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def log_artifact_file(tracking_uri: str, run_id: str, path: str, artifact_path: str = "") -> None:
+    client(tracking_uri).log_artifact(run_id, path, artifact_path or None)
+
+
+class StepLogger:
+    """Step metrics from a Train worker into a run by id; a no-op without URI or run id."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.enabled = bool(tracking_uri and run_id)
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self.enabled:
+            try:
+                log_metrics(self.tracking_uri, self.run_id, metrics, step)
+            except Exception as err:  # tracking must never kill training
+                print(f"MLflow logging failed (training goes on): {err}", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def plot_expert_heatmap(routing: Mapping[str, Any], path: str, *, title: str = "") -> str | None:
+    """TimeExpert Fig. 4-style heatmap: per layer, the share of each task token type's tokens
+    that activated each expert (rows: token types, columns: expert slots). None for dense."""
+    if "pairs" not in routing:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = np.asarray(routing["pairs"], dtype=float)  # layer x type x expert
+    tokens = np.asarray(routing["tokens"], dtype=float)  # layer x type
+    types = list(routing["types"])
+    keep = tokens.sum(0) > 0
+    share = pairs / np.maximum(tokens[..., None], 1)
+    num_layers = pairs.shape[0]
+    fig, axes = plt.subplots(1, num_layers, figsize=(3 + 2.2 * num_layers, 3), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        im = ax.imshow(share[i][keep], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"layer {i}")
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(int(keep.sum())), [t for t, k in zip(types, keep) if k])
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of tokens routed")
+    fig.suptitle(title or "expert assignment per task token type")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(series: Mapping[str, Sequence[tuple[int, float]]], path: str, *, title: str = "") -> str:
+    """Line plot of named (step, value) series, e.g. the losses or the active expert count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=name)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_stage_plots(tracking_uri: str, run_id: str, routing: Mapping[str, Any], *, stage: int) -> list[str]:
+    """Loss curves and active-expert curve from the run's metric history, and the routing heatmap,
+    as artifacts under `plots/`. Returns the artifact names written."""
+    c = client(tracking_uri)
+    names = []
+    with tempfile.TemporaryDirectory() as d:
+        losses = {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
+                  for k in ("loss", "loss_time", "loss_score", "loss_text", "aux_loss", "z_loss")}
+        files = [plot_curves(losses, os.path.join(d, f"loss_curves_stage{stage}.png"),
+                             title=f"stage {stage} losses")]
+        active = {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)]
+                  for k in ("experts/num_active", "experts/mean_active")}
+        files.append(plot_curves(active, os.path.join(d, f"active_experts_stage{stage}.png"),
+                                 title=f"stage {stage} experts"))
+        heat = plot_expert_heatmap(routing, os.path.join(d, f"expert_heatmap_stage{stage}.png"),
+                                   title=f"stage {stage}: expert assignment per token type")
+        if heat:
+            files.append(heat)
+        with open(os.path.join(d, f"routing_stage{stage}.json"), "w") as f:
+            json.dump(routing, f)
+        files.append(f.name)
+        for path in files:
+            c.log_artifact(run_id, path, "plots")
+            names.append(f"plots/{os.path.basename(path)}")
+    return names

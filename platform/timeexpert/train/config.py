@@ -1,0 +1,102 @@
+"""The training run's typed config: one `TrainConfig` per stage run (torchtitan / litgpt style).
+
+A pipeline (`timeexpert.train.stages.run_pipeline`) runs the same TrainConfig three times with
+`stage` = 1, 2, 3, each stage initialised from the previous stage's checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = (1, 2, 3)
+ZERO_STAGES = (0, 1, 2)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run (one stage) of TimeExpert on Ray Train."""
+
+    # --- what and where -----------------------------------------------------------------------
+    data_root: str  # dataset root (local dir or s3://...) holding manifests/{split}.jsonl + videos
+    preset: str = "tiny_cpu"  # model preset name in `timeexpert.presets`
+    storage_root: str = ".cache/runs"  # checkpoints and Ray Train state: local dir or s3://...
+    name: str = "timeexpert"  # run name: checkpoints go to {storage_root}/{name}-stage{stage}
+    moe: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's MoE fields
+    # (gating, num_experts, num_experts_per_token, alpha, tau_min, lambda_1, lambda_2, ...)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # other TimeExpertConfig fields
+
+    # --- parallelism --------------------------------------------------------------------------
+    num_workers: int = 2  # Ray Train workers (the data-parallel world)
+    cpus_per_worker: float = 0.5  # logical CPUs each worker reserves (fractional on laptops)
+    use_gpu: bool = False  # NCCL + one GPU per worker instead of gloo on CPU
+    ep_size: int = 1  # expert-parallel degree; divides num_workers and the model's max_experts
+    zero_stage: int = 0  # 0: plain data parallel (explicit all-reduce); 1/2: DeepSpeed ZeRO
+
+    # --- recipe -------------------------------------------------------------------------------
+    stage: int = 1  # TimeExpert sec. 3.5: 1 task modules, 2 MoE decoder, 3 all but vision
+    num_steps: int = 20  # optimizer steps of this stage (every worker takes exactly this many)
+    batch_size: int = 2  # examples per worker per step
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up steps, then constant
+    grad_clip: float = 1.0  # global gradient-norm clip (0: off)
+    seed: int = 0  # model init, data order and routing seeds
+    expert_update_every: int = 10  # steps between token-adaptive add/prune (0: adaptive off)
+    task_weights: dict[str, float] = field(default_factory=dict)  # per-task mixing of the data
+    init_from: str = ""  # checkpoint URI whose weights this stage starts from ("" = fresh)
+    shuffle_buffer: int = 16  # rows of the local shuffle buffer of each worker (0: off)
+
+    # --- checkpoints, fault tolerance, logging ------------------------------------------------
+    checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
+    num_checkpoints_kept: int = 2  # checkpoints kept on storage (the newest)
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before giving up
+    log_every: int = 5  # steps between progress lines / Ray Train reports / MLflow metrics
+    eval_split: str = "val"  # split evaluated at the end of the stage ("" = none)
+    eval_max_records: int = 12  # records per task evaluated at the end of the stage (0 = none)
+    tracking_uri: str = ""  # MLflow tracking URI ("" = no MLflow)
+    experiment: str = "timeexpert"  # MLflow experiment name
+    tags: dict[str, str] = field(default_factory=dict)  # MLflow tags (e.g. ablation=dense)
+    mlflow_run_id: str = ""  # MLflow run the workers log step metrics to (set by the driver)
+    fail_at_step: int = 0  # tests only: rank 1 dies once after this step (0 = never)
+
+    def __post_init__(self) -> None:
+        if not self.data_root:
+            raise ValueError("data_root is required (a dataset root with manifests/{split}.jsonl)")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage}")
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(
+                f"zero_stage must be one of {ZERO_STAGES} (0 = plain data parallel; ZeRO-3 does "
+                f"not support expert parallelism), got {self.zero_stage}"
+            )
+        for name in ("num_workers", "ep_size", "num_steps", "batch_size", "checkpoint_every",
+                     "log_every", "num_checkpoints_kept"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers % self.ep_size:
+            raise ValueError(
+                f"ep_size ({self.ep_size}) must divide num_workers ({self.num_workers})"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.cpus_per_worker < 0:
+            raise ValueError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        return cls(**d)
+
+    def run_name(self) -> str:
+        return f"{self.name}-stage{self.stage}"

@@ -1,0 +1,427 @@
+"""The training loop: `train_loop_per_worker(config)` under Ray Train's TorchTrainer, and `fit`.
+
+Per worker: build (tokenizer, model config, weights from the last checkpoint / the previous stage
+/ fresh), shard (this rank's expert slice, optimizers: `parallel.py`), loop (Ray Data shard ->
+tokens -> forward -> stage loss -> backward -> synced step -> token-adaptive add/prune), report
+(progress line, MLflow step metrics from rank 0, checkpoints through `ray.train.report`).
+
+Stages (TimeExpert sec. 3.5):
+1. task modules (slot compression + projector, time / score encoders, the three heads), CE only;
+2. the MoE decoder (blocks, final norm, text embedding), CE + task-dependent aux + z-loss;
+3. everything but the vision encoder, CE + aux + z.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from timeexpert import storage
+from timeexpert.events import NUM_TOKEN_TYPES, Event, TokenType
+from timeexpert.train.config import TrainConfig
+
+# parameter-name prefixes trained in each stage (TimeExpert sec. 3.5)
+STAGE_MODULES: dict[int, tuple[str, ...]] = {
+    1: ("compressor.", "projector.", "time_encoder.", "score_encoder.", "time_head.",
+        "score_head.", "lm_head."),
+    2: ("layers.", "norm.", "text_embed."),
+    3: ("",),  # all but the vision encoder (below)
+}
+FROZEN_ALWAYS_IN_STAGE3 = ("frame_encoder.",)
+TOKEN_TYPE_NAMES = [t.name.lower() for t in TokenType]
+
+
+# --- build helpers (driver and workers) --------------------------------------------------------
+
+
+def model_config(cfg: TrainConfig, tokenizer):
+    """The preset's TimeExpertConfig with the run's MoE / model overrides and the tokenizer's ids."""
+    from timeexpert.presets import get_preset
+
+    config = get_preset(cfg.preset).model
+    for key, value in cfg.model_overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"model_overrides: {cfg.preset!r} config has no field {key!r}")
+        setattr(config, key, value)
+    if cfg.moe:
+        moe = dict(config.moe or {})
+        moe.update(cfg.moe)
+        config.moe = moe
+        config.moe_config()  # validates
+    return config.with_tokenizer(tokenizer)
+
+
+def train_tokenizer(cfg: TrainConfig, records) -> Any:
+    """A text tokenizer trained in-process on the training split's queries and captions."""
+    from timeexpert.models.tokenizer import GroundingTokenizer
+    from timeexpert.presets import get_preset
+
+    texts = [r.query for r in records] + [e.caption for r in records for e in r.events]
+    return GroundingTokenizer.train(texts, vocab_size=get_preset(cfg.preset).tokenizer_vocab_size)
+
+
+def load_tokenizer(uri: str):
+    from timeexpert.models.tokenizer import GroundingTokenizer
+    from timeexpert.train.checkpoint import LocalCopy
+
+    with LocalCopy(uri) as d:
+        return GroundingTokenizer.from_pretrained(d)
+
+
+def set_trainable(model, stage: int) -> list[str]:
+    """Freeze everything but the stage's modules; returns the trainable parameter names."""
+    prefixes = STAGE_MODULES[stage]
+    names = []
+    for name, p in model.named_parameters():
+        train = name.startswith(prefixes)
+        if stage == 3 and name.startswith(FROZEN_ALWAYS_IN_STAGE3):
+            train = False
+        p.requires_grad_(train)
+        if train:
+            names.append(name)
+    return names
+
+
+def stage_loss(out, stage: int, config):
+    """Stage 1: the heads' cross-entropy only; stages 2-3: CE + aux (eq. 9) + z-loss."""
+    if stage == 1:
+        return (config.loss_weight_time * out.loss_time + config.loss_weight_score * out.loss_score
+                + config.loss_weight_text * out.loss_text)
+    return out.loss
+
+
+def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> dict[str, Any]:
+    """A pipeline batch (frames, timestamps, task, query, events) -> model inputs."""
+    import torch
+
+    from timeexpert.models.tokenizer import collate
+
+    encoded, pixels = [], []
+    for i in range(len(batch["id"])):
+        mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
+        events = [Event.from_dict(e) for e in json.loads(batch["events"][i])]
+        encoded.append(tokenizer.encode_example(
+            str(batch["task"][i]), str(batch["query"][i]), batch["timestamps"][i][mask].tolist(),
+            events, tokens_per_frame=config.tokens_per_frame,
+            max_length=config.max_position_embeddings,
+        ))
+        pixels.append(model.preprocess_frames(batch["frames"][i][mask]))
+    inputs = collate(encoded)
+    inputs["pixel_values"] = torch.cat(pixels)
+    return inputs
+
+
+def _batches(shard, cfg: TrainConfig, epoch: int, skip: int, rank: int) -> Iterator[tuple[dict, int, int]]:
+    """Endless (batch, epoch, index in epoch) from the worker's dataset shard, resuming at the
+    data position (epoch, `skip` batches already consumed)."""
+    while True:
+        n = 0
+        kwargs = {}
+        if cfg.shuffle_buffer:
+            kwargs = dict(local_shuffle_buffer_size=cfg.shuffle_buffer,
+                          local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank)
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+                                        drop_last=True, **kwargs):
+            n += 1
+            if n <= skip:
+                continue
+            yield batch, epoch, n
+        if n == 0:
+            raise ValueError(
+                f"worker {rank} got no full batch of {cfg.batch_size} from its data shard; use a "
+                "smaller batch_size or fewer workers"
+            )
+        epoch, skip = epoch + 1, 0
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker. `config`: {"train": TrainConfig dict, "tokenizer_uri": str}."""
+    import ray.train
+    import torch
+
+    from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
+    from timeexpert.train import checkpoint as ckpt
+    from timeexpert.train import parallel
+    from timeexpert.train.parallel import Optimizers
+    from timeexpert.tracking import StepLogger
+
+    cfg = TrainConfig.from_dict(config["train"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.seed)
+    groups = parallel.init_groups(cfg.ep_size)
+
+    # --- build: tokenizer, config, weights (last checkpoint > previous stage > fresh) ----------
+    tokenizer = load_tokenizer(config["tokenizer_uri"])
+    mconfig = model_config(cfg, tokenizer)
+    restored = ray.train.get_checkpoint()
+    state = {"stage": cfg.stage, "step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
+    routing_total: dict[str, Any] = {}
+    optim_state = None
+    if restored is not None:
+        with restored.as_directory() as d:
+            full = ckpt.load_weights(d)
+            state = ckpt.read_train_state(d)["state"]
+            optim_state = ckpt.load_optimizer_state(d, rank)
+            with open(os.path.join(d, ckpt.ROUTING)) as f:
+                routing_total = json.load(f)
+            zero_dir = tempfile.mkdtemp(prefix="te-zero-")
+            if os.path.isdir(os.path.join(d, ckpt.ZERO_DIR)):
+                import shutil
+
+                shutil.copytree(os.path.join(d, ckpt.ZERO_DIR), zero_dir, dirs_exist_ok=True)
+        print(f"[rank {rank}] resumed from checkpoint at step {state['step']}", flush=True)
+    elif cfg.init_from:
+        with ckpt.LocalCopy(cfg.init_from) as d:
+            full = ckpt.load_weights(d)
+    else:
+        full = create_model(mconfig).state_dict()  # seeded: identical on every rank
+    model = parallel.build_sharded_model(TimeExpertForGrounding, mconfig, groups, full)
+    del full
+    model.train()
+    trainable = set_trainable(model, cfg.stage)
+    optim = Optimizers(model, groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                       grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage,
+                       batch_size=cfg.batch_size)
+    if optim_state is not None:
+        optim.load_state_dict(optim_state)
+        optim.load_engine(zero_dir)
+    logger = StepLogger(cfg.tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
+    if rank == 0:
+        n_train = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+        print(f"[stage {cfg.stage}] {cfg.num_workers} workers, EP={cfg.ep_size}, "
+              f"ZeRO-{cfg.zero_stage}, {n_train} trainable parameters on rank 0, "
+              f"steps {state['step'] + 1}..{cfg.num_steps}", flush=True)
+
+    # --- loop --------------------------------------------------------------------------------
+    shard = ray.train.get_dataset_shard("train")
+    batches = _batches(shard, cfg, state["epoch"], state["batch_in_epoch"], rank)
+    window: dict[str, float] = {}
+    window_tokens, window_time = 0, 0.0
+    forward = optim.forward_module()
+    for step in range(state["step"] + 1, cfg.num_steps + 1):
+        t0 = time.perf_counter()
+        batch, epoch, index = next(batches)
+        inputs = tokenize_batch(batch, tokenizer, mconfig, model)
+        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        optim.set_lr(lr)
+        out = forward(**inputs)
+        loss = stage_loss(out, cfg.stage, mconfig)
+        optim.backward(loss)
+        grad_norm = optim.step()
+        parallel.sync_routing_rates(model, groups)
+        added = pruned = 0
+        if cfg.expert_update_every and cfg.stage > 1 and step % cfg.expert_update_every == 0:
+            updates = parallel.update_experts(model, groups, optim.local)
+            added = sum(len(u.added) for u in updates)
+            pruned = sum(len(u.pruned) for u in updates)
+        state.update(step=step, epoch=epoch, batch_in_epoch=index,
+                     samples=state["samples"] + len(batch["id"]))
+        window_tokens += int(inputs["attention_mask"].sum())
+        window_time += time.perf_counter() - t0
+        for key, value in (("loss", loss), ("loss_time", out.loss_time),
+                           ("loss_score", out.loss_score), ("loss_text", out.loss_text),
+                           ("aux_loss", out.aux_loss), ("z_loss", out.z_loss)):
+            window[key] = window.get(key, 0.0) + float(value.detach())
+        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+        window["experts_added"] = window.get("experts_added", 0.0) + added
+        window["experts_pruned"] = window.get("experts_pruned", 0.0) + pruned
+        window["_steps"] = window.get("_steps", 0.0) + 1
+
+        last = step == cfg.num_steps
+        if step % cfg.log_every and step % cfg.checkpoint_every and not last:
+            continue
+        # --- report: metrics averaged over ranks, routing telemetry summed over ranks ---------
+        metrics = _reduce_window(window, window_tokens, window_time, groups)
+        routing = _routing_telemetry(model, groups)
+        _accumulate(routing_total, routing)
+        metrics.update(_routing_metrics(routing))
+        metrics.update(step=step, stage=cfg.stage, lr=lr, epoch=epoch, samples=state["samples"] * groups.world_size)
+        model.reset_routing_telemetry()
+        window, window_tokens, window_time = {}, 0, 0.0
+        if rank == 0:
+            print(_progress_line(cfg, metrics), flush=True)
+            logger.log(metrics, step)
+        if step % cfg.checkpoint_every == 0 or last:
+            full_state = parallel.full_state_dict(model, groups)
+            with tempfile.TemporaryDirectory(prefix="te-ckpt-") as d:
+                ckpt.write_checkpoint(
+                    d, rank=rank, model=model, full_state=full_state, tokenizer=tokenizer,
+                    optimizers=optim, train_state={"state": state, "config": cfg.to_dict()},
+                    routing=routing_total,
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        if cfg.fail_at_step and step == cfg.fail_at_step and rank == 1 and restored is None:
+            print(f"[rank {rank}] fail_at_step={step}: exiting to test fault tolerance", flush=True)
+            os._exit(1)
+    if logger is not None:
+        logger.close()
+
+
+def _reduce_window(window: dict[str, float], tokens: int, seconds: float, groups) -> dict[str, float]:
+    """Mean per step over the window, averaged over ranks; tokens/s over all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(k for k in window if not k.startswith("_"))
+    steps = window["_steps"]
+    values = torch.tensor([window[k] / steps for k in keys] + [float(tokens), seconds], dtype=torch.float64)
+    if groups.world_size > 1:
+        dist.all_reduce(values)
+        values[:-2] /= groups.world_size
+        values[-1] /= groups.world_size  # mean wall time per rank
+    out = {k: float(v) for k, v in zip(keys, values[:-2])}
+    for k in ("experts_added", "experts_pruned"):  # every rank agrees: a count, not a mean
+        out[k] = out[k] * steps
+    out["tokens_per_s"] = float(values[-2] / max(float(values[-1]), 1e-9))
+    return out
+
+
+def _routing_telemetry(model, groups) -> dict[str, Any]:
+    """Per layer: (type x expert) pair counts and tokens per type, summed over the world."""
+    import torch
+    import torch.distributed as dist
+
+    layers = [layer.ffn for layer in model.layers]
+    if layers[0].cfg.gating == "dense":
+        return {"gating": "dense"}
+    pairs = torch.stack([m.tel_pairs_TE for m in layers]).double()
+    tokens = torch.stack([m.tel_tokens_T for m in layers]).double()
+    if groups.world_size > 1:
+        flat = torch.cat([pairs.flatten(), tokens.flatten()])
+        dist.all_reduce(flat)
+        pairs = flat[: pairs.numel()].view_as(pairs)
+        tokens = flat[pairs.numel():].view_as(tokens)
+    return {
+        "gating": layers[0].cfg.gating,
+        "types": TOKEN_TYPE_NAMES,
+        "pairs": pairs.tolist(),  # [layer][type][expert]
+        "tokens": tokens.tolist(),  # [layer][type]
+        "active": [int(m.active_E.sum()) for m in layers],
+    }
+
+
+def _accumulate(total: dict[str, Any], routing: dict[str, Any]) -> None:
+    if routing.get("gating") == "dense":
+        total.setdefault("gating", "dense")
+        return
+    if "pairs" not in total:
+        total.update({k: v for k, v in routing.items()})
+        total["active_history"] = []
+    else:
+        total["pairs"] = (np.asarray(total["pairs"]) + np.asarray(routing["pairs"])).tolist()
+        total["tokens"] = (np.asarray(total["tokens"]) + np.asarray(routing["tokens"])).tolist()
+        total["active"] = routing["active"]
+    total["active_history"].append(routing["active"])
+
+
+def _routing_metrics(routing: dict[str, Any]) -> dict[str, float]:
+    """Mean activated experts per token (overall and per task type) and active expert count."""
+    if routing.get("gating") == "dense":
+        return {"experts/mean_active": 1.0, "experts/num_active": 1.0}
+    pairs = np.asarray(routing["pairs"]).sum(0)  # type x expert, over layers
+    tokens = np.asarray(routing["tokens"]).sum(0)  # type
+    out = {
+        "experts/mean_active": float(pairs.sum() / max(tokens.sum(), 1)),
+        "experts/num_active": float(np.mean(routing["active"])),
+    }
+    for t, name in enumerate(TOKEN_TYPE_NAMES):
+        if tokens[t]:
+            out[f"experts/mean_active/{name}"] = float(pairs[t].sum() / tokens[t])
+    return out
+
+
+def _progress_line(cfg: TrainConfig, m: dict[str, float]) -> str:
+    return (
+        f"[stage {cfg.stage}] step {int(m['step'])}/{cfg.num_steps} loss {m['loss']:.4f} "
+        f"(time {m['loss_time']:.3f} score {m['loss_score']:.3f} text {m['loss_text']:.3f} "
+        f"aux {m['aux_loss']:.4f} z {m['z_loss']:.4f}) {m['tokens_per_s']:.0f} tok/s "
+        f"experts {m['experts/num_active']:.1f} active, {m['experts/mean_active']:.2f}/token"
+    )
+
+
+# --- the driver side: one TorchTrainer run ------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    """What one stage's Train run left behind."""
+
+    checkpoint_uri: str  # the last checkpoint (a loadable model directory)
+    metrics: dict[str, float]  # the metrics reported with it
+    path: str  # the run's folder under the storage root
+
+
+def prepare_tokenizer(cfg: TrainConfig, train_records) -> str:
+    """Train the text tokenizer once (driver) and save it under the storage root; returns URI."""
+    tok = train_tokenizer(cfg, train_records)
+    uri = storage.join_uri(_storage_root(cfg), cfg.name, "tokenizer")
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        storage.upload_dir(d, uri)
+    return uri
+
+
+def _storage_root(cfg: TrainConfig) -> str:
+    scheme, _ = storage.split_scheme(cfg.storage_root)
+    return cfg.storage_root if scheme == "s3" else os.path.abspath(storage.split_scheme(cfg.storage_root)[1])
+
+
+def data_config(cfg: TrainConfig, mconfig):
+    from timeexpert.config import DataConfig, VideoConfig
+
+    return DataConfig(
+        root=cfg.data_root,
+        video=VideoConfig(num_frames=mconfig.num_frames, height=mconfig.image_size, width=mconfig.image_size),
+        task_weights=dict(cfg.task_weights), seed=cfg.seed, decode_num_cpus=0.25,
+    )
+
+
+def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) -> FitResult:
+    """Run one stage as a TorchTrainer job on the connected Ray cluster."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from timeexpert.data.pipeline import build_dataset
+    from timeexpert.train.checkpoint import checkpoint_uri
+
+    mconfig = model_config(cfg, load_tokenizer(tokenizer_uri))
+    dataset = build_dataset(data_config(cfg, mconfig), split="train", shuffle=True, preserve_order=True)
+    dataset.dataset.context.enable_progress_bars = False  # progress lines come from rank 0
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True  # the same seed gives the same batches on every run
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "tokenizer_uri": tokenizer_uri},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        datasets={"train": dataset.dataset},
+        dataset_config=ray.train.DataConfig(execution_options=options),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name(),
+            storage_path=_storage_root(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_checkpoints_kept),
+            callbacks=callbacks or None,
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint: {result.error}")
+    metrics = dict(result.metrics or {})
+    metrics.update(dataset.metrics())
+    return FitResult(checkpoint_uri=checkpoint_uri(result.checkpoint), metrics=metrics,
+                     path=result.path)

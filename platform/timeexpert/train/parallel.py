@@ -1,0 +1,306 @@
+"""Data + expert parallelism for the training loop: groups, sharded model, gradient sync, optimizers.
+
+Layout of a world of W ranks with expert-parallel degree P (P divides W):
+- EP groups: consecutive ranks {kP, ..., kP + P - 1}; rank r holds expert slots
+  [(r mod P) L, (r mod P + 1) L) of every MoE layer (L = max_experts / P), tokens travel by
+  all-to-all inside the EP group (`models.expert_parallel`).
+- expert-DP groups: ranks holding the same slice, {r mod P == j}: W / P replicas of each slice.
+
+Gradients (the objective is the mean over ranks of each rank's mean loss):
+- *routed* parameters, those of the MoE layers, are always synced here explicitly and stepped by a
+  local AdamW: an expert weight's gradient already sums every EP rank's tokens (the all-to-all
+  backward brings them home), so it is all-reduced (sum) over its expert-DP group only and scaled
+  1/W; the replicated gate parameters (W_g, G) are all-reduced over the world and scaled 1/W.
+  They are never all-reduced across EP ranks: those hold different experts.
+- *dense* parameters (vision, attention, embeddings, heads): with `zero_stage` 0 the same
+  explicit all-reduce over the world (plain data parallel); with 1/2, DeepSpeed ZeRO partitions
+  their optimizer state (and with 2 their gradients) over the world. Expert parameters stay out of
+  DeepSpeed: their optimizer state is already sharded by EP.
+
+Token-adaptive routing under EP: before `update_experts`, each layer's statistics are summed over
+the expert-DP group (the layer itself sums over its EP group), so every rank takes the same
+add/prune decision; the optimizer state of a re-initialised slot is zeroed. The EMA rates A_t are
+averaged over the expert-DP group every step, so they stay identical on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from timeexpert.models.expert_parallel import EXPERT_PARAM_NAMES, gather_experts, shard_state_dict
+from timeexpert.models.moe import ExpertUpdate, MoELayer
+
+ROUTING_STAT_BUFFERS = ("fired_count_E", "unrouted_sum_D", "unrouted_count", "token_count")
+GATE_PARAM_NAMES = ("w_gate_ED", "threshold_E")  # indexed by global expert slot, replicated
+
+
+@dataclass
+class ParallelGroups:
+    """This rank's place in the data x expert parallel layout."""
+
+    world_size: int
+    rank: int
+    ep_size: int
+    ep_rank: int
+    ep_group: Any  # process group of this rank's EP group (None when ep_size == 1)
+    expert_dp_group: Any  # ranks holding the same expert slice (None when it is just this rank)
+
+    @property
+    def expert_dp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+
+def init_groups(ep_size: int) -> ParallelGroups:
+    """Create the EP and expert-DP groups (every rank calls this; `new_group` is collective)."""
+    if not dist.is_initialized():  # a single process: no collectives at all
+        if ep_size != 1:
+            raise ValueError(f"ep_size {ep_size} needs a distributed run of >= {ep_size} workers")
+        return ParallelGroups(world_size=1, rank=0, ep_size=1, ep_rank=0, ep_group=None,
+                              expert_dp_group=None)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ep_size:
+        raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world})")
+    ep_group = expert_dp_group = None
+    for k in range(world // ep_size):
+        ranks = list(range(k * ep_size, (k + 1) * ep_size))
+        group = dist.new_group(ranks)
+        if rank in ranks and ep_size > 1:
+            ep_group = group
+    for j in range(ep_size):
+        ranks = list(range(j, world, ep_size))
+        group = dist.new_group(ranks)
+        if rank in ranks and len(ranks) > 1:
+            expert_dp_group = group
+    return ParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep_rank=rank % ep_size,
+                          ep_group=ep_group, expert_dp_group=expert_dp_group)
+
+
+# --- the sharded model -------------------------------------------------------------------------
+
+
+def is_expert_param(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in EXPERT_PARAM_NAMES
+
+
+def is_routed_param(name: str, module: nn.Module) -> bool:
+    """Parameters of a MoE layer (experts and gates): synced and stepped outside DeepSpeed."""
+    owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+    return isinstance(owner, MoELayer)
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def build_sharded_model(model_cls, config, groups: ParallelGroups, full_state: dict[str, Tensor]):
+    """`model_cls(config, ep_group)` holding this rank's expert slice of `full_state` (EP=1 keys)."""
+    model = model_cls(config, ep_group=groups.ep_group)
+    sharded = shard_state_dict(full_state, groups.ep_rank, groups.ep_size)
+    missing, unexpected = model.load_state_dict(sharded, strict=False)
+    # telemetry buffers are not persistent; anything else missing is a real mismatch
+    missing = [k for k in missing if ".tel_" not in k]
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
+    """The EP=1 state dict: expert slices gathered over the EP group (collective on EP ranks)."""
+    out = {}
+    for name, value in model.state_dict().items():
+        if groups.ep_size > 1 and is_expert_param(name):
+            value = gather_experts(value, groups.ep_group)
+        out[name] = value.detach().clone()
+    return out
+
+
+# --- gradient and routing-state sync -----------------------------------------------------------
+
+
+def _flat_all_reduce(tensors: list[Tensor], group, scale: float) -> None:
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+@torch.no_grad()
+def sync_gradients(named_params: list[tuple[str, nn.Parameter]], groups: ParallelGroups) -> None:
+    """Average gradients as described in the module docstring. Every rank passes the same list;
+    a parameter without a gradient this step (an expert no token reached) counts as zeros."""
+    if groups.world_size == 1:
+        return
+    for _, p in named_params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    scale = 1.0 / groups.world_size
+    expert = [p.grad for n, p in named_params if is_expert_param(n)]
+    replicated = [p.grad for n, p in named_params if not is_expert_param(n)]
+    _flat_all_reduce(replicated, dist.group.WORLD, scale)
+    if groups.expert_dp_group is not None:
+        _flat_all_reduce(expert, groups.expert_dp_group, scale)
+    else:
+        for g in expert:
+            g.mul_(scale)
+
+
+@torch.no_grad()
+def sync_routing_rates(model: nn.Module, groups: ParallelGroups) -> None:
+    """Average the EMA activation rates A_t over the expert-DP group (identical on every rank)."""
+    if groups.expert_dp_group is None:
+        return
+    layers = [m for m in moe_layers(model) if hasattr(m, "task_rate_TE")]
+    _flat_all_reduce([m.task_rate_TE for m in layers], groups.expert_dp_group,
+                     1.0 / groups.expert_dp_size)
+
+
+@torch.no_grad()
+def update_experts(model: nn.Module, groups: ParallelGroups, optimizer) -> list[ExpertUpdate]:
+    """Token-adaptive add/prune on every layer, agreed by all ranks; resets re-initialised slots'
+    optimizer state (`optimizer`: the local AdamW that holds the routed parameters)."""
+    updates = []
+    for layer in moe_layers(model):
+        if groups.expert_dp_group is not None and hasattr(layer, "token_count"):
+            _flat_all_reduce([getattr(layer, b) for b in ROUTING_STAT_BUFFERS],
+                             groups.expert_dp_group, 1.0)
+        update = layer.update_experts()
+        for slot in update.added:
+            reset_slot_optimizer_state(layer, slot, optimizer)
+        updates.append(update)
+    return updates
+
+
+def reset_slot_optimizer_state(layer: MoELayer, slot: int, optimizer) -> None:
+    """Zero Adam's moments of global expert slot `slot` (its expert weights and gate entries)."""
+    local = slot - layer.expert_offset
+    targets = [(getattr(layer, n), slot) for n in GATE_PARAM_NAMES if hasattr(layer, n)]
+    if 0 <= local < layer.num_local_experts:
+        targets += [(getattr(layer, n), local) for n in EXPERT_PARAM_NAMES]
+    for p, index in targets:
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][index].zero_()
+
+
+# --- optimizers --------------------------------------------------------------------------------
+
+
+class Optimizers:
+    """The routed parameters' local AdamW, plus the dense parameters' optimizer: the same local
+    AdamW (zero_stage 0) or a DeepSpeed ZeRO engine (1/2). `backward`, `step`, `state_dict`."""
+
+    def __init__(self, model: nn.Module, groups: ParallelGroups, *, lr: float, weight_decay: float,
+                 grad_clip: float, zero_stage: int, batch_size: int) -> None:
+        self.model, self.groups, self.grad_clip, self.zero_stage = model, groups, grad_clip, zero_stage
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.routed = [(n, p) for n, p in trainable if is_routed_param(n, model)]
+        self.dense = [(n, p) for n, p in trainable if not is_routed_param(n, model)]
+        self.engine = None
+        local = self.routed if zero_stage else self.routed + self.dense
+        self.local_params = local
+        self.local = torch.optim.AdamW([p for _, p in local] or [nn.Parameter(torch.zeros(1))],
+                                       lr=lr, weight_decay=weight_decay)
+        if zero_stage and self.dense:
+            self.engine = _deepspeed_engine(model, [p for _, p in self.dense], groups, lr=lr,
+                                            weight_decay=weight_decay, grad_clip=grad_clip,
+                                            zero_stage=zero_stage, batch_size=batch_size)
+
+    def forward_module(self):
+        return self.engine if self.engine is not None else self.model
+
+    def set_lr(self, lr: float) -> None:
+        opts = [self.local] + ([self.engine.optimizer] if self.engine is not None else [])
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = lr
+
+    def backward(self, loss: Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> float:
+        """Sync, clip and step; returns the gradient norm of the locally stepped parameters."""
+        sync_gradients(self.local_params, self.groups)
+        params = [p for _, p in self.local_params if p.grad is not None]
+        norm = _global_grad_norm(self.local_params, self.groups)
+        if self.grad_clip > 0 and norm > self.grad_clip:
+            for p in params:
+                p.grad.mul_(self.grad_clip / (norm + 1e-6))
+        self.local.step()
+        self.local.zero_grad(set_to_none=True)
+        if self.engine is not None:
+            self.engine.step()  # DeepSpeed clips its own (dense) gradients
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"local": self.local.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.local.load_state_dict(state["local"])
+
+    def save_engine(self, directory: str) -> None:
+        if self.engine is not None:
+            self.engine.save_checkpoint(directory, tag="zero", save_latest=False)
+
+    def load_engine(self, directory: str) -> None:
+        if self.engine is not None:
+            # module weights come from the safetensors; only ZeRO's optimizer partitions here
+            self.engine.load_checkpoint(directory, tag="zero", load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+def _global_grad_norm(named_params, groups: ParallelGroups) -> float:
+    """Norm of the synced gradients: replicated ones counted once, expert slices once per EP rank."""
+    rep = sum(float(p.grad.double().pow(2).sum()) for n, p in named_params
+              if p.grad is not None and not is_expert_param(n))
+    exp = sum(float(p.grad.double().pow(2).sum()) for n, p in named_params
+              if p.grad is not None and is_expert_param(n))
+    if groups.ep_group is not None:
+        t = torch.tensor([exp], dtype=torch.float64)
+        dist.all_reduce(t, group=groups.ep_group)
+        exp = float(t)
+    return math.sqrt(rep + exp)
+
+
+def _deepspeed_engine(model, dense_params, groups: ParallelGroups, *, lr, weight_decay, grad_clip,
+                      zero_stage, batch_size):
+    """DeepSpeed ZeRO over the dense parameters (gloo on CPU reuses Ray's process group)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    # DeepSpeed broadcasts every module parameter from rank 0 at init: keep the expert slices.
+    keep = {n: p.detach().clone() for n, p in model.named_parameters() if is_expert_param(n)}
+    optimizer = torch.optim.AdamW(dense_params, lr=lr, weight_decay=weight_decay)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           model_parameters=dense_params, config=ds_config)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, value in keep.items():
+            params[n].copy_(value)
+    return engine
