@@ -86,7 +86,7 @@ class DataConfig:
     video: VideoConfig = field(default_factory=VideoConfig)  # frame sampling and size
     task_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"mr": 2, "dvc": 1}:
     # resample records to these task shares (same total); empty: as in the manifest
-    decode_batch_size: int = 4  # videos per decode task (map_batches batch size)
+    decode_batch_size: int = 16  # videos per decode task (map_batches batch size)
     decode_num_cpus: float = 1.0  # CPUs reserved per decode task
     decode_concurrency: int | None = None  # most decode tasks at once; None: Ray Data decides
     seed: int = 0  # seed of the task mixing
