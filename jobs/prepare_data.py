@@ -1,0 +1,97 @@
+"""Prepare a dataset: render the synthetic VTG benchmark, or convert public annotations.
+
+    python jobs/prepare_data.py --synthetic {tiny,small,large} [--out ROOT] [--seed 0]
+        [--workers N] [--no-baselines] [--captions]
+    python jobs/prepare_data.py --convert FORMAT --input URI --out MANIFEST_URI [--split train]
+        [--durations URI] [--video-pattern 'videos/{vid}.mp4']
+
+--synthetic writes mp4s, the public-format annotation files and one canonical manifest per split
+under ROOT (a local folder, default .cache/data/{size}, or s3://bucket/prefix), then prints the
+trivial baselines' scores on the test split (the chance level results are read against).
+--convert reads a public annotation file (charades_sta, qvhighlights, activitynet, youcook2,
+sharegpt, evidence) and writes it as a canonical manifest; Charades-STA needs --durations, a JSON
+object {vid: seconds}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+
+from timeexpert import storage
+from timeexpert.data import formats, synth
+
+
+def _print_baselines(dataset: synth.SynthDataset, seed: int, captions: bool) -> None:
+    from timeexpert.eval.baselines import trivial_baselines
+
+    test_split = "test" if "test" in dataset.manifests else list(dataset.manifests)[-1]
+    scores = trivial_baselines(
+        dataset.records("train"), dataset.records(test_split), seed=seed, captions=captions
+    )
+    print(f"\ntrivial baselines on the {test_split} split (the chance level):")
+    for name, metrics in scores.items():
+        shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()
+                 if isinstance(v, (int, float))}
+        print(f"  {name}: {json.dumps(shown)}")
+
+
+def synthetic(args: argparse.Namespace) -> None:
+    out = args.out or f".cache/data/{args.synthetic}"
+    print(f"rendering the {args.synthetic} synthetic benchmark (seed {args.seed}) under {out} ...")
+    ds = synth.generate(args.synthetic, out, seed=args.seed, workers=args.workers)
+    print(f"{ds.num_videos} videos, {ds.num_records} records in {ds.seconds:.1f} s")
+    for split, uri in ds.manifests.items():
+        counts = collections.Counter(r.task.value for r in ds.records(split))
+        print(f"  {split}: {uri}  {dict(sorted(counts.items()))}")
+    print(f"public formats under {storage.join_uri(out, 'annotations')}/{{split}}/")
+    if not args.no_baselines:
+        _print_baselines(ds, args.seed, args.captions)
+
+
+def convert(args: argparse.Namespace) -> None:
+    if not args.input or not args.out:
+        sys.exit("--convert needs --input and --out")
+    kwargs: dict = {}
+    if args.convert in ("charades_sta", "qvhighlights", "activitynet", "youcook2"):
+        kwargs["video_pattern"] = args.video_pattern
+    if args.convert in ("charades_sta", "qvhighlights", "activitynet"):
+        kwargs["split"] = args.split
+    if args.convert == "charades_sta":
+        if not args.durations:
+            sys.exit("Charades-STA has no durations: pass --durations URI of a {vid: seconds} JSON")
+        kwargs["durations"] = json.loads(storage.read_text(args.durations))
+    records = formats.read_format(args.convert, args.input, **kwargs)
+    formats.write_manifest(records, args.out)
+    counts = collections.Counter(r.task.value for r in records)
+    print(f"{len(records)} records {dict(sorted(counts.items()))} -> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--synthetic", choices=sorted(synth.SIZES), help="render a synthetic benchmark")
+    mode.add_argument("--convert", choices=sorted(set(formats.FORMATS) - {"manifest"}),
+                      help="convert a public annotation file to a manifest")
+    parser.add_argument("--out", help="output root (--synthetic) or manifest URI (--convert)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="encoding processes")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the baseline scores")
+    parser.add_argument("--captions", action="store_true",
+                        help="also score the DVC baselines' captions (METEOR needs java)")
+    parser.add_argument("--input", help="--convert: the public annotation file URI")
+    parser.add_argument("--split", default="train", help="--convert: split of the records")
+    parser.add_argument("--durations", help="--convert charades_sta: {vid: seconds} JSON URI")
+    parser.add_argument("--video-pattern", default=formats.DEFAULT_VIDEO_PATTERN,
+                        help="--convert: video URI from the video id, relative to the root")
+    args = parser.parse_args(argv)
+    if args.synthetic:
+        synthetic(args)
+    else:
+        convert(args)
+
+
+if __name__ == "__main__":
+    main()
