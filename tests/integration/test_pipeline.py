@@ -49,9 +49,19 @@ def _collect(vds) -> dict[str, dict]:
 def test_local_and_s3_roots_give_identical_batches(ray_cluster, local_root, s3_server):
     s3_root = f"{s3_server.root}/pipe-data"
     storage.upload_dir(local_root, s3_root)
-    local = _collect(build_dataset(DataConfig(root=local_root, video=VIDEO)))
+    local_ds = build_dataset(DataConfig(root=local_root, video=VIDEO), preserve_order=True)
     remote_cfg = DataConfig(root=s3_root, video=VIDEO, storage_options=s3_server.storage_options)
-    remote = _collect(build_dataset(remote_cfg))
+    remote_ds = build_dataset(remote_cfg, preserve_order=True)
+    # batch by batch, in order: the same ids, frames, timestamps and annotations
+    batches = [list(vds.dataset.iter_batches(batch_size=7, batch_format="numpy"))
+               for vds in (local_ds, remote_ds)]
+    assert len(batches[0]) == len(batches[1]) > 1
+    for a, b in zip(*batches):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key != "video":
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    local, remote = _collect(local_ds), _collect(remote_ds)
     records = formats.read_manifest(f"{local_root}/manifests/train.jsonl")
     assert set(local) == set(remote) == {r.id for r in records}
     for rid, row in local.items():
