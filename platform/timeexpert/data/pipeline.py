@@ -141,9 +141,13 @@ def decode_batch(
     keep, frames, stamps, masks, skipped = [], [], [], [], []
     for i, (rid, uri) in enumerate(zip(batch["id"], batch["video"])):
         try:
-            data = storage.read_bytes(str(uri), **storage_options)
+            uri = str(uri)
+            if storage.split_scheme(uri)[0] == "s3":  # one GET; decord then seeks in memory
+                src: str | bytes = storage.read_bytes(uri, **storage_options)
+            else:  # a local file: decord reads only the GOPs it needs
+                src = storage.filesystem(uri)[1]
             d = decode_frames(
-                data, num_frames=video.num_frames, fps=video.fps, max_frames=video.max_frames,
+                src, num_frames=video.num_frames, fps=video.fps, max_frames=video.max_frames,
                 size=(h, w),
             )
         except VideoDecodeError as e:
