@@ -55,6 +55,7 @@ class TrainConfig:
     log_every: int = 5  # steps between progress lines / Ray Train reports / MLflow metrics
     eval_split: str = "val"  # split evaluated at the end of the stage ("" = none)
     eval_max_records: int = 12  # records per task evaluated at the end of the stage (0 = none)
+    eval_captions: bool = False  # DVC caption metrics (METEOR/CIDEr/SODA_c, java) in stage evals
     tracking_uri: str = ""  # MLflow tracking URI ("" = no MLflow)
     experiment: str = "timeexpert"  # MLflow experiment name
     tags: dict[str, str] = field(default_factory=dict)  # MLflow tags (e.g. ablation=dense)

@@ -178,7 +178,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 import shutil
 
                 shutil.copytree(os.path.join(d, ckpt.ZERO_DIR), zero_dir, dirs_exist_ok=True)
-        print(f"[rank {rank}] resumed from checkpoint at step {state['step']}", flush=True)
+        state["restores"] = state.get("restores", 0) + 1
+        print(f"[rank {rank}] resumed from checkpoint at step {state['step']} (data position: "
+              f"epoch {state['epoch']}, batch {state['batch_in_epoch']})", flush=True)
     elif cfg.init_from:
         with ckpt.LocalCopy(cfg.init_from) as d:
             full = ckpt.load_weights(d)
@@ -225,6 +227,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             pruned = sum(len(u.pruned) for u in updates)
         state.update(step=step, epoch=epoch, batch_in_epoch=index,
                      samples=state["samples"] + len(batch["id"]))
+        if cfg.fail_at_step == step and rank == 1 and restored is None:
+            print(f"[rank {rank}] fail_at_step={step}: exiting to test fault tolerance", flush=True)
+            time.sleep(3)  # let the controller collect the last checkpoint report first
+            os._exit(1)
         window_tokens += int(inputs["attention_mask"].sum())
         window_time += time.perf_counter() - t0
         for key, value in (("loss", loss), ("loss_time", out.loss_time),
@@ -261,9 +267,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-        if cfg.fail_at_step and step == cfg.fail_at_step and rank == 1 and restored is None:
-            print(f"[rank {rank}] fail_at_step={step}: exiting to test fault tolerance", flush=True)
-            os._exit(1)
     if logger is not None:
         logger.close()
 

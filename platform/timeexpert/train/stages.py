@@ -1,0 +1,184 @@
+"""The three-stage recipe (TimeExpert sec. 3.5) as one pipeline, each stage from the previous one.
+
+    from timeexpert.train.stages import run_pipeline
+    result = run_pipeline(cfg, stages=(1, 2, 3))          # cfg: TrainConfig, stage field ignored
+    result.checkpoint_uri                                  # the last stage's model directory
+    result.stages[2].eval_metrics["mr/R1@0.5"]             # eval on cfg.eval_split per stage
+
+Any stage runs alone from a checkpoint: `run_pipeline(cfg, stages=(3,), resume_from=uri)`.
+MLflow (when `cfg.tracking_uri` is set): one parent run per pipeline (or the caller's
+`parent_run_id`), a nested run per stage with params, the workers' step metrics, the stage's
+eval metrics and plots (loss curves, active experts, expert-assignment heatmap) as artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from timeexpert import storage, tracking
+from timeexpert.events import Task
+from timeexpert.train.config import STAGES, TrainConfig
+from timeexpert.train.loop import FitResult, fit, load_tokenizer, model_config, prepare_tokenizer
+
+
+@dataclass
+class StageResult:
+    stage: int
+    checkpoint_uri: str  # the stage's last checkpoint: a loadable model directory
+    train_metrics: dict[str, float]  # metrics reported with that checkpoint (+ data skips)
+    eval_metrics: dict[str, float]  # "{task}/{metric}" on cfg.eval_split ({} when off)
+    mlflow_run_id: str = ""  # the stage's nested run ("" without MLflow)
+    seconds: float = 0.0  # wall time of the stage (train + eval)
+
+
+@dataclass
+class PipelineResult:
+    stages: dict[int, StageResult] = field(default_factory=dict)
+    parent_run_id: str = ""  # the pipeline's MLflow run ("" without MLflow)
+    tokenizer_uri: str = ""
+
+    @property
+    def checkpoint_uri(self) -> str:
+        return self.stages[max(self.stages)].checkpoint_uri
+
+    def summary(self) -> dict[str, float]:
+        """Flat `stage{n}/...` metrics of every stage (train and eval)."""
+        out = {}
+        for n, s in self.stages.items():
+            out.update({f"stage{n}/train/{k}": v for k, v in s.train_metrics.items()
+                        if isinstance(v, (int, float))})
+            out.update({f"stage{n}/eval/{k}": v for k, v in s.eval_metrics.items()})
+        return out
+
+
+def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_from: str | None = None,
+                 parent_run_id: str = "", steps: dict[int, int] | None = None,
+                 callbacks: list | None = None) -> PipelineResult:
+    """Run the given stages in order on the connected Ray cluster; each starts from the previous
+    stage's checkpoint (the first from `resume_from` / `cfg.init_from`, else fresh weights).
+    `steps` overrides `cfg.num_steps` per stage."""
+    stages = list(stages)
+    bad = [s for s in stages if s not in STAGES] or (stages != sorted(set(stages)))
+    if bad or not stages:
+        raise ValueError(f"stages must be increasing values of {STAGES}, got {stages}")
+    start_from = resume_from or cfg.init_from
+    if start_from:
+        tokenizer_uri = start_from  # a checkpoint holds its tokenizer
+    else:
+        from timeexpert.data import formats
+
+        train = formats.read_manifest(storage.join_uri(cfg.data_root, "manifests", "train.jsonl"))
+        tokenizer_uri = prepare_tokenizer(cfg, train)
+    result = PipelineResult(tokenizer_uri=tokenizer_uri)
+    uri = cfg.tracking_uri
+    own_parent = bool(uri) and not parent_run_id
+    if own_parent:
+        parent_run_id = tracking.create_run(uri, cfg.experiment, cfg.name, tags=cfg.tags)
+        tracking.log_params(uri, parent_run_id, {**cfg.to_dict(), "stages": stages})
+    result.parent_run_id = parent_run_id
+    status = "FAILED"
+    try:
+        for stage in stages:
+            t0 = time.perf_counter()
+            stage_cfg = cfg.replace(stage=stage, init_from=start_from or "",
+                                    num_steps=(steps or {}).get(stage, cfg.num_steps))
+            run_id = ""
+            if uri:
+                run_id = tracking.create_run(uri, cfg.experiment, stage_cfg.run_name(),
+                                             parent_id=parent_run_id,
+                                             tags={**cfg.tags, "stage": str(stage)})
+                stage_cfg = stage_cfg.replace(mlflow_run_id=run_id)
+                tracking.log_params(uri, run_id, stage_cfg.to_dict())
+            print(f"== stage {stage}: {stage_cfg.num_steps} steps from "
+                  f"{stage_cfg.init_from or 'fresh weights'}", flush=True)
+            try:
+                fitted: FitResult = fit(stage_cfg, tokenizer_uri=tokenizer_uri, callbacks=callbacks)
+                eval_metrics = evaluate_checkpoint(fitted.checkpoint_uri, stage_cfg)
+            except BaseException:
+                if uri:
+                    tracking.end_run(uri, run_id, "FAILED")
+                raise
+            sr = StageResult(stage=stage, checkpoint_uri=fitted.checkpoint_uri,
+                             train_metrics=fitted.metrics, eval_metrics=eval_metrics,
+                             mlflow_run_id=run_id, seconds=time.perf_counter() - t0)
+            result.stages[stage] = sr
+            print(f"== stage {stage} done in {sr.seconds:.0f} s: checkpoint {sr.checkpoint_uri}; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
+                              if k.endswith(("R1@0.5", "HIT@1-VeryGood", "F1", "mIoU"))), flush=True)
+            if uri:
+                _log_stage(uri, run_id, sr, parent_run_id)
+            start_from = fitted.checkpoint_uri
+        status = "FINISHED"
+    finally:
+        if own_parent:
+            tracking.end_run(uri, parent_run_id, status)
+    return result
+
+
+def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str) -> None:
+    tracking.log_metrics(uri, run_id, {f"eval/{k}": v for k, v in sr.eval_metrics.items()},
+                         step=int(sr.train_metrics.get("step", 0)))
+    tracking.log_metrics(uri, run_id, {k: v for k, v in sr.train_metrics.items()
+                                       if k.startswith("data/")})
+    tracking.set_tags(uri, run_id, {"checkpoint_uri": sr.checkpoint_uri})
+    try:
+        routing = json.loads(storage.read_text(storage.join_uri(sr.checkpoint_uri, "routing.json")))
+    except (OSError, ValueError):
+        routing = {}
+    tracking.log_stage_plots(uri, run_id, routing, stage=sr.stage)
+    tracking.end_run(uri, run_id)
+    if parent_run_id:
+        tracking.log_metrics(uri, parent_run_id,
+                             {f"stage{sr.stage}/eval/{k}": v for k, v in sr.eval_metrics.items()})
+
+
+# --- evaluation at the end of a stage ----------------------------------------------------------
+
+
+def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | None = None,
+                        max_records: int | None = None, batch_size: int = 8) -> dict[str, float]:
+    """Generate answers with the checkpoint for up to `max_records` records per task of `split`
+    and score them (`timeexpert.eval.evaluate`): {"mr/R1@0.5": ..., "vhd/...", "dvc/..."}."""
+    from timeexpert.data import formats
+    from timeexpert.data.pipeline import build_dataset, record_from_row
+    from timeexpert.eval.evaluate import evaluate_predictions
+    from timeexpert.inference import GroundingModel, PredictRequest
+
+    split = cfg.eval_split if split is None else split
+    max_records = cfg.eval_max_records if max_records is None else max_records
+    if not split or max_records <= 0:
+        return {}
+    records = formats.read_manifest(storage.join_uri(cfg.data_root, "manifests", f"{split}.jsonl"))
+    chosen = [r for t in Task for r in [r for r in records if r.task == t][:max_records]]
+    if not chosen:
+        return {}
+    gm = GroundingModel.load(checkpoint_uri)
+    from timeexpert.train.loop import data_config
+
+    dataset = build_dataset(data_config(cfg, gm.model.config), split=split, records=chosen,
+                            preserve_order=True)
+    dataset.dataset.context.enable_progress_bars = False
+    predictions, seen = {}, []
+    for batch in dataset.dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))]
+        requests = [
+            PredictRequest(frames_THWC=row["frames"][row["frame_mask"]],
+                           timestamps_T=row["timestamps"][row["frame_mask"]], task=str(row["task"]),
+                           query=str(row["query"]), duration=float(row["duration"]),
+                           clip_len=float(row["clip_len"]))
+            for row in rows
+        ]
+        for row, pred in zip(rows, gm.predict_batch(requests)):
+            predictions[str(row["id"])] = pred
+            seen.append(record_from_row(row))
+    out: dict[str, float] = {}
+    for task in Task:
+        task_records = [r for r in seen if r.task == task]
+        if task_records:
+            metrics = evaluate_predictions(task_records, predictions, task, captions=cfg.eval_captions)
+            out.update({f"{task.value}/{k}": float(v) for k, v in metrics.items()
+                        if isinstance(v, (int, float))})
+    return out
