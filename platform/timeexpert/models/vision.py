@@ -27,8 +27,11 @@ class FrameProcessor:
 
     def __init__(self, *, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.image_size = image_size
-        self.mean_C = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std_C = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # plain floats, not tensors: models are built on the meta device by from_pretrained
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"need 3 channel means and 3 positive stds, got {mean} and {std}")
 
     def __call__(self, frames_THWC: np.ndarray | torch.Tensor) -> torch.Tensor:
         frames = torch.as_tensor(np.asarray(frames_THWC) if not torch.is_tensor(frames_THWC) else frames_THWC)
@@ -51,7 +54,9 @@ class FrameProcessor:
                 pixels_MCHW, size=(self.image_size, self.image_size), mode="bilinear",
                 antialias=True, align_corners=False,
             )
-        return (pixels_MCHW - self.mean_C) / self.std_C
+        mean_C = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std_C = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (pixels_MCHW - mean_C) / std_C
 
 
 class PatchViT(nn.Module):

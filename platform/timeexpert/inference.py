@@ -1,0 +1,216 @@
+"""Checkpoint -> events: the one-call grounding API that evaluation and serving share.
+
+    gm = GroundingModel.load("runs/ckpt")            # a local dir, file:// or s3://
+    pred = gm.predict(frames_THWC, timestamps_T, "mr", "a person opens the door")
+    pred.events  # [Event(start, end, score, caption)], pred.saliency (VHD, per clip)
+
+`predict_batch` runs one batched prompt pass (vision + prefill) and one batched decoding loop;
+Serve's `@serve.batch` calls it. Bad input raises ValueError naming the problem, never a silent
+truncation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from timeexpert.events import EOS, SWITCH, Event, Task, TokenType
+
+
+@dataclass
+class Prediction:
+    """The answer to one request."""
+
+    events: list[Event]  # MR / VHD: ranked by score; DVC: in time order
+    saliency: list[float] | None  # VHD: one score per clip of `clip_len` seconds, else None
+    text: str  # the raw generated answer, pieces joined (for logs and chat)
+    num_tokens: int  # generated tokens
+
+
+@dataclass
+class PredictRequest:
+    """One request of a batch (the arguments of `GroundingModel.predict`)."""
+
+    frames_THWC: np.ndarray  # uint8 RGB frames, resized by the pipeline to the model's size
+    timestamps_T: np.ndarray  # seconds of each frame
+    task: Task | str
+    query: str = ""
+    duration: float | None = None  # video length; default: last timestamp + one frame gap
+    max_events: int | None = None  # default: the model config's cap
+    clip_len: float = 2.0  # saliency clip length (VHD), QVHighlights uses 2 s
+
+
+def saliency_from_events(events: Sequence[Event], duration: float, clip_len: float) -> list[float]:
+    """Per-clip saliency from scored windows: clip c covers [c*clip_len, (c+1)*clip_len); its
+    saliency is the highest score of the windows overlapping it (0 when none)."""
+    if not (duration > 0 and clip_len > 0):
+        raise ValueError(f"need duration > 0 and clip_len > 0, got {duration} and {clip_len}")
+    num_clips = max(1, math.ceil(duration / clip_len - 1e-9))
+    starts_C = np.arange(num_clips) * clip_len
+    ends_C = np.minimum(starts_C + clip_len, duration)
+    sal_C = np.zeros(num_clips)
+    for e in events:  # a handful of events per answer
+        overlap_C = (np.minimum(ends_C, e.end) > np.maximum(starts_C, e.start)) | (
+            (e.start == e.end) & (starts_C <= e.start) & (e.start < starts_C + clip_len)
+        )
+        sal_C = np.where(overlap_C, np.maximum(sal_C, e.score or 0.0), sal_C)
+    return [float(s) for s in sal_C]
+
+
+def _default_duration(timestamps_T: np.ndarray) -> float:
+    gap = float(np.median(np.diff(timestamps_T))) if len(timestamps_T) > 1 else 1.0
+    return float(timestamps_T[-1]) + max(gap, 0.0)
+
+
+class GroundingModel:
+    """A TimeExpert model with its tokenizer, ready to answer MR / VHD / DVC requests."""
+
+    def __init__(self, model, tokenizer, *, device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        _check_compatible(model.config, tokenizer)
+
+    @classmethod
+    def from_model(cls, model, tokenizer) -> "GroundingModel":
+        """Wrap an in-memory model (e.g. during training or evaluation)."""
+        device = str(next(model.parameters()).device)
+        return cls(model, tokenizer, device=device)
+
+    @classmethod
+    def load(cls, uri: str, *, device: str = "cpu") -> "GroundingModel":
+        """Load model + tokenizer saved by `save` from a local dir, `file://` or `s3://` URI.
+
+        Remote checkpoints are copied to a local temp dir through `timeexpert.storage` first.
+        """
+        from timeexpert.models.timeexpert import TimeExpertForGrounding
+        from timeexpert.models.tokenizer import GroundingTokenizer
+
+        local = _local_checkpoint_dir(uri)
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise ValueError(f"{uri!r} is not a TimeExpert checkpoint (no config.json)")
+        model = TimeExpertForGrounding.from_pretrained(local)
+        tokenizer = GroundingTokenizer.from_pretrained(local)
+        return cls(model, tokenizer, device=device)
+
+    def save(self, path: str) -> None:
+        """Model (safetensors + config, routing state included) and tokenizer in one dir."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    # --- prediction ----------------------------------------------------------------------------
+
+    def predict(
+        self,
+        frames_THWC: np.ndarray,
+        timestamps_T: np.ndarray,
+        task: Task | str,
+        query: str = "",
+        *,
+        duration: float | None = None,
+        max_events: int | None = None,
+        clip_len: float = 2.0,
+    ) -> Prediction:
+        request = PredictRequest(
+            frames_THWC=frames_THWC, timestamps_T=timestamps_T, task=task, query=query,
+            duration=duration, max_events=max_events, clip_len=clip_len,
+        )
+        return self.predict_batch([request])[0]
+
+    def predict_batch(self, requests: list[PredictRequest]) -> list[Prediction]:
+        import torch
+
+        from timeexpert.models.tokenizer import collate
+
+        if not requests:
+            return []
+        cfg = self.model.config
+        prompts, pixels, durations, tasks, caps = [], [], [], [], []
+        for i, r in enumerate(requests):
+            where = f"request {i}: " if len(requests) > 1 else ""
+            try:
+                task = Task.parse(r.task)
+                pixel_values = self.model.preprocess_frames(r.frames_THWC)
+                ts = np.asarray(r.timestamps_T, dtype=np.float64).reshape(-1)
+                if ts.shape[0] != pixel_values.shape[0]:
+                    raise ValueError(
+                        f"got {pixel_values.shape[0]} frames but {ts.shape[0]} timestamps"
+                    )
+                if not np.all(np.isfinite(ts)) or (ts < 0).any():
+                    raise ValueError("timestamps must be finite and >= 0")
+                duration = _default_duration(ts) if r.duration is None else float(r.duration)
+                if not duration > 0:
+                    raise ValueError(f"duration must be > 0, got {r.duration}")
+                cap = cfg.max_events if r.max_events is None else int(r.max_events)
+                if cap < 0:
+                    raise ValueError(f"max_events must be >= 0, got {r.max_events}")
+                prompt = self.tokenizer.encode_prompt(
+                    task, r.query, ts.tolist(), tokens_per_frame=cfg.tokens_per_frame,
+                    max_length=cfg.max_position_embeddings - 1,  # room for at least one token
+                )
+            except ValueError as err:
+                raise ValueError(f"{where}{err}") from None
+            prompts.append(prompt)
+            pixels.append(pixel_values)
+            durations.append(duration)
+            tasks.append(task)
+            caps.append(cap)
+        batch = collate(prompts, padding_side="left")
+        dev = self.device
+        with torch.inference_mode():
+            generated = self.model.generate_answer(
+                batch["input_ids"].to(dev), batch["token_types"].to(dev),
+                batch["attention_mask"].to(dev), pixel_values=torch.cat(pixels).to(dev),
+                max_new_tokens=cfg.max_position_embeddings - batch["input_ids"].shape[1],
+                max_events=caps,
+            )
+        return [
+            self._prediction(ids, kinds, tasks[b], durations[b], requests[b].clip_len)
+            for b, (ids, kinds) in enumerate(generated)
+        ]
+
+    def _prediction(self, ids, kinds, task: Task, duration: float, clip_len: float) -> Prediction:
+        pieces = self.tokenizer.answer_pieces(ids, kinds)
+        events = self.tokenizer.decode_answer(ids, kinds, order_times=True)
+        for e in events:  # a generated time past the video's end means its end
+            e.start, e.end = min(e.start, duration), min(e.end, duration)
+        if task in (Task.MR, Task.VHD):
+            events = sorted(events, key=lambda e: -(e.score or 0.0))  # ranked, stable
+        saliency = saliency_from_events(events, duration, clip_len) if task == Task.VHD else None
+        text = "".join(
+            f" {p}" if kind == TokenType.TEXT and p not in (SWITCH, EOS) else p for kind, p in pieces
+        )
+        return Prediction(events=events, saliency=saliency, text=text.strip(), num_tokens=len(ids))
+
+
+def _check_compatible(config, tokenizer) -> None:
+    expected = {
+        "text_vocab_size": tokenizer.text_vocab_size,
+        "switch_token_id": tokenizer.switch_id,
+        "answer_end_token_id": tokenizer.eos_id,
+    }
+    bad = {k: (getattr(config, k), v) for k, v in expected.items() if getattr(config, k) != v}
+    if bad:
+        raise ValueError(
+            "model config and tokenizer do not match: "
+            + ", ".join(f"{k}: config {a!r} vs tokenizer {b!r}" for k, (a, b) in bad.items())
+        )
+
+
+def _local_checkpoint_dir(uri: str) -> str:
+    """A local directory holding the checkpoint at `uri` (downloaded for remote URIs)."""
+    from timeexpert import storage
+
+    scheme, path = storage.split_scheme(uri)
+    if scheme in ("", "file", "local"):
+        if not os.path.isdir(path):
+            raise ValueError(f"checkpoint directory {uri!r} does not exist")
+        return path
+    local = tempfile.mkdtemp(prefix="timeexpert-ckpt-")
+    storage.download_dir(uri, local)
+    return local
