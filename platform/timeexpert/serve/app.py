@@ -1,0 +1,417 @@
+"""The HTTP ingress of the grounding service (FastAPI on Ray Serve) and the application builder.
+
+    POST /v1/moments           MR: video + query -> ranked windows
+    POST /v1/highlights        VHD: video + query -> per-clip saliency + top windows
+    POST /v1/captions          DVC: video -> events with captions
+    POST /v1/chat/completions  OpenAI-style, a `video_url` content part; text + structured events
+    GET  /v1/models, /v1/models/{name}   model list / model info (checkpoint, gating, experts)
+    GET  /healthz              liveness (no auth)
+    GET  /docs, /openapi.json  the OpenAPI page
+
+Request flow: validate (pydantic, then the config limits in `inputs`) -> VideoDecoder deployment
+(allowed URI or upload -> frames at the model's size, cached by content) -> GroundingModel
+deployment (batched) -> response model. Every error body is `ErrorResponse` JSON: client mistakes
+are 4xx saying what was wrong; anything else is a 5xx carrying the request id (Serve's, also the
+`X-Request-ID` header of every response) and logged with it.
+"""
+
+# No `from __future__ import annotations`: FastAPI resolves the routes' parameter types (Request,
+# the body models) at runtime, and Serve's class-based view cannot resolve string annotations.
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from timeexpert.events import Event, Task
+from timeexpert.serve import schemas as S
+from timeexpert.serve.inputs import (
+    Rejection,
+    RequestError,
+    check_query,
+    check_sampling,
+    video_source,
+)
+from timeexpert.serve.settings import ServiceConfig
+
+logger = logging.getLogger("ray.serve")
+
+API_VERSION = "v1"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": S.ErrorResponse}
+    for code in (400, 401, 403, 404, 413, 415, 422, 500, 503)
+}
+
+fastapi_app = FastAPI(
+    title="TimeExpert grounding",
+    version=API_VERSION,
+    description="Video temporal grounding: moment retrieval, highlight detection and dense video "
+    "captioning with an expert-guided video LLM. Videos come from allow-listed storage URIs or "
+    "as base64 data URLs. Send `Authorization: Bearer TOKEN` when the server has a token.",
+)
+
+# The ingress replica's settings, for the middleware (one ingress per replica process; set by
+# `GroundingIngress.__init__`). Serve serves a copy of `fastapi_app`, not this module object, so
+# the constructor cannot reach the served app's `state`.
+_settings: dict[str, Any] = {"auth_token": "", "max_body_bytes": None}
+
+
+def _error(status: int, kind: str, message: str, request_id: str, details=None) -> JSONResponse:
+    body = S.ErrorResponse(
+        error=S.ErrorDetail(type=kind, message=message, details=details), request_id=request_id
+    )
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or uuid.uuid4().hex
+
+
+@fastapi_app.middleware("http")
+async def _edge(request: Request, call_next):
+    """Request id, bearer auth on /v1/*, and the body-size limit before the body is read.
+
+    Serve's proxy puts its request id in the `x-request-id` request header (the client's own, if
+    it sent one) and returns it as the response header; the error bodies carry the same id.
+    """
+    given = request.headers.get("x-request-id", "")
+    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request.state.request_id = rid
+    path = request.url.path
+    root_path = request.scope.get("root_path", "")  # the app's route prefix, if any
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path):]
+    token = _settings["auth_token"]
+    if token and path.startswith(f"/{API_VERSION}/"):
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credentials.strip().encode(), token.encode()
+        ):
+            response = _error(401, "unauthorized", "missing or wrong bearer token", rid)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+    limit = _settings["max_body_bytes"]
+    length = request.headers.get("content-length")
+    if limit and length and length.isdigit() and int(length) > limit:
+        return _error(
+            413, "upload_too_large",
+            f"request body is {length} bytes; the limit is {limit} (the video upload limit "
+            "plus base64 and JSON overhead)", rid,
+        )
+    return await call_next(request)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    message = "; ".join(
+        f"{'.'.join(d['loc'][1:] if d['loc'][:1] == ['body'] else d['loc']) or 'body'}: {d['msg']}"
+        for d in details
+    )
+    return _error(422, "invalid_request", message, _request_id(request), details)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error(exc.status_code, kind, str(exc.detail), _request_id(request))
+
+
+@fastapi_app.exception_handler(Exception)
+async def _crash(request: Request, exc: Exception) -> JSONResponse:
+    """Last resort (the routes answer their own failures): JSON 500 with the request id."""
+    rid = _request_id(request)
+    logger.error("request %s failed: %r", rid, exc)
+    return _error(500, "internal_error", f"internal error; report request id {rid}", rid)
+
+
+# Module-level helpers used by the routes sit ABOVE the ingress class: `serve.ingress` pickles the
+# routes by value when the class body is executed, with the module globals defined by then.
+
+
+def _raise_rejection(value) -> None:
+    if isinstance(value, Rejection):
+        raise RequestError(value.status, value.kind, value.message)
+
+
+def _overlaps(event: Event, window: S.TimeWindow | None) -> bool:
+    if window is None:
+        return True
+    return event.end >= window.start and event.start <= window.end
+
+
+def _window(e: Event) -> S.WindowOut:
+    return S.WindowOut(start=e.start, end=e.end, score=e.score)
+
+
+def _event(e: Event) -> S.EventOut:
+    return S.EventOut(start=e.start, end=e.end, score=e.score, caption=e.caption)
+
+
+def _describe(events: list[Event], task: Task) -> str:
+    """The chat answer: one line per event, in the model's order."""
+    if not events:
+        return "No matching moment found." if task != Task.DVC else "No events found."
+    lines = []
+    for e in events:
+        line = f"{e.start:.1f}-{e.end:.1f} s"
+        if e.score is not None:
+            line += f" (score {e.score:.1f})"
+        if e.caption:
+            line += f": {e.caption}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@serve.deployment(name="GroundingIngress", max_ongoing_requests=256)
+@serve.ingress(fastapi_app)
+class GroundingIngress:
+    """Validates requests, sends the video to the decoder and the frames to the model."""
+
+    def __init__(self, config: ServiceConfig, decoder: DeploymentHandle, model: DeploymentHandle):
+        self.config = config
+        self.decoder = decoder
+        self.model = model
+        self._info = None  # the model's ModelInfo, asked once
+        limit = config.video.max_upload_bytes
+        # through the imported module: this class may have been pickled by value, with a copy
+        # of the module globals, while the middleware is the module's own function
+        from timeexpert.serve import app as this_module
+
+        this_module._settings["auth_token"] = config.auth_token
+        this_module._settings["max_body_bytes"] = limit * 4 // 3 + 64 * 1024  # base64 + JSON
+
+    # --- endpoints ------------------------------------------------------------------------------
+
+    @fastapi_app.get("/healthz", response_model=S.HealthResponse)
+    async def healthz(self) -> S.HealthResponse:
+        return S.HealthResponse(status="ok")
+
+    @fastapi_app.get(f"/{API_VERSION}/models", responses=_ERRORS)
+    async def list_models(self) -> dict:
+        """The served model, in the OpenAI list format."""
+        return {"object": "list", "data": [
+            {"id": self.config.model_name, "object": "model", "owned_by": "timeexpert"}
+        ]}
+
+    @fastapi_app.get(
+        f"/{API_VERSION}/models/{{name}}", response_model=S.ModelInfoResponse, responses=_ERRORS
+    )
+    async def model_info(self, name: str, request: Request):
+        """Checkpoint, gating mode, active experts per layer, sharding, version."""
+        return await self._guarded(request, self._model_info(name))
+
+    @fastapi_app.post(
+        f"/{API_VERSION}/moments", response_model=S.MomentsResponse, responses=_ERRORS
+    )
+    async def moments(self, body: S.MomentsRequest, request: Request):
+        return await self._guarded(request, self._ground(request, body, Task.MR))
+
+    @fastapi_app.post(
+        f"/{API_VERSION}/highlights", response_model=S.HighlightsResponse, responses=_ERRORS
+    )
+    async def highlights(self, body: S.HighlightsRequest, request: Request):
+        return await self._guarded(request, self._ground(request, body, Task.VHD))
+
+    @fastapi_app.post(
+        f"/{API_VERSION}/captions", response_model=S.CaptionsResponse, responses=_ERRORS
+    )
+    async def captions(self, body: S.CaptionsRequest, request: Request):
+        return await self._guarded(request, self._ground(request, body, Task.DVC))
+
+    @fastapi_app.post(
+        f"/{API_VERSION}/chat/completions", response_model=S.ChatCompletionResponse,
+        responses=_ERRORS,
+    )
+    async def chat_completions(self, body: S.ChatCompletionRequest, request: Request):
+        return await self._guarded(request, self._chat(request, body))
+
+    # --- the work -------------------------------------------------------------------------------
+
+    async def _guarded(self, request: Request, work) -> Any:
+        """Await `work`; a RequestError is its 4xx, anything else a 5xx with the request id."""
+        rid = _request_id(request)
+        try:
+            return await work
+        except RequestError as err:
+            return _error(err.status, err.kind, err.message, rid)
+        except Exception as err:  # noqa: BLE001 - the one place internal failures are answered
+            unavailable = type(err).__name__ in (
+                "ActorDiedError", "RayActorError", "ActorUnavailableError",
+                "DeploymentUnavailableError", "BackPressureError",
+            )
+            logger.exception("request %s failed", rid)
+            return _error(
+                503 if unavailable else 500,
+                "model_unavailable" if unavailable else "internal_error",
+                f"{'the model replica was lost' if unavailable else 'internal error'} "
+                f"({type(err).__name__}); retry, or report request id {rid}",
+                rid,
+            )
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.model_name:
+            raise RequestError(
+                404, "model_not_found",
+                f"unknown model {name!r}; this server serves {self.config.model_name!r}",
+            )
+
+    async def _model_meta(self):
+        if self._info is None:
+            self._info = await self.model.info.remote()
+        return self._info
+
+    async def _model_info(self, name: str) -> S.ModelInfoResponse:
+        self._check_model(name)
+        info = await self._model_meta()
+        return S.ModelInfoResponse(
+            name=self.config.model_name, version=self.config.version,
+            checkpoint=info.checkpoint, gating=info.gating, num_layers=info.num_layers,
+            max_experts=info.max_experts, active_experts=info.active_experts,
+            ep_size=info.ep_size, experts_per_rank=info.experts_per_rank,
+            image_size=info.image_size, num_frames=info.num_frames,
+            max_batch_size=info.max_batch_size, tasks=[t.value for t in Task],
+        )
+
+    async def _answer(
+        self, *, uri: str | None, data_url: str | None, task: Task, query: str,
+        num_frames: int | None, fps: float | None, max_events: int | None = None,
+        clip_len: float = 2.0,
+    ):
+        """Video + task -> (Prediction, DecodedVideo): the decode and model deployments."""
+        from timeexpert.inference import PredictRequest
+
+        limits = self.config.video
+        query = check_query(query, limits.max_query_chars)
+        info = await self._model_meta()
+        num_frames, fps = check_sampling(
+            num_frames, fps, info.num_frames, limits.max_frames, limits.max_fps
+        )
+        source = video_source(uri, data_url, limits.allowed_roots, limits.max_upload_bytes)
+        video = await self.decoder.decode.remote(
+            source, num_frames=num_frames, fps=fps, size=(info.image_size, info.image_size)
+        )
+        _raise_rejection(video)
+        prediction = await self.model.predict.remote(PredictRequest(
+            frames_THWC=video.frames, timestamps_T=video.timestamps, task=task, query=query,
+            duration=video.duration, max_events=max_events, clip_len=clip_len,
+        ))
+        _raise_rejection(prediction)
+        return prediction, video
+
+    async def _ground(self, request: Request, body, task: Task):
+        self._check_model(body.model)
+        max_events = getattr(body, "max_windows", None) or getattr(body, "max_events", None)
+        clip_len = getattr(body, "clip_len", 2.0)
+        prediction, video = await self._answer(
+            uri=body.video.uri, data_url=body.video.data_url, task=task,
+            query=getattr(body, "query", ""), num_frames=body.num_frames, fps=body.fps,
+            max_events=max_events, clip_len=clip_len,
+        )
+        events = [e for e in prediction.events if _overlaps(e, body.window)]
+        common = dict(
+            request_id=_request_id(request), model=self.config.model_name,
+            duration=float(video.duration), num_frames=int(len(video.timestamps)),
+        )
+        if task == Task.MR:
+            return S.MomentsResponse(**common, windows=[_window(e) for e in events])
+        if task == Task.VHD:
+            return S.HighlightsResponse(
+                **common, clip_len=clip_len, saliency=list(prediction.saliency or []),
+                windows=[_window(e) for e in events],
+            )
+        return S.CaptionsResponse(**common, events=[_event(e) for e in events])
+
+    async def _chat(self, request: Request, body: S.ChatCompletionRequest):
+        self._check_model(body.model)
+        texts, videos = [], []
+        for message in body.messages:
+            if message.role != "user":
+                continue
+            if isinstance(message.content, str):
+                texts.append(message.content)
+                continue
+            for part in message.content:
+                if part.type == "text":
+                    texts.append(part.text)
+                else:
+                    videos.append(part.video_url.url)
+        if len(videos) != 1:
+            raise RequestError(
+                422, "invalid_request",
+                f"the user messages need exactly one video_url part, got {len(videos)}",
+            )
+        text = " ".join(t.strip() for t in texts if t.strip())
+        task = Task.parse(body.task) if body.task else (Task.MR if text else Task.DVC)
+        if task != Task.DVC and not text:
+            raise RequestError(422, "invalid_request", f"task {task.value!r} needs a text part")
+        url = videos[0]
+        is_data = url.lower().startswith("data:")
+        prediction, _ = await self._answer(
+            uri=None if is_data else url, data_url=url if is_data else None, task=task,
+            query=text, num_frames=body.num_frames, fps=body.fps,
+        )
+        events = prediction.events
+        return S.ChatCompletionResponse(
+            id=f"chatcmpl-{_request_id(request)}", created=int(time.time()),
+            model=self.config.model_name,
+            choices=[S.ChatChoice(
+                index=0, message=S.ChatChoiceMessage(content=_describe(events, task)),
+                finish_reason="stop",
+            )],
+            usage=S.ChatUsage(
+                prompt_tokens=0, completion_tokens=prediction.num_tokens,
+                total_tokens=prediction.num_tokens,
+            ),
+            task=task.value, events=[_event(e) for e in events],
+        )
+
+
+# --- the application ----------------------------------------------------------------------------
+
+
+def build_application(
+    config: ServiceConfig,
+    *,
+    model_options: dict | None = None,
+    decoder_options: dict | None = None,
+    ingress_options: dict | None = None,
+):
+    """Bind the three deployments into one Serve application.
+
+    `*_options` are `Deployment.options` overrides (num_replicas or autoscaling_config,
+    ray_actor_options, ...). With `config.model.ep_size > 1` the model deployment reserves
+    `placement_group_bundles`: the replica's own bundle (its `ray_actor_options`) and one
+    `{"CPU": ep_worker_num_cpus}` bundle per EP worker.
+    """
+    from timeexpert.serve.deployments import GroundingModelServer, VideoDecoder
+
+    model_options = dict(model_options or {})
+    batch = config.model.max_batch_size
+    model_options.setdefault("max_ongoing_requests", max(2 * batch, 8))
+    if config.model.ep_size > 1:
+        actor = model_options.setdefault("ray_actor_options", {})
+        replica_cpus = float(actor.get("num_cpus", 1))
+        worker = {"CPU": config.model.ep_worker_num_cpus}
+        if config.model.device.startswith("cuda"):
+            worker["GPU"] = 1.0
+        model_options["placement_group_bundles"] = (
+            [{"CPU": replica_cpus}] + [dict(worker) for _ in range(config.model.ep_size)]
+        )
+        model_options.setdefault("placement_group_strategy", "PACK")
+    model = GroundingModelServer.options(**model_options).bind(config.model)
+    decoder = VideoDecoder.options(**(decoder_options or {})).bind(config.video)
+    return GroundingIngress.options(**(ingress_options or {})).bind(config, decoder, model)

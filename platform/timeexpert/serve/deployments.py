@@ -1,0 +1,283 @@
+"""The two worker deployments of the grounding service: video decoding and the model.
+
+They scale separately: decoding is CPU-bound per request and cacheable by content, the model is
+batched (`@serve.batch`) and heavy to start (the checkpoint loads once per replica, in the
+constructor, never per request). Expected client mistakes found here (an undecodable video, a
+request the model refuses) come back as a `Rejection` value, not an exception, so the ingress can
+answer a 4xx and the replica stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ray import serve
+
+from timeexpert import storage
+from timeexpert.serve.inputs import Rejection, RequestError, VideoSource, resolve_video_uri
+from timeexpert.serve.settings import ModelServerConfig, VideoLimits
+
+if TYPE_CHECKING:
+    from timeexpert.data.video import DecodedVideo
+    from timeexpert.inference import GroundingModel, Prediction, PredictRequest
+
+logger = logging.getLogger("ray.serve")
+
+MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def local_checkpoint(uri: str) -> str:
+    """A local directory holding the TimeExpert checkpoint named by `uri`.
+
+    `uri`: a local dir or file:// (used in place), s3:// (copied through `timeexpert.storage`),
+    or an MLflow URI `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/PATH` (downloaded
+    with `mlflow.artifacts`, tracking server from MLFLOW_TRACKING_URI). The checkpoint is the
+    folder holding config.json: the downloaded root or the one sub-folder that has it.
+    """
+    if uri.startswith(MLFLOW_PREFIXES):
+        import mlflow
+
+        dst = tempfile.mkdtemp(prefix="timeexpert-mlflow-")
+        try:
+            root = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+        except Exception as err:  # mlflow raises its own MlflowException / OSError kinds
+            raise ValueError(f"cannot download MLflow checkpoint {uri!r}: {err}") from err
+        return _find_checkpoint_dir(root, uri)
+    scheme, rest = storage.split_scheme(uri)
+    if scheme == "s3":
+        dst = tempfile.mkdtemp(prefix="timeexpert-ckpt-")
+        storage.download_dir(uri, dst)
+        return _find_checkpoint_dir(dst, uri)
+    path = os.path.expanduser(rest if scheme == "" else "/" + rest.lstrip("/"))
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint directory {uri!r} does not exist")
+    return _find_checkpoint_dir(path, uri)
+
+
+def _find_checkpoint_dir(root: str, uri: str) -> str:
+    if os.path.isfile(os.path.join(root, "config.json")):
+        return root
+    found = sorted(
+        folder for folder, _, files in os.walk(root)
+        if "config.json" in files and folder.count(os.sep) - root.count(os.sep) <= 3
+    )
+    if len(found) != 1:
+        raise ValueError(
+            f"{uri!r} holds {'no' if not found else len(found)} TimeExpert checkpoint folders "
+            f"(a folder with config.json){': ' + ', '.join(found) if found else ''}; point at one"
+        )
+    return found[0]
+
+
+def load_model(uri: str, device: str = "cpu") -> "GroundingModel":
+    from timeexpert.inference import GroundingModel
+
+    gm = GroundingModel.load(local_checkpoint(uri), device=device)
+    _rebuild_meta_frame_processor(gm)
+    return gm
+
+
+def _rebuild_meta_frame_processor(gm: "GroundingModel") -> None:
+    # Workaround, remove once fixed in models/: transformers' from_pretrained builds the model on
+    # the meta device, and FrameProcessor keeps plain (non-buffer) mean/std tensors that stay there.
+    from timeexpert.models.vision import FrameProcessor
+
+    fp = gm.model.frame_processor
+    if getattr(fp, "mean_C", None) is not None and fp.mean_C.is_meta:
+        cfg = gm.model.config
+        gm.model.frame_processor = FrameProcessor(
+            image_size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std
+        )
+
+
+@dataclass
+class ModelInfo:
+    """What the model-info endpoint reports about a replica's model."""
+
+    checkpoint: str
+    gating: str
+    num_layers: int
+    max_experts: int
+    active_experts: list[list[int]]
+    ep_size: int
+    experts_per_rank: int  # expert slots per layer held by each EP rank (max_experts / ep_size)
+    image_size: int
+    num_frames: int
+    max_batch_size: int
+
+
+def model_info(gm: "GroundingModel", config: ModelServerConfig) -> ModelInfo:
+    cfg = gm.model.config
+    moe = cfg.moe_config()
+    active = [
+        [] if moe.gating == "dense" else layer.ffn.active_E.nonzero().flatten().tolist()
+        for layer in gm.model.layers
+    ]
+    return ModelInfo(
+        checkpoint=config.checkpoint, gating=moe.gating, num_layers=cfg.num_hidden_layers,
+        max_experts=moe.max_experts, active_experts=active, ep_size=config.ep_size,
+        experts_per_rank=getattr(gm.model.layers[0].ffn, "num_local_experts", moe.max_experts),
+        image_size=cfg.image_size, num_frames=cfg.num_frames,
+        max_batch_size=config.max_batch_size,
+    )
+
+
+def predict_isolated(gm: "GroundingModel", requests: list["PredictRequest"]) -> list:
+    """`gm.predict_batch`, but a request the model refuses (ValueError) becomes a Rejection for
+    that request alone: only a failed batch is retried one request at a time."""
+    try:
+        return gm.predict_batch(requests)
+    except ValueError as err:
+        if len(requests) == 1:
+            return [_refused(err)]
+    out = []
+    for request in requests:
+        try:
+            out.append(gm.predict_batch([request])[0])
+        except ValueError as err:
+            out.append(_refused(err))
+    return out
+
+
+def _refused(err: ValueError) -> Rejection:
+    return Rejection(422, "invalid_request", f"the model refused the request: {err}")
+
+
+# --- video decoding -----------------------------------------------------------------------------
+
+
+@serve.deployment(name="VideoDecoder", max_ongoing_requests=32)
+class VideoDecoder:
+    """Reads a video (allowed URI or uploaded bytes) and decodes the sampled frames at the model's
+    size. Keeps the last `decode_cache_entries` results keyed by content hash and sampling, so a
+    repeated video costs a read and a hash."""
+
+    def __init__(self, limits: VideoLimits) -> None:
+        self.limits = limits
+        self._cache: OrderedDict[tuple, "DecodedVideo"] = OrderedDict()
+        self.hits = self.misses = 0
+
+    async def decode(
+        self, source: VideoSource, *, num_frames: int | None, fps: float | None,
+        size: tuple[int, int],
+    ) -> "DecodedVideo | Rejection":
+        try:
+            data = source.data
+            if data is None:
+                # the ingress checked the allow-list; checked again here, where the bytes are read
+                uri = resolve_video_uri(source.uri, self.limits.allowed_roots)
+                data = await asyncio.to_thread(_read_video, uri, self.limits.max_upload_bytes)
+        except RequestError as err:
+            return Rejection(err.status, err.kind, err.message)
+        key = (hashlib.sha256(data).hexdigest(), num_frames, fps, tuple(size))
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return cached
+        self.misses += 1
+        decoded = await asyncio.to_thread(self._decode, data, num_frames, fps, size)
+        if isinstance(decoded, Rejection) or self.limits.decode_cache_entries == 0:
+            return decoded
+        self._cache[key] = decoded
+        while len(self._cache) > self.limits.decode_cache_entries:
+            self._cache.popitem(last=False)
+        return decoded
+
+    def _decode(self, data: bytes, num_frames, fps, size) -> "DecodedVideo | Rejection":
+        from timeexpert.data.video import VideoDecodeError, decode_frames
+
+        try:
+            return decode_frames(
+                data, num_frames=num_frames, fps=fps, max_frames=self.limits.max_frames, size=size
+            )
+        except VideoDecodeError as err:
+            return Rejection(422, "invalid_video", f"not a decodable video ({err.reason}): {err}")
+        except ValueError as err:
+            return Rejection(422, "invalid_request", f"cannot sample the video: {err}")
+
+    def cache_stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self._cache)}
+
+
+def _read_video(uri: str, max_bytes: int) -> bytes:
+    try:
+        fs, path = storage.filesystem(uri)
+        size = fs.size(path)
+    except FileNotFoundError:
+        raise RequestError(404, "video_not_found", f"no video at {uri!r}") from None
+    if size is not None and size > max_bytes:
+        raise RequestError(
+            413, "video_too_large", f"video {uri!r} is {size} bytes; the limit is {max_bytes}"
+        )
+    try:
+        return storage.read_bytes(uri)
+    except (FileNotFoundError, IsADirectoryError):
+        raise RequestError(404, "video_not_found", f"no video at {uri!r}") from None
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+@serve.deployment(name="GroundingModel", max_ongoing_requests=32)
+class GroundingModelServer:
+    """One model replica: the checkpoint loaded once, requests dynamically batched.
+
+    `ep_size == 1`: the model lives in this replica. `ep_size > 1`: the replica drives an EP
+    group of `ep_size` worker actors in its placement group (`timeexpert.serve.sharded`), each
+    holding a slice of the experts; rank 0's answer is returned.
+    """
+
+    def __init__(self, config: ModelServerConfig) -> None:
+        self.config = config
+        if config.ep_size > 1:
+            from timeexpert.serve.sharded import ShardedModel
+
+            self.backend = ShardedModel(config)
+        else:
+            self.backend = LocalModel(config)
+        self._info = self.backend.info()
+        self._batched.set_max_batch_size(config.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        logger.info("model %s loaded: %s", config.checkpoint, self._info)
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    async def predict(self, request: "PredictRequest") -> "Prediction | Rejection":
+        return await self._batched(request)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, requests: list["PredictRequest"]) -> list:
+        return await self.backend.predict_batch(requests)
+
+    async def check_health(self) -> None:
+        await self.backend.check_health()
+
+
+class LocalModel:
+    """The monolithic backend: the whole model in the replica process."""
+
+    def __init__(self, config: ModelServerConfig) -> None:
+        self.config = config
+        self.gm = load_model(config.checkpoint, config.device)
+
+    def info(self) -> ModelInfo:
+        return model_info(self.gm, self.config)
+
+    async def predict_batch(self, requests: list["PredictRequest"]) -> list:
+        # a thread keeps the replica's event loop free (health checks, batch assembly)
+        return await asyncio.to_thread(predict_isolated, self.gm, requests)
+
+    async def check_health(self) -> None:
+        return None
