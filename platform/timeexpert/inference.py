@@ -71,7 +71,7 @@ class GroundingModel:
     """A TimeExpert model with its tokenizer, ready to answer MR / VHD / DVC requests."""
 
     def __init__(self, model, tokenizer, *, device: str = "cpu") -> None:
-        self.model = model.to(device).eval()
+        self.model = model.to(device)
         self.tokenizer = tokenizer
         self.device = device
         _check_compatible(model.config, tokenizer)
@@ -94,7 +94,7 @@ class GroundingModel:
         local = _local_checkpoint_dir(uri)
         if not os.path.isfile(os.path.join(local, "config.json")):
             raise ValueError(f"{uri!r} is not a TimeExpert checkpoint (no config.json)")
-        model = TimeExpertForGrounding.from_pretrained(local)
+        model = TimeExpertForGrounding.from_pretrained(local).eval()
         tokenizer = GroundingTokenizer.from_pretrained(local)
         return cls(model, tokenizer, device=device)
 
@@ -162,13 +162,18 @@ class GroundingModel:
             caps.append(cap)
         batch = collate(prompts, padding_side="left")
         dev = self.device
-        with torch.inference_mode():
-            generated = self.model.generate_answer(
-                batch["input_ids"].to(dev), batch["token_types"].to(dev),
-                batch["attention_mask"].to(dev), pixel_values=torch.cat(pixels).to(dev),
-                max_new_tokens=cfg.max_position_embeddings - batch["input_ids"].shape[1],
-                max_events=caps,
-            )
+        was_training = self.model.training  # a model lent by a training loop gets its mode back
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                generated = self.model.generate_answer(
+                    batch["input_ids"].to(dev), batch["token_types"].to(dev),
+                    batch["attention_mask"].to(dev), pixel_values=torch.cat(pixels).to(dev),
+                    max_new_tokens=cfg.max_position_embeddings - batch["input_ids"].shape[1],
+                    max_events=caps,
+                )
+        finally:
+            self.model.train(was_training)
         return [
             self._prediction(ids, kinds, tasks[b], durations[b], requests[b].clip_len)
             for b, (ids, kinds) in enumerate(generated)

@@ -59,8 +59,10 @@ def check_well_formed(pred: Prediction, duration: float, cap: int) -> None:
 @pytest.mark.parametrize("gating", ["topk", "dynamic"])
 def test_generation_is_well_formed_for_all_three_tasks(tok, gating):
     # short caps: an untrained model babbles until a cap, and each step is a decoder pass
-    gm = GroundingModel.from_model(tiny_model(tok, gating, max_caption_tokens=4, max_number_symbols=5), tok)
+    model = tiny_model(tok, gating, max_caption_tokens=4, max_number_symbols=5).train()
+    gm = GroundingModel.from_model(model, tok)
     frames, ts = video()
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
     duration = 16.0
     for task, query in ((Task.MR, "the cat"), (Task.VHD, "a door"), (Task.DVC, "")):
         pred = gm.predict(frames, ts, task, query, duration=duration, max_events=3)
@@ -75,6 +77,10 @@ def test_generation_is_well_formed_for_all_three_tasks(tok, gating):
             assert scores == sorted(scores, reverse=True)  # ranked
     none = gm.predict(frames, ts, Task.DVC, max_events=0)
     assert none.events == []
+    # predicting neither changes routing statistics nor leaves a training model in eval mode
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, stats[k]), k
 
 
 class ConstantHead(torch.nn.Module):
@@ -175,6 +181,7 @@ def test_saliency_from_events_at_the_clip_length():
         saliency_from_events(events, 10.0, 0.0)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_local_and_s3(tok, tmp_path, s3_server):
     from timeexpert import storage
 
