@@ -11,7 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from timeexpert.config import MoEConfig
 from timeexpert.events import NUM_TOKEN_TYPES, TokenType
-from timeexpert.models.moe import ExpertUpdate, MoELayer, MoELosses
+from timeexpert.models.moe import (
+    ExpertUpdate,
+    MoELayer,
+    MoELosses,
+    grouped_swiglu,
+    grouped_swiglu_autograd,
+)
 
 D, FF = 16, 24
 
@@ -92,6 +98,24 @@ def test_grouped_equals_naive_reference(gating):
     assert gp.keys() == gp_ref.keys()
     for name in gp:
         torch.testing.assert_close(gp[name], gp_ref[name], msg=name)
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 3, 7], [0, 0, 0, 0], [0, 15, 0, 0]])
+def test_hand_written_grouped_backward_equals_autograd(counts):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(sum(counts), D, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(4, *shape, generator=g, dtype=torch.float64, requires_grad=True)
+          for shape in ((FF, D), (FF, D), (D, FF))]
+    gy = torch.randn(sum(counts), D, generator=g, dtype=torch.float64)
+    outs = []
+    for fn in (grouped_swiglu, grouped_swiglu_autograd):
+        y = fn(x, counts, *ws)
+        got = torch.autograd.grad(y, [x, *ws], gy, allow_unused=True)
+        outs.append([y] + [torch.zeros_like(w) if t is None else t for t, w in zip(got, [x, *ws])])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="counts"):
+        grouped_swiglu(x, counts[:3], *ws)
 
 
 def test_dynamic_routes_any_number_and_falls_back_to_best_expert():
@@ -203,6 +227,14 @@ def test_update_prunes_experts_under_tau_min_with_forced_statistics():
     update = layer.update_experts()
     assert update.pruned == [1, 4] and update.added == []  # 9/1000 and 0/1000 < 0.01 <= 10/1000
     assert layer.active_E.tolist() == [True, False, True, True] + [False] * 4
+
+
+def test_prune_keeps_the_most_used_expert_when_all_fall_under_tau_min():
+    layer = make("dynamic", tau_min=0.5)
+    layer.token_count.fill_(100.0)
+    layer.fired_count_E.copy_(torch.tensor([1, 3, 2, 0, 0, 0, 0, 0], dtype=torch.float64))
+    assert layer.update_experts() == ExpertUpdate(added=[], pruned=[0, 2, 3])
+    assert layer.active_E.nonzero().flatten().tolist() == [1]
 
 
 def test_update_prunes_an_expert_that_never_fires_in_training():

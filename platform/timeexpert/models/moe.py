@@ -66,22 +66,90 @@ def swiglu(x_PD: Tensor, w1_FD: Tensor, w3_FD: Tensor, w2_DF: Tensor) -> Tensor:
     return F.linear(F.silu(F.linear(x_PD, w1_FD)) * F.linear(x_PD, w3_FD), w2_DF)
 
 
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Forward and backward of `grouped_swiglu`, written out per expert.
+
+    Matmul results go straight into preallocated (P, .) buffers and into the rows of the stacked
+    weight gradients (`out=`), so nothing is concatenated, split or stacked, and no per-expert
+    zero gradient is ever materialised. Elementwise work stays per expert chunk (cache-sized).
+    Saves x and the two (P, F) pre-activations, less than autograd's per-op saves.
+    """
+
+    @staticmethod
+    def forward(ctx, x_PD, w1_LFD, w3_LFD, w2_LDF, counts):
+        P, F_ = x_PD.shape[0], w1_LFD.shape[1]
+        spans = [(e, a - c, a) for e, (c, a) in enumerate(zip(counts, _cumsum(counts))) if c]
+        h1_PF, h3_PF = x_PD.new_empty(P, F_), x_PD.new_empty(P, F_)
+        y_PD = x_PD.new_empty(P, w2_LDF.shape[1])
+        for e, a, b in spans:
+            x_e = x_PD[a:b]
+            torch.mm(x_e, w1_LFD[e].t(), out=h1_PF[a:b])
+            torch.mm(x_e, w3_LFD[e].t(), out=h3_PF[a:b])
+            torch.mm(F.silu(h1_PF[a:b]).mul_(h3_PF[a:b]), w2_LDF[e].t(), out=y_PD[a:b])
+        ctx.save_for_backward(x_PD, w1_LFD, w3_LFD, w2_LDF, h1_PF, h3_PF)
+        ctx.spans = spans
+        return y_PD
+
+    @staticmethod
+    def backward(ctx, gy_PD):
+        x_PD, w1_LFD, w3_LFD, w2_LDF, h1_PF, h3_PF = ctx.saved_tensors
+        gy_PD = gy_PD.contiguous()
+        spans = ctx.spans
+        full = len(spans) == w1_LFD.shape[0]  # experts without rows get a zero gradient
+        new = torch.empty_like if full else torch.zeros_like
+        gw1, gw3, gw2 = new(w1_LFD), new(w3_LFD), new(w2_LDF)
+        gx_PD = torch.empty_like(x_PD)
+        for e, a, b in spans:
+            x_e, gy_e, h1, h3 = x_PD[a:b], gy_PD[a:b], h1_PF[a:b], h3_PF[a:b]
+            sig = torch.sigmoid(h1)
+            silu = h1 * sig
+            torch.mm(gy_e.t(), silu * h3, out=gw2[e])
+            g_act = torch.mm(gy_e, w2_LDF[e])
+            g_h3 = g_act * silu
+            # d silu(h) / dh = sig (1 + h (1 - sig))
+            g_h1 = g_act.mul_(h3).mul_(sig.mul_(1 + h1 * (1 - sig)))
+            torch.mm(g_h1, w1_LFD[e], out=gx_PD[a:b]).addmm_(g_h3, w3_LFD[e])
+            torch.mm(g_h1.t(), x_e, out=gw1[e])
+            torch.mm(g_h3.t(), x_e, out=gw3[e])
+        return gx_PD, gw1, gw3, gw2, None
+
+
+def _cumsum(counts: list[int]) -> list[int]:
+    out, total = [], 0
+    for c in counts:
+        total += c
+        out.append(total)
+    return out
+
+
 def grouped_swiglu(
     x_PD: Tensor, counts: list[int], w1_LFD: Tensor, w3_LFD: Tensor, w2_LDF: Tensor
 ) -> Tensor:
     """Rows of `x_PD` sorted by expert, `counts[l]` rows for expert l -> (P, D), same order.
 
-    One contiguous matmul per expert with rows; experts without rows cost nothing. The stacked
-    weights are unbound once (one gradient buffer), never sliced per expert.
+    One contiguous SwiGLU per expert with rows; experts without rows cost nothing. A
+    hand-written autograd Function: no per-expert weight slicing in autograd (which would
+    materialise a full (L, F, D) zero gradient per expert), no concatenations.
     """
+    if len(counts) != w1_LFD.shape[0] or sum(counts) != x_PD.shape[0]:
+        raise ValueError(
+            f"counts must give {w1_LFD.shape[0]} experts summing to {x_PD.shape[0]} rows, "
+            f"got {len(counts)} summing to {sum(counts)}"
+        )
+    return _GroupedSwiGLU.apply(x_PD, w1_LFD, w3_LFD, w2_LDF, counts)
+
+
+def grouped_swiglu_autograd(
+    x_PD: Tensor, counts: list[int], w1_LFD: Tensor, w3_LFD: Tensor, w2_LDF: Tensor
+) -> Tensor:
+    """The same through plain autograd (weights unbound once): kept as a benchmark reference."""
     w1s, w3s, w2s = w1_LFD.unbind(0), w3_LFD.unbind(0), w2_LDF.unbind(0)
-    outs = []
-    for e, x_e in enumerate(x_PD.split(counts)):
-        if counts[e]:
-            outs.append(swiglu(x_e, w1s[e], w3s[e], w2s[e]))
-    if not outs:  # no rows here; stay in the graph so an EP backward reaches every rank
-        return x_PD * 0.0
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    outs = [
+        swiglu(x_e, w1s[e], w3s[e], w2s[e])
+        for e, x_e in enumerate(x_PD.split(counts))
+        if counts[e]
+    ]
+    return torch.cat(outs) if outs else x_PD * 0.0
 
 
 class MoELayer(nn.Module):
@@ -212,7 +280,7 @@ class MoELayer(nn.Module):
 
         # --- grouped dropless expert compute --------------------------------------------------
         counts_E = torch.bincount(expert_P, minlength=E)
-        x_PD = x_ND[token_P]
+        x_PD = x_ND.index_select(0, token_P)
         if self.ep_size > 1:
             y_PD = expert_parallel.dispatch_compute_combine(
                 x_PD, counts_E, self._local_experts, self.ep_group
