@@ -117,8 +117,13 @@ class GroundingModel:
         clip_len: float = 2.0,
     ) -> Prediction:
         request = PredictRequest(
-            frames_THWC=frames_THWC, timestamps_T=timestamps_T, task=task, query=query,
-            duration=duration, max_events=max_events, clip_len=clip_len,
+            frames_THWC=frames_THWC,
+            timestamps_T=timestamps_T,
+            task=task,
+            query=query,
+            duration=duration,
+            max_events=max_events,
+            clip_len=clip_len,
         )
         return self.predict_batch([request])[0]
 
@@ -150,7 +155,10 @@ class GroundingModel:
                 if cap < 0:
                     raise ValueError(f"max_events must be >= 0, got {r.max_events}")
                 prompt = self.tokenizer.encode_prompt(
-                    task, r.query, ts.tolist(), tokens_per_frame=cfg.tokens_per_frame,
+                    task,
+                    r.query,
+                    ts.tolist(),
+                    tokens_per_frame=cfg.tokens_per_frame,
                     max_length=cfg.max_position_embeddings - 1,  # room for at least one token
                 )
             except ValueError as err:
@@ -167,8 +175,10 @@ class GroundingModel:
         try:
             with torch.inference_mode():
                 generated = self.model.generate_answer(
-                    batch["input_ids"].to(dev), batch["token_types"].to(dev),
-                    batch["attention_mask"].to(dev), pixel_values=torch.cat(pixels).to(dev),
+                    batch["input_ids"].to(dev),
+                    batch["token_types"].to(dev),
+                    batch["attention_mask"].to(dev),
+                    pixel_values=torch.cat(pixels).to(dev),
                     max_new_tokens=cfg.max_position_embeddings - batch["input_ids"].shape[1],
                     max_events=caps,
                 )
@@ -188,7 +198,8 @@ class GroundingModel:
             events = sorted(events, key=lambda e: -(e.score or 0.0))  # ranked, stable
         saliency = saliency_from_events(events, duration, clip_len) if task == Task.VHD else None
         text = "".join(
-            f" {p}" if kind == TokenType.TEXT and p not in (SWITCH, EOS) else p for kind, p in pieces
+            f" {p}" if kind == TokenType.TEXT and p not in (SWITCH, EOS) else p
+            for kind, p in pieces
         )
         return Prediction(events=events, saliency=saliency, text=text.strip(), num_tokens=len(ids))
 

@@ -11,7 +11,7 @@ needs transformers) is built when a preset function is called.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ class Preset:
     description: str  # one line for `list` output
     model: "TimeExpertConfig"  # model config; text vocab ids are bound once a tokenizer exists
     tokenizer_vocab_size: int  # vocab of a text tokenizer trained in-process on the dataset
+    train: dict = field(default_factory=dict)  # TrainConfig defaults of this preset (jobs/train.py)
 
 
 def _config(**fields) -> "TimeExpertConfig":
@@ -40,14 +41,37 @@ def tiny_cpu() -> Preset:
         name="tiny_cpu",
         description="unit tests: 2 layers, 4 experts (8 slots), dim 64, 8 frames 32x32",
         model=_config(
-            image_size=32, patch_size=8, vision_width=32, vision_num_layers=1, vision_num_heads=2,
-            tokens_per_frame=8, compressor_num_heads=2, num_frames=8,
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512,
-            moe={"gating": "dynamic", "num_experts": 4, "max_experts": 8, "num_experts_per_token": 2},
-            max_events=8, max_caption_tokens=16,
+            image_size=32,
+            patch_size=8,
+            vision_width=32,
+            vision_num_layers=1,
+            vision_num_heads=2,
+            tokens_per_frame=8,
+            compressor_num_heads=2,
+            num_frames=8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            moe={
+                "gating": "dynamic",
+                "num_experts": 4,
+                "max_experts": 8,
+                "num_experts_per_token": 2,
+            },
+            max_events=8,
+            max_caption_tokens=16,
         ),
         tokenizer_vocab_size=400,
+        train={
+            "num_steps": 20,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "checkpoint_every": 10,
+            "expert_update_every": 10,
+        },
     )
 
 
@@ -57,23 +81,55 @@ def small_cpu() -> Preset:
         name="small_cpu",
         description="CPU demo: 4 layers, 8 experts, dim 128, 16 frames 64x64, 4 tokens/frame",
         model=_config(
-            image_size=64, patch_size=16, vision_width=64, vision_num_layers=2, vision_num_heads=4,
-            tokens_per_frame=4, compressor_num_heads=4, num_frames=16,
-            hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=768,
-            moe={"gating": "dynamic", "num_experts": 8, "max_experts": 12, "num_experts_per_token": 2},
-            max_events=10, max_caption_tokens=24,
+            image_size=64,
+            patch_size=16,
+            vision_width=64,
+            vision_num_layers=2,
+            vision_num_heads=4,
+            tokens_per_frame=4,
+            compressor_num_heads=4,
+            num_frames=16,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=768,
+            moe={
+                "gating": "dynamic",
+                "num_experts": 8,
+                "max_experts": 12,
+                "num_experts_per_token": 2,
+            },
+            max_events=10,
+            max_caption_tokens=24,
         ),
         tokenizer_vocab_size=1000,
+        train={
+            "num_steps": 150,
+            "batch_size": 4,
+            "lr": 2e-3,
+            "warmup_steps": 10,
+            "checkpoint_every": 50,
+            "log_every": 10,
+            "expert_update_every": 25,
+            "eval_max_records": 40,
+        },
     )
 
 
 # SigLIP-base/16 at 224 px (86M): the vision tower size of the paper setup; weights come from a
 # local checkpoint given as `vision_path`.
 _SIGLIP_BASE = {
-    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16,
-    "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
 }
 
 
@@ -83,13 +139,28 @@ def paper_gpu() -> Preset:
         name="paper_gpu",
         description="GPU paper scale: SigLIP-B/16, 128 frames x 8 tokens, 24 layers, 64 experts",
         model=_config(
-            vision_encoder="siglip", vision_siglip=dict(_SIGLIP_BASE), image_mean=[0.5] * 3,
-            image_std=[0.5] * 3, tokens_per_frame=8, compressor_num_heads=12, num_frames=128,
-            hidden_size=2048, intermediate_size=1408, num_hidden_layers=24,
-            num_attention_heads=16, num_key_value_heads=4, rope_theta=1_000_000.0,
+            vision_encoder="siglip",
+            vision_siglip=dict(_SIGLIP_BASE),
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+            tokens_per_frame=8,
+            compressor_num_heads=12,
+            num_frames=128,
+            hidden_size=2048,
+            intermediate_size=1408,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            rope_theta=1_000_000.0,
             max_position_embeddings=4096,
-            moe={"gating": "dynamic", "num_experts": 64, "max_experts": 64, "num_experts_per_token": 6},
-            max_events=32, max_caption_tokens=48,
+            moe={
+                "gating": "dynamic",
+                "num_experts": 64,
+                "max_experts": 64,
+                "num_experts_per_token": 6,
+            },
+            max_events=32,
+            max_caption_tokens=48,
         ),
         tokenizer_vocab_size=32000,
     )

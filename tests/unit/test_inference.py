@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from timeexpert.events import Event, Task, TokenType
+from timeexpert.events import Event, Task
 from timeexpert.inference import GroundingModel, Prediction, PredictRequest, saliency_from_events
 from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
@@ -104,7 +103,11 @@ def test_grammar_masks_what_the_heads_prefer_but_the_grammar_forbids(tok):
     time[SEP_ID], time[DOT_ID], time[SYNC_ID], time[DIGIT_IDS[7]] = 10.0, 9.0, 8.0, 1.0
     score = torch.zeros(13)
     score[SYNC_ID], score[DOT_ID], score[DIGIT_IDS[3]] = 10.0, 9.0, 1.0
-    model.lm_head, model.time_head, model.score_head = ConstantHead(text), ConstantHead(time), ConstantHead(score)
+    model.lm_head, model.time_head, model.score_head = (
+        ConstantHead(text),
+        ConstantHead(time),
+        ConstantHead(score),
+    )
     gm = GroundingModel.from_model(model, tok)
     frames, ts = video()
     pred = gm.predict(frames, ts, Task.DVC, duration=16.0, max_events=2)
@@ -121,11 +124,19 @@ def test_grammar_masks_what_the_heads_prefer_but_the_grammar_forbids(tok):
 
 
 def test_batched_prediction_equals_one_by_one(tok):
-    gm = GroundingModel.from_model(tiny_model(tok, "topk", seed=3, max_caption_tokens=4, max_events=3), tok)
+    gm = GroundingModel.from_model(
+        tiny_model(tok, "topk", seed=3, max_caption_tokens=4, max_events=3), tok
+    )
     reqs = []
-    for i, (task, query, n) in enumerate([(Task.MR, "the cat", 8), (Task.DVC, "", 5), (Task.VHD, "red ball", 3)]):
+    for i, (task, query, n) in enumerate(
+        [(Task.MR, "the cat", 8), (Task.DVC, "", 5), (Task.VHD, "red ball", 3)]
+    ):
         frames, ts = video(num_frames=n, seed=i)
-        reqs.append(PredictRequest(frames_THWC=frames, timestamps_T=ts, task=task, query=query, duration=2.0 * n))
+        reqs.append(
+            PredictRequest(
+                frames_THWC=frames, timestamps_T=ts, task=task, query=query, duration=2.0 * n
+            )
+        )
     batched = gm.predict_batch(reqs)
     single = [gm.predict_batch([r])[0] for r in reqs]
     assert batched == single
@@ -141,14 +152,24 @@ def test_kv_cache_steps_equal_a_full_forward(tok):
     full = collate([type(prompt)(ids=prompt.ids + answer.ids, types=prompt.types + answer.types)])
     ref = model(full["input_ids"], full["token_types"], pixel_values=pixels)
     n = len(prompt)
-    out = model(full["input_ids"][:, :n], full["token_types"][:, :n], pixel_values=pixels, use_cache=True)
+    out = model(
+        full["input_ids"][:, :n], full["token_types"][:, :n], pixel_values=pixels, use_cache=True
+    )
     cache, mask = out.past_key_values, torch.ones(1, n, dtype=torch.long)
     for i in range(n, n + len(answer)):
         mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
-        step = model(full["input_ids"][:, i:i + 1], full["token_types"][:, i:i + 1], attention_mask=mask,
-                     position_ids=torch.tensor([[i]]), past_key_values=cache, use_cache=True)
+        step = model(
+            full["input_ids"][:, i : i + 1],
+            full["token_types"][:, i : i + 1],
+            attention_mask=mask,
+            position_ids=torch.tensor([[i]]),
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache = step.past_key_values
-        torch.testing.assert_close(step.hidden_states[0, 0], ref.hidden_states[0, i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            step.hidden_states[0, 0], ref.hidden_states[0, i], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_bad_input_is_a_value_error_naming_the_problem(tok):
@@ -167,7 +188,9 @@ def test_bad_input_is_a_value_error_naming_the_problem(tok):
     with pytest.raises(ValueError, match="needs a non-empty query"):
         gm.predict(frames, ts, "vhd", "")
     with pytest.raises(ValueError, match="request 1: .*unknown task"):
-        gm.predict_batch([PredictRequest(frames, ts, "mr", "cat"), PredictRequest(frames, ts, "??", "cat")])
+        gm.predict_batch(
+            [PredictRequest(frames, ts, "mr", "cat"), PredictRequest(frames, ts, "??", "cat")]
+        )
     other = GroundingTokenizer.train(["completely different words"], vocab_size=300)
     with pytest.raises(ValueError, match="text_vocab_size: config .* vs tokenizer"):
         GroundingModel.from_model(gm.model, other)
@@ -185,7 +208,9 @@ def test_saliency_from_events_at_the_clip_length():
 def test_checkpoint_round_trip_local_and_s3(tok, tmp_path, s3_server):
     from timeexpert import storage
 
-    gm = GroundingModel.from_model(tiny_model(tok, "dynamic", max_caption_tokens=4, max_events=2), tok)
+    gm = GroundingModel.from_model(
+        tiny_model(tok, "dynamic", max_caption_tokens=4, max_events=2), tok
+    )
     frames, ts = video()
     expected = gm.predict(frames, ts, "dvc", duration=16.0)
     gm.save(str(tmp_path / "ckpt"))
@@ -198,7 +223,9 @@ def test_checkpoint_round_trip_local_and_s3(tok, tmp_path, s3_server):
     with pytest.raises(ValueError, match="does not exist"):
         GroundingModel.load(str(tmp_path / "nope"))
     # a tokenizer that does not belong to the weights
-    GroundingTokenizer.train(["other words entirely"], vocab_size=300).save_pretrained(tmp_path / "ckpt")
+    GroundingTokenizer.train(["other words entirely"], vocab_size=300).save_pretrained(
+        tmp_path / "ckpt"
+    )
     with pytest.raises(ValueError, match="do not match"):
         GroundingModel.load(str(tmp_path / "ckpt"))
 
@@ -216,7 +243,9 @@ def test_model_overfit_on_examples_reproduces_their_events(tok):
     }
     videos = {task: video(seed=i) for i, task in enumerate(targets)}
     examples = [
-        tok.encode_example(task, q, videos[task][1].tolist(), ev, tokens_per_frame=cfg.tokens_per_frame)
+        tok.encode_example(
+            task, q, videos[task][1].tolist(), ev, tokens_per_frame=cfg.tokens_per_frame
+        )
         for task, (q, ev) in targets.items()
     ]
     batch = collate(examples)
@@ -231,9 +260,12 @@ def test_model_overfit_on_examples_reproduces_their_events(tok):
         if (out.loss_time + out.loss_score + out.loss_text).item() < 0.01:
             break
     gm = GroundingModel.from_model(model, tok)
-    preds = gm.predict_batch([
-        PredictRequest(videos[t][0], videos[t][1], t, q, duration=16.0) for t, (q, _) in targets.items()
-    ])
+    preds = gm.predict_batch(
+        [
+            PredictRequest(videos[t][0], videos[t][1], t, q, duration=16.0)
+            for t, (q, _) in targets.items()
+        ]
+    )
     for (task, (_, events)), pred in zip(targets.items(), preds):
         expected = sorted(events, key=lambda e: -e.score) if task != Task.DVC else events
         assert pred.events == expected, (task, pred.text)

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from timeexpert.events import Event, Task, TokenType
 from timeexpert.models.timeexpert import (
     TimeExpertConfig,
@@ -51,9 +50,23 @@ def tiny_batch(tok, cfg, seed: int = 0):
     rng = np.random.default_rng(seed)
     ts = [0.0, 1.0, 2.0, 3.0]
     examples = [
-        tok.encode_example(Task.MR, "the cat", ts, [Event(1.0, 2.5, 1.0)], tokens_per_frame=cfg.tokens_per_frame),
-        tok.encode_example(Task.VHD, "a door", ts[:3], [Event(0.0, 1.0, 3.5), Event(2.0, 3.0, 1.0)], tokens_per_frame=cfg.tokens_per_frame),
-        tok.encode_example(Task.DVC, "", ts, [Event(0.0, 2.0, 0.5, CAPTIONS[0]), Event(2.0, 4.0, 0.9, CAPTIONS[1])], tokens_per_frame=cfg.tokens_per_frame),
+        tok.encode_example(
+            Task.MR, "the cat", ts, [Event(1.0, 2.5, 1.0)], tokens_per_frame=cfg.tokens_per_frame
+        ),
+        tok.encode_example(
+            Task.VHD,
+            "a door",
+            ts[:3],
+            [Event(0.0, 1.0, 3.5), Event(2.0, 3.0, 1.0)],
+            tokens_per_frame=cfg.tokens_per_frame,
+        ),
+        tok.encode_example(
+            Task.DVC,
+            "",
+            ts,
+            [Event(0.0, 2.0, 0.5, CAPTIONS[0]), Event(2.0, 4.0, 0.9, CAPTIONS[1])],
+            tokens_per_frame=cfg.tokens_per_frame,
+        ),
     ]
     frames = rng.integers(0, 256, size=(11, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     batch = collate(examples)
@@ -84,10 +97,18 @@ def test_forward_backward_each_gating_mode(tok, gating):
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     # gradients reach every stage: vision, compression, encoders, decoder experts, the heads
-    for name in ("frame_encoder.patch_embed.weight", "compressor.slots_SV", "projector.net.0.weight",
-                 "time_encoder.embed.weight", "score_encoder.embed.weight", "text_embed.weight",
-                 "layers.0.attn.q_proj.weight", "time_head.proj.weight", "score_head.proj.weight",
-                 "lm_head.weight"):
+    for name in (
+        "frame_encoder.patch_embed.weight",
+        "compressor.slots_SV",
+        "projector.net.0.weight",
+        "time_encoder.embed.weight",
+        "score_encoder.embed.weight",
+        "text_embed.weight",
+        "layers.0.attn.q_proj.weight",
+        "time_head.proj.weight",
+        "score_head.proj.weight",
+        "lm_head.weight",
+    ):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     ffn = model.layers[0].ffn
@@ -108,16 +129,26 @@ def test_padding_and_explicit_positions_do_not_change_real_tokens(tok):
     alone = model(batch["input_ids"][:1, :n], batch["token_types"][:1, :n], pixel_values=pixels[:4])
     torch.testing.assert_close(alone.text_logits[0], full.text_logits[0, :n], atol=1e-5, rtol=1e-5)
     # left padding with counted positions gives the same logits as right padding
-    left = collate([tok.encode_prompt(Task.MR, "the cat", [0.0, 1.0], tokens_per_frame=8),
-                    tok.encode_prompt(Task.MR, "the cat sofa door", [0.0, 1.0, 2.0], tokens_per_frame=8)],
-                   padding_side="left")
-    right = collate([tok.encode_prompt(Task.MR, "the cat", [0.0, 1.0], tokens_per_frame=8),
-                     tok.encode_prompt(Task.MR, "the cat sofa door", [0.0, 1.0, 2.0], tokens_per_frame=8)])
+    left = collate(
+        [
+            tok.encode_prompt(Task.MR, "the cat", [0.0, 1.0], tokens_per_frame=8),
+            tok.encode_prompt(Task.MR, "the cat sofa door", [0.0, 1.0, 2.0], tokens_per_frame=8),
+        ],
+        padding_side="left",
+    )
+    right = collate(
+        [
+            tok.encode_prompt(Task.MR, "the cat", [0.0, 1.0], tokens_per_frame=8),
+            tok.encode_prompt(Task.MR, "the cat sofa door", [0.0, 1.0, 2.0], tokens_per_frame=8),
+        ]
+    )
     px = pixels[:5]
     ol = model(**{k: v for k, v in left.items() if k != "labels"}, pixel_values=px)
     orr = model(**{k: v for k, v in right.items() if k != "labels"}, pixel_values=px)
     m_l, m_r = left["attention_mask"][0].bool(), right["attention_mask"][0].bool()
-    torch.testing.assert_close(ol.text_logits[0][m_l], orr.text_logits[0][m_r], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ol.text_logits[0][m_l], orr.text_logits[0][m_r], atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("gating", GATINGS)
@@ -141,8 +172,14 @@ def test_overfit_fixed_batch_every_head_loss_decreases(tok, gating):
 
 
 def _routing_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()
-            if any(s in k for s in ("active_E", "task_rate_TE", "threshold_E", "fired_count_E", "w_gate_ED"))}
+    return {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if any(
+            s in k
+            for s in ("active_E", "task_rate_TE", "threshold_E", "fired_count_E", "w_gate_ED")
+        )
+    }
 
 
 def test_save_load_identical_outputs_and_routing_state(tok, tmp_path):
@@ -168,7 +205,10 @@ def test_save_load_identical_outputs_and_routing_state(tok, tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
     assert AutoConfig.from_pretrained(tmp_path).model_type == "timeexpert"
-    for loaded in (TimeExpertForGrounding.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+    for loaded in (
+        TimeExpertForGrounding.from_pretrained(tmp_path),
+        AutoModel.from_pretrained(tmp_path),
+    ):
         assert isinstance(loaded, TimeExpertForGrounding)
         loaded.eval()
         for k, v in _routing_state(loaded).items():
@@ -233,9 +273,16 @@ def _dense_checkpoint(kind: str, vocab: int, path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(1)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
@@ -243,11 +290,12 @@ def _dense_checkpoint(kind: str, vocab: int, path) -> None:
     model.save_pretrained(path)
 
 
-@pytest.mark.parametrize("kind,gating", [("qwen2", "topk"), ("llama", "dynamic"), ("qwen2", "dense")])
+@pytest.mark.parametrize(
+    "kind,gating", [("qwen2", "topk"), ("llama", "dynamic"), ("qwen2", "dense")]
+)
 def test_upcycled_moe_reproduces_the_dense_model(tok, tmp_path, kind, gating):
-    from transformers import AutoModelForCausalLM
-
     from timeexpert.models.upcycle import decoder_fields_from_dense
+    from transformers import AutoModelForCausalLM
 
     dense_vocab = tok.text_vocab_size - 3  # the dense tokenizer lacks our 3 added tokens
     _dense_checkpoint(kind, dense_vocab, tmp_path / "dense")
@@ -269,7 +317,9 @@ def test_upcycled_moe_reproduces_the_dense_model(tok, tmp_path, kind, gating):
     ours = model(ids, torch.full_like(ids, int(TokenType.TEXT)))
     theirs = dense(ids, output_hidden_states=True)
     torch.testing.assert_close(ours.hidden_states, theirs.hidden_states[-1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours.text_logits[..., :dense_vocab], theirs.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ours.text_logits[..., :dense_vocab], theirs.logits, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_upcycling_perturbs_each_expert_and_checks_shapes(tok, tmp_path):
@@ -293,18 +343,31 @@ def test_siglip_checkpoint_through_transformers(tok, tmp_path):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(2)
-    sig_cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, image_size=32, patch_size=8)
+    sig_cfg = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
     SiglipVisionModel(sig_cfg).save_pretrained(tmp_path / "siglip")
-    cfg = tiny_config(tok, "topk", vision_encoder="siglip", vision_path=str(tmp_path / "siglip"),
-                      compressor_num_heads=2)
+    cfg = tiny_config(
+        tok,
+        "topk",
+        vision_encoder="siglip",
+        vision_path=str(tmp_path / "siglip"),
+        compressor_num_heads=2,
+    )
     cfg = TimeExpertConfig(**cfg.to_dict())  # re-run validation: reads the SigLIP config
     assert cfg.vision_width == 32 and cfg.vision_siglip["hidden_size"] == 32
     model = create_model(cfg).eval()
     frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     pixels = model.preprocess_frames(frames)
     reference = SiglipVisionModel.from_pretrained(tmp_path / "siglip").eval()
-    torch.testing.assert_close(model.frame_encoder(pixels), reference(pixel_values=pixels).last_hidden_state)
+    torch.testing.assert_close(
+        model.frame_encoder(pixels), reference(pixel_values=pixels).last_hidden_state
+    )
     assert model.encode_frames(pixels).shape == (3, cfg.tokens_per_frame, cfg.hidden_size)
     # the saved model no longer needs the SigLIP directory
     model.save_pretrained(tmp_path / "model")
@@ -317,14 +380,26 @@ def test_siglip_checkpoint_through_transformers(tok, tmp_path):
 
 
 def test_presets_registry():
-    assert list_presets() == list(PRESETS) and {"tiny_cpu", "small_cpu", "paper_gpu"} <= set(PRESETS)
+    assert list_presets() == list(PRESETS) and {"tiny_cpu", "small_cpu", "paper_gpu"} <= set(
+        PRESETS
+    )
     for name in list_presets():
         preset = get_preset(name)
         assert preset.name == name and isinstance(preset.model, TimeExpertConfig)
     tiny = get_preset("tiny_cpu").model
-    assert (tiny.num_hidden_layers, tiny.moe["num_experts"], tiny.hidden_size, tiny.num_frames) == (2, 4, 64, 8)
+    assert (tiny.num_hidden_layers, tiny.moe["num_experts"], tiny.hidden_size, tiny.num_frames) == (
+        2,
+        4,
+        64,
+        8,
+    )
     paper = get_preset("paper_gpu").model
-    assert (paper.num_frames, paper.tokens_per_frame, paper.moe["max_experts"], paper.vision_encoder) == (128, 8, 64, "siglip")
+    assert (
+        paper.num_frames,
+        paper.tokens_per_frame,
+        paper.moe["max_experts"],
+        paper.vision_encoder,
+    ) == (128, 8, 64, "siglip")
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from timeexpert.events import EOS, NUMBER_VOCAB, SWITCH, Event, Task, TokenType, serialize_events
 from timeexpert.models.temporal import SYNC_ID, timestamp_ids
 from timeexpert.models.tokenizer import IGNORE_INDEX, GroundingTokenizer, collate
@@ -47,7 +46,9 @@ def test_answer_round_trip_through_token_ids(tok, name):
         else:
             assert t == TokenType.TEXT and 0 <= i < tok.text_vocab_size
     decoded = tok.decode_answer(enc.ids, enc.types)
-    expected = [Event(e.start, e.end, 0.0 if e.score is None else e.score, e.caption) for e in events]
+    expected = [
+        Event(e.start, e.end, 0.0 if e.score is None else e.score, e.caption) for e in events
+    ]
     assert decoded == expected
     # the pieces we rebuild are exactly the serializer's
     assert tok.answer_pieces(enc.ids, enc.types) == serialize_events(events)
@@ -97,10 +98,12 @@ def test_prompt_errors_name_the_problem(tok):
 
 
 def test_example_labels_only_on_the_answer_and_collate(tok):
-    ex = tok.encode_example(Task.DVC, "", [0.0, 1.0], [Event(0.0, 1.0, 1.0, "a person")], tokens_per_frame=2)
+    ex = tok.encode_example(
+        Task.DVC, "", [0.0, 1.0], [Event(0.0, 1.0, 1.0, "a person")], tokens_per_frame=2
+    )
     prompt = tok.encode_prompt(Task.DVC, "", [0.0, 1.0], tokens_per_frame=2)
     assert ex.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert ex.labels[len(prompt):] == ex.ids[len(prompt):]
+    assert ex.labels[len(prompt) :] == ex.ids[len(prompt) :]
     short = tok.encode_prompt(Task.MR, "cat", [0.0], tokens_per_frame=2)
     for side in ("left", "right"):
         b = collate([ex, short], padding_side=side)
@@ -110,7 +113,9 @@ def test_example_labels_only_on_the_answer_and_collate(tok):
         assert b["position_ids"][1][real].tolist() == list(range(len(short)))
         assert b["input_ids"][1][real].tolist() == short.ids
     with pytest.raises(ValueError, match="exceeds the context"):
-        tok.encode_example(Task.DVC, "", [0.0], [Event(0, 1, 1, "x " * 40)], tokens_per_frame=2, max_length=30)
+        tok.encode_example(
+            Task.DVC, "", [0.0], [Event(0, 1, 1, "x " * 40)], tokens_per_frame=2, max_length=30
+        )
 
 
 def test_save_and_reload_keeps_ids_and_templates(tok, tmp_path):
@@ -121,7 +126,11 @@ def test_save_and_reload_keeps_ids_and_templates(tok, tmp_path):
     finally:
         tok.templates[Task.MR.value] = GroundingTokenizer(tok.text).templates[Task.MR.value]
     assert (again.switch_id, again.eos_id, again.pad_id, again.text_vocab_size) == (
-        tok.switch_id, tok.eos_id, tok.pad_id, tok.text_vocab_size)
+        tok.switch_id,
+        tok.eos_id,
+        tok.pad_id,
+        tok.text_vocab_size,
+    )
     assert again.templates[Task.MR.value] == "Custom MR instruction: {query}"
     events = ROUND_TRIP_CASES["dvc captions"]
     assert again.encode_answer(events).ids == tok.encode_answer(events).ids

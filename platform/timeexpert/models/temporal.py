@@ -29,7 +29,9 @@ def number_symbol_id(symbol: str) -> int:
     try:
         return NUMBER_TO_ID[symbol]
     except KeyError:
-        raise ValueError(f"{symbol!r} is not a number symbol; expected one of {NUMBER_VOCAB}") from None
+        raise ValueError(
+            f"{symbol!r} is not a number symbol; expected one of {NUMBER_VOCAB}"
+        ) from None
 
 
 def timestamp_ids(seconds: float) -> list[int]:

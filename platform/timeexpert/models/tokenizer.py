@@ -73,7 +73,8 @@ def train_text_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     corpus = list(texts) + list(DEFAULT_TEMPLATES.values())
@@ -198,7 +199,9 @@ class GroundingTokenizer:
             types += [int(kind)] * len(new)
         return Encoded(ids=ids, types=types, labels=list(ids))
 
-    def answer_pieces(self, ids: Sequence[int], types: Sequence[int]) -> list[tuple[TokenType, str]]:
+    def answer_pieces(
+        self, ids: Sequence[int], types: Sequence[int]
+    ) -> list[tuple[TokenType, str]]:
         """Ids/types (as generated) -> serializer pieces; runs of caption ids decode to one piece."""
         pieces: list[tuple[TokenType, str]] = []
         run: list[int] = []
@@ -223,7 +226,9 @@ class GroundingTokenizer:
         flush()
         return pieces
 
-    def decode_answer(self, ids: Sequence[int], types: Sequence[int], *, order_times: bool = False) -> list[Event]:
+    def decode_answer(
+        self, ids: Sequence[int], types: Sequence[int], *, order_times: bool = False
+    ) -> list[Event]:
         """Ids/types -> events via THE parser (`parse_pieces`)."""
         return parse_pieces(self.answer_pieces(ids, types), order_times=order_times)
 
@@ -249,7 +254,8 @@ class GroundingTokenizer:
                 f"the context of {max_length} tokens"
             )
         return Encoded(
-            ids=prompt.ids + answer.ids, types=prompt.types + answer.types,
+            ids=prompt.ids + answer.ids,
+            types=prompt.types + answer.types,
             labels=prompt.labels + answer.labels,
         )
 

@@ -37,13 +37,17 @@ def decoder_fields_from_dense(path: str) -> dict[str, Any]:
         fields["num_key_value_heads"] = fields["num_attention_heads"]
     rope = getattr(dense, "rope_parameters", None) or {}
     fields["rope_theta"] = float(rope.get("rope_theta", getattr(dense, "rope_theta", 10000.0)))
-    fields["attention_bias"] = dense.model_type == "qwen2" or bool(getattr(dense, "attention_bias", False))
+    fields["attention_bias"] = dense.model_type == "qwen2" or bool(
+        getattr(dense, "attention_bias", False)
+    )
     fields["upcycle_from"] = path
     return fields
 
 
 @torch.no_grad()
-def upcycle_decoder(model, path: str, *, noise_std: float = 0.01, seed: int = 0) -> dict[str, list[str]]:
+def upcycle_decoder(
+    model, path: str, *, noise_std: float = 0.01, seed: int = 0
+) -> dict[str, list[str]]:
     """Copy a dense causal LM into `model` (a TimeExpertForGrounding). Returns what was copied
     and what was left freshly initialised. Raises ValueError when the decoders do not fit."""
     from transformers import AutoModelForCausalLM
@@ -52,7 +56,11 @@ def upcycle_decoder(model, path: str, *, noise_std: float = 0.01, seed: int = 0)
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     dcfg = dense.config
     expected = decoder_fields_from_dense(path)
-    bad = {k: (getattr(cfg, k), v) for k, v in expected.items() if k != "upcycle_from" and getattr(cfg, k) != v}
+    bad = {
+        k: (getattr(cfg, k), v)
+        for k, v in expected.items()
+        if k != "upcycle_from" and getattr(cfg, k) != v
+    }
     if bad:
         raise ValueError(
             f"dense checkpoint {path!r} does not fit the decoder: "
@@ -72,7 +80,10 @@ def upcycle_decoder(model, path: str, *, noise_std: float = 0.01, seed: int = 0)
         copied.append(name)
 
     # embeddings and LM head: the rows both vocabularies share (same tokenizer prefix)
-    for ours, theirs in ((model.text_embed.weight, "model.embed_tokens.weight"), (model.lm_head.weight, "lm_head.weight")):
+    for ours, theirs in (
+        (model.text_embed.weight, "model.embed_tokens.weight"),
+        (model.lm_head.weight, "lm_head.weight"),
+    ):
         src = sd.get(theirs, sd["model.embed_tokens.weight"])  # tied heads share the embedding
         rows = min(ours.shape[0], src.shape[0])
         ours[:rows] = src[:rows].to(ours.dtype)
@@ -84,13 +95,19 @@ def upcycle_decoder(model, path: str, *, noise_std: float = 0.01, seed: int = 0)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         copy(layer.attn_norm.weight, sd[p + "input_layernorm.weight"], p + "input_layernorm")
-        copy(layer.ffn_norm.weight, sd[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm")
+        copy(
+            layer.ffn_norm.weight,
+            sd[p + "post_attention_layernorm.weight"],
+            p + "post_attention_layernorm",
+        )
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             mine = getattr(layer.attn, proj)
             copy(mine.weight, sd[p + f"self_attn.{proj}.weight"], p + f"self_attn.{proj}")
             if mine.bias is not None:
                 copy(mine.bias, sd[p + f"self_attn.{proj}.bias"], p + f"self_attn.{proj}.bias")
-        gate_FD, up_FD, down_DF = (sd[p + f"mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+        gate_FD, up_FD, down_DF = (
+            sd[p + f"mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")
+        )
         ffn = layer.ffn
         if ffn.cfg.gating == "dense":
             copy(ffn.w1_FD, gate_FD, p + "mlp.gate_proj")
@@ -104,7 +121,10 @@ def upcycle_decoder(model, path: str, *, noise_std: float = 0.01, seed: int = 0)
         copied.append(p + "mlp -> every expert")
         fresh.append(p + "router (fresh gate)")
     extra = {k for k in sd if ".mlp." not in k and "rotary" not in k} - {
-        k for k in sd if k.startswith("model.layers.") or k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
+        k
+        for k in sd
+        if k.startswith("model.layers.")
+        or k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
     }
     if extra:
         warnings.warn(f"upcycling ignored dense weights {sorted(extra)[:5]}", stacklevel=2)

@@ -34,7 +34,9 @@ class FrameProcessor:
             raise ValueError(f"need 3 channel means and 3 positive stds, got {mean} and {std}")
 
     def __call__(self, frames_THWC: np.ndarray | torch.Tensor) -> torch.Tensor:
-        frames = torch.as_tensor(np.asarray(frames_THWC) if not torch.is_tensor(frames_THWC) else frames_THWC)
+        frames = torch.as_tensor(
+            np.asarray(frames_THWC) if not torch.is_tensor(frames_THWC) else frames_THWC
+        )
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(
                 f"frames must have shape (T, H, W, 3) (RGB, channels last), got {tuple(frames.shape)}"
@@ -51,8 +53,11 @@ class FrameProcessor:
             raise ValueError(f"frames must be uint8 (0-255) or float (0-1), got {frames.dtype}")
         if pixels_MCHW.shape[-2:] != (self.image_size, self.image_size):
             pixels_MCHW = F.interpolate(
-                pixels_MCHW, size=(self.image_size, self.image_size), mode="bilinear",
-                antialias=True, align_corners=False,
+                pixels_MCHW,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
             )
         mean_C = torch.tensor(self.mean).view(1, 3, 1, 1)
         std_C = torch.tensor(self.std).view(1, 3, 1, 1)
@@ -75,8 +80,13 @@ class PatchViT(nn.Module):
         self.pos_PV = nn.Parameter(torch.randn(num_patches, width) * 0.02)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                width, num_heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu",
-                batch_first=True, norm_first=True,
+                width,
+                num_heads,
+                dim_feedforward=4 * width,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
             )
             for _ in range(num_layers)
         )
@@ -153,7 +163,9 @@ class SlotCompressor(nn.Module):
         self.kv_proj = nn.Linear(width, 2 * width)
         self.out_proj = nn.Linear(width, width)
         self.norm_mlp = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
 
     def forward(self, patches_MPV: torch.Tensor) -> torch.Tensor:
         M, P, V = patches_MPV.shape
@@ -163,7 +175,9 @@ class SlotCompressor(nn.Module):
         k_MPV, v_MPV = self.kv_proj(self.norm_kv(patches_MPV)).chunk(2, dim=-1)
         k_MhPd = k_MPV.reshape(M, P, h, V // h).transpose(1, 2)
         v_MhPd = v_MPV.reshape(M, P, h, V // h).transpose(1, 2)
-        attn_MSV = F.scaled_dot_product_attention(q_MhSd, k_MhPd, v_MhPd).transpose(1, 2).reshape(M, S, V)
+        attn_MSV = (
+            F.scaled_dot_product_attention(q_MhSd, k_MhPd, v_MhPd).transpose(1, 2).reshape(M, S, V)
+        )
         x_MSV = slots_MSV + self.out_proj(attn_MSV)
         return x_MSV + self.mlp(self.norm_mlp(x_MSV))
 
