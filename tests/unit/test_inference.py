@@ -270,3 +270,17 @@ def test_model_overfit_on_examples_reproduces_their_events(tok):
         expected = sorted(events, key=lambda e: -e.score) if task != Task.DVC else events
         assert pred.events == expected, (task, pred.text)
     assert preds[1].saliency == [0.0, 3.5, 3.5, 0.0, 0.0, 1.5, 1.5, 0.0]
+
+
+@pytest.mark.gpu
+def test_prediction_on_cuda_matches_cpu(tok, tmp_path):
+    gm = GroundingModel.from_model(tiny_model(tok, "topk", max_caption_tokens=4, max_events=2), tok)
+    gm.save(str(tmp_path / "ckpt"))
+    frames, ts = video()
+    cpu = GroundingModel.load(str(tmp_path / "ckpt")).predict(frames, ts, "vhd", "a door")
+    cuda = GroundingModel.load(str(tmp_path / "ckpt"), device="cuda")
+    assert next(cuda.model.parameters()).is_cuda
+    pred = cuda.predict(frames, ts, "vhd", "a door")
+    assert len(pred.events) == len(cpu.events) and pred.num_tokens == cpu.num_tokens
+    for a, b in zip(pred.events, cpu.events):
+        assert (a.start, a.end, a.score) == pytest.approx((b.start, b.end, b.score), abs=0.11)
