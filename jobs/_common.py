@@ -1,0 +1,78 @@
+"""What the training jobs share: Ray connection, config from flags, data preparation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(ROOT, "platform") not in sys.path:  # `python jobs/x.py` from a working dir
+    sys.path.insert(0, os.path.join(ROOT, "platform"))
+
+for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
+               "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny_cpu", help="model + training preset (timeexpert.presets)")
+    p.add_argument("--data-root", default=".cache/data/tiny", help="dataset root (local or s3://)")
+    p.add_argument("--synthetic", choices=["tiny", "small", "large"],
+                   help="generate this synthetic benchmark under --data-root when it has none")
+    p.add_argument("--storage-root", default=".cache/runs", help="checkpoints: local dir or s3://")
+    p.add_argument("--name", default="timeexpert", help="run name")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
+    p.add_argument("--zero", type=int, default=0, help="0 plain DP, 1/2 DeepSpeed ZeRO")
+    p.add_argument("--steps", type=int, help="steps per stage (default: the preset's)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""))
+    p.add_argument("--experiment", default="timeexpert")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="any TrainConfig field, value as JSON (e.g. --set 'moe={\"gating\":\"topk\"}')")
+    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a local Ray instance")
+
+
+def connect_ray(num_cpus: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # ray job submit / a running cluster
+        ray.init()
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def prepare_data(args) -> None:
+    from timeexpert import storage
+
+    if args.synthetic and not storage.exists(storage.join_uri(args.data_root, "manifests", "train.jsonl")):
+        from timeexpert.data import synth
+
+        print(f"generating the {args.synthetic} synthetic benchmark under {args.data_root}", flush=True)
+        synth.generate(args.synthetic, args.data_root, seed=0)
+
+
+def train_config(args, **extra):
+    from timeexpert.presets import get_preset
+    from timeexpert.train.config import TrainConfig
+
+    fields = dict(get_preset(args.preset).train)
+    fields.update(preset=args.preset, data_root=args.data_root, storage_root=args.storage_root,
+                  name=args.name, num_workers=args.workers, ep_size=args.ep, zero_stage=args.zero,
+                  tracking_uri=args.tracking_uri, experiment=args.experiment)
+    if args.steps:
+        fields["num_steps"] = args.steps
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=JSON, got {item!r}")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    fields.update(extra)
+    return TrainConfig.from_dict(fields)

@@ -1,0 +1,124 @@
+"""Ray Tune sweep with ASHA over training hyperparameters; every trial is a Ray Train run.
+
+    python jobs/sweep.py --preset tiny_cpu --data-root .cache/data/tiny --synthetic tiny \
+        --num-samples 8 --stage 2 [--gating topk] [--tracking-uri http://127.0.0.1:5000]
+
+Searched: lr (log-uniform), alpha, tau_min, lambda_1, lambda_2 (dynamic gating) or k (topk).
+Each trial reports the Train metrics to Tune (ASHA stops the weak ones early on `loss`) and logs
+a nested MLflow run under the sweep's parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import _common
+
+
+def search_space(gating: str) -> dict:
+    from ray import tune
+
+    space = {"lr": tune.loguniform(3e-4, 3e-3), "lambda_1": tune.choice([0.0, 0.01, 0.05]),
+             "lambda_2": tune.choice([0.0, 0.001])}
+    if gating == "topk":
+        space["num_experts_per_token"] = tune.choice([1, 2])
+    elif gating == "dynamic":
+        space.update(alpha=tune.uniform(0.0, 0.3), tau_min=tune.choice([0.0, 0.01, 0.05]))
+    return space
+
+
+def trial(config: dict) -> None:
+    """One Tune trial: a Train run of the base config with the sampled hyperparameters."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from timeexpert import tracking
+    from timeexpert.train.config import TrainConfig
+    from timeexpert.train.loop import fit
+
+    base = TrainConfig.from_dict(config["base"])
+    hp = {k: v for k, v in config.items() if k not in ("base", "tokenizer_uri", "parent_run_id")}
+    moe = dict(base.moe)
+    moe.update({k: v for k, v in hp.items() if k != "lr"})
+    trial_name = tune.get_context().get_trial_name()
+    cfg = base.replace(lr=hp["lr"], moe=moe, name=f"{base.name}-{trial_name}")
+    if cfg.tracking_uri:
+        run_id = tracking.create_run(cfg.tracking_uri, cfg.experiment, trial_name,
+                                     parent_id=config["parent_run_id"], tags={**cfg.tags, "sweep": base.name})
+        tracking.log_params(cfg.tracking_uri, run_id, hp)
+        cfg = cfg.replace(mlflow_run_id=run_id)
+    result = fit(cfg, tokenizer_uri=config["tokenizer_uri"], callbacks=[TuneReportCallback()])
+    if cfg.tracking_uri:
+        tracking.log_metrics(cfg.tracking_uri, cfg.mlflow_run_id, {"final_loss": result.metrics["loss"]})
+        tracking.end_run(cfg.tracking_uri, cfg.mlflow_run_id)
+
+
+def run_sweep(base, *, num_samples: int, max_concurrent: int = 1, seed: int = 0):
+    """Run the sweep on the connected Ray cluster; returns (best hyperparameters, tune ResultGrid)."""
+    import os
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from timeexpert import storage, tracking
+    from timeexpert.data import formats
+    from timeexpert.train.loop import _storage_root, prepare_tokenizer
+
+    gating = base.moe.get("gating") or "dynamic"
+    train = formats.read_manifest(storage.join_uri(base.data_root, "manifests", "train.jsonl"))
+    tokenizer_uri = prepare_tokenizer(base, train)
+    parent = ""
+    if base.tracking_uri:
+        parent = tracking.create_run(base.tracking_uri, base.experiment, base.name,
+                                     tags={**base.tags, "kind": "sweep"})
+    space = dict(search_space(gating), base=base.to_dict(), tokenizer_uri=tokenizer_uri,
+                 parent_run_id=parent)
+    reports = max(1, base.num_steps // base.log_every)
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"CPU": 0}),  # the trial's Train workers reserve the CPUs
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="loss", mode="min", num_samples=num_samples, max_concurrent_trials=max_concurrent,
+            scheduler=ASHAScheduler(max_t=reports, grace_period=1, reduction_factor=2),
+            search_alg=BasicVariantGenerator(random_state=seed),
+        ),
+        run_config=tune.RunConfig(name=base.name, storage_path=os.path.join(_storage_root(base), "tune")
+                                  if not base.storage_root.startswith("s3://") else
+                                  storage.join_uri(base.storage_root, "tune")),
+    )
+    grid = tuner.fit()
+    best = grid.get_best_result()
+    best_hp = {k: v for k, v in best.config.items() if k not in ("base", "tokenizer_uri", "parent_run_id")}
+    if parent:
+        tracking.log_params(base.tracking_uri, parent, {f"best.{k}": v for k, v in best_hp.items()})
+        tracking.log_metrics(base.tracking_uri, parent, {"best_loss": best.metrics["loss"]})
+        tracking.end_run(base.tracking_uri, parent)
+    return best_hp, grid
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_train_flags(p)
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--max-concurrent", type=int, default=1)
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--gating", choices=["dense", "topk", "dynamic"], default=None)
+    args = p.parse_args(argv)
+    cfg = _common.train_config(args, stage=args.stage, eval_max_records=0)
+    if args.gating:
+        cfg = cfg.replace(moe={**cfg.moe, "gating": args.gating})
+    _common.prepare_data(args)
+    _common.connect_ray(args.num_cpus)
+    best, grid = run_sweep(cfg, num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+    for r in grid:
+        hp = {k: v for k, v in r.config.items() if k not in ("base", "tokenizer_uri", "parent_run_id")}
+        print(f"trial loss {r.metrics.get('loss', float('nan')):.4f} at step "
+              f"{r.metrics.get('step')} {json.dumps(hp)}")
+    print("BEST " + json.dumps(best), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

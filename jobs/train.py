@@ -1,0 +1,54 @@
+"""Train TimeExpert: the three-stage pipeline (or some stages) on Ray Train.
+
+    python jobs/train.py --preset small_cpu --synthetic small --data-root .cache/data/small
+    python jobs/train.py --stages 3 --resume-from s3://bucket/runs/x-stage2/checkpoint_...
+    ray job submit --working-dir . -- python jobs/train.py --preset tiny_cpu ...
+    python jobs/train.py --list-presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import _common
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_train_flags(p)
+    p.add_argument("--stages", default="1,2,3", help="comma-separated stages to run, in order")
+    p.add_argument("--resume-from", default=None, help="checkpoint URI the first stage starts from")
+    p.add_argument("--list-presets", action="store_true")
+    p.add_argument("--summary-json", help="write the pipeline result as JSON here")
+    args = p.parse_args(argv)
+    if args.list_presets:
+        from timeexpert.presets import get_preset, list_presets
+
+        for name in list_presets():
+            print(f"{name}: {get_preset(name).description}")
+        return 0
+    from timeexpert.train.stages import run_pipeline
+
+    stages = [int(s) for s in args.stages.split(",") if s]
+    cfg = _common.train_config(args)
+    _common.prepare_data(args)
+    _common.connect_ray(args.num_cpus)
+    result = run_pipeline(cfg, stages=stages, resume_from=args.resume_from)
+    summary = {
+        "checkpoint_uri": result.checkpoint_uri,
+        "parent_run_id": result.parent_run_id,
+        "stages": {n: {"checkpoint_uri": s.checkpoint_uri, "eval": s.eval_metrics,
+                       "mlflow_run_id": s.mlflow_run_id, "seconds": round(s.seconds, 1),
+                       "final_loss": s.train_metrics.get("loss")}
+                   for n, s in result.stages.items()},
+    }
+    print("RESULT " + json.dumps(summary), flush=True)
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
