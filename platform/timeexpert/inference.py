@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Sequence
@@ -91,11 +92,15 @@ class GroundingModel:
         from timeexpert.models.timeexpert import TimeExpertForGrounding
         from timeexpert.models.tokenizer import GroundingTokenizer
 
-        local = _local_checkpoint_dir(uri)
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise ValueError(f"{uri!r} is not a TimeExpert checkpoint (no config.json)")
-        model = TimeExpertForGrounding.from_pretrained(local).eval()
-        tokenizer = GroundingTokenizer.from_pretrained(local)
+        local, is_copy = _local_checkpoint_dir(uri)
+        try:
+            if not os.path.isfile(os.path.join(local, "config.json")):
+                raise ValueError(f"{uri!r} is not a TimeExpert checkpoint (no config.json)")
+            model = TimeExpertForGrounding.from_pretrained(local).eval()
+            tokenizer = GroundingTokenizer.from_pretrained(local)
+        finally:
+            if is_copy:  # everything is in memory now
+                shutil.rmtree(local, ignore_errors=True)
         return cls(model, tokenizer, device=device)
 
     def save(self, path: str) -> None:
@@ -218,15 +223,23 @@ def _check_compatible(config, tokenizer) -> None:
         )
 
 
-def _local_checkpoint_dir(uri: str) -> str:
-    """A local directory holding the checkpoint at `uri` (downloaded for remote URIs)."""
+def _local_checkpoint_dir(uri: str) -> tuple[str, bool]:
+    """A local directory holding the checkpoint at `uri`, and whether it is a temporary copy
+    (remote URIs are downloaded)."""
     from timeexpert import storage
 
     scheme, path = storage.split_scheme(uri)
     if scheme in ("", "file", "local"):
         if not os.path.isdir(path):
             raise ValueError(f"checkpoint directory {uri!r} does not exist")
-        return path
+        return path, False
     local = tempfile.mkdtemp(prefix="timeexpert-ckpt-")
-    storage.download_dir(uri, local)
-    return local
+    try:
+        storage.download_dir(uri, local)
+    except FileNotFoundError:
+        shutil.rmtree(local, ignore_errors=True)
+        raise ValueError(f"checkpoint {uri!r} does not exist") from None
+    except Exception:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
+    return local, True

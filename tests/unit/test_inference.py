@@ -222,6 +222,8 @@ def test_checkpoint_round_trip_local_and_s3(tok, tmp_path, s3_server):
     assert remote.predict(frames, ts, "dvc", duration=16.0) == expected
     with pytest.raises(ValueError, match="does not exist"):
         GroundingModel.load(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="does not exist"):
+        GroundingModel.load(f"{s3_server.root}/ckpts/nope")
     # a tokenizer that does not belong to the weights
     GroundingTokenizer.train(["other words entirely"], vocab_size=300).save_pretrained(
         tmp_path / "ckpt"
