@@ -39,6 +39,19 @@ from timeexpert.models.temporal import (
     NumberEncoder,
     NumberHead,
 )
+from timeexpert.models.evidence import (
+    EvidenceConfig,
+    EvidenceHead,
+    add_evidence_tokens,
+    aggregate_frames,
+    consistency_loss,
+    evidence_terms,
+    find_evidence,
+    frame_features,
+    grounding_loss,
+    site_targets,
+)
+from timeexpert.models.token_sampling import TokenSamplingConfig, VisualTokenSampler
 from timeexpert.models.vision import (
     FrameProcessor,
     PatchViT,
@@ -52,10 +65,23 @@ IGNORE_INDEX = -100
 
 # Config fields that decide parameter shapes or the computed function: a checkpoint must agree.
 ARCHITECTURE_FIELDS = (
-    "vision_encoder", "vision_siglip", "image_size", "patch_size", "vision_width",
-    "vision_num_layers", "vision_num_heads", "tokens_per_frame", "compressor_num_heads",
-    "text_vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "attention_bias", "moe",
+    "vision_encoder",
+    "vision_siglip",
+    "image_size",
+    "patch_size",
+    "vision_width",
+    "vision_num_layers",
+    "vision_num_heads",
+    "tokens_per_frame",
+    "compressor_num_heads",
+    "text_vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "attention_bias",
+    "moe",
 )
 
 
@@ -99,10 +125,14 @@ class TimeExpertConfig(PretrainedConfig):
     max_position_embeddings: int = 1024  # the context length (prompt + answer), enforced
     initializer_range: float = 0.02
     moe: dict | None = None  # MoEConfig fields without dim / hidden_dim; None: MoEConfig defaults
+    token_sampling: dict | None = None  # GroundVTS sampler (TokenSamplingConfig fields); None: off
+    evidence: dict | None = None  # D2VLM evidence tokens (EvidenceConfig fields); None: off
     # text ids of the answer grammar, taken from the tokenizer (`with_tokenizer`)
     switch_token_id: int | None = None  # SWITCH: the next tokens are an event's numbers
     answer_end_token_id: int | None = None  # EOS of the answer
     forbidden_text_ids: list = field(default_factory=list)  # special ids never generated
+    evidence_token_id: int | None = None  # <evi> (when `evidence` is on)
+    evidence_end_token_id: int | None = None  # </evi>
     # generation caps
     max_events: int = 16  # events per answer
     max_caption_tokens: int = 32  # text tokens per caption
@@ -117,7 +147,9 @@ class TimeExpertConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.vision_encoder not in ("vit", "siglip"):
-            raise ValueError(f"vision_encoder must be 'vit' or 'siglip', got {self.vision_encoder!r}")
+            raise ValueError(
+                f"vision_encoder must be 'vit' or 'siglip', got {self.vision_encoder!r}"
+            )
         if self.vision_encoder == "siglip":
             if not self.vision_siglip:
                 if not self.vision_path:
@@ -127,8 +159,14 @@ class TimeExpertConfig(PretrainedConfig):
             self.image_size = int(self.vision_siglip["image_size"])
             self.patch_size = int(self.vision_siglip["patch_size"])
             self.vision_width = int(self.vision_siglip["hidden_size"])
-        for name in ("tokens_per_frame", "num_frames", "hidden_size", "num_hidden_layers",
-                     "text_vocab_size", "max_position_embeddings"):
+        for name in (
+            "tokens_per_frame",
+            "num_frames",
+            "hidden_size",
+            "num_hidden_layers",
+            "text_vocab_size",
+            "max_position_embeddings",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
@@ -149,6 +187,10 @@ class TimeExpertConfig(PretrainedConfig):
         if self.moe is None:
             self.moe = {}
         self.moe_config()  # validates the MoE fields
+        if self.token_sampling is not None:
+            TokenSamplingConfig.from_dict(self.token_sampling)  # validates
+        if self.evidence is not None:
+            EvidenceConfig.from_dict(self.evidence)  # validates
         super().__post_init__(**kwargs)
 
     def moe_config(self) -> MoEConfig:
@@ -162,11 +204,19 @@ class TimeExpertConfig(PretrainedConfig):
         return MoEConfig(dim=self.hidden_size, hidden_dim=self.intermediate_size, **fields)
 
     def with_tokenizer(self, tokenizer) -> "TimeExpertConfig":
-        """Take the text vocab size and the answer grammar's ids from a GroundingTokenizer."""
+        """Take the text vocab size and the answer grammar's ids from a GroundingTokenizer (with
+        `evidence` on, `<evi>` / `</evi>` are added to it first and become generable)."""
+        if self.evidence is not None:
+            self.evidence_token_id, self.evidence_end_token_id = add_evidence_tokens(tokenizer)
         self.text_vocab_size = tokenizer.text_vocab_size
         self.switch_token_id = tokenizer.switch_id
         self.answer_end_token_id = tokenizer.eos_id
-        self.forbidden_text_ids = tokenizer.forbidden_text_ids
+        evidence_ids = (
+            {self.evidence_token_id, self.evidence_end_token_id}
+            if self.evidence is not None
+            else set()
+        )
+        self.forbidden_text_ids = [i for i in tokenizer.forbidden_text_ids if i not in evidence_ids]
         return self
 
     def architecture_diff(self, other: "TimeExpertConfig | dict") -> dict[str, tuple[Any, Any]]:
@@ -197,7 +247,9 @@ class RMSNorm(nn.Module):
 
 def rotary_cos_sin(position_ids_BN: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """RoPE tables for explicit positions (kept tokens keep their original position ids)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BN.device).float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids_BN.device).float() / head_dim)
+    )
     freqs_BNh = position_ids_BN.float()[..., None] * inv_freq
     emb_BNd = torch.cat([freqs_BNh, freqs_BNh], dim=-1)
     return emb_BNd.cos().to(dtype)[:, None], emb_BNd.sin().to(dtype)[:, None]  # (B, 1, N, d)
@@ -271,6 +323,8 @@ class TimeExpertOutput(ModelOutput):
     loss_time: torch.Tensor | None = None
     loss_score: torch.Tensor | None = None
     loss_text: torch.Tensor | None = None
+    loss_grounding: torch.Tensor | None = None  # D2VLM L_gnd (with evidence_frames)
+    loss_consistency: torch.Tensor | None = None  # D2VLM L_cons (with evidence_frames)
     aux_loss: torch.Tensor | None = None  # TimeExpert eq. 9, summed over layers
     z_loss: torch.Tensor | None = None  # router z-loss, summed over layers
     time_logits: torch.Tensor | None = None  # (B, N, U)
@@ -278,6 +332,15 @@ class TimeExpertOutput(ModelOutput):
     text_logits: torch.Tensor | None = None  # (B, N, V)
     hidden_states: torch.Tensor | None = None  # (B, N, D), after the final norm
     past_key_values: list | None = None  # per layer (k, v), each (B, G, K, d)
+    # set when token sampling shortened the sequence: what the decoder saw
+    attention_mask: torch.Tensor | None = None  # (B, N') of the compacted sequence
+    position_ids: torch.Tensor | None = None  # (B, N') the kept tokens' position ids
+    token_density: torch.Tensor | None = None  # (M,) fraction of each frame's tokens kept
+    kept_columns: torch.Tensor | None = None  # (B, N') input column of every token seen
+    # evidence tokens (D2VLM): frame-level video tokens and the grounding of every <evi>
+    frame_features: torch.Tensor | None = None  # (B, T, D)
+    frame_mask: torch.Tensor | None = None  # (B, T) real frames
+    evidence_probs: torch.Tensor | None = None  # (E, T) per <evi> token, batch order
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -302,15 +365,26 @@ class TimeExpertForGrounding(PreTrainedModel):
             self.frame_encoder = SiglipFrameEncoder(config.vision_siglip)
         else:
             self.frame_encoder = PatchViT(
-                image_size=config.image_size, patch_size=config.patch_size,
-                width=config.vision_width, num_layers=config.vision_num_layers,
+                image_size=config.image_size,
+                patch_size=config.patch_size,
+                width=config.vision_width,
+                num_layers=config.vision_num_layers,
                 num_heads=config.vision_num_heads,
             )
         self.compressor = SlotCompressor(
-            width=config.vision_width, num_slots=config.tokens_per_frame,
+            width=config.vision_width,
+            num_slots=config.tokens_per_frame,
             num_heads=config.compressor_num_heads,
         )
         self.projector = Projector(config.vision_width, D)
+        # (token sampling) GroundVTS: query-guided choice of the visual tokens the decoder sees
+        self.token_sampler = (
+            VisualTokenSampler(
+                TokenSamplingConfig.from_dict(config.token_sampling), D, config.tokens_per_frame
+            )
+            if config.token_sampling is not None
+            else None
+        )
         # token embeddings: text (TEXT, QUERY) and the separate time / score encoders
         self.text_embed = nn.Embedding(config.text_vocab_size, D)
         nn.init.normal_(self.text_embed.weight, std=config.initializer_range)
@@ -326,6 +400,12 @@ class TimeExpertForGrounding(PreTrainedModel):
         self.score_head = NumberHead(D, init_std=config.initializer_range)
         self.lm_head = nn.Linear(D, config.text_vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
+        # D2VLM evidence grounding: <evi> hidden state -> per-frame probability
+        self.evidence_head = (
+            EvidenceHead(EvidenceConfig.from_dict(config.evidence), D)
+            if config.evidence is not None
+            else None
+        )
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -375,8 +455,12 @@ class TimeExpertForGrounding(PreTrainedModel):
         is_time, is_score = types_BN == TokenType.TIME, types_BN == TokenType.SCORE
         is_visual = types_BN == TokenType.VISUAL
         x_BND = self.text_embed(input_ids_BN.masked_fill(~is_text, 0))
-        x_BND = torch.where(is_time[..., None], self.time_encoder(input_ids_BN.masked_fill(~is_time, 0)), x_BND)
-        x_BND = torch.where(is_score[..., None], self.score_encoder(input_ids_BN.masked_fill(~is_score, 0)), x_BND)
+        x_BND = torch.where(
+            is_time[..., None], self.time_encoder(input_ids_BN.masked_fill(~is_time, 0)), x_BND
+        )
+        x_BND = torch.where(
+            is_score[..., None], self.score_encoder(input_ids_BN.masked_fill(~is_score, 0)), x_BND
+        )
         num_visual = int(is_visual.sum())
         available = 0 if visual_MSD is None else visual_MSD.shape[0] * visual_MSD.shape[1]
         if num_visual != available:
@@ -385,7 +469,9 @@ class TimeExpertForGrounding(PreTrainedModel):
                 f"({self.config.tokens_per_frame} per frame); pass pixel_values for every frame"
             )
         if num_visual:
-            x_BND = x_BND.masked_scatter(is_visual[..., None], visual_MSD.reshape(-1, x_BND.shape[-1]).to(x_BND.dtype))
+            x_BND = x_BND.masked_scatter(
+                is_visual[..., None], visual_MSD.reshape(-1, x_BND.shape[-1]).to(x_BND.dtype)
+            )
         return x_BND
 
     # --- forward -----------------------------------------------------------------------------
@@ -402,6 +488,8 @@ class TimeExpertForGrounding(PreTrainedModel):
         past_key_values: list | None = None,
         use_cache: bool = False,
         return_logits: bool = True,
+        evidence_frames: torch.Tensor | None = None,
+        evidence_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> TimeExpertOutput:
         """One decoder pass.
@@ -412,6 +500,10 @@ class TimeExpertForGrounding(PreTrainedModel):
         real tokens before each one; pixel_values (M, 3, H, W) or visual_embeds (M, S, D): the
         frames behind the VISUAL tokens; labels (B, N): target ids (IGNORE_INDEX where none),
         predicted from the previous position by the head of the label's token type.
+        Evidence tokens (config `evidence`): evidence_frames (B, K, T) the 0/1 frames of the k-th
+        event of each row (targets of L_gnd / L_cons, pooled into the k-th `<evi>` of each stage
+        under teacher forcing); evidence_embeds (B, N, D) added to the inputs (generation's
+        aggregation of the predicted salient frames).
         """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -447,6 +539,46 @@ class TimeExpertForGrounding(PreTrainedModel):
             visual_embeds = self.encode_frames(pixel_values)
         x_BND = self.embed_tokens(input_ids, token_types, visual_embeds)
 
+        # evidence tokens (D2VLM): frame-level video tokens; the k-th event's frames pooled into
+        # the k-th <evi> of each stage (teacher forcing), or the generator's pooled prediction
+        frames_BTD = frame_mask_BT = None
+        if self.evidence_head is not None and visual_embeds is not None:
+            frames_BTD, frame_mask_BT = frame_features(
+                visual_embeds, token_types, valid_BN, cfg.tokens_per_frame
+            )
+            if evidence_frames is not None and self.evidence_head.config.aggregate:
+                sites = find_evidence(
+                    input_ids,
+                    token_types,
+                    valid_BN,
+                    cfg.evidence_token_id,
+                    cfg.evidence_end_token_id,
+                )
+                target_ET = site_targets(sites, evidence_frames, frames_BTD.shape[1])
+                pooled_ED = aggregate_frames(frames_BTD[sites.row_E], target_ET)
+                x_BND = x_BND.index_put(
+                    (sites.row_E, sites.pos_E), pooled_ED.to(x_BND.dtype), accumulate=True
+                )
+        if evidence_embeds is not None:
+            x_BND = x_BND + evidence_embeds.to(x_BND.dtype)
+
+        # (token sampling) GroundVTS: K = ceil(rho N) visual tokens per video go on, re-weighted,
+        # at their original position ids; the dropped ones leave the sequence
+        sampled = None
+        if self.token_sampler is not None and bool((token_types == TokenType.VISUAL).any()):
+            if past_key_values is not None:
+                raise ValueError("token sampling needs the frames and the query in the first call")
+            sampled = self.token_sampler(x_BND, token_types, valid_BN, position_ids)
+            x_BND, input_ids, token_types = (
+                sampled.x_BND,
+                sampled.take(input_ids),
+                sampled.take(token_types),
+            )
+            valid_BN = key_valid_BK = sampled.valid_BN
+            position_ids = sampled.position_ids_BN
+            labels = None if labels is None else sampled.take(labels)
+            N = x_BND.shape[1]
+
         # decoder: causal mask over the cache + new tokens, a token always sees itself (so that a
         # padding row never has an empty softmax)
         q_pos_N = torch.arange(L, L + N, device=x_BND.device)
@@ -454,7 +586,9 @@ class TimeExpertForGrounding(PreTrainedModel):
         causal_NK = k_pos_K[None, :] <= q_pos_N[:, None]
         mask_B1NK = (causal_NK & key_valid_BK[:, None, :]) | (k_pos_K[None, :] == q_pos_N[:, None])
         mask_B1NK = mask_B1NK[:, None]
-        cos, sin = rotary_cos_sin(position_ids, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, x_BND.dtype)
+        cos, sin = rotary_cos_sin(
+            position_ids, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, x_BND.dtype
+        )
         aux = z = x_BND.new_zeros(())
         new_cache = []
         for i, layer in enumerate(self.layers):
@@ -466,19 +600,48 @@ class TimeExpertForGrounding(PreTrainedModel):
 
         # heads
         out = TimeExpertOutput(
-            aux_loss=aux, z_loss=z, hidden_states=h_BND,
+            aux_loss=aux,
+            z_loss=z,
+            hidden_states=h_BND,
             past_key_values=new_cache if use_cache else None,
         )
+        if sampled is not None:
+            out.attention_mask, out.position_ids = valid_BN.long(), position_ids
+            out.token_density, out.kept_columns = sampled.density_M, sampled.gather_BN
+        if frames_BTD is not None:
+            out.frame_features, out.frame_mask = frames_BTD, frame_mask_BT
+            sites = find_evidence(
+                input_ids, token_types, valid_BN, cfg.evidence_token_id, cfg.evidence_end_token_id
+            )
+            prob_ET, mask_ET, target_ET = evidence_terms(
+                self.evidence_head, h_BND, sites, frames_BTD, frame_mask_BT, evidence_frames
+            )
+            out.evidence_probs = prob_ET
+            if target_ET is not None:
+                out.loss_grounding = grounding_loss(prob_ET, target_ET, mask_ET)
+                out.loss_consistency = consistency_loss(prob_ET, sites, mask_ET)
         if return_logits:
             out.time_logits = self.time_head(h_BND)
             out.score_logits = self.score_head(h_BND)
             out.text_logits = self.lm_head(h_BND)
         if labels is not None:
-            out.loss_time, out.loss_score, out.loss_text = self._head_losses(h_BND, token_types, labels)
-            out.loss = (
-                cfg.loss_weight_time * out.loss_time + cfg.loss_weight_score * out.loss_score
-                + cfg.loss_weight_text * out.loss_text + aux + z
+            out.loss_time, out.loss_score, out.loss_text = self._head_losses(
+                h_BND, token_types, labels
             )
+            out.loss = (
+                cfg.loss_weight_time * out.loss_time
+                + cfg.loss_weight_score * out.loss_score
+                + cfg.loss_weight_text * out.loss_text
+                + aux
+                + z
+            )
+            if out.loss_grounding is not None:  # D2VLM: SFT + L_gnd + L_cons
+                ecfg = self.evidence_head.config
+                out.loss = (
+                    out.loss
+                    + ecfg.loss_weight_grounding * out.loss_grounding
+                    + ecfg.loss_weight_consistency * out.loss_consistency
+                )
         return out
 
     def _head_losses(self, h_BND, types_BN, labels_BN):
@@ -488,7 +651,8 @@ class TimeExpertForGrounding(PreTrainedModel):
         h_BND, target_BN, target_type_BN = h_BND[:, :-1], labels_BN[:, 1:], types_BN[:, 1:]
         losses = []
         for head, kind in (
-            (self.time_head, TokenType.TIME), (self.score_head, TokenType.SCORE),
+            (self.time_head, TokenType.TIME),
+            (self.score_head, TokenType.SCORE),
             (self.lm_head, TokenType.TEXT),
         ):
             sel_BN = (target_BN != IGNORE_INDEX) & (target_type_BN == kind)
@@ -524,6 +688,7 @@ class TimeExpertForGrounding(PreTrainedModel):
         *,
         max_new_tokens: int = 256,
         max_events: int | list[int] | None = None,
+        return_extras: bool = False,
     ) -> list[tuple[list[int], list[int]]]:
         """Greedy decoding of the answer grammar of `timeexpert.events` for a LEFT-padded batch.
 
@@ -535,7 +700,13 @@ class TimeExpertForGrounding(PreTrainedModel):
         (digits, at most one '.', no empty number, at most `max_number_symbols` symbols), at most
         `max_events` events (one cap, or one per sequence), at most `max_caption_tokens` per
         caption, `max_new_tokens` in all.
-        Returns per sequence the generated (ids, types), EOS included when reached.
+        Evidence tokens (config `evidence`): when an `<evi>` is chosen, the hidden state that chose
+        it grounds it over the frames (D2VLM) and the salient frames' pooled features are added to
+        its input embedding in the next step.
+        Returns per sequence the generated (ids, types), EOS included when reached; with
+        `return_extras`, `(answers, extras)`: extras["token_density"] the (M,) per-frame density
+        of kept visual tokens (GroundVTS; None without sampling), extras["evidence"] per sequence
+        the per-frame grounding probabilities (list over frames) of each generated `<evi>`.
         """
         cfg = self.config
         if cfg.switch_token_id is None or cfg.answer_end_token_id is None:
@@ -574,15 +745,27 @@ class TimeExpertForGrounding(PreTrainedModel):
         cap = cfg.max_number_symbols
 
         out = self(
-            input_ids, token_types, attention_mask=attention_mask, pixel_values=pixel_values,
-            visual_embeds=visual_embeds, use_cache=True,
+            input_ids,
+            token_types,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            visual_embeds=visual_embeds,
+            use_cache=True,
         )
         position_B = (attention_mask.long().sum(-1) - 1).clamp_min(0)
+        if out.attention_mask is not None:  # token sampling dropped visual tokens of the prompt
+            attention_mask, position_B = out.attention_mask, out.position_ids[:, -1]
         h_BD = out.hidden_states[:, -1]
         cache = out.past_key_values
         tokens, kinds, alive = [], [], []
+        evidence: list[list[list[float]]] = [[] for _ in range(B)]
+        evidence_on = self.evidence_head is not None and out.frame_features is not None
+        evidence_embeds = None
         for _ in range(max_new_tokens):
-            in_text, in_number = state_B == TEXT, (state_B == START) | (state_B == END) | (state_B == SCORE)
+            in_text, in_number = (
+                state_B == TEXT,
+                (state_B == START) | (state_B == END) | (state_B == SCORE),
+            )
             # the grammar's mask over [text V | time U | score U]
             text_allow_BV = (in_text & (caption_B < cfg.max_caption_tokens))[:, None] & text_ok_V
             text_allow_BV[:, switch] = in_text & (events_B < max_events_B)
@@ -596,13 +779,20 @@ class TimeExpertForGrounding(PreTrainedModel):
             time_allow = num_allow_BU & ((state_B == START) | (state_B == END))[:, None]
             score_allow = num_allow_BU & (state_B == SCORE)[:, None]
             allow = torch.cat([text_allow_BV, time_allow, score_allow], dim=1)
-            logits = torch.cat([self.lm_head(h_BD), self.time_head(h_BD), self.score_head(h_BD)], dim=1)
+            logits = torch.cat(
+                [self.lm_head(h_BD), self.time_head(h_BD), self.score_head(h_BD)], dim=1
+            )
             choice_B = logits.float().masked_fill(~allow, float("-inf")).argmax(-1)
             kind_B = torch.where(
-                choice_B < V, int(TokenType.TEXT),
+                choice_B < V,
+                int(TokenType.TEXT),
                 torch.where(choice_B < V + U, int(TokenType.TIME), int(TokenType.SCORE)),
             )
-            local_B = torch.where(choice_B < V, choice_B, torch.where(choice_B < V + U, choice_B - V, choice_B - V - U))
+            local_B = torch.where(
+                choice_B < V,
+                choice_B,
+                torch.where(choice_B < V + U, choice_B - V, choice_B - V - U),
+            )
             was_alive = state_B != DONE
             tokens.append(local_B)
             kinds.append(kind_B)
@@ -615,7 +805,9 @@ class TimeExpertForGrounding(PreTrainedModel):
             last_dot_B = is_number & (local_B == DOT_ID)
             is_switch = in_text & (local_B == switch)
             is_eos = in_text & (local_B == eos)
-            caption_B = torch.where(is_switch, 0, caption_B + (in_text & ~is_switch & ~is_eos).long())
+            caption_B = torch.where(
+                is_switch, 0, caption_B + (in_text & ~is_switch & ~is_eos).long()
+            )
             events_B = events_B + (is_term & (state_B == SCORE)).long()
             new_state = state_B.clone()
             new_state[is_switch] = START
@@ -626,25 +818,52 @@ class TimeExpertForGrounding(PreTrainedModel):
             state_B = new_state
             if not bool((state_B != DONE).any()):
                 break
+            if evidence_on:  # D2VLM: ground each new <evi> and pool its salient frames into it
+                is_evi_B = in_text & was_alive & (local_B == cfg.evidence_token_id)
+                if bool(is_evi_B.any()):
+                    rows = is_evi_B.nonzero().flatten()
+                    frames_ETD, mask_ET = out.frame_features[rows], out.frame_mask[rows]
+                    prob_ET = self.evidence_head(h_BD[rows], frames_ETD, mask_ET)
+                    salient_ET = self.evidence_head.salient(prob_ET, mask_ET)
+                    evidence_embeds = h_BD.new_zeros(B, 1, h_BD.shape[-1])
+                    evidence_embeds[rows, 0] = aggregate_frames(frames_ETD, salient_ET).to(
+                        h_BD.dtype
+                    )
+                    for r, p_T, m_T in zip(rows.tolist(), prob_ET, mask_ET):
+                        evidence[r].append(p_T[m_T].tolist())
             # one decoder step; finished sequences are masked (no expert compute, no statistics)
             position_B = position_B + 1
-            attention_mask = torch.cat([attention_mask, was_alive.long()[:, None] & (state_B != DONE).long()[:, None]], dim=1)
+            attention_mask = torch.cat(
+                [attention_mask, was_alive.long()[:, None] & (state_B != DONE).long()[:, None]],
+                dim=1,
+            )
             step = self(
-                local_B[:, None], kind_B[:, None], attention_mask=attention_mask,
-                position_ids=position_B[:, None], past_key_values=cache, use_cache=True,
+                local_B[:, None],
+                kind_B[:, None],
+                attention_mask=attention_mask,
+                position_ids=position_B[:, None],
+                past_key_values=cache,
+                use_cache=True,
                 return_logits=False,
+                evidence_embeds=evidence_embeds,
             )
             h_BD, cache = step.hidden_states[:, -1], step.past_key_values
+            evidence_embeds = None
         tokens_BS = torch.stack(tokens, 1).tolist()
         kinds_BS = torch.stack(kinds, 1).tolist()
         alive_BS = torch.stack(alive, 1).tolist()
-        return [
+        answers = [
             (
                 [t for t, a in zip(tokens_BS[b], alive_BS[b]) if a],
                 [k for k, a in zip(kinds_BS[b], alive_BS[b]) if a],
             )
             for b in range(B)
         ]
+        return (
+            (answers, {"token_density": out.token_density, "evidence": evidence})
+            if return_extras
+            else answers
+        )
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -669,14 +888,21 @@ class TimeExpertForGrounding(PreTrainedModel):
             if diff:
                 raise ValueError(
                     f"checkpoint {path!r} does not match the given config: "
-                    + ", ".join(f"{k}: config {a!r} vs checkpoint {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+                    + ", ".join(
+                        f"{k}: config {a!r} vs checkpoint {b!r}"
+                        for k, a, b in ((k, *v) for k, v in diff.items())
+                    )
                 )
         want_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
         except RuntimeError as err:  # size mismatches surface here
             raise ValueError(f"checkpoint {path!r} does not match its config: {err}") from err
-        problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        problems = {
+            k: sorted(v)
+            for k, v in info.items()
+            if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+        }
         if problems:
             raise ValueError(f"checkpoint {path!r} does not match the model: {problems}")
         return (model, info) if want_info else model
