@@ -42,7 +42,7 @@ class GroundingAppArgs(BaseModel):
     decode_cache_entries: int = Field(default=64, ge=0)
     # model deployment
     max_batch_size: int = Field(default=8, ge=1, description="1 turns dynamic batching off")
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     ep_size: int = Field(default=1, ge=1, description="> 1: expert-sharded replicas")
     ep_worker_num_cpus: float = Field(default=0.5, gt=0)
     device: str = "cpu"
@@ -54,6 +54,8 @@ class GroundingAppArgs(BaseModel):
     downscale_delay_s: float = Field(default=600.0, ge=0)
     look_back_period_s: float = Field(default=30.0, gt=0)
     metrics_interval_s: float = Field(default=10.0, gt=0)
+    health_check_period_s: float = Field(default=10.0, gt=0, description="model replicas")
+    health_check_timeout_s: float = Field(default=60.0, gt=0, description="model replicas")
     # decode and ingress deployments
     decoder_num_cpus: float = Field(default=0.5, ge=0)
     decoder_min_replicas: int = Field(default=1, ge=1)
@@ -106,6 +108,8 @@ def app(args: GroundingAppArgs) -> Application:
         model_options={
             "autoscaling_config": args.model_autoscaling(),
             "ray_actor_options": {"num_cpus": args.model_num_cpus},
+            "health_check_period_s": args.health_check_period_s,
+            "health_check_timeout_s": args.health_check_timeout_s,
         },
         decoder_options={
             "autoscaling_config": {

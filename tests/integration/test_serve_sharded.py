@@ -44,6 +44,7 @@ def apps(tmp_path_factory, s3_server):
         common = dict(
             allowed_roots=[str(tmp / "videos")], max_batch_size=4, min_replicas=1,
             max_replicas=1, model_num_cpus=0.1, decoder_num_cpus=0.1, ingress_num_cpus=0.1,
+            health_check_period_s=1.0,
         )
         serve.run(app(GroundingAppArgs(checkpoint=ckpt, **common)), name="mono",
                   route_prefix="/mono", blocking=False)
@@ -129,3 +130,38 @@ def test_batched_predictions_agree_exactly(apps):
         assert type(a).__name__ == "Prediction", a
         assert a == b
     assert any(p.events for p in mono)
+
+
+def _actors(prefix: str) -> dict[str, str]:
+    """{name: namespace} of the live named actors whose name starts with `prefix`."""
+    import ray
+
+    return {a["name"]: a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)}
+
+
+def test_lost_ep_worker_replaces_the_whole_group(apps):
+    """Killing one EP worker fails the replica's health check; Serve replaces the replica with a
+    new placement group and EP group, and the sharded app answers as before."""
+    import httpx
+    import ray
+
+    base, videos = apps
+    body = {"video": {"uri": videos[0]}, "query": "a red circle", "max_windows": 2}
+    (replica,) = _actors("SERVE_REPLICA::sharded#GroundingModel#")
+    workers = _actors("EP_WORKER::sharded#GroundingModel#")
+    assert len(workers) == 2 and all(replica.rsplit("#", 1)[1] in w for w in workers), workers
+    victim = sorted(workers)[1]
+    ray.kill(ray.get_actor(victim, namespace=workers[victim]), no_restart=True)
+    wait_until(lambda: replica not in _actors("SERVE_REPLICA::sharded#GroundingModel#"),
+               timeout=120, what="the sharded replica replaced")
+    with httpx.Client(timeout=180) as c:
+        expected = c.post(f"{base}/mono/v1/moments", json=body).json()
+
+        def answers():
+            r = c.post(f"{base}/sharded/v1/moments", json=body)
+            return r.status_code == 200 and r.json()["windows"] == expected["windows"]
+
+        wait_until(answers, timeout=240, interval=2, what="the new EP group answering")
+    new_workers = _actors("EP_WORKER::sharded#GroundingModel#")
+    assert len(new_workers) == 2 and not set(new_workers) & set(workers)

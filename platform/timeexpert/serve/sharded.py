@@ -77,6 +77,19 @@ class EPWorker:
         return True
 
 
+def _replica_tag() -> str:
+    """`app#deployment#replica` of the Serve replica creating the workers (unique per replica)."""
+    from ray import serve
+
+    try:
+        ctx = serve.get_replica_context()
+        return f"{ctx.app_name}#{ctx.deployment}#{ctx.replica_id.unique_id}"
+    except Exception:  # not inside a replica (a direct test)
+        import uuid
+
+        return uuid.uuid4().hex[:8]
+
+
 class ShardedModel:
     """The expert-sharded backend of `GroundingModelServer` (same interface as `LocalModel`)."""
 
@@ -90,8 +103,10 @@ class ShardedModel:
                 f"{None if pg is None else len(pg.bundle_specs)}"
             )
         worker_cls = ray.remote(EPWorker)
+        tag = _replica_tag()
         self.workers = [
             worker_cls.options(
+                name=f"EP_WORKER::{tag}#rank{rank}",  # findable in `ray list actors`, dashboard
                 num_cpus=config.ep_worker_num_cpus,
                 num_gpus=1 if config.device.startswith("cuda") else 0,
                 max_concurrency=2,  # a health ping answers while a batch runs

@@ -1,0 +1,255 @@
+"""HTTP load on the grounding service: latency and throughput, batched vs unbatched, vs in-process.
+
+    python -m benchmarks.serve_load [--json] [--rounds N] [--max-seconds S]
+
+Builds the tiny_cpu model (random weights, generation capped so every answer has the same
+length: the LM head is zeroed, so greedy decoding walks the grammar deterministically), renders
+synthetic mp4s, and deploys two copies of the app on a local Serve (127.0.0.1 only): `batched`
+(@serve.batch up to 16) and `unbatched` (batch size 1), one model replica each. Per app, path
+and concurrency (1, 4, 16 clients) it sends a bounded number of MR requests (`--rounds` per
+client, stopping early after `--max-seconds`) and reports p50 / p99 latency, requests/s, errors:
+
+- `whole`: a different video per request (the decode cache never hits): HTTP + decode + model;
+- `model`: the same video every time (served from the decode cache): HTTP + the model deployment.
+
+The baseline is the same model called in-process (`GroundingModel.predict` on frames decoded
+once, one thread like a replica), timed in alternation with single HTTP requests on the model
+path so both see the same machine load. Targets: zero errors; `batching_speedup_16` (model path, 16
+clients, batched rps / unbatched rps) >= 2; `p50_overhead_ms` (model path, 1 client, batched
+app, p50 minus the in-process p50) < 25 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from benchmarks.common import emit, parse_args
+
+CONCURRENCY = (1, 4, 16)
+NUM_VIDEOS = 24  # distinct videos for the whole path; > cache entries + 16 in flight
+CACHE_ENTRIES = 4
+QUERY = "a red circle moves left"
+
+
+def _args(parser) -> None:
+    parser.add_argument("--rounds", type=int, default=3, help="requests per client per setting")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="stop issuing requests of one setting after this long")
+    parser.add_argument("--port", type=int, default=0, help="HTTP port (0: a free one)")
+
+
+def build_checkpoint(path: str) -> str:
+    import torch
+
+    from timeexpert.inference import GroundingModel
+    from timeexpert.models.timeexpert import create_model
+    from timeexpert.models.tokenizer import GroundingTokenizer
+    from timeexpert.presets import get_preset
+
+    torch.manual_seed(0)
+    tok = GroundingTokenizer.train([QUERY, "the blue square appears", "a green triangle"],
+                                   vocab_size=400)
+    cfg = get_preset("tiny_cpu").model.with_tokenizer(tok)
+    cfg.max_events, cfg.max_caption_tokens, cfg.max_number_symbols = 2, 4, 4
+    model = create_model(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    GroundingModel.from_model(model, tok).save(path)
+    return path
+
+
+def render_videos(root: str) -> list[str]:
+    import glob
+
+    from timeexpert.data.synth import SynthSpec, generate
+
+    spec = SynthSpec(name="load", num_videos={"test": NUM_VIDEOS}, min_duration=8,
+                     max_duration=10, max_event_len=4, min_events=2, max_events=2)
+    generate(spec, root, seed=0, workers=1)
+    return sorted(glob.glob(os.path.join(root, "**", "*.mp4"), recursive=True))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def in_process_model(ckpt: str, video: str):
+    """A zero-argument call of `GroundingModel.predict` on frames decoded once, one thread (like a
+    replica): the in-process baseline."""
+    import torch
+
+    from timeexpert.data.video import decode_frames
+    from timeexpert.serve.deployments import load_model
+
+    torch.set_num_threads(1)
+    gm = load_model(ckpt)
+    size = gm.model.config.image_size
+    decoded = decode_frames(video, num_frames=gm.model.config.num_frames, size=(size, size))
+    return lambda: gm.predict(decoded.frames, decoded.timestamps, "mr", QUERY,
+                              duration=decoded.duration, max_events=2)
+
+
+def paired_overhead(call, url: str, body: dict, repeats: int) -> dict:
+    """Alternate one in-process call and one HTTP request (1 client), so both see the same
+    machine load; the overhead is the difference of the two medians."""
+    import httpx
+
+    local, remote = [], []
+    with httpx.Client(timeout=300) as http:
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            call()
+            t1 = time.perf_counter()
+            r = http.post(url, json=body)
+            t2 = time.perf_counter()
+            if r.status_code != 200:
+                raise RuntimeError(f"paired request failed: {r.status_code} {r.text[:200]}")
+            if i >= 2:  # warm-up pairs
+                local.append(t1 - t0)
+                remote.append(t2 - t1)
+    local_ms, remote_ms = statistics.median(local) * 1e3, statistics.median(remote) * 1e3
+    return {"inprocess_p50_ms": local_ms, "http_p50_ms": remote_ms,
+            "overhead_ms": remote_ms - local_ms, "inprocess_rps": len(local) / sum(local)}
+
+
+async def load(url: str, bodies, clients: int, total: int, max_seconds: float) -> dict:
+    """`clients` concurrent loops sending `total` requests in all (bodies taken in turn)."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(total))
+    deadline = time.perf_counter() + max_seconds
+
+    async def client(http):
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url, json=bodies(i))
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+            except httpx.HTTPError as err:
+                errors.append(repr(err))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client(http) for _ in range(clients)])
+        wall = time.perf_counter() - t0
+    return {
+        "requests": len(latencies), "errors": len(errors), "error_samples": errors[:3],
+        "rps": len(latencies) / wall if wall > 0 else 0.0,
+        "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
+    }
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], _args)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tmp = tempfile.mkdtemp(prefix="serve-load-")
+    ckpt = build_checkpoint(os.path.join(tmp, "ckpt"))
+    videos = render_videos(os.path.join(tmp, "videos"))
+    print(f"checkpoint {ckpt}; {len(videos)} videos", file=sys.stderr)
+
+    call = in_process_model(ckpt, videos[0])
+
+    import ray
+    from ray import serve
+
+    from serve_apps.grounding import GroundingAppArgs, app
+
+    port = args.port or _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    results: dict[str, dict] = {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for name, batch in (("batched", 16), ("unbatched", 1)):
+            serve.run(app(GroundingAppArgs(
+                checkpoint=ckpt, allowed_roots=[os.path.join(tmp, "videos")],
+                max_batch_size=batch,
+                decode_cache_entries=CACHE_ENTRIES, min_replicas=1, max_replicas=1,
+                model_num_cpus=1.0, decoder_num_cpus=0.5, ingress_num_cpus=0.25,
+                decoder_min_replicas=1, decoder_max_replicas=1,
+            )), name=name, route_prefix=f"/{name}")
+        paths = {
+            "whole": lambda i: {"video": {"uri": videos[i % len(videos)]}, "query": QUERY,
+                                "max_windows": 2},
+            "model": lambda i: {"video": {"uri": videos[0]}, "query": QUERY, "max_windows": 2},
+        }
+        for name in ("batched", "unbatched"):
+            url = f"http://127.0.0.1:{port}/{name}/v1/moments"
+            asyncio.run(load(url, paths["model"], 2, 4, 120))  # warm-up, fills the cache
+            for path, bodies in paths.items():
+                for clients in CONCURRENCY:
+                    total = max(clients * args.rounds, 10)
+                    r = asyncio.run(load(url, bodies, clients, total, args.max_seconds))
+                    key = f"{name}/{path}/c{clients}"
+                    results[key] = r
+                    print(f"{key}: {r['requests']} ok, {r['errors']} errors, "
+                          f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                          f"{r['rps']:.2f} req/s", file=sys.stderr)
+                    for sample in r["error_samples"]:
+                        print(f"  error: {sample}", file=sys.stderr)
+        overhead = {
+            name: paired_overhead(call, f"http://127.0.0.1:{port}/{name}/v1/moments",
+                                  paths["model"](0), repeats=max(10, 4 * args.rounds))
+            for name in ("batched", "unbatched")
+        }
+        for name, o in overhead.items():
+            print(f"{name}: in-process p50 {o['inprocess_p50_ms']:.1f} ms, HTTP p50 "
+                  f"{o['http_p50_ms']:.1f} ms (paired)", file=sys.stderr)
+        stats = {
+            name: serve.get_deployment_handle("VideoDecoder", app_name=name)
+            .cache_stats.remote().result()
+            for name in ("batched", "unbatched")
+        }
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    rps = {k: round(v["rps"], 3) for k, v in results.items()}
+    speedup = lambda path: (  # noqa: E731
+        rps[f"batched/{path}/c16"] / rps[f"unbatched/{path}/c16"]
+        if rps[f"unbatched/{path}/c16"] else float("nan")
+    )
+    emit({
+        "errors": sum(v["errors"] for v in results.values()),
+        "rps": rps,
+        "p50_ms": {k: round(v["p50_ms"], 1) for k, v in results.items()},
+        "p99_ms": {k: round(v["p99_ms"], 1) for k, v in results.items()},
+        "requests": {k: v["requests"] for k, v in results.items()},
+        "batching_speedup_16": round(speedup("model"), 3),
+        "batching_speedup_16_end_to_end": round(speedup("whole"), 3),
+        "inprocess_p50_ms": round(overhead["batched"]["inprocess_p50_ms"], 1),
+        "inprocess_rps": round(overhead["batched"]["inprocess_rps"], 3),
+        "p50_overhead_ms": round(overhead["batched"]["overhead_ms"], 1),
+        "p50_overhead_ms_unbatched": round(overhead["unbatched"]["overhead_ms"], 1),
+        "decode_cache": stats,
+    }, as_json=args.json)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
