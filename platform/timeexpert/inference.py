@@ -31,6 +31,8 @@ class Prediction:
     saliency: list[float] | None  # VHD: one score per clip of `clip_len` seconds, else None
     text: str  # the raw generated answer, pieces joined (for logs and chat)
     num_tokens: int  # generated tokens
+    token_density: list[float] | None = None  # GroundVTS: kept visual tokens / frame, per frame
+    evidence: list[list[float]] | None = None  # D2VLM: per generated <evi>, per-frame grounding
 
 
 @dataclass
@@ -186,13 +188,24 @@ class GroundingModel:
                     pixel_values=torch.cat(pixels).to(dev),
                     max_new_tokens=cfg.max_position_embeddings - batch["input_ids"].shape[1],
                     max_events=caps,
+                    return_extras=True,
                 )
         finally:
             self.model.train(was_training)
-        return [
+        generated, extras = generated
+        predictions = [
             self._prediction(ids, kinds, tasks[b], durations[b], requests[b].clip_len)
             for b, (ids, kinds) in enumerate(generated)
         ]
+        if extras["token_density"] is not None:  # per request, its frames' share of the density
+            density = extras["token_density"].tolist()
+            bounds = np.cumsum([0] + [p.shape[0] for p in pixels])
+            for b, p in enumerate(predictions):
+                p.token_density = density[bounds[b]:bounds[b + 1]]
+        if getattr(cfg, "evidence", None) is not None:
+            for b, p in enumerate(predictions):
+                p.evidence = extras["evidence"][b]
+        return predictions
 
     def _prediction(self, ids, kinds, task: Task, duration: float, clip_len: float) -> Prediction:
         pieces = self.tokenizer.answer_pieces(ids, kinds)

@@ -166,10 +166,36 @@ def paper_gpu() -> Preset:
     )
 
 
+def groundvts_cpu() -> Preset:
+    """small_cpu + GroundVTS query-guided token sampling (token level, rho 0.5). Its progressive
+    recipe (VTS warm-up, joint LoRA, grounding FT) is `models.token_sampling.GROUNDVTS_STAGES`."""
+    base = small_cpu()
+    base.model.token_sampling = {"mode": "token", "keep_ratio": 0.5, "rank": 32}
+    return Preset(
+        name="groundvts_cpu",
+        description="small_cpu + GroundVTS visual token sampling (token level, rho 0.5)",
+        model=base.model, tokenizer_vocab_size=base.tokenizer_vocab_size, train=dict(base.train),
+    )
+
+
+def d2vlm_cpu() -> Preset:
+    """small_cpu + D2VLM evidence tokens (<evi> grounding, 60% of max salient threshold, visual
+    semantic aggregation, L_gnd + L_cons); FPO in `train.fpo`."""
+    base = small_cpu()
+    base.model.evidence = {"threshold_ratio": 0.6, "temperature": 0.1}
+    return Preset(
+        name="d2vlm_cpu",
+        description="small_cpu + D2VLM evidence tokens (<evi> grounding, L_gnd + L_cons)",
+        model=base.model, tokenizer_vocab_size=base.tokenizer_vocab_size, train=dict(base.train),
+    )
+
+
 PRESETS: dict[str, Callable[[], Preset]] = {
     "tiny_cpu": tiny_cpu,
     "small_cpu": small_cpu,
     "paper_gpu": paper_gpu,
+    "groundvts_cpu": groundvts_cpu,
+    "d2vlm_cpu": d2vlm_cpu,
 }
 
 

@@ -251,3 +251,17 @@ def test_progressive_recipe_stages_train_the_right_modules(tok):
     assert not any(n.startswith("frame_encoder.") for n in names) and any(n.startswith("lm_head") for n in names)
     with pytest.raises(ValueError, match="stage"):
         trainable_modules(4)
+
+
+def test_predictions_carry_the_per_frame_token_density(tok):
+    from timeexpert.inference import GroundingModel
+
+    _, cfg = configs(tok)
+    cfg.max_position_embeddings = 160
+    torch.manual_seed(0)
+    gm = GroundingModel.from_model(TimeExpertForGrounding(cfg), tok)
+    frames = np.random.default_rng(0).integers(0, 256, size=(5, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    pred = gm.predict(frames, np.arange(5.0), Task.MR, "the cat")
+    assert len(pred.token_density) == 5
+    assert sum(pred.token_density) * cfg.tokens_per_frame == math.ceil(0.5 * 5 * cfg.tokens_per_frame)
+    assert pred.evidence is None
