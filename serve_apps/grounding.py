@@ -9,8 +9,8 @@ command line. The bearer token comes from `auth_token` or the TIMEEXPERT_API_TOK
 variable of the process that builds the app.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve reads the builder's parameter annotation at
+# runtime to validate the arguments into GroundingAppArgs.
 import os
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator

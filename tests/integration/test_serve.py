@@ -39,17 +39,20 @@ MAX_UPLOAD_MB = 0.5
 def test_config_yaml_parses_and_resolves():
     """serve_apps/config.yaml is a valid Serve deploy config whose import path and args build."""
     from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
-
-    from serve_apps.grounding import GroundingAppArgs
 
     raw = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (app_schema,) = schema.applications
     builder = import_attr(app_schema.import_path)
-    args = GroundingAppArgs.model_validate(app_schema.args)
-    application = builder(args)
+    # as `serve run` / `serve deploy` call it: the YAML args dict validated into the typed args
+    application = call_user_app_builder_with_args_if_necessary(builder, app_schema.args)
     assert type(application).__name__ == "Application"
+    # `serve run serve_apps.grounding:app key=value` passes strings
+    call_user_app_builder_with_args_if_necessary(
+        builder, {"checkpoint": "c", "allowed_roots": "/a,/b", "ep_size": "2"}
+    )
     names = {d.name for d in app_schema.deployments}
     assert names == {"GroundingModel", "VideoDecoder", "GroundingIngress"}
 
