@@ -101,13 +101,11 @@ class _GroupedSwiGLU(torch.autograd.Function):
         gx_PD = torch.empty_like(x_PD)
         for e, a, b in spans:
             x_e, gy_e, h1, h3 = x_PD[a:b], gy_PD[a:b], h1_PF[a:b], h3_PF[a:b]
-            sig = torch.sigmoid(h1)
-            silu = h1 * sig
+            silu = F.silu(h1)
             torch.mm(gy_e.t(), silu * h3, out=gw2[e])
             g_act = torch.mm(gy_e, w2_LDF[e])
             g_h3 = g_act * silu
-            # d silu(h) / dh = sig (1 + h (1 - sig))
-            g_h1 = g_act.mul_(h3).mul_(sig.mul_(1 + h1 * (1 - sig)))
+            g_h1 = torch.ops.aten.silu_backward(g_act.mul_(h3), h1)  # one fused pass
             torch.mm(g_h1, w1_LFD[e], out=gx_PD[a:b]).addmm_(g_h3, w3_LFD[e])
             torch.mm(g_h1.t(), x_e, out=gw1[e])
             torch.mm(g_h3.t(), x_e, out=gw3[e])
@@ -287,7 +285,7 @@ class MoELayer(nn.Module):
             )
         else:
             y_PD = self._local_experts(x_PD, counts_E.tolist())
-        y_ND = torch.zeros_like(x_ND).index_add(0, token_P, y_PD * weight_P[:, None])
+        y_ND = x_ND.new_zeros(x_ND.shape).index_add_(0, token_P, y_PD * weight_P[:, None])
 
         losses = self._router_losses(logits_NE, soft_NE, chosen_NE, token_type_N)
         with torch.no_grad():
