@@ -1,0 +1,98 @@
+"""The three-stage pipeline logs to a real `mlflow server` (SQLite): a parent run, a nested run
+per stage with step metrics, eval metrics and plots."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts")],
+        stdout=open(d / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):  # slow when the machine is busy
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not start: " + (d / "log").read_text()[-2000:])
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_pipeline_logs_parent_nested_runs_metrics_and_plots(mlflow_server, ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from timeexpert.data import synth
+    from timeexpert.train.config import TrainConfig
+    from timeexpert.train.stages import run_pipeline
+
+    spec = synth.SynthSpec(name="mini", num_videos={"train": 4, "val": 2, "test": 1},
+                           min_duration=8, max_duration=12, max_event_len=5)
+    data = str(tmp_path / "data")
+    synth.generate(spec, data, seed=0, workers=1)
+    cfg = TrainConfig(data_root=data, storage_root=str(tmp_path / "runs"), name="pipe",
+                      num_steps=2, batch_size=2, checkpoint_every=2, log_every=1,
+                      expert_update_every=1, eval_max_records=1, tracking_uri=mlflow_server,
+                      experiment="pipeline-test", tags={"ablation": "full"})
+    result = run_pipeline(cfg, stages=(1, 2, 3))
+
+    assert sorted(result.stages) == [1, 2, 3]
+    for n in (2, 3):  # each stage starts from the previous one's checkpoint
+        assert result.stages[n].train_metrics["step"] == 2
+    c = MlflowClient(mlflow_server)
+    parent = c.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["ablation"] == "full"
+    assert "stage3/eval/mr/R1_0.5" in parent.data.metrics  # MLflow names: "@" -> "_"
+    exp = c.get_experiment_by_name("pipeline-test")
+    children = c.search_runs([exp.experiment_id],
+                             filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted(r.data.tags["stage"] for r in children) == ["1", "2", "3"]
+    for run in children:
+        assert run.info.status == "FINISHED"
+        history = c.get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in history] == [1, 2]
+        for key in ("loss_time", "aux_loss", "z_loss", "tokens_per_s", "experts/num_active",
+                    "experts/mean_active/time", "eval/mr/R1_0.5", "eval/dvc/F1"):
+            assert key in run.data.metrics, key
+        arts = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+        stage = run.data.tags["stage"]
+        assert {f"plots/loss_curves_stage{stage}.png", f"plots/expert_heatmap_stage{stage}.png",
+                f"plots/active_experts_stage{stage}.png"} <= arts, arts
