@@ -114,7 +114,8 @@ async def _edge(request: Request, call_next):
 @fastapi_app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     details = [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""),
+         "type": e.get("type", "")}
         for e in exc.errors()
     ]
     message = "; ".join(

@@ -257,7 +257,7 @@ class GroundingModelServer:
     async def predict(self, request: "PredictRequest") -> "Prediction | Rejection":
         return await self._batched(request)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # set from the config in __init__
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # set from the config in __init__
     async def _batched(self, requests: list["PredictRequest"]) -> list:
         return await self.backend.predict_batch(requests)
 

@@ -41,8 +41,10 @@ class VideoSource:
     data: bytes | None = None
 
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
-                       re.IGNORECASE)
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
+    re.IGNORECASE,
+)
 
 
 def resolve_video_uri(uri: str, allowed_roots: list[str]) -> str:
@@ -52,7 +54,9 @@ def resolve_video_uri(uri: str, allowed_roots: list[str]) -> str:
     (even one that would resolve inside a root), as are http(s) and other schemes.
     """
     if uri.lower().startswith("data:"):
-        raise RequestError(400, "invalid_video_uri", "a data: URL goes in video.data_url, not video.uri")
+        raise RequestError(
+            400, "invalid_video_uri", "a data: URL goes in video.data_url, not video.uri"
+        )
     if "://" in uri and uri.split("://", 1)[0].lower() not in ("file", "s3"):
         raise RequestError(
             400, "unsupported_uri_scheme",
@@ -83,7 +87,9 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     data, bad base64 (400/415) and a payload over `max_bytes` (413, checked before decoding)."""
     m = _DATA_URL.match(url)
     if m is None:
-        raise RequestError(400, "invalid_data_url", "a data URL must look like data:video/mp4;base64,...")
+        raise RequestError(
+            400, "invalid_data_url", "a data URL must look like data:video/mp4;base64,..."
+        )
     mime = (m.group("mime") or "text/plain").lower()
     if not mime.startswith("video/"):
         raise RequestError(
@@ -100,17 +106,23 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(400, "invalid_data_url", "the data URL payload is not valid base64") from None
+        raise RequestError(
+            400, "invalid_data_url", "the data URL payload is not valid base64"
+        ) from None
     if len(data) > max_bytes:
         raise RequestError(
-            413, "upload_too_large", f"uploaded video is {len(data)} bytes; the limit is {max_bytes}"
+            413, "upload_too_large",
+            f"uploaded video is {len(data)} bytes; the limit is {max_bytes}",
         )
     if not data:
         raise RequestError(422, "invalid_video", "the uploaded video is empty")
     return data
 
 
-def video_source(uri: str | None, data_url: str | None, allowed_roots: list[str], max_bytes: int) -> VideoSource:
+def video_source(
+    uri: str | None, data_url: str | None, allowed_roots: list[str], max_bytes: int
+) -> VideoSource:
+    """The request's video (exactly one of `uri`, `data_url`) checked against the limits."""
     if uri is not None:
         return VideoSource(uri=resolve_video_uri(uri, allowed_roots))
     assert data_url is not None  # the request schema guarantees one of the two

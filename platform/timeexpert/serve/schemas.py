@@ -131,7 +131,9 @@ class ChatCompletionRequest(BaseModel):
     num_frames: int | None = Field(default=None, ge=1)
     fps: float | None = Field(default=None, gt=0)
     max_tokens: int | None = Field(default=None, ge=1, description="accepted, not used")
-    temperature: float | None = Field(default=None, ge=0, description="accepted; decoding is greedy")
+    temperature: float | None = Field(
+        default=None, ge=0, description="accepted; decoding is greedy"
+    )
     stream: Literal[False] = False
 
 

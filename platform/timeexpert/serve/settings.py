@@ -40,7 +40,7 @@ class ModelServerConfig:
 
     checkpoint: str  # local dir, file://, s3://, or an MLflow URI (models:/..., runs:/...)
     max_batch_size: int = 8  # @serve.batch size; 1 turns dynamic batching off
-    batch_wait_timeout_s: float = 0.005  # how long a partial batch waits for more requests
+    batch_wait_timeout_s: float = 0.01  # how long a partial batch waits for more requests
     ep_size: int = 1  # expert-parallel workers per replica; 1 = the monolithic replica
     ep_worker_num_cpus: float = 0.1  # CPUs each EP worker reserves (a placement-group bundle)
     ep_timeout_s: float = 300.0  # gloo collective timeout: a lost worker fails, never hangs
