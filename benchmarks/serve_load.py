@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -222,6 +223,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     rps = {k: round(v["rps"], 3) for k, v in results.items()}
     speedup = lambda path: (  # noqa: E731
