@@ -82,22 +82,7 @@ def _find_checkpoint_dir(root: str, uri: str) -> str:
 def load_model(uri: str, device: str = "cpu") -> "GroundingModel":
     from timeexpert.inference import GroundingModel
 
-    gm = GroundingModel.load(local_checkpoint(uri), device=device)
-    _rebuild_meta_frame_processor(gm)
-    return gm
-
-
-def _rebuild_meta_frame_processor(gm: "GroundingModel") -> None:
-    # Workaround, remove once fixed in models/: transformers' from_pretrained builds the model on
-    # the meta device, and FrameProcessor keeps plain (non-buffer) mean/std tensors that stay there.
-    from timeexpert.models.vision import FrameProcessor
-
-    fp = gm.model.frame_processor
-    if getattr(fp, "mean_C", None) is not None and fp.mean_C.is_meta:
-        cfg = gm.model.config
-        gm.model.frame_processor = FrameProcessor(
-            image_size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std
-        )
+    return GroundingModel.load(local_checkpoint(uri), device=device)
 
 
 @dataclass
