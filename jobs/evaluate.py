@@ -74,8 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--task", choices=[t.value for t in Task], help="default: every task present")
     parser.add_argument("--root", help="storage root for relative video URIs (default: the manifest's dir)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--num-frames", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224, help="frame height = width")
+    parser.add_argument("--num-frames", type=int, help="frames per video (default: the model's)")
+    parser.add_argument("--size", type=int, help="frame height = width (default: the model's)")
     parser.add_argument("--limit", type=int, help="evaluate the first N records only")
     parser.add_argument("--seed", type=int, default=0, help="random baseline seed")
     parser.add_argument("--no-captions", action="store_true", help="skip METEOR/CIDEr/SODA_c (java)")
@@ -100,6 +100,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     model = GroundingModel.load(args.checkpoint)
+    # Decode as the model was trained: its frame count and image size unless overridden.
+    args.num_frames = args.num_frames or model.model.config.num_frames
+    args.size = args.size or model.model.config.image_size
     predictions, skipped = predict_all(model, records, root, args)
     results = {}
     for task in sorted({r.task for r in records}, key=lambda t: t.value):
