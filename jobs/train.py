@@ -3,6 +3,9 @@
     python jobs/train.py --preset small_cpu --synthetic small --data-root .cache/data/small
     python jobs/train.py --stages 3 --resume-from s3://bucket/runs/x-stage2/checkpoint_...
     ray job submit --working-dir . -- python jobs/train.py --preset tiny_cpu ...
+    python jobs/train.py --preset groundvts_cpu --recipe groundvts   # GroundVTS's progressive stages
+    python jobs/train.py --preset d2vlm_cpu --fpo-steps 20          # + D2VLM FPO after stage 3
+    python jobs/train.py --stages "" --fpo-steps 20 --resume-from <checkpoint>   # FPO alone
     python jobs/train.py --list-presets
 """
 
@@ -19,6 +22,10 @@ def main(argv=None) -> int:
     _common.add_train_flags(p)
     p.add_argument("--stages", default="1,2,3", help="comma-separated stages to run, in order")
     p.add_argument("--resume-from", default=None, help="checkpoint URI the first stage starts from")
+    p.add_argument("--recipe", choices=["timeexpert", "groundvts"],
+                   help="what the stages train (default: the preset's, else timeexpert)")
+    p.add_argument("--fpo-steps", type=int, default=None,
+                   help="D2VLM FPO steps after the last stage, in the driver (0 = off)")
     p.add_argument("--list-presets", action="store_true")
     p.add_argument("--summary-json", help="write the pipeline result as JSON here")
     args = p.parse_args(argv)
@@ -31,7 +38,12 @@ def main(argv=None) -> int:
     from timeexpert.train.stages import run_pipeline
 
     stages = [int(s) for s in args.stages.split(",") if s]
-    cfg = _common.train_config(args)
+    extra = {}
+    if args.recipe:
+        extra["recipe"] = args.recipe
+    if args.fpo_steps is not None:
+        extra["fpo_steps"] = args.fpo_steps
+    cfg = _common.train_config(args, **extra)
     _common.prepare_data(args)
     _common.connect_ray(args.num_cpus)
     result = run_pipeline(cfg, stages=stages, resume_from=args.resume_from)
@@ -43,6 +55,12 @@ def main(argv=None) -> int:
                        "final_loss": s.train_metrics.get("loss")}
                    for n, s in result.stages.items()},
     }
+    if result.fpo is not None:
+        summary["fpo"] = {"checkpoint_uri": result.fpo.checkpoint_uri, "eval": result.fpo.eval_metrics,
+                          "mlflow_run_id": result.fpo.mlflow_run_id,
+                          "seconds": round(result.fpo.seconds, 1),
+                          "first_margin": result.fpo.train_metrics.get("fpo/first_margin"),
+                          "final_margin": result.fpo.train_metrics.get("fpo/reward_margin")}
     print("RESULT " + json.dumps(summary), flush=True)
     if args.summary_json:
         with open(args.summary_json, "w") as f:

@@ -174,7 +174,8 @@ def groundvts_cpu() -> Preset:
     return Preset(
         name="groundvts_cpu",
         description="small_cpu + GroundVTS visual token sampling (token level, rho 0.5)",
-        model=base.model, tokenizer_vocab_size=base.tokenizer_vocab_size, train=dict(base.train),
+        model=base.model, tokenizer_vocab_size=base.tokenizer_vocab_size,
+        train={**base.train, "recipe": "groundvts"},
     )
 
 

@@ -1,7 +1,9 @@
 """The training run's typed config: one `TrainConfig` per stage run (torchtitan / litgpt style).
 
 A pipeline (`timeexpert.train.stages.run_pipeline`) runs the same TrainConfig three times with
-`stage` = 1, 2, 3, each stage initialised from the previous stage's checkpoint.
+`stage` = 1, 2, 3, each stage initialised from the previous stage's checkpoint. `recipe` names
+what the three stages train (`timeexpert.train.loop.RECIPES`): TimeExpert sec. 3.5 or GroundVTS's
+progressive stages; `fpo_steps` adds D2VLM's preference optimisation after the last stage.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 STAGES = (1, 2, 3)
 ZERO_STAGES = (0, 1, 2)
+RECIPE_NAMES = ("timeexpert", "groundvts")  # the stage specs: `timeexpert.train.loop.RECIPES`
 
 
 @dataclass(kw_only=True)
@@ -35,7 +38,11 @@ class TrainConfig:
     zero_stage: int = 0  # 0: plain data parallel (explicit all-reduce); 1/2: DeepSpeed ZeRO
 
     # --- recipe -------------------------------------------------------------------------------
-    stage: int = 1  # TimeExpert sec. 3.5: 1 task modules, 2 MoE decoder, 3 all but vision
+    recipe: str = "timeexpert"  # "timeexpert" (sec. 3.5: 1 task modules, 2 MoE decoder, 3 all
+    # but vision) or "groundvts" (1 sampler warm-up, 2 joint with LoRA, 3 grounding FT)
+    stage: int = 1  # which stage of the recipe this run is
+    lora_rank: int = 8  # LoRA rank of the decoder attention in stages whose spec says lora
+    lora_alpha: int = 16  # LoRA alpha (scale alpha / rank)
     num_steps: int = 20  # optimizer steps of this stage (every worker takes exactly this many)
     batch_size: int = 2  # examples per worker per step
     lr: float = 1e-3  # AdamW peak learning rate
@@ -47,6 +54,8 @@ class TrainConfig:
     task_weights: dict[str, float] = field(default_factory=dict)  # per-task mixing of the data
     init_from: str = ""  # checkpoint URI whose weights this stage starts from ("" = fresh)
     shuffle_buffer: int = 16  # rows of the local shuffle buffer of each worker (0: off)
+    fpo_steps: int = 0  # D2VLM FPO steps after the pipeline's last stage (0: off; driver process)
+    fpo_beta: float = 0.1  # FPO / DPO inverse temperature beta
 
     # --- checkpoints, fault tolerance, logging ------------------------------------------------
     checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
@@ -65,6 +74,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.data_root:
             raise ValueError("data_root is required (a dataset root with manifests/{split}.jsonl)")
+        if self.recipe not in RECIPE_NAMES:
+            raise ValueError(f"recipe must be one of {RECIPE_NAMES}, got {self.recipe!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage}")
         if self.zero_stage not in ZERO_STAGES:
@@ -80,6 +91,12 @@ class TrainConfig:
             raise ValueError(
                 f"ep_size ({self.ep_size}) must divide num_workers ({self.num_workers})"
             )
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.fpo_steps < 0:
+            raise ValueError(f"fpo_steps must be >= 0 (0 = no FPO), got {self.fpo_steps}")
+        if not self.fpo_beta > 0:
+            raise ValueError(f"fpo_beta must be > 0, got {self.fpo_beta}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.cpus_per_worker < 0:

@@ -18,6 +18,7 @@ Shape letters: B batch, N tokens, E `<evi>` tokens, T frames, U number vocab, V 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,3 +108,125 @@ def fpo_step(model, ref_model, chosen: dict[str, torch.Tensor], rejected: dict[s
     metrics = {"fpo_loss": float(loss.detach()), "reward_margin": float(margin.mean()),
                "reward_accuracy": float((margin > 0).float().mean())}
     return loss, metrics
+
+
+# --- FPO as a pipeline stage (driver process) ---------------------------------------------------
+
+
+def encode_pairs(rows: list[dict[str, Any]], tokenizer, config, model, *, seed: int):
+    """Pipeline rows -> (chosen, rejected, pixel_values) of one preference pair per row, the
+    factor cycling over `data.preference.make_pairs`'s applicable factors; rows without any
+    applicable factor are left out (None when none is left). With evidence tokens on, each side
+    is the D2VLM answer with its own `evidence_frames`."""
+    import random
+
+    from timeexpert.data.preference import make_pairs
+    from timeexpert.events import Event
+    from timeexpert.models.evidence import encode_evidence_example, pad_targets
+    from timeexpert.models.tokenizer import collate
+
+    rng = random.Random(seed)
+    sides: dict[str, list] = {"chosen": [], "rejected": []}
+    targets: dict[str, list] = {"chosen": [], "rejected": []}
+    pixels = []
+    for row in rows:
+        events = [Event.from_dict(e) for e in json.loads(str(row["events"]))]
+        duration = float(row["duration"])
+        pairs = make_pairs(events, duration, seed=rng.randrange(1 << 30)) if events else []
+        if not pairs:
+            continue
+        pair = rng.choice(pairs)
+        mask = row["frame_mask"]
+        times = row["timestamps"][mask].tolist()
+        for side, evs in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            if config.evidence is not None:
+                enc, target_KT = encode_evidence_example(
+                    tokenizer, str(row["task"]), str(row["query"]), times, evs,
+                    tokens_per_frame=config.tokens_per_frame, duration=duration,
+                    max_length=config.max_position_embeddings)
+                targets[side].append(target_KT)
+            else:
+                enc = tokenizer.encode_example(str(row["task"]), str(row["query"]), times, evs,
+                                               tokens_per_frame=config.tokens_per_frame,
+                                               max_length=config.max_position_embeddings)
+            sides[side].append(enc)
+        pixels.append(model.preprocess_frames(row["frames"][mask]))
+    if not pixels:
+        return None
+    batches = []
+    for side in ("chosen", "rejected"):
+        batch = collate(sides[side])
+        if targets[side]:
+            batch["evidence_frames"] = pad_targets(targets[side])
+        batches.append(batch)
+    return batches[0], batches[1], torch.cat(pixels)
+
+
+def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str = "") -> dict[str, float]:
+    """`cfg.fpo_steps` FPO steps from the checkpoint at `checkpoint_uri` against a frozen copy of
+    it (the reference policy), on pairs made from `cfg.data_root`'s train split; writes a loadable
+    checkpoint to `output_uri` and returns the last step's metrics (+ "fpo/first_margin").
+
+    Runs in the calling process (the driver), not under Ray Train: one worker, no expert
+    parallelism. Trains what the recipe's stage 3 trains (all but the vision encoder). Policy
+    and reference both run in eval mode (deterministic top-K token sampling, no routing-rate
+    updates), so at step 1 they agree and the margin starts at 0."""
+    import copy
+    import os
+    import tempfile
+
+    from timeexpert import storage
+    from timeexpert.data.pipeline import build_dataset
+    from timeexpert.inference import GroundingModel
+    from timeexpert.tracking import StepLogger
+    from timeexpert.train.loop import data_config, set_trainable
+
+    torch.manual_seed(cfg.seed)
+    gm = GroundingModel.load(checkpoint_uri)
+    policy, tokenizer, config = gm.model.eval(), gm.tokenizer, gm.model.config
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    set_trainable(policy, 3, cfg.recipe)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fpo = FPOConfig(beta=cfg.fpo_beta)
+    dataset = build_dataset(data_config(cfg, config), split="train", shuffle=False, preserve_order=True)
+    dataset.dataset.context.enable_progress_bars = False
+    logger = StepLogger(cfg.tracking_uri, mlflow_run_id)
+
+    def pair_batches():  # endless; the same pairs every epoch (seeded by batch position)
+        while True:
+            n = 0
+            for batch in dataset.dataset.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+                rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))]
+                encoded = encode_pairs(rows, tokenizer, config, policy, seed=cfg.seed + n)
+                n += 1
+                if encoded is not None:
+                    yield encoded
+            if n == 0:
+                raise ValueError(f"no training rows under {cfg.data_root!r} for FPO")
+
+    batches = pair_batches()
+    metrics: dict[str, float] = {}
+    first_margin = None
+    for step in range(1, cfg.fpo_steps + 1):
+        chosen, rejected, pixel_values = next(batches)
+        loss, metrics = fpo_step(policy, reference, chosen, rejected, pixel_values, fpo)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optim.step()
+        first_margin = metrics["reward_margin"] if first_margin is None else first_margin
+        metrics = {f"fpo/{k}": v for k, v in metrics.items()}
+        if step % cfg.log_every == 0 or step == cfg.fpo_steps:
+            print(f"[fpo] step {step}/{cfg.fpo_steps} loss {metrics['fpo/fpo_loss']:.4f} margin "
+                  f"{metrics['fpo/reward_margin']:.3f} acc {metrics['fpo/reward_accuracy']:.2f}",
+                  flush=True)
+            logger.log(metrics, step)
+    logger.close()
+    with tempfile.TemporaryDirectory(prefix="te-fpo-") as d:
+        gm.save(d)
+        with open(os.path.join(d, "train_state.json"), "w") as f:
+            json.dump({"state": {"stage": "fpo", "step": cfg.fpo_steps}, "config": cfg.to_dict()}, f)
+        storage.upload_dir(d, output_uri)
+    return {**metrics, "fpo/first_margin": float(first_margin or 0.0), "step": cfg.fpo_steps}

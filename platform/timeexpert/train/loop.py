@@ -5,10 +5,15 @@ Per worker: build (tokenizer, model config, weights from the last checkpoint / t
 tokens -> forward -> stage loss -> backward -> synced step -> token-adaptive add/prune), report
 (progress line, MLflow step metrics from rank 0, checkpoints through `ray.train.report`).
 
-Stages (TimeExpert sec. 3.5):
-1. task modules (slot compression + projector, time / score encoders, the three heads), CE only;
-2. the MoE decoder (blocks, final norm, text embedding), CE + task-dependent aux + z-loss;
-3. everything but the vision encoder, CE + aux + z.
+Stages are `StageSpec`s (what trains, which loss terms, LoRA or not), one dict per recipe
+(`RECIPES`, chosen by `TrainConfig.recipe`):
+- "timeexpert" (TimeExpert sec. 3.5): 1 task modules (slot compression + projector, time / score
+  encoders, the three heads, the D2VLM evidence head), CE only; 2 the MoE decoder (blocks, final
+  norm, text embedding), CE + task-dependent aux + z-loss; 3 everything but the vision encoder.
+- "groundvts" (GroundVTS sec. 3.3, `models.token_sampling.GROUNDVTS_STAGES`): 1 sampler warm-up,
+  2 sampler + projector + decoder with LoRA on attention, 3 grounding fine-tuning.
+With D2VLM evidence tokens on, batches carry `evidence_frames` and L_gnd + L_cons join the
+stage's loss in every stage (the stage's trainable modules decide what they train).
 """
 
 from __future__ import annotations
@@ -24,16 +29,23 @@ import numpy as np
 
 from timeexpert import storage
 from timeexpert.events import NUM_TOKEN_TYPES, Event, TokenType
+from timeexpert.models.token_sampling import GROUNDVTS_STAGES, StageSpec, set_stage_trainable
 from timeexpert.train.config import TrainConfig
 
-# parameter-name prefixes trained in each stage (TimeExpert sec. 3.5)
-STAGE_MODULES: dict[int, tuple[str, ...]] = {
-    1: ("compressor.", "projector.", "time_encoder.", "score_encoder.", "time_head.",
-        "score_head.", "lm_head."),
-    2: ("layers.", "norm.", "text_embed."),
-    3: ("",),  # all but the vision encoder (below)
+_CE = ("loss_time", "loss_score", "loss_text")
+TIMEEXPERT_STAGES: dict[int, StageSpec] = {  # TimeExpert sec. 3.5
+    1: StageSpec(name="task-modules", losses=_CE,
+                 trainable=("compressor.", "projector.", "time_encoder.", "score_encoder.",
+                            "time_head.", "score_head.", "lm_head.", "evidence_head.")),
+    2: StageSpec(name="moe-decoder", trainable=("layers.", "norm.", "text_embed."),
+                 losses=_CE + ("aux_loss", "z_loss")),
+    3: StageSpec(name="all-but-vision", trainable=("",), frozen=("frame_encoder.",),
+                 losses=_CE + ("aux_loss", "z_loss")),
 }
-FROZEN_ALWAYS_IN_STAGE3 = ("frame_encoder.",)
+RECIPES: dict[str, dict[int, StageSpec]] = {
+    "timeexpert": TIMEEXPERT_STAGES,
+    "groundvts": GROUNDVTS_STAGES,  # VTS warm-up -> joint LoRA -> grounding FT
+}
 TOKEN_TYPE_NAMES = [t.name.lower() for t in TokenType]
 
 
@@ -74,46 +86,82 @@ def load_tokenizer(uri: str):
         return GroundingTokenizer.from_pretrained(d)
 
 
-def set_trainable(model, stage: int) -> list[str]:
+def stage_spec(recipe: str, stage: int) -> StageSpec:
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    if stage not in RECIPES[recipe]:
+        raise ValueError(f"stage must be one of {sorted(RECIPES[recipe])}, got {stage}")
+    return RECIPES[recipe][stage]
+
+
+def set_trainable(model, stage: int, recipe: str = "timeexpert") -> list[str]:
     """Freeze everything but the stage's modules; returns the trainable parameter names."""
-    prefixes = STAGE_MODULES[stage]
-    names = []
-    for name, p in model.named_parameters():
-        train = name.startswith(prefixes)
-        if stage == 3 and name.startswith(FROZEN_ALWAYS_IN_STAGE3):
-            train = False
-        p.requires_grad_(train)
-        if train:
-            names.append(name)
-    return names
+    return set_stage_trainable(model, stage_spec(recipe, stage))
 
 
-def stage_loss(out, stage: int, config):
-    """Stage 1: the heads' cross-entropy only; stages 2-3: CE + aux (eq. 9) + z-loss."""
-    if stage == 1:
-        return (config.loss_weight_time * out.loss_time + config.loss_weight_score * out.loss_score
-                + config.loss_weight_text * out.loss_text)
-    return out.loss
+def stage_loss(out, stage: int, config, recipe: str = "timeexpert"):
+    """The stage's loss terms, the heads' CE weighted by the model config (stage 2-3 of
+    "timeexpert" is `out.loss`); plus D2VLM's weighted L_gnd + L_cons when evidence is on."""
+    weights = {"loss_time": config.loss_weight_time, "loss_score": config.loss_weight_score,
+               "loss_text": config.loss_weight_text}
+    loss = None
+    for name in stage_spec(recipe, stage).losses:
+        term = weights.get(name, 1.0) * getattr(out, name)
+        loss = term if loss is None else loss + term
+    if out.loss_grounding is not None:
+        from timeexpert.models.evidence import EvidenceConfig
+
+        ecfg = EvidenceConfig.from_dict(config.evidence)
+        loss = (loss + ecfg.loss_weight_grounding * out.loss_grounding
+                + ecfg.loss_weight_consistency * out.loss_consistency)
+    return loss
+
+
+def merged_lora_state(model, full_state: dict) -> dict:
+    """A state dict with every LoRA-wrapped layer folded back into its plain weight
+    (W + scale B A), so the checkpoint loads into a model without adapters."""
+    out = {}
+    for name, value in full_state.items():
+        if ".lora_" in name:
+            continue
+        if ".base_layer." in name:
+            prefix, _, leaf = name.partition(".base_layer.")
+            if leaf == "weight":
+                value = value + model.get_submodule(prefix).get_delta_weight("default").detach()
+            name = f"{prefix}.{leaf}"
+        out[name] = value
+    return out
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> dict[str, Any]:
-    """A pipeline batch (frames, timestamps, task, query, events) -> model inputs."""
+    """A pipeline batch (frames, timestamps, task, query, events) -> model inputs. With evidence
+    tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets."""
     import torch
 
+    from timeexpert.models.evidence import encode_evidence_example, pad_targets
     from timeexpert.models.tokenizer import collate
 
-    encoded, pixels = [], []
+    encoded, pixels, targets = [], [], []
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
         events = [Event.from_dict(e) for e in json.loads(batch["events"][i])]
-        encoded.append(tokenizer.encode_example(
-            str(batch["task"][i]), str(batch["query"][i]), batch["timestamps"][i][mask].tolist(),
-            events, tokens_per_frame=config.tokens_per_frame,
-            max_length=config.max_position_embeddings,
-        ))
+        task, query, times = str(batch["task"][i]), str(batch["query"][i]), batch["timestamps"][i][mask].tolist()
+        if config.evidence is not None:
+            duration = float(batch["duration"][i]) if "duration" in batch else None
+            enc, target_KT = encode_evidence_example(
+                tokenizer, task, query, times, events, tokens_per_frame=config.tokens_per_frame,
+                duration=duration, max_length=config.max_position_embeddings)
+            targets.append(target_KT)
+        else:
+            enc = tokenizer.encode_example(task, query, times, events,
+                                           tokens_per_frame=config.tokens_per_frame,
+                                           max_length=config.max_position_embeddings)
+        encoded.append(enc)
         pixels.append(model.preprocess_frames(batch["frames"][i][mask]))
     inputs = collate(encoded)
     inputs["pixel_values"] = torch.cat(pixels)
+    if targets:
+        inputs["evidence_frames"] = pad_targets(targets)
     return inputs
 
 
@@ -189,7 +237,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = parallel.build_sharded_model(TimeExpertForGrounding, mconfig, groups, full)
     del full
     model.train()
-    trainable = set_trainable(model, cfg.stage)
+    spec = stage_spec(cfg.recipe, cfg.stage)
+    if spec.lora:  # adapters start at B = 0: the model's function is unchanged
+        from timeexpert.models.token_sampling import apply_lora
+
+        apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    trainable = set_stage_trainable(model, spec)
     optim = Optimizers(model, groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage,
                        batch_size=cfg.batch_size)
@@ -199,7 +252,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = StepLogger(cfg.tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
     if rank == 0:
         n_train = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
-        print(f"[stage {cfg.stage}] {cfg.num_workers} workers, EP={cfg.ep_size}, "
+        print(f"[stage {cfg.stage}: {cfg.recipe} {spec.name}{' +LoRA' if spec.lora else ''}] "
+              f"{cfg.num_workers} workers, EP={cfg.ep_size}, "
               f"ZeRO-{cfg.zero_stage}, {n_train} trainable parameters on rank 0, "
               f"steps {state['step'] + 1}..{cfg.num_steps}", flush=True)
 
@@ -216,7 +270,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         optim.set_lr(lr)
         out = forward(**inputs)
-        loss = stage_loss(out, cfg.stage, mconfig)
+        loss = stage_loss(out, cfg.stage, mconfig, cfg.recipe)
         optim.backward(loss)
         grad_norm = optim.step()
         parallel.sync_routing_rates(model, groups)
@@ -237,6 +291,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            ("loss_score", out.loss_score), ("loss_text", out.loss_text),
                            ("aux_loss", out.aux_loss), ("z_loss", out.z_loss)):
             window[key] = window.get(key, 0.0) + float(value.detach())
+        if mconfig.evidence is not None:  # D2VLM; every rank has the key (all-reduced by name)
+            for key in ("loss_grounding", "loss_consistency"):
+                value = getattr(out, key)
+                window[key] = window.get(key, 0.0) + (0.0 if value is None else float(value.detach()))
         window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
         window["experts_added"] = window.get("experts_added", 0.0) + added
         window["experts_pruned"] = window.get("experts_pruned", 0.0) + pruned
@@ -258,6 +316,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.log(metrics, step)
         if step % cfg.checkpoint_every == 0 or last:
             full_state = parallel.full_state_dict(model, groups)
+            if spec.lora:
+                full_state = merged_lora_state(model, full_state)
             with tempfile.TemporaryDirectory(prefix="te-ckpt-") as d:
                 ckpt.write_checkpoint(
                     d, rank=rank, model=model, full_state=full_state, tokenizer=tokenizer,

@@ -6,6 +6,11 @@
     result.stages[2].eval_metrics["mr/R1@0.5"]             # eval on cfg.eval_split per stage
 
 Any stage runs alone from a checkpoint: `run_pipeline(cfg, stages=(3,), resume_from=uri)`.
+`cfg.recipe` picks what the stages train ("timeexpert" or "groundvts", `train.loop.RECIPES`);
+`cfg.fpo_steps > 0` adds D2VLM's FPO after the last stage (`result.fpo`, run in the driver by
+`train.fpo.train_fpo`); `run_pipeline(cfg, stages=(), resume_from=uri)` runs FPO alone.
+With token sampling on, each stage's evaluation plots the per-frame token density of the first
+video of each task (GroundVTS's token-density curve) into the stage's MLflow run.
 MLflow (when `cfg.tracking_uri` is set): one parent run per pipeline (or the caller's
 `parent_run_id`), a nested run per stage with params, the workers' step metrics, the stage's
 eval metrics and plots (loss curves, active experts, expert-assignment heatmap) as artifacts.
@@ -14,6 +19,8 @@ eval metrics and plots (loss curves, active experts, expert-assignment heatmap) 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -26,7 +33,7 @@ from timeexpert.train.loop import FitResult, fit, load_tokenizer, model_config, 
 
 @dataclass
 class StageResult:
-    stage: int
+    stage: int | str  # 1, 2, 3, or "fpo"
     checkpoint_uri: str  # the stage's last checkpoint: a loadable model directory
     train_metrics: dict[str, float]  # metrics reported with that checkpoint (+ data skips)
     eval_metrics: dict[str, float]  # "{task}/{metric}" on cfg.eval_split ({} when off)
@@ -39,9 +46,12 @@ class PipelineResult:
     stages: dict[int, StageResult] = field(default_factory=dict)
     parent_run_id: str = ""  # the pipeline's MLflow run ("" without MLflow)
     tokenizer_uri: str = ""
+    fpo: StageResult | None = None  # the FPO stage after the last stage (cfg.fpo_steps > 0)
 
     @property
     def checkpoint_uri(self) -> str:
+        if self.fpo is not None:
+            return self.fpo.checkpoint_uri
         return self.stages[max(self.stages)].checkpoint_uri
 
     def summary(self) -> dict[str, float]:
@@ -51,6 +61,9 @@ class PipelineResult:
             out.update({f"stage{n}/train/{k}": v for k, v in s.train_metrics.items()
                         if isinstance(v, (int, float))})
             out.update({f"stage{n}/eval/{k}": v for k, v in s.eval_metrics.items()})
+        if self.fpo is not None:
+            out.update({f"fpo/train/{k.removeprefix('fpo/')}": v for k, v in self.fpo.train_metrics.items()})
+            out.update({f"fpo/eval/{k}": v for k, v in self.fpo.eval_metrics.items()})
         return out
 
 
@@ -62,9 +75,12 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
     `steps` overrides `cfg.num_steps` per stage."""
     stages = list(stages)
     bad = [s for s in stages if s not in STAGES] or (stages != sorted(set(stages)))
-    if bad or not stages:
-        raise ValueError(f"stages must be increasing values of {STAGES}, got {stages}")
+    if bad or not (stages or cfg.fpo_steps):
+        raise ValueError(f"stages must be increasing values of {STAGES} (or none with "
+                         f"fpo_steps > 0), got {stages}")
     start_from = resume_from or cfg.init_from
+    if not stages and not start_from:
+        raise ValueError("FPO alone needs a checkpoint: pass resume_from (or cfg.init_from)")
     if start_from:
         tokenizer_uri = start_from  # a checkpoint holds its tokenizer
     else:
@@ -96,7 +112,7 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
                   f"{stage_cfg.init_from or 'fresh weights'}", flush=True)
             try:
                 fitted: FitResult = fit(stage_cfg, tokenizer_uri=tokenizer_uri, callbacks=callbacks)
-                eval_metrics = evaluate_checkpoint(fitted.checkpoint_uri, stage_cfg)
+                eval_metrics = _evaluate_and_plot(fitted.checkpoint_uri, stage_cfg, run_id)
             except BaseException:
                 if uri:
                     tracking.end_run(uri, run_id, "FAILED")
@@ -111,11 +127,61 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
             if uri:
                 _log_stage(uri, run_id, sr, parent_run_id)
             start_from = fitted.checkpoint_uri
+        if cfg.fpo_steps:
+            result.fpo = _run_fpo(cfg, start_from, parent_run_id)
         status = "FINISHED"
     finally:
         if own_parent:
             tracking.end_run(uri, parent_run_id, status)
     return result
+
+
+def _run_fpo(cfg: TrainConfig, start_from: str, parent_run_id: str) -> StageResult:
+    """D2VLM FPO from `start_from` (driver process), evaluated like a stage."""
+    from timeexpert.train.fpo import train_fpo
+    from timeexpert.train.loop import _storage_root
+
+    t0 = time.perf_counter()
+    uri, run_id = cfg.tracking_uri, ""
+    name = f"{cfg.name}-fpo"
+    if uri:
+        run_id = tracking.create_run(uri, cfg.experiment, name, parent_id=parent_run_id,
+                                     tags={**cfg.tags, "stage": "fpo"})
+        tracking.log_params(uri, run_id, {**cfg.to_dict(), "init_from": start_from})
+    print(f"== fpo: {cfg.fpo_steps} steps from {start_from}", flush=True)
+    output_uri = storage.join_uri(_storage_root(cfg), name, "checkpoint")
+    try:
+        train_metrics = train_fpo(start_from, cfg, output_uri=output_uri, mlflow_run_id=run_id)
+        eval_metrics = _evaluate_and_plot(output_uri, cfg, run_id)
+    except BaseException:
+        if uri:
+            tracking.end_run(uri, run_id, "FAILED")
+        raise
+    sr = StageResult(stage="fpo", checkpoint_uri=output_uri, train_metrics=train_metrics,
+                     eval_metrics=eval_metrics, mlflow_run_id=run_id,
+                     seconds=time.perf_counter() - t0)
+    if uri:
+        tracking.log_metrics(uri, run_id, {f"eval/{k}": v for k, v in eval_metrics.items()},
+                             step=cfg.fpo_steps)
+        tracking.set_tags(uri, run_id, {"checkpoint_uri": output_uri})
+        tracking.end_run(uri, run_id)
+        if parent_run_id:
+            tracking.log_metrics(uri, parent_run_id,
+                                 {f"fpo/eval/{k}": v for k, v in eval_metrics.items()})
+    print(f"== fpo done in {sr.seconds:.0f} s: checkpoint {output_uri}; margin "
+          f"{train_metrics.get('fpo/first_margin', 0):.3f} -> "
+          f"{train_metrics.get('fpo/reward_margin', 0):.3f}", flush=True)
+    return sr
+
+
+def _evaluate_and_plot(checkpoint_uri: str, cfg: TrainConfig, run_id: str) -> dict[str, float]:
+    """`evaluate_checkpoint`, and its token-density plots (token sampling on) into the run."""
+    with tempfile.TemporaryDirectory(prefix="te-plots-") as d:
+        metrics = evaluate_checkpoint(checkpoint_uri, cfg, plot_dir=d)
+        if cfg.tracking_uri and run_id:
+            for name in sorted(os.listdir(d)):
+                tracking.log_artifact_file(cfg.tracking_uri, run_id, os.path.join(d, name), "plots")
+    return metrics
 
 
 def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str) -> None:
@@ -139,9 +205,12 @@ def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str) -> No
 
 
 def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | None = None,
-                        max_records: int | None = None, batch_size: int = 8) -> dict[str, float]:
+                        max_records: int | None = None, batch_size: int = 8,
+                        plot_dir: str = "") -> dict[str, float]:
     """Generate answers with the checkpoint for up to `max_records` records per task of `split`
-    and score them (`timeexpert.eval.evaluate`): {"mr/R1@0.5": ..., "vhd/...", "dvc/..."}."""
+    and score them (`timeexpert.eval.evaluate`): {"mr/R1@0.5": ..., "vhd/...", "dvc/..."}.
+    `plot_dir`: where to write `token_density_{task}.png` (the per-frame density of kept visual
+    tokens of each task's first video, GroundVTS) when the model samples tokens."""
     from timeexpert.data import formats
     from timeexpert.data.pipeline import build_dataset, record_from_row
     from timeexpert.eval.evaluate import evaluate_predictions
@@ -173,7 +242,15 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
         ]
         for row, pred in zip(rows, gm.predict_batch(requests)):
             predictions[str(row["id"])] = pred
-            seen.append(record_from_row(row))
+            record = record_from_row(row)
+            seen.append(record)
+            plot = os.path.join(plot_dir, f"token_density_{record.task.value}.png") if plot_dir else ""
+            if plot and pred.token_density is not None and not os.path.exists(plot):
+                from timeexpert.models.token_sampling import plot_token_density
+
+                plot_token_density(pred.token_density, row["timestamps"][row["frame_mask"]], plot,
+                                   intervals=[(e.start, e.end) for e in record.events],
+                                   title=f"{record.task.value}: {record.query[:60]}")
     out: dict[str, float] = {}
     for task in Task:
         task_records = [r for r in seen if r.task == task]
