@@ -57,13 +57,26 @@ def markdown_table(rows: dict[str, dict[str, float]], last_stage: int) -> str:
 def run_ablation(base, *, stages, variants) -> tuple[str, dict]:
     from timeexpert.train.stages import run_pipeline
 
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown ablation variants {unknown}; choose from {list(VARIANTS)}")
     rows, results = {}, {}
+    last = max(stages)
     for name in variants:
         print(f"=== ablation {name}", flush=True)
-        result = run_pipeline(variant_config(base, name), stages=stages)
-        rows[name] = result.summary()
+        cfg = variant_config(base, name)
+        result = run_pipeline(cfg, stages=stages)
+        summary = result.summary()
+        if cfg.moe.get("gating") == "dense":
+            # The dense decoder reports no per-task routing: every token of every task goes
+            # through its one FFN, so each task's mean is the overall one (1 expert).
+            overall = summary.get(f"stage{last}/train/experts/mean_active")
+            for _, key in COLUMNS:
+                if key.startswith("train/experts/mean_active/") and overall is not None:
+                    summary.setdefault(f"stage{last}/{key}", overall)
+        rows[name] = summary
         results[name] = result
-    return markdown_table(rows, max(stages)), results
+    return markdown_table(rows, last), results
 
 
 def main(argv=None) -> int:

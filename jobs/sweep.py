@@ -77,18 +77,25 @@ def run_sweep(base, *, num_samples: int, max_concurrent: int = 1, seed: int = 0)
                  parent_run_id=parent)
     reports = max(1, base.num_steps // base.log_every)
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"CPU": 0}),  # the trial's Train workers reserve the CPUs
+        # A sliver of a CPU for the trial driver (Tune refuses an empty request); the trial's
+        # Train workers reserve the real CPUs.
+        tune.with_resources(trial, {"CPU": 0.01}),
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric="loss", mode="min", num_samples=num_samples, max_concurrent_trials=max_concurrent,
-            scheduler=ASHAScheduler(max_t=reports, grace_period=1, reduction_factor=2),
-            search_alg=BasicVariantGenerator(random_state=seed),
+            metric="loss", mode="min", num_samples=num_samples,
+            # max_t one past the last report: a trial that reaches its last step ends on its own
+            # (and finishes its MLflow run); ASHA only stops the weak ones at its rungs.
+            scheduler=ASHAScheduler(max_t=reports + 1, grace_period=1, reduction_factor=2),
+            # Tune ignores max_concurrent_trials beside an explicit BasicVariantGenerator.
+            search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
         ),
         run_config=tune.RunConfig(name=base.name, storage_path=os.path.join(_storage_root(base), "tune")
                                   if not base.storage_root.startswith("s3://") else
                                   storage.join_uri(base.storage_root, "tune")),
     )
     grid = tuner.fit()
+    if parent:
+        _close_stopped_trial_runs(base.tracking_uri, base.experiment, parent)
     best = grid.get_best_result()
     best_hp = {k: v for k, v in best.config.items() if k not in ("base", "tokenizer_uri", "parent_run_id")}
     if parent:
@@ -96,6 +103,28 @@ def run_sweep(base, *, num_samples: int, max_concurrent: int = 1, seed: int = 0)
         tracking.log_metrics(base.tracking_uri, parent, {"best_loss": best.metrics["loss"]})
         tracking.end_run(base.tracking_uri, parent)
     return best_hp, grid
+
+
+def _close_stopped_trial_runs(tracking_uri: str, experiment: str, parent: str) -> None:
+    """ASHA stops a trial mid-run, before it ends its MLflow run: mark those runs KILLED."""
+    from timeexpert import tracking
+
+    c = tracking.client(tracking_uri)
+    runs = c.search_runs([tracking.experiment_id(tracking_uri, experiment)],
+                         filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    for run in runs:
+        if run.info.status == "RUNNING":
+            tracking.end_run(tracking_uri, run.info.run_id, "KILLED")
+
+
+def trial_summaries(grid) -> list[dict]:
+    """One entry per trial: its hyperparameters, last reported step and loss, error if any."""
+    out = []
+    for r in grid:
+        hp = {k: v for k, v in r.config.items() if k not in ("base", "tokenizer_uri", "parent_run_id")}
+        out.append({"hp": hp, "step": (r.metrics or {}).get("step"), "loss": (r.metrics or {}).get("loss"),
+                    "error": None if r.error is None else repr(r.error)[:500]})
+    return out
 
 
 def main(argv=None) -> int:
@@ -112,10 +141,12 @@ def main(argv=None) -> int:
     _common.prepare_data(args)
     _common.connect_ray(args.num_cpus)
     best, grid = run_sweep(cfg, num_samples=args.num_samples, max_concurrent=args.max_concurrent)
-    for r in grid:
-        hp = {k: v for k, v in r.config.items() if k not in ("base", "tokenizer_uri", "parent_run_id")}
-        print(f"trial loss {r.metrics.get('loss', float('nan')):.4f} at step "
-              f"{r.metrics.get('step')} {json.dumps(hp)}")
+    trials = trial_summaries(grid)
+    for t in trials:
+        loss = float("nan") if t["loss"] is None else t["loss"]
+        print(f"trial loss {loss:.4f} at step {t['step']} {json.dumps(t['hp'])}"
+              + (f" ERROR {t['error']}" if t["error"] else ""))
+    print("TRIALS " + json.dumps(trials), flush=True)
     print("BEST " + json.dumps(best), flush=True)
     return 0
 

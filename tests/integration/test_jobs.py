@@ -1,0 +1,170 @@
+"""The jobs as users run them, submitted with `ray job submit` to the `ray start --head` cluster of
+the local stack (infra/local/up.sh: moto S3, MLflow server on SQLite, Ray head with job server):
+a 4-trial Tune sweep (ASHA, each trial a Train run), one training pipeline stage with S3 data and
+checkpoints, and a reduced ablation grid. One stack for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+MINI = dict(name="mini", num_videos={"train": 4, "val": 2, "test": 1}, min_duration=8,
+            max_duration=12, max_event_len=5)
+# Small enough for a loaded 2-core machine: 1 worker of half a CPU, tiny batches, few steps.
+COMMON = ["--preset", "tiny_cpu", "--set", "log_every=1", "--set", "batch_size=2",
+          "--set", "cpus_per_worker=0.5"]
+
+
+def _env_from(state: pathlib.Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for line in (state / "env").read_text().splitlines():
+        for assignment in line.removeprefix("export ").split():
+            key, _, value = assignment.partition("=")
+            env[key] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """The local stack's env (RAY_ADDRESS, MLFLOW_TRACKING_URI, AWS_*, TE_STORAGE_ROOT) with the
+    mini synthetic benchmark on its S3 at {TE_STORAGE_ROOT}/data/mini."""
+    # A short state path: Ray's unix sockets live under it.
+    state = pathlib.Path(f"/tmp/te-jobs-{uuid.uuid4().hex[:6]}")
+    try:
+        up = subprocess.run([str(ROOT / "infra/local/up.sh"), str(state)], capture_output=True,
+                            text=True, timeout=300)
+        assert up.returncode == 0, up.stderr + up.stdout
+        env = _env_from(state)
+        env["DATA"] = f"{env['TE_STORAGE_ROOT']}/data/mini"
+        gen = (f"from timeexpert.data import synth; synth.generate(synth.SynthSpec(**{MINI!r}), "
+               f"{env['DATA']!r}, seed=0, workers=1)")
+        subprocess.run([sys.executable, "-c", gen], env=env, check=True, timeout=180)
+        yield env
+    finally:
+        subprocess.run([str(ROOT / "infra/local/down.sh"), str(state)], capture_output=True,
+                       text=True, timeout=120)
+
+
+def _submit(env: dict[str, str], *entrypoint: str, timeout: int = 900) -> str:
+    """`ray job submit --working-dir .` and wait; returns the job's output (asserts success)."""
+    deadline = time.monotonic() + 180
+    while True:
+        job = subprocess.run(
+            [str(ROOT / ".venv/bin/ray"), "job", "submit", "--address", env["RAY_ADDRESS"],
+             "--working-dir", ".", "--", "python", *entrypoint],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        # The head's job agent registers a while after the dashboard answers (slow when the
+        # machine is busy); the submission is refused before any job exists, so retry it.
+        if "No available agent to submit job" not in job.stdout + job.stderr:
+            break
+        assert time.monotonic() < deadline, "the Ray job agent never came up: " + job.stderr[-500:]
+        time.sleep(3)
+    assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-2000:]
+    assert "succeeded" in job.stdout.lower(), job.stdout[-3000:]
+    return job.stdout
+
+
+def _line(out: str, prefix: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith(prefix)]
+    assert lines, f"no {prefix!r} line in the job output: {out[-3000:]}"
+    return lines[-1].removeprefix(prefix)
+
+
+def _mlflow(env):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def test_four_trial_sweep(stack):
+    name = f"sweep-{uuid.uuid4().hex[:4]}"
+    out = _submit(stack, "jobs/sweep.py", *COMMON, "--data-root", stack["DATA"],
+                  "--storage-root", f"{stack['TE_STORAGE_ROOT']}/runs", "--name", name,
+                  "--tracking-uri", stack["MLFLOW_TRACKING_URI"], "--workers", "1",
+                  "--steps", "4", "--set", "checkpoint_every=4", "--num-samples", "4",
+                  "--max-concurrent", "2")
+    trials = json.loads(_line(out, "TRIALS "))
+    assert len(trials) == 4
+    assert [t["error"] for t in trials] == [None] * 4
+    steps = sorted(t["step"] for t in trials)
+    assert all(1 <= s <= 4 for s in steps), steps  # ASHA may stop weak trials at a rung
+    assert steps[-1] == 4  # the best trial ran to the end
+    best = json.loads(_line(out, "BEST "))
+    assert {"lr", "alpha", "tau_min", "lambda_1", "lambda_2"} <= set(best)
+
+    c = _mlflow(stack)
+    exp = c.get_experiment_by_name("timeexpert")
+    parents = c.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{name}'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert "best_loss" in parents[0].data.metrics
+    runs = c.search_runs([exp.experiment_id], f"tags.sweep = '{name}'")
+    assert len(runs) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)  # none left RUNNING
+    assert all("lr" in r.data.params for r in runs)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert finished and all("final_loss" in r.data.metrics for r in finished)
+    assert any("loss" in r.data.metrics for r in runs)  # the workers' step metrics
+
+
+def test_ray_job_submit_train(stack):
+    import s3fs
+
+    name = f"submitted-{uuid.uuid4().hex[:4]}"
+    out = _submit(stack, "jobs/train.py", *COMMON, "--data-root", stack["DATA"],
+                  "--storage-root", f"{stack['TE_STORAGE_ROOT']}/runs", "--name", name,
+                  "--tracking-uri", stack["MLFLOW_TRACKING_URI"], "--stages", "2", "--steps", "2",
+                  "--workers", "2", "--ep", "2", "--set", "eval_max_records=1")
+    assert "[stage 2] step 2/2" in out  # the progress line reached the user
+    result = json.loads(_line(out, "RESULT "))
+    uri = result["checkpoint_uri"]
+    assert uri.startswith(f"{stack['TE_STORAGE_ROOT']}/runs/{name}-stage2/"), uri
+    fs = s3fs.S3FileSystem(key=stack["AWS_ACCESS_KEY_ID"], secret=stack["AWS_SECRET_ACCESS_KEY"],
+                           client_kwargs={"endpoint_url": stack["AWS_ENDPOINT_URL"]})
+    files = {p.rsplit("/", 1)[1] for p in fs.ls(uri.removeprefix("s3://"))}
+    assert "config.json" in files and any(f.endswith(".safetensors") for f in files), files
+    assert "mr/R1@0.5" in result["stages"]["2"]["eval"]
+    parent = _mlflow(stack).get_run(result["parent_run_id"])  # logged to the stack's MLflow
+    assert parent.info.status == "FINISHED"
+
+
+def test_ablation_grid(stack):
+    name = f"abl-{uuid.uuid4().hex[:4]}"
+    out = _submit(stack, "jobs/ablate.py", *COMMON, "--data-root", stack["DATA"],
+                  "--storage-root", f"{stack['TE_STORAGE_ROOT']}/runs", "--name", name,
+                  "--tracking-uri", stack["MLFLOW_TRACKING_URI"], "--only", "dense,full",
+                  "--stages", "2", "--steps", "2", "--workers", "1",
+                  "--set", "eval_max_records=1")
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = {cells[0]: dict(zip(header, cells))
+            for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[1:])}
+    assert set(rows) == {"dense", "full"}, table
+    for variant, row in rows.items():
+        for column in ("MR R1@0.5", "VHD HIT@1 VG", "DVC F1", "loss", "experts/token",
+                       "time", "score", "text", "visual", "query"):
+            assert row[column] != "-", (variant, column, table)
+            float(row[column])
+    assert all(float(rows["dense"][t]) == 1.0 for t in ("time", "score", "text", "visual", "query"))
+    assert float(rows["full"]["experts/token"]) >= 1.0
+
+    c = _mlflow(stack)
+    exp = c.get_experiment_by_name("timeexpert-ablation")
+    for variant in ("dense", "full"):
+        runs = c.search_runs([exp.experiment_id],
+                             f"tags.ablation = '{variant}' and tags.mlflow.runName LIKE '{name}%'")
+        # the variant's parent run and its stage-2 run, both tagged
+        assert {r.data.tags["mlflow.runName"] for r in runs} == {f"{name}-{variant}",
+                                                                  f"{name}-{variant}-stage2"}
+        assert all(r.info.status == "FINISHED" for r in runs)
