@@ -219,7 +219,11 @@ class MoELayer(nn.Module):
         if self.cfg.gating == "topk":
             nn.init.normal_(self.w_gate_ED, std=D**-0.5)
         else:
-            nn.init.normal_(self.w_gate_ED)  # only directions matter (cosine)
+            # Only directions matter (cosine, eq. 5). Unit rows, like an added expert's
+            # R_S/|R_S|, so eq. 9's lambda_2 |W_g|^2 term starts at lambda_2 per expert instead
+            # of lambda_2 * D, and does not dominate the loss.
+            nn.init.normal_(self.w_gate_ED)
+            self.w_gate_ED.div_(self.w_gate_ED.norm(dim=-1, keepdim=True))
 
     def load_full_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Load an EP=1 state dict, keeping this rank's slice of the expert weights."""
