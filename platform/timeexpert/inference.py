@@ -33,6 +33,9 @@ class Prediction:
     num_tokens: int  # generated tokens
     token_density: list[float] | None = None  # GroundVTS: kept visual tokens / frame, per frame
     evidence: list[list[float]] | None = None  # D2VLM: per generated <evi>, per-frame grounding
+    # D2VLM: per generated <evi>, the interval its salient frames form (p >= threshold_ratio *
+    # max p, D2VLM sec. 4), None when no frame is salient
+    evidence_intervals: list[tuple[float, float] | None] | None = None
 
 
 @dataclass
@@ -203,8 +206,17 @@ class GroundingModel:
             for b, p in enumerate(predictions):
                 p.token_density = density[bounds[b]:bounds[b + 1]]
         if getattr(cfg, "evidence", None) is not None:
+            from timeexpert.models.evidence import interval_from_salient
+
+            ratio = self.model.evidence_head.config.threshold_ratio
             for b, p in enumerate(predictions):
                 p.evidence = extras["evidence"][b]
+                p.evidence_intervals = []
+                for probs in p.evidence or []:
+                    prob_T = torch.as_tensor(probs)
+                    salient_T = prob_T >= ratio * prob_T.max() if prob_T.numel() else prob_T.bool()
+                    p.evidence_intervals.append(interval_from_salient(
+                        salient_T, requests[b].timestamps_T, durations[b]))
         return predictions
 
     def _prediction(self, ids, kinds, task: Task, duration: float, clip_len: float) -> Prediction:

@@ -185,3 +185,25 @@ def test_generation_with_evidence_tokens_grounds_each_evi(tok):
     assert ids == [cfg.evidence_token_id] * 4  # caption cap not reached, EOS outscored
     assert len(extras["evidence"][0]) == 4 and all(len(p) == 3 for p in extras["evidence"][0])
     assert all(0.0 <= v <= 1.0 for p in extras["evidence"][0] for v in p)
+
+
+def test_prediction_turns_each_evi_grounding_into_its_salient_interval(tok):
+    from timeexpert.inference import GroundingModel
+
+    model, cfg = evidence_model(tok)
+    bias = torch.zeros(cfg.text_vocab_size)
+    bias[cfg.evidence_token_id] = 10.0
+    bias[cfg.answer_end_token_id] = 5.0
+    model.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.text_vocab_size, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.copy_(bias)
+    frames = np.random.default_rng(2).integers(0, 256, size=(4, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    timestamps = np.array([0.0, 2.0, 4.0, 6.0])
+    pred = GroundingModel.from_model(model, tok).predict(frames, timestamps, Task.MR, "the cat", duration=8.0)
+    assert pred.evidence and len(pred.evidence_intervals) == len(pred.evidence)
+    ratio = 0.6  # EvidenceConfig.threshold_ratio's default (D2VLM: 60% of the maximum)
+    for probs, interval in zip(pred.evidence, pred.evidence_intervals):
+        salient = [i for i, p in enumerate(probs) if p >= ratio * max(probs)]
+        first, last = salient[0], salient[-1]
+        assert interval == (timestamps[first], timestamps[last + 1] if last + 1 < 4 else 8.0)
