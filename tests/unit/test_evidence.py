@@ -207,3 +207,17 @@ def test_prediction_turns_each_evi_grounding_into_its_salient_interval(tok):
         salient = [i for i, p in enumerate(probs) if p >= ratio * max(probs)]
         first, last = salient[0], salient[-1]
         assert interval == (timestamps[first], timestamps[last + 1] if last + 1 < 4 else 8.0)
+
+
+def test_event_captions_drop_evi_markers_the_raw_answer_keeps_them(tok):
+    evi_tok = tok
+    cfg = evidence_model(evi_tok)[1]  # binds <evi> / </evi> into the tokenizer
+    encoded = evi_tok.encode_answer([Event(1.0, 2.0, 1.0, "the cat jumps")])
+    ids, types = list(encoded.ids), list(encoded.types)
+    # splice "<evi> </evi>" into the caption run, as a D2VLM answer interleaves them
+    at = types.index(int(TokenType.TEXT), 1 + types.index(int(TokenType.SCORE)))
+    ids = ids[:at] + [cfg.evidence_token_id, cfg.evidence_end_token_id] + ids[at:]
+    types = types[:at] + [int(TokenType.TEXT)] * 2 + types[at:]
+    assert evi_tok.decode_answer(ids, types)[0].caption == "the cat jumps"
+    raw = "".join(p for _, p in evi_tok.answer_pieces(ids, types))
+    assert "<evi></evi>" in raw.replace(" ", "")

@@ -137,8 +137,10 @@ class GroundingTokenizer:
     def encode_text(self, text: str) -> list[int]:
         return self.text.encode(text, add_special_tokens=False)
 
-    def decode_text(self, ids: Sequence[int]) -> str:
-        return self.text.decode(list(ids), clean_up_tokenization_spaces=False)
+    def decode_text(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        return self.text.decode(
+            list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False
+        )
 
     # --- prompt -----------------------------------------------------------------------------
 
@@ -200,15 +202,18 @@ class GroundingTokenizer:
         return Encoded(ids=ids, types=types, labels=list(ids))
 
     def answer_pieces(
-        self, ids: Sequence[int], types: Sequence[int]
+        self, ids: Sequence[int], types: Sequence[int], *, skip_special: bool = False
     ) -> list[tuple[TokenType, str]]:
-        """Ids/types (as generated) -> serializer pieces; runs of caption ids decode to one piece."""
+        """Ids/types (as generated) -> serializer pieces; runs of caption ids decode to one piece.
+
+        `skip_special` drops special text tokens inside captions (D2VLM's `<evi>` markers): the
+        events' captions are plain text, the raw answer keeps them."""
         pieces: list[tuple[TokenType, str]] = []
         run: list[int] = []
 
         def flush() -> None:
             if run:
-                pieces.append((TokenType.TEXT, self.decode_text(run)))
+                pieces.append((TokenType.TEXT, self.decode_text(run, skip_special=skip_special)))
                 run.clear()
 
         for i, kind in zip(ids, types):
@@ -230,7 +235,8 @@ class GroundingTokenizer:
         self, ids: Sequence[int], types: Sequence[int], *, order_times: bool = False
     ) -> list[Event]:
         """Ids/types -> events via THE parser (`parse_pieces`)."""
-        return parse_pieces(self.answer_pieces(ids, types), order_times=order_times)
+        pieces = self.answer_pieces(ids, types, skip_special=True)
+        return parse_pieces(pieces, order_times=order_times)
 
     # --- training examples and batches ---------------------------------------------------------
 
