@@ -28,11 +28,17 @@ wait_http() {  # url, seconds
 }
 
 S3_PORT=$(free_port); MLFLOW_PORT=$(free_port); RAY_PORT=$(free_port); DASH_PORT=$(free_port)
+# Ray's dashboard agent listens on a fixed 52365 by default: taken by any other Ray instance on
+# the machine, the agent never registers and jobs are refused ("No available agent").
+AGENT_PORT=$(free_port)
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
 export MLFLOW_DISABLE_TELEMETRY=true RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 # Job entrypoints (`python jobs/train.py ...`) run with the head's PATH: the project's venv first.
 export PATH="$BIN:$PATH"
+# The stack keeps Ray under STATE/ray (--temp-dir); an inherited RAY_TMPDIR or RAY_ADDRESS
+# (tests set them) would point Ray's processes elsewhere and the job agent never registers.
+unset RAY_TMPDIR RAY_ADDRESS
 
 # Each server gets its own session (setsid) so down.sh can stop its whole process group.
 setsid "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$STATE/s3.log" 2>&1 < /dev/null &
@@ -51,9 +57,20 @@ echo $! >"$STATE/mlflow.pid"
 # Ray keeps its sessions under STATE/ray: down.sh finds every Ray process by that path.
 "$BIN/ray" start --head --port "$RAY_PORT" --num-cpus "$RAY_CPUS" \
   --temp-dir "$STATE/ray" --include-dashboard true \
-  --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --disable-usage-stats >"$STATE/ray.log" 2>&1
+  --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \
+  --disable-usage-stats >"$STATE/ray.log" 2>&1
 wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 60
 wait_http "http://127.0.0.1:$DASH_PORT/api/version" 60
+# The job server answers before the head's job agent has registered ("No available agent to
+# submit job"): ready means a (no-op) job is accepted.
+deadline=$((SECONDS + 150))
+until timeout 30 "$BIN/ray" job submit --address "http://127.0.0.1:$DASH_PORT" --no-wait -- true \
+    >"$STATE/ready-probe.log" 2>&1; do
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    echo "Ray job agent never became ready:" >&2; cat "$STATE/ready-probe.log" >&2; exit 1
+  fi
+  sleep 1
+done
 
 cat >"$STATE/env" <<ENV
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
