@@ -27,7 +27,6 @@ from benchmarks.common import emit, parse_args  # noqa: E402
 
 def _batch(preset: str, batch_size: int, seed: int, moe: dict, width: int):
     import numpy as np
-    import torch
 
     from timeexpert.events import Event, Task
     from timeexpert.models.tokenizer import GroundingTokenizer, collate

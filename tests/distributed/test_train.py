@@ -4,7 +4,6 @@ EP=1, and a killed worker resumes from the last checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 

@@ -5,7 +5,6 @@ task mixing apply. One Ray instance for the module."""
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from timeexpert.events import Event, Task, TokenType
 from timeexpert.models.evidence import (
-    EVI,
-    EVI_END,
     EvidenceConfig,
     EvidenceHead,
     EvidenceSites,

@@ -7,7 +7,6 @@ import importlib
 import pathlib
 import re
 import shlex
-import sys
 
 import pytest
 import yaml

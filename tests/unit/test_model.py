@@ -22,14 +22,7 @@ GATINGS = ["dense", "topk", "dynamic"]
 CAPTIONS = ["a person opens the door", "the cat jumps on the sofa", "a red ball rolls away"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-wait
-    stalls when other processes hold the cores (measured: 5 s vs 134 s for the overfit test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from timeexpert import storage
-from timeexpert.events import NUM_TOKEN_TYPES, Event, TokenType
+from timeexpert.events import Event, TokenType
 from timeexpert.models.token_sampling import GROUNDVTS_STAGES, StageSpec, set_stage_trainable
 from timeexpert.train.config import TrainConfig
 

@@ -23,12 +23,12 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 from timeexpert import storage, tracking
 from timeexpert.events import Task
 from timeexpert.train.config import STAGES, TrainConfig
-from timeexpert.train.loop import FitResult, fit, load_tokenizer, model_config, prepare_tokenizer
+from timeexpert.train.loop import FitResult, fit, prepare_tokenizer
 
 
 @dataclass
