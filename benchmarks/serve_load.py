@@ -10,7 +10,8 @@ and concurrency (1, 4, 16 clients) it sends a bounded number of MR requests (`--
 client, stopping early after `--max-seconds`) and reports p50 / p99 latency, requests/s, errors:
 
 - `whole`: a different video per request (the decode cache never hits): HTTP + decode + model;
-- `model`: the same video every time (served from the decode cache): HTTP + the model deployment.
+- `model`: the same video every time (the ingress's decode cache hits: its decoded frames go from
+  the object store to the model replica): HTTP + the model deployment.
 
 The baseline is the same model called in-process (`GroundingModel.predict` on frames decoded
 once, one thread like a replica), timed in alternation with single HTTP requests on the model
@@ -43,6 +44,9 @@ def _args(parser) -> None:
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="stop issuing requests of one setting after this long")
     parser.add_argument("--port", type=int, default=0, help="HTTP port (0: a free one)")
+    parser.add_argument("--pairs", type=int, default=40,
+                        help="in-process / HTTP pairs for the overhead (the model's own run-to-run "
+                             "spread is larger than the overhead: fewer pairs give noise)")
 
 
 def build_checkpoint(path: str) -> str:
@@ -209,15 +213,29 @@ def main() -> None:
                         print(f"  error: {sample}", file=sys.stderr)
         overhead = {
             name: paired_overhead(call, f"http://127.0.0.1:{port}/{name}/v1/moments",
-                                  paths["model"](0), repeats=max(10, 4 * args.rounds))
+                                  paths["model"](0), repeats=args.pairs)
             for name in ("batched", "unbatched")
         }
         for name, o in overhead.items():
             print(f"{name}: in-process p50 {o['inprocess_p50_ms']:.1f} ms, HTTP p50 "
                   f"{o['http_p50_ms']:.1f} ms (paired)", file=sys.stderr)
         stats = {
-            name: serve.get_deployment_handle("VideoDecoder", app_name=name)
-            .cache_stats.remote().result()
+            name: {
+                **serve.get_deployment_handle("GroundingIngress", app_name=name)
+                .decode_cache_stats.remote().result(),
+                **serve.get_deployment_handle("VideoDecoder", app_name=name)
+                .stats.remote().result(),
+            }
+            for name in ("batched", "unbatched")
+        }
+        batching = {
+            name: serve.get_deployment_handle("GroundingModel", app_name=name)
+            .batch_stats.remote().result()
+            for name in ("batched", "unbatched")
+        }
+        batching = {
+            name: serve.get_deployment_handle("GroundingModel", app_name=name)
+            .batch_stats.remote().result()
             for name in ("batched", "unbatched")
         }
     finally:
@@ -245,6 +263,7 @@ def main() -> None:
         # the same through the batched app: adds up to batch_wait_timeout_s by design
         "p50_overhead_ms_batched": round(overhead["batched"]["overhead_ms"], 1),
         "decode_cache": stats,
+        "model_batches": batching,
     }, as_json=args.json)
 
 

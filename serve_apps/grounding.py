@@ -42,7 +42,7 @@ class GroundingAppArgs(BaseModel):
     decode_cache_entries: int = Field(default=64, ge=0)
     # model deployment
     max_batch_size: int = Field(default=8, ge=1, description="1 turns dynamic batching off")
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
     ep_size: int = Field(default=1, ge=1, description="> 1: expert-sharded replicas")
     ep_worker_num_cpus: float = Field(default=0.5, gt=0)
     device: str = "cpu"

@@ -101,6 +101,36 @@ def test_video_uri_allow_list(tmp_path):
         assert info.value.status == status, url
 
 
+def test_decode_cache_is_keyed_by_content_version(tmp_path):
+    """A replaced video under the same URI gets a new key; uploads are keyed by their bytes; the
+    LRU keeps the newest entries; a missing file is a 404."""
+    from timeexpert.serve.deployments import DecodedCache, video_version
+    from timeexpert.serve.inputs import RequestError, VideoSource
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"first")
+    first = video_version(VideoSource(uri=str(video)))
+    assert video_version(VideoSource(uri=str(video))) == first
+    video.write_bytes(b"second, longer")
+    assert video_version(VideoSource(uri=str(video))) != first
+    assert video_version(VideoSource(data=b"abc")) == video_version(VideoSource(data=b"abc"))
+    assert video_version(VideoSource(data=b"abc")) != video_version(VideoSource(data=b"abd"))
+    with pytest.raises(RequestError) as err:
+        video_version(VideoSource(uri=str(tmp_path / "missing.mp4")))
+    assert err.value.status == 404
+
+    cache = DecodedCache(2)
+    for key in ("a", "b"):
+        cache.put(key, key.upper())
+    assert cache.get("a") == "A"  # a is now the newest
+    cache.put("c", "C")  # evicts b
+    assert cache.get("b") is None and cache.get("c") == "C"
+    assert cache.stats() == {"hits": 2, "misses": 1, "entries": 2}
+    off = DecodedCache(0)
+    off.put("a", "A")
+    assert off.get("a") is None
+
+
 @pytest.mark.slow
 def test_mlflow_checkpoint_uri(tmp_path, monkeypatch):
     """A checkpoint logged to MLflow is found through runs:/ and through the registry (models:/)."""
@@ -254,6 +284,37 @@ def test_endpoints_answer_a_synthetic_video(service):
             ]}],
         })
         assert r2.status_code == 200 and r2.json()["events"] == chat["events"]
+
+
+@pytest.mark.slow
+def test_repeated_video_skips_the_decoder_until_it_changes(service):
+    """The second request for a video is answered from the ingress's decoded-frames cache (the
+    decoder is not called) with the same answer; a file replaced under the same URI is decoded
+    again."""
+    from ray import serve
+
+    base, videos, _, root = service
+    ingress = serve.get_deployment_handle("GroundingIngress", app_name="grounding")
+    copy = pathlib.Path(root) / "repeat.mp4"
+    copy.write_bytes(pathlib.Path(videos[1]).read_bytes())
+    body = {"video": {"uri": str(copy)}, "query": "a red circle", "max_windows": 2}
+    with _client(base) as c:
+        first = c.post("/v1/moments", json=body)
+        assert first.status_code == 200, first.text
+        hits = ingress.decode_cache_stats.remote().result()["hits"]
+        second = c.post("/v1/moments", json=body)
+        assert second.status_code == 200, second.text
+        assert second.json()["windows"] == first.json()["windows"]
+        assert ingress.decode_cache_stats.remote().result()["hits"] == hits + 1
+        copy.write_bytes(pathlib.Path(videos[0]).read_bytes())  # new content, same URI
+        misses = ingress.decode_cache_stats.remote().result()["misses"]
+        third = c.post("/v1/moments", json=body)
+        assert third.status_code == 200, third.text
+        assert ingress.decode_cache_stats.remote().result()["misses"] == misses + 1
+        direct = c.post("/v1/moments", json={**body, "video": {"uri": videos[0]}}).json()
+        assert (third.json()["duration"], third.json()["windows"]) == (
+            direct["duration"], direct["windows"]
+        )
 
 
 def _bad_inputs(videos, outside):

@@ -108,19 +108,18 @@ def test_batched_predictions_agree_exactly(apps):
     handle: generated tokens, events and saliency are identical."""
     from ray import serve
 
-    from timeexpert.inference import PredictRequest
+    from timeexpert.data.video import DecodedVideo
 
     requests = []
     for i, task in enumerate(["mr", "vhd", "dvc", "mr"]):
         frames, ts = random_frames(num=8, seed=i)
-        requests.append(PredictRequest(
-            frames_THWC=frames, timestamps_T=ts, task=task, query=f"query number {i}",
-            max_events=2,
-        ))
+        video = DecodedVideo(frames=frames, timestamps=ts, duration=float(ts[-1]) + 0.5, fps=8.0)
+        requests.append((video, dict(task=task, query=f"query number {i}", max_events=2,
+                                     clip_len=2.0)))
 
     async def run(app_name):
         handle = serve.get_deployment_handle("GroundingModel", app_name=app_name)
-        return await asyncio.gather(*[handle.predict.remote(r) for r in requests])
+        return await asyncio.gather(*[handle.predict.remote(v, **kw) for v, kw in requests])
 
     async def both():
         return await run("mono"), await run("sharded")

@@ -9,8 +9,10 @@
     GET  /docs, /openapi.json  the OpenAPI page
 
 Request flow: validate (pydantic, then the config limits in `inputs`) -> VideoDecoder deployment
-(allowed URI or upload -> frames at the model's size, cached by content) -> GroundingModel
-deployment (batched) -> response model. Every error body is `ErrorResponse` JSON: client mistakes
+(allowed URI or upload -> frames at the model's size) -> GroundingModel deployment (batched) ->
+response model. The ingress keeps the object refs of recent decodes (by content version and
+sampling): a repeated video skips the decoder and its frames go from the object store straight to
+the model replica. Every error body is `ErrorResponse` JSON: client mistakes
 are 4xx saying what was wrong; anything else is a 5xx carrying the request id (Serve's, also the
 `X-Request-ID` header of every response) and logged with it.
 """
@@ -18,6 +20,7 @@ are 4xx saying what was wrong; anything else is a 5xx carrying the request id (S
 # No `from __future__ import annotations`: FastAPI resolves the routes' parameter types (Request,
 # the body models) at runtime, and Serve's class-based view cannot resolve string annotations.
 
+import asyncio
 import hmac
 import logging
 import re
@@ -187,6 +190,9 @@ class GroundingIngress:
         self.decoder = decoder
         self.model = model
         self._info = None  # the model's ModelInfo, asked once
+        from timeexpert.serve.deployments import DecodedCache
+
+        self._decoded = DecodedCache(config.video.decode_cache_entries)
         limit = config.video.max_upload_bytes
         # through the imported module: this class may have been pickled by value, with a copy
         # of the module globals, while the middleware is the module's own function
@@ -292,8 +298,11 @@ class GroundingIngress:
         num_frames: int | None, fps: float | None, max_events: int | None = None,
         clip_len: float = 2.0,
     ):
-        """Video + task -> (Prediction, DecodedVideo): the decode and model deployments."""
-        from timeexpert.inference import PredictRequest
+        """Video + task -> (Prediction, duration, number of frames sampled).
+
+        A video seen before (same content version and sampling) goes straight to the model as
+        the object ref of its decoded frames; a new one is decoded by the VideoDecoder first."""
+        from timeexpert.serve.deployments import video_version
 
         limits = self.config.video
         query = check_query(query, limits.max_query_chars)
@@ -302,22 +311,32 @@ class GroundingIngress:
             num_frames, fps, info.num_frames, limits.max_frames, limits.max_fps
         )
         source = video_source(uri, data_url, limits.allowed_roots, limits.max_upload_bytes)
-        video = await self.decoder.decode.remote(
-            source, num_frames=num_frames, fps=fps, size=(info.image_size, info.image_size)
+        size = (info.image_size, info.image_size)
+        key = (await asyncio.to_thread(video_version, source), num_frames, fps, size)
+        decoded = self._decoded.get(key)
+        if decoded is None:
+            response = self.decoder.decode.remote(source, num_frames=num_frames, fps=fps, size=size)
+            ref = await response._to_object_ref()
+            video = await ref
+            _raise_rejection(video)
+            decoded = (ref, float(video.duration), len(video.timestamps))
+            self._decoded.put(key, decoded)
+        ref, duration, frames = decoded
+        prediction = await self.model.predict.remote(
+            ref, task=task, query=query, max_events=max_events, clip_len=clip_len
         )
-        _raise_rejection(video)
-        prediction = await self.model.predict.remote(PredictRequest(
-            frames_THWC=video.frames, timestamps_T=video.timestamps, task=task, query=query,
-            duration=video.duration, max_events=max_events, clip_len=clip_len,
-        ))
         _raise_rejection(prediction)
-        return prediction, video
+        return prediction, duration, frames
+
+    def decode_cache_stats(self) -> dict:
+        """Hits and misses of this replica's decoded-video cache."""
+        return self._decoded.stats()
 
     async def _ground(self, request: Request, body, task: Task):
         self._check_model(body.model)
         max_events = getattr(body, "max_windows", None) or getattr(body, "max_events", None)
         clip_len = getattr(body, "clip_len", 2.0)
-        prediction, video = await self._answer(
+        prediction, duration, frames = await self._answer(
             uri=body.video.uri, data_url=body.video.data_url, task=task,
             query=getattr(body, "query", ""), num_frames=body.num_frames, fps=body.fps,
             max_events=max_events, clip_len=clip_len,
@@ -325,7 +344,7 @@ class GroundingIngress:
         events = [e for e in prediction.events if _overlaps(e, body.window)]
         common = dict(
             request_id=_request_id(request), model=self.config.model_name,
-            duration=float(video.duration), num_frames=int(len(video.timestamps)),
+            duration=duration, num_frames=frames,
         )
         if task == Task.MR:
             return S.MomentsResponse(**common, windows=[_window(e) for e in events])
@@ -361,7 +380,7 @@ class GroundingIngress:
             raise RequestError(422, "invalid_request", f"task {task.value!r} needs a text part")
         url = videos[0]
         is_data = url.lower().startswith("data:")
-        prediction, _ = await self._answer(
+        prediction, *_ = await self._answer(
             uri=None if is_data else url, data_url=url if is_data else None, task=task,
             query=text, num_frames=body.num_frames, fps=body.fps,
         )

@@ -144,13 +144,11 @@ def _refused(err: ValueError) -> Rejection:
 @serve.deployment(name="VideoDecoder", max_ongoing_requests=32)
 class VideoDecoder:
     """Reads a video (allowed URI or uploaded bytes) and decodes the sampled frames at the model's
-    size. Keeps the last `decode_cache_entries` results keyed by content hash and sampling, so a
-    repeated video costs a read and a hash."""
+    size. Stateless: the ingress keeps decoded videos (as object-store references) for repeats."""
 
     def __init__(self, limits: VideoLimits) -> None:
         self.limits = limits
-        self._cache: OrderedDict[tuple, "DecodedVideo"] = OrderedDict()
-        self.hits = self.misses = 0
+        self.decoded = 0
 
     async def decode(
         self, source: VideoSource, *, num_frames: int | None, fps: float | None,
@@ -164,20 +162,8 @@ class VideoDecoder:
                 data = await asyncio.to_thread(_read_video, uri, self.limits.max_upload_bytes)
         except RequestError as err:
             return Rejection(err.status, err.kind, err.message)
-        key = (hashlib.sha256(data).hexdigest(), num_frames, fps, tuple(size))
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-            self.hits += 1
-            return cached
-        self.misses += 1
-        decoded = await asyncio.to_thread(self._decode, data, num_frames, fps, size)
-        if isinstance(decoded, Rejection) or self.limits.decode_cache_entries == 0:
-            return decoded
-        self._cache[key] = decoded
-        while len(self._cache) > self.limits.decode_cache_entries:
-            self._cache.popitem(last=False)
-        return decoded
+        self.decoded += 1
+        return await asyncio.to_thread(self._decode, data, num_frames, fps, size)
 
     def _decode(self, data: bytes, num_frames, fps, size) -> "DecodedVideo | Rejection":
         from timeexpert.data.video import VideoDecodeError, decode_frames
@@ -191,8 +177,56 @@ class VideoDecoder:
         except ValueError as err:
             return Rejection(422, "invalid_request", f"cannot sample the video: {err}")
 
-    def cache_stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "entries": len(self._cache)}
+    def stats(self) -> dict:
+        return {"decoded": self.decoded}
+
+
+def video_version(source: VideoSource) -> tuple:
+    """What identifies the content of a checked video source, cheaply: for a URI its size and
+    modification stamp (local mtime, S3 ETag; one stat / HEAD), for an upload its SHA-256.
+    A video replaced under the same URI gets a new version, so a cached decode is never stale."""
+    if source.data is not None:
+        return ("sha256", hashlib.sha256(source.data).hexdigest())
+    try:
+        fs, path = storage.filesystem(source.uri)
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise RequestError(404, "video_not_found", f"no video at {source.uri!r}") from None
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+    return ("uri", source.uri, info.get("size"), str(stamp))
+
+
+class DecodedCache:
+    """LRU of decoded videos by (content version, sampling) -> (object ref, duration, frames).
+
+    The frames stay in Ray's object store, referenced here: a repeated video goes from the
+    ingress straight to the model replica (one hop, no decode, no copy through the ingress).
+    `entries == 0` turns it off."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._items: OrderedDict[tuple, tuple] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple):
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item
+
+    def put(self, key: tuple, item: tuple) -> None:
+        if self.entries == 0:
+            return
+        self._items[key] = item
+        self._items.move_to_end(key)
+        while len(self._items) > self.entries:
+            self._items.popitem(last=False)
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self._items)}
 
 
 def _read_video(uri: str, max_bytes: int) -> bytes:
@@ -234,17 +268,36 @@ class GroundingModelServer:
         self._info = self.backend.info()
         self._batched.set_max_batch_size(config.max_batch_size)
         self._batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.batches = self.batched_requests = self.largest_batch = 0
         logger.info("model %s loaded: %s", config.checkpoint, self._info)
 
     def info(self) -> ModelInfo:
         return self._info
 
-    async def predict(self, request: "PredictRequest") -> "Prediction | Rejection":
-        return await self._batched(request)
+    async def predict(
+        self, video: "DecodedVideo", *, task, query: str, max_events: int | None, clip_len: float
+    ) -> "Prediction | Rejection":
+        """One request on decoded frames (the ingress passes the decoder's object ref; Ray
+        resolves it here, so the frames never travel through the ingress twice)."""
+        from timeexpert.inference import PredictRequest
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # set from the config in __init__
+        return await self._batched(PredictRequest(
+            frames_THWC=video.frames, timestamps_T=video.timestamps, task=task, query=query,
+            duration=video.duration, max_events=max_events, clip_len=clip_len,
+        ))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # set from the config in __init__
     async def _batched(self, requests: list["PredictRequest"]) -> list:
+        self.batches += 1
+        self.batched_requests += len(requests)
+        self.largest_batch = max(self.largest_batch, len(requests))
         return await self.backend.predict_batch(requests)
+
+    def batch_stats(self) -> dict:
+        """How many model calls served how many requests: the batches `@serve.batch` formed."""
+        mean = self.batched_requests / self.batches if self.batches else 0.0
+        return {"batches": self.batches, "requests": self.batched_requests,
+                "mean_batch_size": round(mean, 2), "largest_batch": self.largest_batch}
 
     async def check_health(self) -> None:
         await self.backend.check_health()

@@ -22,7 +22,7 @@ class VideoLimits:
     max_frames: int = 64  # most frames a request may sample (num_frames, or fps x duration cap)
     max_fps: float = 4.0  # highest sampling rate a request may ask for
     max_query_chars: int = 512  # longest query / chat text
-    decode_cache_entries: int = 64  # decoded videos kept per decode replica (LRU, by content)
+    decode_cache_entries: int = 64  # decoded videos kept per ingress replica (LRU, object refs)
 
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_frames", "max_query_chars"):
@@ -40,7 +40,7 @@ class ModelServerConfig:
 
     checkpoint: str  # local dir, file://, s3://, or an MLflow URI (models:/..., runs:/...)
     max_batch_size: int = 8  # @serve.batch size; 1 turns dynamic batching off
-    batch_wait_timeout_s: float = 0.01  # how long a partial batch waits for more requests
+    batch_wait_timeout_s: float = 0.05  # how long a partial batch waits for more requests
     ep_size: int = 1  # expert-parallel workers per replica; 1 = the monolithic replica
     ep_worker_num_cpus: float = 0.1  # CPUs each EP worker reserves (a placement-group bundle)
     ep_timeout_s: float = 300.0  # gloo collective timeout: a lost worker fails, never hangs
