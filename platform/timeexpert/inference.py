@@ -68,6 +68,28 @@ def saliency_from_events(events: Sequence[Event], duration: float, clip_len: flo
     return [float(s) for s in sal_C]
 
 
+def saliency_events(
+    saliency: Sequence[float], clip_len: float, duration: float, max_events: int | None = None
+) -> list[Event]:
+    """Per-clip saliency -> the scored windows a VHD answer holds: each run of consecutive clips
+    with the same nonzero score is one window, highest scores first (then earlier), at most
+    `max_events` of them. The inverse of `saliency_from_events` (exact when nothing is cut)."""
+    if not (duration > 0 and clip_len > 0):
+        raise ValueError(f"need duration > 0 and clip_len > 0, got {duration} and {clip_len}")
+    sal_C = np.asarray(saliency, dtype=float)
+    if sal_C.size == 0:
+        return []
+    # run boundaries: where the score changes (a handful of clips per video, vectorised anyway)
+    starts = np.flatnonzero(np.r_[True, sal_C[1:] != sal_C[:-1]])
+    ends = np.r_[starts[1:], sal_C.size]
+    runs = [(float(sal_C[a]), int(a), int(b)) for a, b in zip(starts, ends) if sal_C[a] > 0]
+    runs.sort(key=lambda r: (-r[0], r[1]))
+    return [
+        Event(start=a * clip_len, end=min(b * clip_len, duration), score=score)
+        for score, a, b in runs[:max_events]
+    ]
+
+
 def _default_duration(timestamps_T: np.ndarray) -> float:
     gap = float(np.median(np.diff(timestamps_T))) if len(timestamps_T) > 1 else 1.0
     return float(timestamps_T[-1]) + max(gap, 0.0)

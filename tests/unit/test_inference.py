@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 from timeexpert.events import Event, Task
-from timeexpert.inference import GroundingModel, Prediction, PredictRequest, saliency_from_events
+from timeexpert.inference import (
+    GroundingModel,
+    Prediction,
+    PredictRequest,
+    saliency_events,
+    saliency_from_events,
+)
 from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 from timeexpert.presets import get_preset
@@ -195,6 +201,36 @@ def test_saliency_from_events_at_the_clip_length():
     assert saliency_from_events([], 5.0, 2.0) == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="clip_len > 0"):
         saliency_from_events(events, 10.0, 0.0)
+
+
+def test_saliency_events_invert_saliency_from_events():
+    saliency = [0.0, 2.0, 4.0, 4.0, 1.0, 0.0, 2.0]  # 7 clips of 2 s, the last one cut at 13 s
+    events = saliency_events(saliency, 2.0, 13.0)
+    assert [(e.start, e.end, e.score) for e in events] == [
+        (4.0, 8.0, 4.0), (2.0, 4.0, 2.0), (12.0, 13.0, 2.0), (8.0, 10.0, 1.0)
+    ]  # highest first, then earlier
+    assert saliency_from_events(events, 13.0, 2.0) == saliency
+    top = saliency_events(saliency, 2.0, 13.0, max_events=2)
+    assert [e.score for e in top] == [4.0, 2.0]
+    assert saliency_events([0.0, 0.0], 2.0, 4.0) == [] and saliency_events([], 2.0, 4.0) == []
+
+
+def test_vhd_answers_train_the_saliency_scores():
+    """A VHD row with per-clip saliency is trained on its scored highlight windows; MR keeps its
+    events."""
+    import json
+
+    from timeexpert.train.loop import answer_events
+
+    batch = {
+        "task": np.array(["vhd", "mr"]), "duration": np.array([9.0, 9.0]),
+        "clip_len": np.array([2.0, 2.0]),
+        "saliency": np.array([json.dumps([0.0, 3.0, 3.0, 1.0, 0.0]), "null"]),
+        "events": np.array([json.dumps([Event(2.0, 6.0).to_dict()])] * 2),
+    }
+    vhd = answer_events("vhd", batch, 0, max_events=8)
+    assert [(e.start, e.end, e.score) for e in vhd] == [(2.0, 6.0, 3.0), (6.0, 8.0, 1.0)]
+    assert answer_events("mr", batch, 1, max_events=8) == [Event(2.0, 6.0)]
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from timeexpert import storage
-from timeexpert.events import Event, TokenType
+from timeexpert.events import Event, Task, TokenType
 from timeexpert.models.token_sampling import GROUNDVTS_STAGES, StageSpec, set_stage_trainable
 from timeexpert.train.config import TrainConfig
 
@@ -133,6 +133,18 @@ def merged_lora_state(model, full_state: dict) -> dict:
     return out
 
 
+def answer_events(task: str, batch: dict[str, np.ndarray], i: int, max_events: int) -> list[Event]:
+    """The events row `i`'s answer serializes: a VHD record with per-clip saliency answers its
+    scored highlight windows (so the score head learns saliency); otherwise the record's events."""
+    saliency = json.loads(batch["saliency"][i]) if "saliency" in batch else None
+    if task == Task.VHD.value and saliency:
+        from timeexpert.inference import saliency_events
+
+        return saliency_events(saliency, float(batch["clip_len"][i]), float(batch["duration"][i]),
+                               max_events)
+    return [Event.from_dict(e) for e in json.loads(batch["events"][i])]
+
+
 def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> dict[str, Any]:
     """A pipeline batch (frames, timestamps, task, query, events) -> model inputs. With evidence
     tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets."""
@@ -144,8 +156,8 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
     encoded, pixels, targets = [], [], []
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
-        events = [Event.from_dict(e) for e in json.loads(batch["events"][i])]
         task, query, times = str(batch["task"][i]), str(batch["query"][i]), batch["timestamps"][i][mask].tolist()
+        events = answer_events(task, batch, i, config.max_events)
         if config.evidence is not None:
             duration = float(batch["duration"][i]) if "duration" in batch else None
             enc, target_KT = encode_evidence_example(
