@@ -9,11 +9,13 @@ progressive stages; `fpo_steps` adds D2VLM's preference optimisation after the l
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 STAGES = (1, 2, 3)
 ZERO_STAGES = (0, 1, 2)
+LR_SCHEDULES = ("constant", "cosine")
 RECIPE_NAMES = ("timeexpert", "groundvts")  # the stage specs: `timeexpert.train.loop.RECIPES`
 
 
@@ -47,7 +49,9 @@ class TrainConfig:
     batch_size: int = 2  # examples per worker per step
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up steps, then constant
+    warmup_steps: int = 0  # linear warm-up steps, then the schedule
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" decay to min_lr_ratio
+    min_lr_ratio: float = 0.1  # cosine: the last step's learning rate as a share of `lr`
     grad_clip: float = 1.0  # global gradient-norm clip (0: off)
     seed: int = 0  # model init, data order and routing seeds
     expert_update_every: int = 10  # steps between token-adaptive add/prune (0: adaptive off)
@@ -99,8 +103,24 @@ class TrainConfig:
             raise ValueError(f"fpo_beta must be > 0, got {self.fpo_beta}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.cpus_per_worker < 0:
             raise ValueError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (1-based): linear warm-up over
+        `warmup_steps`, then constant or a cosine decay to `min_lr_ratio * lr` at `num_steps`."""
+        if self.warmup_steps and step <= self.warmup_steps:
+            return self.lr * step / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        span = max(1, self.num_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        floor = self.min_lr_ratio * self.lr
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

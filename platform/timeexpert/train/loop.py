@@ -279,7 +279,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         batch, epoch, index = next(batches)
         inputs = tokenize_batch(batch, tokenizer, mconfig, model)
-        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = cfg.learning_rate(step)
         optim.set_lr(lr)
         out = forward(**inputs)
         loss = stage_loss(out, cfg.stage, mconfig, cfg.recipe)
