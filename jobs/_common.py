@@ -35,15 +35,18 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a local Ray instance")
 
 
-def connect_ray(num_cpus: int) -> None:
+def connect_ray(num_cpus: int) -> bool:
+    """Connect to the cluster of RAY_ADDRESS (`ray job submit`), else start a local Ray of
+    `num_cpus`; nothing when connected already. True when this call connected."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):  # ray job submit / a running cluster
         ray.init()
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
+    return True
 
 
 def prepare_data(args) -> None:

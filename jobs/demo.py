@@ -1,6 +1,10 @@
-"""The end-to-end demo on embedded defaults (what `make demo` runs).
+"""The end-to-end demo (what `make demo` runs), on embedded defaults or on the local stack.
 
-Local Ray, MLflow on a local SQLite database, storage on the local disk:
+Embedded defaults: local Ray, MLflow on a local SQLite database, storage on the local disk.
+`--local-stack`: the stack of infra/local/up.sh (the `ray start --head` cluster, the MLflow server,
+the S3 server), brought up by that script unless one is already up in STATE_DIR, and torn down
+with infra/local/down.sh afterwards if the demo brought it up (`--keep-stack` leaves it):
+the data and checkpoints live on its S3, the runs on its MLflow server. Either way:
   1. render the small synthetic VTG benchmark (real mp4 files) unless it is there already;
   2. train TimeExpert's three stages (TimeExpert sec. 3.5) on Ray Train with 2 gloo workers;
   3. evaluate the final checkpoint on the test split and print it against the trivial baselines;
@@ -8,18 +12,23 @@ Local Ray, MLflow on a local SQLite database, storage on the local disk:
   5. say where the MLflow runs, plots and checkpoints are.
 
     python jobs/demo.py [--root .cache/demo] [--preset small_cpu] [--steps N] [--no-serve]
+                        [--local-stack [STATE_DIR] [--keep-stack]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.request
 
 import _common  # noqa: F401  (sys.path and environment defaults)
+
+STACK_STATE = os.path.join(_common.ROOT, ".cache", "local-stack")
 
 # Targets of the demo on the synthetic test split (issue 6): model / best trivial baseline.
 # (label, model metric, [(baseline, its metric)], minimum ratio). The uniform-saliency baseline's
@@ -34,6 +43,14 @@ TARGETS = [
       ("vhd/uniform_saliency", "HL-min-VeryGood-mAP")], 1.5),
     ("DVC F1", "dvc/F1", [("dvc/single_event", "F1"), ("dvc/uniform_k", "F1")], 2.0),
 ]
+
+
+# Share of the step budget per stage.
+STAGE_SHARE = {1: 0.1, 2: 0.4, 3: 0.5}
+
+
+def stage_steps(total: int) -> dict[int, int]:
+    return {stage: max(1, round(total * share)) for stage, share in STAGE_SHARE.items()}
 
 
 def print_table(model: dict[str, float], baselines: dict[str, dict]) -> list[str]:
@@ -63,8 +80,10 @@ def serve_and_query(checkpoint: str, data_root: str, records: dict) -> None:
     args = GroundingAppArgs(checkpoint=checkpoint, allowed_roots=[data_root], model_num_cpus=0.5,
                             decoder_num_cpus=0.25, ingress_num_cpus=0.1, max_replicas=1,
                             decoder_max_replicas=1)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app(args), name="grounding", route_prefix="/")
-    base = "http://127.0.0.1:8000"
+    base = f"http://127.0.0.1:{port}"
     try:
         for path, record in (("/v1/moments", records["mr"]), ("/v1/highlights", records["vhd"]),
                              ("/v1/captions", records["dvc"])):
@@ -84,36 +103,100 @@ def serve_and_query(checkpoint: str, data_root: str, records: dict) -> None:
         serve.shutdown()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_stack(state_dir: str | None, keep: bool):
+    """None without `--local-stack`; else the stack's env (its STATE_DIR/env file, also put in
+    os.environ for s3fs and MLflow), bringing the stack up with infra/local/up.sh when none is up
+    there and down with down.sh at the end (unless `keep`)."""
+    if state_dir is None:
+        yield None
+        return
+    state = os.path.abspath(state_dir)
+    scripts = os.path.join(_common.ROOT, "infra", "local")
+    started = not os.path.isfile(os.path.join(state, "env"))
+    if started:
+        print(f"[0/5] bringing up the local stack: infra/local/up.sh {state}", flush=True)
+        subprocess.run([os.path.join(scripts, "up.sh"), state], check=True)
+    else:
+        print(f"[0/5] using the local stack already up in {state}", flush=True)
+    env = {}
+    with open(os.path.join(state, "env")) as f:
+        for line in f:
+            for assignment in line.removeprefix("export ").split():
+                key, _, value = assignment.partition("=")
+                env[key] = value
+    # the driver connects to the head's GCS; RAY_ADDRESS (the job server) is for `ray job submit`
+    os.environ.update({k: v for k, v in env.items() if k != "RAY_ADDRESS"})
+    try:
+        yield env
+    finally:
+        if started and not keep:
+            subprocess.run([os.path.join(scripts, "down.sh"), state], check=False)
+        elif started:
+            print(f"  the local stack stays up: infra/local/down.sh {state} stops it")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=".cache/demo", help="where data, runs and MLflow live")
     p.add_argument("--preset", default="small_cpu")
     p.add_argument("--size", default="small", choices=["tiny", "small", "large"])
-    p.add_argument("--steps", type=int, help="steps per stage (default: the preset's)")
+    p.add_argument("--steps", type=int,
+                   help="steps of the three stages together (default: 3x the preset's num_steps), "
+                        f"split {STAGE_SHARE} (stage 1 only fits the task modules to a frozen "
+                        "decoder; stages 2-3 train the MoE decoder)")
     p.add_argument("--no-serve", action="store_true", help="skip the Serve part")
+    p.add_argument("--local-stack", nargs="?", const=STACK_STATE, metavar="STATE_DIR",
+                   help="run on the infra/local stack in STATE_DIR (default .cache/local-stack): "
+                        "brought up there unless it is up already")
+    p.add_argument("--keep-stack", action="store_true",
+                   help="leave a stack this demo brought up running at the end")
     args = p.parse_args(argv)
+    with local_stack(args.local_stack, args.keep_stack) as stack:
+        return run(args, stack)
+
+
+def run(args, stack: dict | None) -> int:
     t_start = time.perf_counter()
     root = os.path.abspath(args.root)
-    data_root = os.path.join(root, "data", args.size)
     os.makedirs(root, exist_ok=True)
-
-    # Embedded MLflow: a SQLite database, artifacts on the local disk.
-    import mlflow
-
-    tracking_uri = f"sqlite:///{root}/mlflow.db"
-    experiment = "timeexpert-demo"
-    client = mlflow.MlflowClient(tracking_uri)
-    if client.get_experiment_by_name(experiment) is None:
-        client.create_experiment(experiment, artifact_location=f"{root}/mlartifacts")
 
     from timeexpert import storage
     from timeexpert.data import formats, synth
 
-    if not storage.exists(os.path.join(data_root, "manifests", "train.jsonl")):
-        print(f"[1/5] rendering the {args.size} synthetic benchmark under {data_root}", flush=True)
-        synth.generate(args.size, data_root, seed=0)
+    local_data = os.path.join(root, "data", args.size)
+    if not storage.exists(os.path.join(local_data, "manifests", "train.jsonl")):
+        print(f"[1/5] rendering the {args.size} synthetic benchmark under {local_data}", flush=True)
+        synth.generate(args.size, local_data, seed=0)
     else:
-        print(f"[1/5] synthetic benchmark already at {data_root}", flush=True)
+        print(f"[1/5] synthetic benchmark already at {local_data}", flush=True)
+
+    import mlflow
+
+    experiment = "timeexpert-demo"
+    if stack is None:  # embedded MLflow: a SQLite database, artifacts on the local disk
+        data_root, storage_root = local_data, f"{root}/runs"
+        tracking_uri = f"sqlite:///{root}/mlflow.db"
+        artifacts = f"{root}/mlartifacts"
+    else:  # the stack's S3 and MLflow server (artifacts proxied into its bucket)
+        data_root = f"{stack['TE_STORAGE_ROOT']}/data/{args.size}"
+        storage_root = f"{stack['TE_STORAGE_ROOT']}/runs"
+        tracking_uri = stack["MLFLOW_TRACKING_URI"]
+        artifacts = None
+        if not storage.exists(storage.join_uri(data_root, "manifests", "train.jsonl")):
+            print(f"  copying it to {data_root}", flush=True)
+            storage.upload_dir(local_data, data_root)
+    client = mlflow.MlflowClient(tracking_uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=artifacts)
 
     import ray
 
@@ -122,22 +205,27 @@ def main(argv: list[str] | None = None) -> int:
     from timeexpert.train.config import TrainConfig
     from timeexpert.train.stages import evaluate_checkpoint, run_pipeline
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # the workers' output reaches this terminal: rank 0 prints a progress line every log_every steps
+    if stack is None:
+        ray.init(num_cpus=4, include_dashboard=False)
+    else:
+        ray.init(address=stack["TE_RAY_GCS_ADDRESS"])
     try:
         fields = dict(get_preset(args.preset).train)
-        fields.update(preset=args.preset, data_root=data_root, storage_root=f"{root}/runs",
-                      name="demo", tracking_uri=tracking_uri, experiment=experiment)
-        if args.steps:
-            fields["num_steps"] = args.steps
+        fields.update(preset=args.preset, data_root=data_root, storage_root=storage_root,
+                      # a new name per run: Ray Train resumes a run whose name has checkpoints
+                      name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", tracking_uri=tracking_uri,
+                      experiment=experiment)
         cfg = TrainConfig.from_dict(fields)
-        print(f"[2/5] training the three stages ({cfg.num_steps} steps each, "
+        steps = stage_steps(args.steps or 3 * cfg.num_steps)
+        print(f"[2/5] training the three stages ({', '.join(map(str, steps.values()))} steps, "
               f"{cfg.num_workers} workers)", flush=True)
-        result = run_pipeline(cfg)
+        result = run_pipeline(cfg, steps=steps)
         checkpoint = result.checkpoint_uri
 
         print("[3/5] evaluating on the test split", flush=True)
-        test = formats.read_manifest(os.path.join(data_root, "manifests", "test.jsonl"))
-        train = formats.read_manifest(os.path.join(data_root, "manifests", "train.jsonl"))
+        test = formats.read_manifest(storage.join_uri(data_root, "manifests", "test.jsonl"))
+        train = formats.read_manifest(storage.join_uri(data_root, "manifests", "train.jsonl"))
         metrics = evaluate_checkpoint(checkpoint, cfg, split="test", max_records=len(test))
         baselines = trivial_baselines(train, test, seed=0, captions=False)
         missed = print_table(metrics, baselines)
@@ -152,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n[5/5] done in {(time.perf_counter() - t_start) / 60:.1f} min")
     print(f"  checkpoint:  {checkpoint}")
     print(f"  MLflow runs: {tracking_uri} (parent run {result.parent_run_id})")
-    print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {tracking_uri} "
-          f"--port 5000, then http://127.0.0.1:5000")
-    print(f"  artifacts:   {root}/mlartifacts (expert heatmaps, loss curves)")
+    if stack is None:
+        print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {tracking_uri} "
+              f"--port 5000, then http://127.0.0.1:5000")
+        print(f"  artifacts:   {artifacts} (expert heatmaps, loss curves)")
+    else:
+        print(f"  MLflow UI:   {tracking_uri} (artifacts in s3://, proxied by the server)")
     if missed:
         print(f"  targets missed: {', '.join(missed)}")
     return 0

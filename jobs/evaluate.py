@@ -7,47 +7,38 @@ Writes under --out: predictions in the official formats (`{task}_predictions.jso
 QVHighlights submission rows; `dvc_predictions.json`, ActivityNet challenge json), `metrics.json`
 (model and baselines per task, decode skips) and `report.md`. Logs params, metrics and those
 files to MLflow when a tracking URI is given (or MLFLOW_TRACKING_URI is set).
+Videos are decoded by the Ray Data pipeline and prompts batched (`timeexpert.eval.evaluate.
+predict_records`, as at the end of a training stage), on the cluster of RAY_ADDRESS or a local Ray.
 A video that cannot be decoded is skipped, counted by reason, and scored as a miss.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import pathlib
 import sys
 import time
 
-from timeexpert import storage
-from timeexpert.data.formats import read_manifest
-from timeexpert.data.video import VideoDecodeError, decode_frames
-from timeexpert.eval.baselines import trivial_baselines
-from timeexpert.eval.evaluate import evaluate_predictions, write_predictions
-from timeexpert.events import Task
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also when imported
+from _common import connect_ray  # noqa: E402  (sys.path and environment defaults)
+
+from timeexpert.config import DataConfig, VideoConfig  # noqa: E402
+from timeexpert.data.formats import read_manifest  # noqa: E402
+from timeexpert.eval.baselines import trivial_baselines  # noqa: E402
+from timeexpert.eval.evaluate import (  # noqa: E402
+    evaluate_predictions,
+    predict_records,
+    write_predictions,
+)
+from timeexpert.events import Task  # noqa: E402
 
 HEADLINE = {
     Task.MR: ["R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP"],
     Task.VHD: ["HL-min-VeryGood-mAP", "HL-min-VeryGood-Hit1", "HL-min-Fair-mAP"],
     Task.DVC: ["F1", "SODA_c", "METEOR", "CIDEr"],
 }
-
-
-def predict_all(model, records, root: str, args) -> tuple[dict, collections.Counter]:
-    predictions, skipped = {}, collections.Counter()
-    for r in records:
-        try:
-            uri = storage.resolve_under_root(r.video, root)
-            with storage.open_uri(uri) as f:
-                video = decode_frames(f.read(), num_frames=args.num_frames,
-                                      size=(args.size, args.size))
-        except (VideoDecodeError, OSError, ValueError) as e:
-            skipped[getattr(e, "reason", type(e).__name__)] += 1
-            continue
-        predictions[r.id] = model.predict(video.frames, video.timestamps, r.task, r.query,
-                                          duration=r.duration, clip_len=r.clip_len)
-    return predictions, skipped
 
 
 def markdown_report(checkpoint: str, results: dict, skipped: dict) -> str:
@@ -77,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-frames", type=int, help="frames per video (default: the model's)")
     parser.add_argument("--size", type=int, help="frame height = width (default: the model's)")
     parser.add_argument("--limit", type=int, help="evaluate the first N records only")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     parser.add_argument("--seed", type=int, default=0, help="random baseline seed")
     parser.add_argument("--no-captions", action="store_true", help="skip METEOR/CIDEr/SODA_c (java)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
@@ -101,9 +93,20 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = GroundingModel.load(args.checkpoint)
     # Decode as the model was trained: its frame count and image size unless overridden.
-    args.num_frames = args.num_frames or model.model.config.num_frames
-    args.size = args.size or model.model.config.image_size
-    predictions, skipped = predict_all(model, records, root, args)
+    size = args.size or model.model.config.image_size
+    video = VideoConfig(num_frames=args.num_frames or model.model.config.num_frames,
+                        height=size, width=size)
+    started = connect_ray(num_cpus=2)
+    try:
+        predictions, _, skipped = predict_records(
+            model, records, DataConfig(root=root, video=video, decode_num_cpus=0.25),
+            batch_size=args.batch_size,
+        )
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     results = {}
     for task in sorted({r.task for r in records}, key=lambda t: t.value):
         task_records = [r for r in records if r.task == task]

@@ -54,6 +54,8 @@ class VideoConfig:
     max_frames: int = 128  # cap for `fps` sampling; shorter videos are padded to it (frame_mask)
     height: int = 224  # decoded frame height, pixels
     width: int = 224  # decoded frame width, pixels
+    jitter: bool = False  # training augmentation: a random frame in each of the `num_frames`
+    # segments instead of its centre, drawn anew each epoch (not reproducible run to run)
 
     def __post_init__(self) -> None:
         if (self.num_frames is None) == (self.fps is None):

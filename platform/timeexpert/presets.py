@@ -110,6 +110,8 @@ def small_cpu() -> Preset:
             "batch_size": 4,
             "lr": 2e-3,
             "warmup_steps": 10,
+            "lr_schedule": "cosine",
+            "weight_decay": 0.05,
             "checkpoint_every": 50,
             "log_every": 10,
             "expert_update_every": 25,

@@ -78,14 +78,16 @@ def test_groundvts_recipe_trains_sampler_then_lora_then_all(ray_cluster, mini_da
     c1 = _changed(fresh, w1)
     assert c1 and all(k.startswith("token_sampler.") for k in c1), sorted(c1)[:5]
     c2 = _changed(w1, w2)
-    assert all(k.startswith(("token_sampler.", "projector.", "layers.")) for k in c2), sorted(c2)
+    # tiny_cpu's vision encoder is random (no vision_path): it trains wherever the projector does
+    assert all(k.startswith(("token_sampler.", "projector.", "layers.", "frame_encoder."))
+               for k in c2), sorted(c2)
     attn = sorted(k for k in c2 if ".attn." in k)
     assert attn, "LoRA adapters changed no attention weight in stage 2"
     for k in attn:  # a merged LoRA update: low rank (<= lora_rank)
         assert torch.linalg.matrix_rank((w2[k] - w1[k]).double(), rtol=1e-6) <= 2, k
     assert any(".ffn." in k for k in c2)  # grouped experts train in full
     c3 = _changed(w2, w3)
-    assert any(k.startswith("lm_head.") for k in c3) and not any(k.startswith("frame_encoder.") for k in c3)
+    assert any(k.startswith("lm_head.") for k in c3) and any(k.startswith("frame_encoder.") for k in c3)
 
     # stage 1's evaluation plotted the token density of each task's first video into its run
     run_id = result.stages[1].mlflow_run_id

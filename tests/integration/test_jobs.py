@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ def stack():
                             text=True, timeout=300)
         assert up.returncode == 0, up.stderr + up.stdout
         env = _env_from(state)
+        env["STATE"] = str(state)
         env["DATA"] = f"{env['TE_STORAGE_ROOT']}/data/mini"
         gen = (f"from timeexpert.data import synth; synth.generate(synth.SynthSpec(**{MINI!r}), "
                f"{env['DATA']!r}, seed=0, workers=1)")
@@ -168,3 +170,40 @@ def test_ablation_grid(stack):
         assert {r.data.tags["mlflow.runName"] for r in runs} == {f"{name}-{variant}",
                                                                   f"{name}-{variant}-stage2"}
         assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_demo_on_the_local_stack(stack, tmp_path):
+    """`jobs/demo.py --local-stack STATE` on the stack that is up: data copied to its S3, the
+    three stages on its Ray head, checkpoints on S3, runs on its MLflow server, Serve answering
+    over HTTP; the stack it did not bring up stays up."""
+    import s3fs
+
+    out = subprocess.run(
+        [sys.executable, "jobs/demo.py", "--local-stack", stack["STATE"], "--root", str(tmp_path),
+         "--preset", "tiny_cpu", "--size", "tiny", "--steps", "6"],
+        cwd=ROOT, env=stack, capture_output=True, text=True, timeout=1200,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert f"using the local stack already up in {stack['STATE']}" in text
+    assert f"copying it to {stack['TE_STORAGE_ROOT']}/data/tiny" in text
+    assert "training the three stages (1, 2, 3 steps" in text
+    assert "MR R1@0.5" in text and "DVC F1" in text  # the table against the baselines
+    for path in ("/v1/moments", "/v1/highlights", "/v1/captions"):
+        assert f"POST {path} (" in text, text[-3000:]
+    checkpoint = _line(text, "  checkpoint:  ")
+    assert re.match(rf"{stack['TE_STORAGE_ROOT']}/runs/demo-\d{{8}}-\d{{6}}-stage3/", checkpoint), (
+        checkpoint
+    )
+    fs = s3fs.S3FileSystem(key=stack["AWS_ACCESS_KEY_ID"], secret=stack["AWS_SECRET_ACCESS_KEY"],
+                           client_kwargs={"endpoint_url": stack["AWS_ENDPOINT_URL"]})
+    assert fs.exists(checkpoint.removeprefix("s3://") + "/config.json")
+    parent_id = _line(text, "  MLflow runs: ").split("parent run ")[1].rstrip(")")
+    client = _mlflow(stack)
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    stages = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+    )
+    assert len(stages) == 3 and all("eval/mr/R1_0.5" in r.data.metrics for r in stages)
+    assert (pathlib.Path(stack["STATE"]) / "env").exists()  # not torn down: it was already up

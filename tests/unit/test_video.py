@@ -37,6 +37,23 @@ def test_uniform_frames_resized_with_timestamps(ramp_video):
     assert d.duration == pytest.approx(10.0) and d.fps == pytest.approx(10.0)
 
 
+def test_jittered_frames_stay_in_their_segments(ramp_video):
+    """TSN sampling: one random frame per segment, a new draw per call, timestamps to match."""
+    rng = np.random.default_rng(0)
+    draws = [frame_indices(100, 10.0, num_frames=8, fps=None, max_frames=128, rng=rng)
+             for _ in range(20)]
+    segment = np.arange(8) * 100 // 8
+    for idx in draws:
+        assert np.all(idx >= segment) and np.all(idx < segment + 100 // 8 + 1)
+        assert np.all(np.diff(idx) > 0)
+    assert len({tuple(d) for d in draws}) > 10  # not the centres every time
+    d = decode_frames(ramp_video, num_frames=8, size=(32, 32), rng=np.random.default_rng(1))
+    idx = frame_indices(100, 10.0, num_frames=8, fps=None, max_frames=128,
+                        rng=np.random.default_rng(1))
+    np.testing.assert_allclose(d.timestamps, idx / 10.0, atol=1e-3)
+    np.testing.assert_allclose(d.frames.mean(axis=(1, 2, 3)), 2 * idx, atol=3)
+
+
 def test_fps_sampling_with_cap(ramp_video):
     d = decode_frames(ramp_video, num_frames=None, fps=2.0, size=(32, 32))
     np.testing.assert_allclose(d.timestamps, np.arange(0, 10, 0.5), atol=1e-3)

@@ -138,6 +138,7 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """The map_batches function: fetch and decode each row's video; drop and count failures."""
     t, h, w = video.frames_per_sample, video.height, video.width
+    rng = np.random.default_rng() if video.jitter else None
     keep, frames, stamps, masks, skipped = [], [], [], [], []
     for i, (rid, uri) in enumerate(zip(batch["id"], batch["video"])):
         try:
@@ -148,7 +149,7 @@ def decode_batch(
                 src = storage.filesystem(uri)[1]
             d = decode_frames(
                 src, num_frames=video.num_frames, fps=video.fps, max_frames=video.max_frames,
-                size=(h, w),
+                size=(h, w), rng=rng,
             )
         except VideoDecodeError as e:
             skipped.append((str(rid), e.reason))

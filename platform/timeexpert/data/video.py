@@ -50,9 +50,12 @@ def frame_indices(
     num_frames: int | None,
     fps: float | None,
     max_frames: int,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Which frames to decode: `num_frames` uniform (segment centres), or every 1/`fps` seconds
-    capped at `max_frames` (uniformly thinned beyond the cap). Exactly one of the two is set."""
+    capped at `max_frames` (uniformly thinned beyond the cap). Exactly one of the two is set.
+    With `rng` (training augmentation, `num_frames` only) each of the equal segments gives a
+    random frame instead of its centre (TSN's segment sampling)."""
     if (num_frames is None) == (fps is None):
         raise ValueError(
             f"set exactly one of num_frames and fps, got num_frames={num_frames} fps={fps}"
@@ -62,7 +65,8 @@ def frame_indices(
     if num_frames is not None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        idx = ((np.arange(num_frames) + 0.5) * num_total / num_frames).astype(np.int64)
+        offset = 0.5 if rng is None else rng.uniform(0.0, 1.0, num_frames)
+        idx = ((np.arange(num_frames) + offset) * num_total / num_frames).astype(np.int64)
     else:
         if not fps > 0:
             raise ValueError(f"fps must be > 0, got {fps}")
@@ -139,12 +143,14 @@ def decode_frames(
     fps: float | None = None,
     max_frames: int = 128,
     size: tuple[int, int] = (224, 224),
+    rng: np.random.Generator | None = None,
 ) -> DecodedVideo:
     """Decode the needed frames of one video, resized at decode to `size` = (height, width).
 
     `src` is a local path, the file's bytes, or a binary file object (e.g. from
     `timeexpert.storage.open_uri`). Pass `fps` (and `num_frames=None`) to sample at a target rate
-    capped at `max_frames`. Only the chosen frames are decoded (`get_batch`), not the whole video.
+    capped at `max_frames`; `rng` jitters the uniform frames (`frame_indices`). Only the chosen
+    frames are decoded (`get_batch`), not the whole video.
     Raises VideoDecodeError (a ValueError) with a `reason` for any unreadable video.
     """
     decord = _decord()
@@ -176,7 +182,8 @@ def decode_frames(
         raise VideoDecodeError(reason, f"cannot open {name}: {str(e).splitlines()[0]}") from None
     if num_total <= 0 or not avg_fps > 0:
         raise VideoDecodeError("corrupt", f"{name} has {num_total} frames at {avg_fps} fps")
-    idx = frame_indices(num_total, avg_fps, num_frames=num_frames, fps=fps, max_frames=max_frames)
+    idx = frame_indices(num_total, avg_fps, num_frames=num_frames, fps=fps, max_frames=max_frames,
+                        rng=rng)
     try:
         try:
             frames = vr.get_batch(list(idx)).asnumpy()

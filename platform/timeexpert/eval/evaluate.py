@@ -1,7 +1,9 @@
 """One call from canonical records + predictions to metrics, and writers to the official formats.
 
-`evaluate_predictions(records, predictions, task)` is what the training loop calls at the end of a
-stage and what `jobs/evaluate.py` calls on a split. It dispatches by task:
+`predict_records(gm, records, data)` generates a model's answers for records, streamed through the
+Ray Data pipeline and batched; `evaluate_predictions(records, predictions, task)` scores them. The
+training loop calls both at the end of a stage, `jobs/evaluate.py` on a split. Scoring dispatches
+by task:
 
 - MR: R@1 at IoU 0.3/0.5/0.7 and mIoU (every record counts; no or unparseable answer = miss), and
   the QVHighlights-style mAP over IoU 0.5:0.05:0.95 (`mAP`, `mAP@0.5`, `mAP@0.75`) of the ranked,
@@ -131,6 +133,36 @@ def dvc_results(records: Sequence[Record], parsed: Sequence[ParseResult]) -> dic
             if p.ok
         },
     }
+
+
+def predict_records(
+    gm, records: Sequence[Record], data, *, batch_size: int = 8, on_prediction=None,
+) -> tuple[dict[str, Any], list[Record], dict[str, int]]:
+    """The answers of `gm` (a `GroundingModel`) for `records`: videos fetched and decoded by the
+    Ray Data pipeline (`data`: a DataConfig: storage root, frames and size), prompts batched
+    through `gm.predict_batch`. Returns (record id -> Prediction, the records that passed the
+    annotation checks, records skipped by reason); a record whose video was skipped has no
+    prediction (a miss when scored), one refused for its annotation is not scored. `on_prediction(row, prediction)` sees each answer with its decoded row."""
+    from timeexpert.data.pipeline import build_dataset
+    from timeexpert.inference import PredictRequest
+
+    dataset = build_dataset(data, records=records, preserve_order=True)
+    dataset.dataset.context.enable_progress_bars = False
+    predictions: dict[str, Any] = {}
+    for batch in dataset.dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))]
+        requests = [
+            PredictRequest(frames_THWC=row["frames"][row["frame_mask"]],
+                           timestamps_T=row["timestamps"][row["frame_mask"]], task=str(row["task"]),
+                           query=str(row["query"]), duration=float(row["duration"]),
+                           clip_len=float(row["clip_len"]))
+            for row in rows
+        ]
+        for row, prediction in zip(rows, gm.predict_batch(requests)):
+            predictions[str(row["id"])] = prediction
+            if on_prediction is not None:
+                on_prediction(row, prediction)
+    return predictions, list(dataset.records), dataset.skip_summary()
 
 
 def evaluate_predictions(

@@ -58,6 +58,8 @@ class TrainConfig:
     task_weights: dict[str, float] = field(default_factory=dict)  # per-task mixing of the data
     init_from: str = ""  # checkpoint URI whose weights this stage starts from ("" = fresh)
     shuffle_buffer: int = 16  # rows of the local shuffle buffer of each worker (0: off)
+    frame_jitter: bool = False  # training frames at random points of their segments (TSN), a
+    # new draw each epoch; evaluation always takes the segment centres
     fpo_steps: int = 0  # D2VLM FPO steps after the pipeline's last stage (0: off; driver process)
     fpo_beta: float = 0.1  # FPO / DPO inverse temperature beta
 

@@ -18,6 +18,7 @@ stage's loss in every stage (the stage's trainable modules decide what they trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -33,13 +34,14 @@ from timeexpert.models.token_sampling import GROUNDVTS_STAGES, StageSpec, set_st
 from timeexpert.train.config import TrainConfig
 
 _CE = ("loss_time", "loss_score", "loss_text")
+VISION = "frame_encoder."  # the vision encoder's parameter prefix
 TIMEEXPERT_STAGES: dict[int, StageSpec] = {  # TimeExpert sec. 3.5
     1: StageSpec(name="task-modules", losses=_CE,
                  trainable=("compressor.", "projector.", "time_encoder.", "score_encoder.",
                             "time_head.", "score_head.", "lm_head.", "evidence_head.")),
     2: StageSpec(name="moe-decoder", trainable=("layers.", "norm.", "text_embed."),
                  losses=_CE + ("aux_loss", "z_loss")),
-    3: StageSpec(name="all-but-vision", trainable=("",), frozen=("frame_encoder.",),
+    3: StageSpec(name="all-but-vision", trainable=("",), frozen=(VISION,),
                  losses=_CE + ("aux_loss", "z_loss")),
 }
 RECIPES: dict[str, dict[int, StageSpec]] = {
@@ -86,17 +88,28 @@ def load_tokenizer(uri: str):
         return GroundingTokenizer.from_pretrained(d)
 
 
-def stage_spec(recipe: str, stage: int) -> StageSpec:
+def stage_spec(recipe: str, stage: int, *, vision_pretrained: bool = True) -> StageSpec:
+    """The recipe's stage. The recipes keep the vision encoder frozen, as the papers do with a
+    pretrained SigLIP; a randomly initialised one (`vision_pretrained=False`: no `vision_path`,
+    e.g. the CPU presets, with no weights to download) would stay random forever, so it trains
+    wherever the projector trains."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
     if stage not in RECIPES[recipe]:
         raise ValueError(f"stage must be one of {sorted(RECIPES[recipe])}, got {stage}")
-    return RECIPES[recipe][stage]
+    spec = RECIPES[recipe][stage]
+    if vision_pretrained or not ("projector." in spec.trainable or "" in spec.trainable):
+        return spec
+    return dataclasses.replace(
+        spec, trainable=tuple(dict.fromkeys(spec.trainable + (VISION,))),
+        frozen=tuple(p for p in spec.frozen if p != VISION),
+    )
 
 
 def set_trainable(model, stage: int, recipe: str = "timeexpert") -> list[str]:
     """Freeze everything but the stage's modules; returns the trainable parameter names."""
-    return set_stage_trainable(model, stage_spec(recipe, stage))
+    spec = stage_spec(recipe, stage, vision_pretrained=bool(model.config.vision_path))
+    return set_stage_trainable(model, spec)
 
 
 def stage_loss(out, stage: int, config, recipe: str = "timeexpert"):
@@ -249,7 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = parallel.build_sharded_model(TimeExpertForGrounding, mconfig, groups, full)
     del full
     model.train()
-    spec = stage_spec(cfg.recipe, cfg.stage)
+    spec = stage_spec(cfg.recipe, cfg.stage, vision_pretrained=bool(mconfig.vision_path))
     if spec.lora:  # adapters start at B = 0: the model's function is unchanged
         from timeexpert.models.token_sampling import apply_lora
 
@@ -452,12 +465,15 @@ def _storage_root(cfg: TrainConfig) -> str:
     return cfg.storage_root if scheme == "s3" else os.path.abspath(storage.split_scheme(cfg.storage_root)[1])
 
 
-def data_config(cfg: TrainConfig, mconfig):
+def data_config(cfg: TrainConfig, mconfig, *, train: bool = False):
+    """The Ray Data config of a run: the model's frames and size; `train` adds the run's frame
+    jitter (evaluation always decodes the segment centres)."""
     from timeexpert.config import DataConfig, VideoConfig
 
     return DataConfig(
         root=cfg.data_root,
-        video=VideoConfig(num_frames=mconfig.num_frames, height=mconfig.image_size, width=mconfig.image_size),
+        video=VideoConfig(num_frames=mconfig.num_frames, height=mconfig.image_size,
+                          width=mconfig.image_size, jitter=train and cfg.frame_jitter),
         task_weights=dict(cfg.task_weights), seed=cfg.seed, decode_num_cpus=0.25,
     )
 
@@ -471,7 +487,8 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
     from timeexpert.train.checkpoint import checkpoint_uri
 
     mconfig = model_config(cfg, load_tokenizer(tokenizer_uri))
-    dataset = build_dataset(data_config(cfg, mconfig), split="train", shuffle=True, preserve_order=True)
+    dataset = build_dataset(data_config(cfg, mconfig, train=True), split="train", shuffle=True,
+                            preserve_order=True)
     dataset.dataset.context.enable_progress_bars = False  # progress lines come from rank 0
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # the same seed gives the same batches on every run

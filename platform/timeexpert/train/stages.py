@@ -212,9 +212,9 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
     `plot_dir`: where to write `token_density_{task}.png` (the per-frame density of kept visual
     tokens of each task's first video, GroundVTS) when the model samples tokens."""
     from timeexpert.data import formats
-    from timeexpert.data.pipeline import build_dataset, record_from_row
-    from timeexpert.eval.evaluate import evaluate_predictions
-    from timeexpert.inference import GroundingModel, PredictRequest
+    from timeexpert.data.pipeline import record_from_row
+    from timeexpert.eval.evaluate import evaluate_predictions, predict_records
+    from timeexpert.inference import GroundingModel
 
     split = cfg.eval_split if split is None else split
     max_records = cfg.eval_max_records if max_records is None else max_records
@@ -227,33 +227,23 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
     gm = GroundingModel.load(checkpoint_uri)
     from timeexpert.train.loop import data_config
 
-    dataset = build_dataset(data_config(cfg, gm.model.config), split=split, records=chosen,
-                            preserve_order=True)
-    dataset.dataset.context.enable_progress_bars = False
-    predictions, seen = {}, []
-    for batch in dataset.dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))]
-        requests = [
-            PredictRequest(frames_THWC=row["frames"][row["frame_mask"]],
-                           timestamps_T=row["timestamps"][row["frame_mask"]], task=str(row["task"]),
-                           query=str(row["query"]), duration=float(row["duration"]),
-                           clip_len=float(row["clip_len"]))
-            for row in rows
-        ]
-        for row, pred in zip(rows, gm.predict_batch(requests)):
-            predictions[str(row["id"])] = pred
-            record = record_from_row(row)
-            seen.append(record)
-            plot = os.path.join(plot_dir, f"token_density_{record.task.value}.png") if plot_dir else ""
-            if plot and pred.token_density is not None and not os.path.exists(plot):
-                from timeexpert.models.token_sampling import plot_token_density
+    def plot_density(row, pred) -> None:
+        record = record_from_row(row)
+        plot = os.path.join(plot_dir, f"token_density_{record.task.value}.png") if plot_dir else ""
+        if plot and pred.token_density is not None and not os.path.exists(plot):
+            from timeexpert.models.token_sampling import plot_token_density
 
-                plot_token_density(pred.token_density, row["timestamps"][row["frame_mask"]], plot,
-                                   intervals=[(e.start, e.end) for e in record.events],
-                                   title=f"{record.task.value}: {record.query[:60]}")
+            plot_token_density(pred.token_density, row["timestamps"][row["frame_mask"]], plot,
+                               intervals=[(e.start, e.end) for e in record.events],
+                               title=f"{record.task.value}: {record.query[:60]}")
+
+    predictions, scored, _ = predict_records(
+        gm, chosen, data_config(cfg, gm.model.config), batch_size=batch_size,
+        on_prediction=plot_density,
+    )
     out: dict[str, float] = {}
     for task in Task:
-        task_records = [r for r in seen if r.task == task]
+        task_records = [r for r in scored if r.task == task]
         if task_records:
             metrics = evaluate_predictions(task_records, predictions, task, captions=cfg.eval_captions)
             out.update({f"{task.value}/{k}": float(v) for k, v in metrics.items()
