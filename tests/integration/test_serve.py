@@ -131,6 +131,40 @@ def test_decode_cache_is_keyed_by_content_version(tmp_path):
     assert off.get("a") is None
 
 
+def test_decode_cache_decodes_again_when_the_cached_frames_are_lost():
+    """A cached object lost since (its node died) is decoded again once; a fresh decode's loss is
+    an error. (Fakes: losing an object-store entry takes a second node, which this machine has
+    not; the real path is exercised by test_repeated_video_skips_the_decoder_until_it_changes.)"""
+    import asyncio
+
+    from ray.exceptions import ObjectLostError
+
+    from timeexpert.serve.deployments import DecodedCache
+
+    lost = {"old-ref"}
+    calls = []
+
+    async def decode():
+        calls.append("decode")
+        return ("new-ref", 9.0, 8)
+
+    async def use(ref):
+        calls.append(f"use {ref}")
+        if ref in lost:
+            raise ObjectLostError("ab" * 14, "", "")
+        return f"answer from {ref}"
+
+    cache = DecodedCache(4)
+    cache.put("k", ("old-ref", 9.0, 8))
+    answer, entry = asyncio.run(cache.run("k", decode=decode, use=use))
+    assert answer == "answer from new-ref" and entry == ("new-ref", 9.0, 8)
+    assert calls == ["use old-ref", "decode", "use new-ref"]
+    assert cache.get("k") == ("new-ref", 9.0, 8)
+    lost.add("new-ref")
+    with pytest.raises(ObjectLostError):
+        asyncio.run(DecodedCache(4).run("x", decode=decode, use=use))
+
+
 @pytest.mark.slow
 def test_mlflow_checkpoint_uri(tmp_path, monkeypatch):
     """A checkpoint logged to MLflow is found through runs:/ and through the registry (models:/)."""

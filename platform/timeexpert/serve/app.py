@@ -313,20 +313,24 @@ class GroundingIngress:
         source = video_source(uri, data_url, limits.allowed_roots, limits.max_upload_bytes)
         size = (info.image_size, info.image_size)
         key = (await asyncio.to_thread(video_version, source), num_frames, fps, size)
-        decoded = self._decoded.get(key)
-        if decoded is None:
-            response = self.decoder.decode.remote(source, num_frames=num_frames, fps=fps, size=size)
-            ref = await response._to_object_ref()
-            video = await ref
-            _raise_rejection(video)
-            decoded = (ref, float(video.duration), len(video.timestamps))
-            self._decoded.put(key, decoded)
-        ref, duration, frames = decoded
-        prediction = await self.model.predict.remote(
-            ref, task=task, query=query, max_events=max_events, clip_len=clip_len
+        prediction, (_, duration, frames) = await self._decoded.run(
+            key,
+            decode=lambda: self._decode(source, num_frames, fps, size),
+            use=lambda ref: self.model.predict.remote(
+                ref, task=task, query=query, max_events=max_events, clip_len=clip_len
+            ),
         )
         _raise_rejection(prediction)
         return prediction, duration, frames
+
+    async def _decode(self, source, num_frames, fps, size) -> tuple:
+        """The VideoDecoder's frames for `source` as (object ref, duration, frame count); a
+        Rejection (undecodable video, ...) is raised as its RequestError."""
+        response = self.decoder.decode.remote(source, num_frames=num_frames, fps=fps, size=size)
+        ref = await response._to_object_ref()
+        video = await ref
+        _raise_rejection(video)
+        return ref, float(video.duration), len(video.timestamps)
 
     def decode_cache_stats(self) -> dict:
         """Hits and misses of this replica's decoded-video cache."""

@@ -225,6 +225,22 @@ class DecodedCache:
         while len(self._items) > self.entries:
             self._items.popitem(last=False)
 
+    async def run(self, key: tuple, *, decode, use):
+        """`await use(ref)` on the decoded video of `key`: the cached one, else `await decode()`
+        -> (ref, ...) stored under `key`. Returns (use's result, the entry). A cached object lost
+        since (its node died, ...) is decoded again once."""
+        from ray.exceptions import ObjectLostError
+
+        entry = self.get(key)
+        if entry is not None:
+            try:
+                return await use(entry[0]), entry
+            except ObjectLostError:
+                self._items.pop(key, None)
+        entry = await decode()
+        self.put(key, entry)
+        return await use(entry[0]), entry
+
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "entries": len(self._items)}
 
