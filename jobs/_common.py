@@ -11,16 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "platform") not in sys.path:  # `python jobs/x.py` from a working dir
     sys.path.insert(0, os.path.join(ROOT, "platform"))
 
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0 (propagated to the Train workers): the patch logs each print and,
+# once anything wraps sys.stdout, prints it too: every progress line reached the user twice.
 for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
                "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}.items():
+               "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}.items():
     os.environ.setdefault(_k, _v)
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny_cpu", help="model + training preset (timeexpert.presets)")
     p.add_argument("--data-root", default=".cache/data/tiny", help="dataset root (local or s3://)")
-    p.add_argument("--synthetic", choices=["tiny", "small", "large"],
+    p.add_argument("--synthetic", choices=["tiny", "small", "medium", "large"],
                    help="generate this synthetic benchmark under --data-root when it has none")
     p.add_argument("--storage-root", default=".cache/runs", help="checkpoints: local dir or s3://")
     p.add_argument("--name", default="timeexpert", help="run name")
