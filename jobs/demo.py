@@ -5,13 +5,13 @@ Embedded defaults: local Ray, MLflow on a local SQLite database, storage on the 
 the S3 server), brought up by that script unless one is already up in STATE_DIR, and torn down
 with infra/local/down.sh afterwards if the demo brought it up (`--keep-stack` leaves it):
 the data and checkpoints live on its S3, the runs on its MLflow server. Either way:
-  1. render the medium synthetic VTG benchmark (real mp4 files) unless it is there already;
+  1. render the small synthetic VTG benchmark (real mp4 files) unless it is there already;
   2. train TimeExpert's three stages (TimeExpert sec. 3.5) on Ray Train with 2 gloo workers;
   3. evaluate the final checkpoint on the test split and print it against the trivial baselines;
   4. deploy the grounding Serve app and answer one query per task over HTTP;
   5. say where the MLflow runs, plots and checkpoints are.
 
-    python jobs/demo.py [--root .cache/demo] [--preset small_cpu] [--size medium] [--steps N] [--no-serve]
+    python jobs/demo.py [--root .cache/demo] [--preset small_cpu] [--size small] [--steps N] [--no-serve]
                         [--local-stack [STATE_DIR] [--keep-stack]]
 """
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=".cache/demo", help="where data, runs and MLflow live")
     p.add_argument("--preset", default="small_cpu")
-    p.add_argument("--size", default="medium", choices=["tiny", "small", "medium", "large"])
+    p.add_argument("--size", default="small", choices=["tiny", "small", "medium", "large"])
     p.add_argument("--steps", type=int,
                    help="steps of the three stages together (default: 3x the preset's num_steps), "
                         f"split {STAGE_SHARE} (stage 1 only fits the task modules to a frozen "

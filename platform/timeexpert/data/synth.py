@@ -104,8 +104,7 @@ SIZES: dict[str, SynthSpec] = {
         name="small", num_videos={"train": 240, "val": 40, "test": 40}, min_duration=20,
         max_duration=60, fps=5,
     ),
-    # the demo's: the small videos, five times the training videos (one pass of a CPU budget:
-    # 240 training videos were memorised within the demo's steps)
+    # the small videos, five times the training videos (about one pass of the demo's budget)
     "medium": SynthSpec(
         name="medium", num_videos={"train": 1200, "val": 60, "test": 60}, min_duration=20,
         max_duration=60, fps=5,
