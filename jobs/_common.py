@@ -37,6 +37,17 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a local Ray instance")
 
 
+def read_stack_env(state_dir: str) -> dict[str, str]:
+    """The variables infra/local/up.sh wrote to STATE_DIR/env (`export K=V ...` lines)."""
+    env = {}
+    with open(os.path.join(state_dir, "env")) as f:
+        for line in f:
+            for assignment in line.removeprefix("export ").split():
+                key, _, value = assignment.partition("=")
+                env[key] = value
+    return env
+
+
 def connect_ray(num_cpus: int) -> bool:
     """Connect to the cluster of RAY_ADDRESS (`ray job submit`), else start a local Ray of
     `num_cpus`; nothing when connected already. True when this call connected."""

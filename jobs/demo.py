@@ -127,12 +127,7 @@ def local_stack(state_dir: str | None, keep: bool):
         subprocess.run([os.path.join(scripts, "up.sh"), state], check=True)
     else:
         print(f"[0/5] using the local stack already up in {state}", flush=True)
-    env = {}
-    with open(os.path.join(state, "env")) as f:
-        for line in f:
-            for assignment in line.removeprefix("export ").split():
-                key, _, value = assignment.partition("=")
-                env[key] = value
+    env = _common.read_stack_env(state)
     # the driver connects to the head's GCS; RAY_ADDRESS (the job server) is for `ray job submit`
     os.environ.update({k: v for k, v in env.items() if k != "RAY_ADDRESS"})
     try:

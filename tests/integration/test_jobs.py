@@ -27,12 +27,13 @@ COMMON = ["--preset", "tiny_cpu", "--set", "log_every=1", "--set", "batch_size=2
 
 
 def _env_from(state: pathlib.Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for line in (state / "env").read_text().splitlines():
-        for assignment in line.removeprefix("export ").split():
-            key, _, value = assignment.partition("=")
-            env[key] = value
-    return env
+    """This process's environment plus the stack's (STATE/env, read as the demo reads it)."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        from _common import read_stack_env
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
+    return {**os.environ, **read_stack_env(str(state))}
 
 
 @pytest.fixture(scope="module")
