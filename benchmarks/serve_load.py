@@ -233,11 +233,6 @@ def main() -> None:
             .batch_stats.remote().result()
             for name in ("batched", "unbatched")
         }
-        batching = {
-            name: serve.get_deployment_handle("GroundingModel", app_name=name)
-            .batch_stats.remote().result()
-            for name in ("batched", "unbatched")
-        }
     finally:
         serve.shutdown()
         ray.shutdown()

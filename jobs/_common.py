@@ -20,9 +20,11 @@ for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
+    from timeexpert.data.synth import SIZES
+
     p.add_argument("--preset", default="tiny_cpu", help="model + training preset (timeexpert.presets)")
     p.add_argument("--data-root", default=".cache/data/tiny", help="dataset root (local or s3://)")
-    p.add_argument("--synthetic", choices=["tiny", "small", "medium", "large"],
+    p.add_argument("--synthetic", choices=sorted(SIZES),
                    help="generate this synthetic benchmark under --data-root when it has none")
     p.add_argument("--storage-root", default=".cache/runs", help="checkpoints: local dir or s3://")
     p.add_argument("--name", default="timeexpert", help="run name")

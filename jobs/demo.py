@@ -140,10 +140,12 @@ def local_stack(state_dir: str | None, keep: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from timeexpert.data.synth import SIZES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=".cache/demo", help="where data, runs and MLflow live")
     p.add_argument("--preset", default="small_cpu")
-    p.add_argument("--size", default="small", choices=["tiny", "small", "medium", "large"])
+    p.add_argument("--size", default="small", choices=sorted(SIZES))
     p.add_argument("--steps", type=int,
                    help="steps of the three stages together (default: 3x the preset's num_steps), "
                         f"split {STAGE_SHARE} (stage 1 only fits the task modules to a frozen "

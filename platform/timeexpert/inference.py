@@ -230,15 +230,16 @@ class GroundingModel:
         if getattr(cfg, "evidence", None) is not None:
             from timeexpert.models.evidence import interval_from_salient
 
-            ratio = self.model.evidence_head.config.threshold_ratio
             for b, p in enumerate(predictions):
                 p.evidence = extras["evidence"][b]
                 p.evidence_intervals = []
-                for probs in p.evidence or []:
-                    prob_T = torch.as_tensor(probs)
-                    salient_T = prob_T >= ratio * prob_T.max() if prob_T.numel() else prob_T.bool()
-                    p.evidence_intervals.append(interval_from_salient(
-                        salient_T, requests[b].timestamps_T, durations[b]))
+                if p.evidence:  # (E, T): one row per generated <evi>
+                    prob_ET = torch.as_tensor(p.evidence)
+                    salient_ET = self.model.evidence_head.salient(prob_ET, torch.ones_like(prob_ET))
+                    p.evidence_intervals = [
+                        interval_from_salient(row, requests[b].timestamps_T, durations[b])
+                        for row in salient_ET
+                    ]
         return predictions
 
     def _prediction(self, ids, kinds, task: Task, duration: float, clip_len: float) -> Prediction:

@@ -6,7 +6,6 @@ checkpoints, and a reduced ablation grid. One stack for the module."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -15,6 +14,7 @@ import time
 import uuid
 
 import pytest
+from local_stack_support import stack_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -24,16 +24,6 @@ MINI = dict(name="mini", num_videos={"train": 4, "val": 2, "test": 1}, min_durat
 # Small enough for a loaded 2-core machine: 1 worker of half a CPU, tiny batches, few steps.
 COMMON = ["--preset", "tiny_cpu", "--set", "log_every=1", "--set", "batch_size=2",
           "--set", "cpus_per_worker=0.5"]
-
-
-def _env_from(state: pathlib.Path) -> dict[str, str]:
-    """This process's environment plus the stack's (STATE/env, read as the demo reads it)."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        from _common import read_stack_env
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
-    return {**os.environ, **read_stack_env(str(state))}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +36,7 @@ def stack():
         up = subprocess.run([str(ROOT / "infra/local/up.sh"), str(state)], capture_output=True,
                             text=True, timeout=300)
         assert up.returncode == 0, up.stderr + up.stdout
-        env = _env_from(state)
+        env = stack_env(state)
         env["STATE"] = str(state)
         env["DATA"] = f"{env['TE_STORAGE_ROOT']}/data/mini"
         gen = (f"from timeexpert.data import synth; synth.generate(synth.SynthSpec(**{MINI!r}), "
@@ -78,6 +68,13 @@ def _submit(env: dict[str, str], *entrypoint: str, timeout: int = 900) -> str:
     return job.stdout
 
 
+def _job_args(stack: dict[str, str], name: str) -> list[str]:
+    """The flags every job here shares: tiny preset, the stack's data, storage and MLflow."""
+    return [*COMMON, "--data-root", stack["DATA"], "--storage-root",
+            f"{stack['TE_STORAGE_ROOT']}/runs", "--name", name,
+            "--tracking-uri", stack["MLFLOW_TRACKING_URI"]]
+
+
 def _line(out: str, prefix: str) -> str:
     lines = [line for line in out.splitlines() if line.startswith(prefix)]
     assert lines, f"no {prefix!r} line in the job output: {out[-3000:]}"
@@ -92,9 +89,7 @@ def _mlflow(env):
 
 def test_four_trial_sweep(stack):
     name = f"sweep-{uuid.uuid4().hex[:4]}"
-    out = _submit(stack, "jobs/sweep.py", *COMMON, "--data-root", stack["DATA"],
-                  "--storage-root", f"{stack['TE_STORAGE_ROOT']}/runs", "--name", name,
-                  "--tracking-uri", stack["MLFLOW_TRACKING_URI"], "--workers", "1",
+    out = _submit(stack, "jobs/sweep.py", *_job_args(stack, name), "--workers", "1",
                   "--steps", "4", "--set", "checkpoint_every=4", "--num-samples", "4",
                   "--max-concurrent", "2")
     trials = json.loads(_line(out, "TRIALS "))
@@ -125,9 +120,7 @@ def test_ray_job_submit_train(stack):
     import s3fs
 
     name = f"submitted-{uuid.uuid4().hex[:4]}"
-    out = _submit(stack, "jobs/train.py", *COMMON, "--data-root", stack["DATA"],
-                  "--storage-root", f"{stack['TE_STORAGE_ROOT']}/runs", "--name", name,
-                  "--tracking-uri", stack["MLFLOW_TRACKING_URI"], "--stages", "2", "--steps", "2",
+    out = _submit(stack, "jobs/train.py", *_job_args(stack, name), "--stages", "2", "--steps", "2",
                   "--workers", "2", "--ep", "2", "--set", "eval_max_records=1")
     assert "[stage 2] step 2/2" in out  # the progress line reached the user
     result = json.loads(_line(out, "RESULT "))
@@ -144,9 +137,7 @@ def test_ray_job_submit_train(stack):
 
 def test_ablation_grid(stack):
     name = f"abl-{uuid.uuid4().hex[:4]}"
-    out = _submit(stack, "jobs/ablate.py", *COMMON, "--data-root", stack["DATA"],
-                  "--storage-root", f"{stack['TE_STORAGE_ROOT']}/runs", "--name", name,
-                  "--tracking-uri", stack["MLFLOW_TRACKING_URI"], "--only", "dense,full",
+    out = _submit(stack, "jobs/ablate.py", *_job_args(stack, name), "--only", "dense,full",
                   "--stages", "2", "--steps", "2", "--workers", "1",
                   "--set", "eval_max_records=1")
     table = [line for line in out.splitlines() if line.startswith("| ")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,19 +10,10 @@ import urllib.request
 import uuid
 
 import pytest
+from local_stack_support import stack_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _env_from(state: pathlib.Path) -> dict[str, str]:
-    """This process's environment plus the stack's (STATE/env, read as the demo reads it)."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        from _common import read_stack_env
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
-    return {**os.environ, **read_stack_env(str(state))}
 
 
 def _processes_naming(text: str) -> list[str]:
@@ -39,7 +29,7 @@ def test_up_use_down_leaves_nothing_behind(tmp_path_factory):
     )
     try:
         assert up.returncode == 0, up.stderr + up.stdout
-        env = _env_from(state)
+        env = stack_env(state)
 
         # S3: write through s3fs, read back.
         code = (

@@ -132,6 +132,17 @@ def evidence_batch(tok, cfg):
 
 
 @pytest.mark.slow
+def _prefer_evidence_tokens(model, cfg) -> None:
+    """An LM head that always answers `<evi>` (logit 10), EOS next (5), everything else 0."""
+    bias = torch.zeros(cfg.text_vocab_size)
+    bias[cfg.evidence_token_id] = 10.0
+    bias[cfg.answer_end_token_id] = 5.0
+    model.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.text_vocab_size, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.copy_(bias)
+
+
 def test_model_trains_the_evidence_head_and_losses_enter_the_sft_loss(tok):
     model, cfg = evidence_model(tok)
     batch, frames = evidence_batch(tok, cfg)
@@ -164,18 +175,9 @@ def test_model_trains_the_evidence_head_and_losses_enter_the_sft_loss(tok):
 def test_generation_with_evidence_tokens_grounds_each_evi(tok):
     model, cfg = evidence_model(tok)
     model.eval()
-    # make the LM head prefer <evi> a few times: its logit is large while the others are zero
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
     prompt = collate([tok.encode_prompt(Task.MR, "the cat", [0.0, 1.0, 2.0], tokens_per_frame=cfg.tokens_per_frame)], padding_side="left")
     frames = np.random.default_rng(1).integers(0, 256, size=(3, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
-    bias = torch.zeros(cfg.text_vocab_size)
-    bias[cfg.evidence_token_id] = 10.0
-    bias[cfg.answer_end_token_id] = 5.0
-    model.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.text_vocab_size, bias=True)
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-        model.lm_head.bias.copy_(bias)
+    _prefer_evidence_tokens(model, cfg)
     answers, extras = model.generate_answer(prompt["input_ids"], prompt["token_types"], prompt["attention_mask"],
                                             pixel_values=model.preprocess_frames(frames), max_new_tokens=4,
                                             return_extras=True)
@@ -189,13 +191,7 @@ def test_prediction_turns_each_evi_grounding_into_its_salient_interval(tok):
     from timeexpert.inference import GroundingModel
 
     model, cfg = evidence_model(tok)
-    bias = torch.zeros(cfg.text_vocab_size)
-    bias[cfg.evidence_token_id] = 10.0
-    bias[cfg.answer_end_token_id] = 5.0
-    model.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.text_vocab_size, bias=True)
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-        model.lm_head.bias.copy_(bias)
+    _prefer_evidence_tokens(model, cfg)
     frames = np.random.default_rng(2).integers(0, 256, size=(4, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     timestamps = np.array([0.0, 2.0, 4.0, 6.0])
     pred = GroundingModel.from_model(model, tok).predict(frames, timestamps, Task.MR, "the cat", duration=8.0)

@@ -228,9 +228,10 @@ def test_vhd_answers_train_the_saliency_scores():
         "saliency": np.array([json.dumps([0.0, 3.0, 3.0, 1.0, 0.0]), "null"]),
         "events": np.array([json.dumps([Event(2.0, 6.0).to_dict()])] * 2),
     }
-    vhd = answer_events("vhd", batch, 0, max_events=8)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(2)]
+    vhd = answer_events(rows[0], max_events=8)
     assert [(e.start, e.end, e.score) for e in vhd] == [(2.0, 6.0, 3.0), (6.0, 8.0, 1.0)]
-    assert answer_events("mr", batch, 1, max_events=8) == [Event(2.0, 6.0)]
+    assert answer_events(rows[1], max_events=8) == [Event(2.0, 6.0)]
 
 
 @pytest.mark.slow

@@ -142,7 +142,8 @@ def predict_records(
     Ray Data pipeline (`data`: a DataConfig: storage root, frames and size), prompts batched
     through `gm.predict_batch`. Returns (record id -> Prediction, the records that passed the
     annotation checks, records skipped by reason); a record whose video was skipped has no
-    prediction (a miss when scored), one refused for its annotation is not scored. `on_prediction(row, prediction)` sees each answer with its decoded row."""
+    prediction (a miss when scored), one refused for its annotation is not scored.
+    `on_prediction(row, prediction)` sees each answer with its decoded row."""
     from timeexpert.data.pipeline import build_dataset
     from timeexpert.inference import PredictRequest
 

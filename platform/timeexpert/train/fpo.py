@@ -121,16 +121,16 @@ def encode_pairs(rows: list[dict[str, Any]], tokenizer, config, model, *, seed: 
     import random
 
     from timeexpert.data.preference import make_pairs
-    from timeexpert.events import Event
     from timeexpert.models.evidence import encode_evidence_example, pad_targets
     from timeexpert.models.tokenizer import collate
+    from timeexpert.train.loop import answer_events
 
     rng = random.Random(seed)
     sides: dict[str, list] = {"chosen": [], "rejected": []}
     targets: dict[str, list] = {"chosen": [], "rejected": []}
     pixels = []
     for row in rows:
-        events = [Event.from_dict(e) for e in json.loads(str(row["events"]))]
+        events = answer_events(row, config.max_events)  # the SFT target is the chosen side
         duration = float(row["duration"])
         pairs = make_pairs(events, duration, seed=rng.randrange(1 << 30)) if events else []
         if not pairs:

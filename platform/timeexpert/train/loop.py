@@ -146,16 +146,17 @@ def merged_lora_state(model, full_state: dict) -> dict:
     return out
 
 
-def answer_events(task: str, batch: dict[str, np.ndarray], i: int, max_events: int) -> list[Event]:
-    """The events row `i`'s answer serializes: a VHD record with per-clip saliency answers its
-    scored highlight windows (so the score head learns saliency); otherwise the record's events."""
-    saliency = json.loads(batch["saliency"][i]) if "saliency" in batch else None
-    if task == Task.VHD.value and saliency:
+def answer_events(row: dict[str, Any], max_events: int) -> list[Event]:
+    """The events a pipeline row's answer serializes (the SFT target, FPO's chosen side): a VHD
+    record with per-clip saliency answers its scored highlight windows (so the score head learns
+    saliency); otherwise the record's events."""
+    saliency = json.loads(str(row["saliency"])) if "saliency" in row else None
+    if str(row["task"]) == Task.VHD.value and saliency:
         from timeexpert.inference import saliency_events
 
-        return saliency_events(saliency, float(batch["clip_len"][i]), float(batch["duration"][i]),
+        return saliency_events(saliency, float(row["clip_len"]), float(row["duration"]),
                                max_events)
-    return [Event.from_dict(e) for e in json.loads(batch["events"][i])]
+    return [Event.from_dict(e) for e in json.loads(str(row["events"]))]
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> dict[str, Any]:
@@ -170,7 +171,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
         task, query, times = str(batch["task"][i]), str(batch["query"][i]), batch["timestamps"][i][mask].tolist()
-        events = answer_events(task, batch, i, config.max_events)
+        events = answer_events({k: v[i] for k, v in batch.items()}, config.max_events)
         if config.evidence is not None:
             duration = float(batch["duration"][i]) if "duration" in batch else None
             enc, target_KT = encode_evidence_example(
