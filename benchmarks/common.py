@@ -33,6 +33,24 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 2) 
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time of each `fn()`, timed round-robin (one run of each per round): a change
+    in machine load during the measurement shifts every contender alike, not whichever was being
+    timed then, so their ratios stay fair."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def emit(result: dict[str, Any], *, as_json: bool) -> None:
     """Print the result: readable lines always, and the JSON object last when asked."""
     for key, value in result.items():

@@ -4,6 +4,8 @@
 8 experts top-2 and 64 experts top-6. Peers measured in this run: transformers'
 MixtralSparseMoeBlock with its `eager` and `grouped_mm` expert backends, DeepSpeed's MoE layer
 (dropless, same SwiGLU expert, gloo world of 1). The limit: one dense SwiGLU over N*k rows.
+Ours, the peers and the limit are timed round-robin, one run of each per round (median per
+contender), so a change in machine load shifts them alike.
 Dynamic mode: thresholds calibrated to fire k experts per token on average, plus a sweep that
 prints cost against the mean number of activated experts.
 """
@@ -17,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from benchmarks.common import emit, median_seconds, parse_args
+from benchmarks.common import emit, interleaved_medians, median_seconds, parse_args
 from timeexpert.config import MoEConfig
 from timeexpert.models.moe import MoELayer, swiglu
 
@@ -100,7 +102,7 @@ def calibrate_dynamic(layer: MoELayer, x, target: float) -> None:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--threads", type=int, default=2, help="torch intra-op threads"),
-        p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement"),
+        p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement"),
         p.add_argument("--skip-deepspeed", action="store_true"),
         p.add_argument("--tokens", type=int, default=N_TOKENS, help="tokens (4096 is the benchmark)"),
     ))
@@ -127,23 +129,26 @@ def main() -> None:
     sweep: dict[str, list] = {}
     for E, k in SIZES:
         size = f"{E}x{k}"
+        # the peers and the limit timed round-robin: load drift hits them all alike
         layer = ours("topk", E, k)
-        seconds[f"timeexpert/topk/{size}"] = med(fwd_bwd(lambda x: layer(x, types_N)[0], x_ND, grad_ND))
+        contenders = {f"timeexpert/topk/{size}": fwd_bwd(lambda x: layer(x, types_N)[0], x_ND, grad_ND)}
         for backend in ("eager", "grouped_mm"):
             block = hf_block(E, k, backend)
-            seconds[f"hf_{backend}/topk/{size}"] = med(
-                fwd_bwd(lambda x: block(x[None])[0], x_ND, grad_ND)
+            contenders[f"hf_{backend}/topk/{size}"] = fwd_bwd(
+                lambda x, block=block: block(x[None])[0], x_ND, grad_ND
             )
         if have_ds:
             moe = ds_moe(E, k)
-            seconds[f"deepspeed/topk/{size}"] = med(
-                fwd_bwd(lambda x: moe(x[None])[0][0], x_ND, grad_ND)
+            contenders[f"deepspeed/topk/{size}"] = fwd_bwd(
+                lambda x: moe(x[None])[0][0], x_ND, grad_ND
             )
         x_rows = torch.randn(n_tokens * k, DIM, requires_grad=True)
         dense = SwiGLUExpert()
-        seconds[f"dense_limit/{size}"] = med(
-            fwd_bwd(lambda x: dense(x), x_rows, torch.randn(n_tokens * k, DIM))
+        contenders[f"dense_limit/{size}"] = fwd_bwd(
+            lambda x: dense(x), x_rows, torch.randn(n_tokens * k, DIM)
         )
+        seconds.update(interleaved_medians(contenders, repeats=args.repeats, warmup=2))
+        del contenders
         # dynamic: calibrated to ~k active experts per token, then a sweep over the mean
         dyn = ours("dynamic", E, k).eval()  # eval: statistics frozen, thresholds stay put
         sweep[size] = []
