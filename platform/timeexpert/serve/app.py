@@ -33,8 +33,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from timeexpert import storage
 from timeexpert.events import Event, Task
 from timeexpert.serve import schemas as S
 from timeexpert.serve.inputs import (
@@ -80,23 +82,43 @@ def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", None) or uuid.uuid4().hex
 
 
-@fastapi_app.middleware("http")
-async def _edge(request: Request, call_next):
+class _Edge:
     """Request id, bearer auth on /v1/*, and the body-size limit before the body is read.
 
     Serve's proxy puts its request id in the `x-request-id` request header (the client's own, if
     it sent one) and returns it as the response header; the error bodies carry the same id.
+    A plain ASGI middleware: Starlette's `@app.middleware("http")` (BaseHTTPMiddleware) runs
+    every response through a task group and a memory stream, milliseconds per request here.
     """
-    given = request.headers.get("x-request-id", "")
-    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-    request.state.request_id = rid
-    path = request.url.path
-    root_path = request.scope.get("root_path", "")  # the app's route prefix, if any
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid  # `request.state.request_id`
+        response = _refuse_at_the_edge(scope, headers, rid)
+        if response is None:
+            await self.app(scope, receive, send)
+        else:
+            await response(scope, receive, send)
+
+
+def _refuse_at_the_edge(scope, headers: Headers, rid: str) -> JSONResponse | None:
+    """The 401 of a /v1/ request without the configured bearer token, the 413 of a body over
+    the limit by its Content-Length; None when neither applies."""
+    path = scope["path"]
+    root_path = scope.get("root_path", "")  # the app's route prefix, if any
     if root_path and path.startswith(root_path):
         path = path[len(root_path):]
     token = _settings["auth_token"]
     if token and path.startswith(f"/{API_VERSION}/"):
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             credentials.strip().encode(), token.encode()
         ):
@@ -104,14 +126,17 @@ async def _edge(request: Request, call_next):
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
     limit = _settings["max_body_bytes"]
-    length = request.headers.get("content-length")
+    length = headers.get("content-length")
     if limit and length and length.isdigit() and int(length) > limit:
         return _error(
             413, "upload_too_large",
             f"request body is {length} bytes; the limit is {limit} (the video upload limit "
             "plus base64 and JSON overhead)", rid,
         )
-    return await call_next(request)
+    return None
+
+
+fastapi_app.add_middleware(_Edge)
 
 
 @fastapi_app.exception_handler(RequestValidationError)
@@ -312,7 +337,11 @@ class GroundingIngress:
         )
         source = video_source(uri, data_url, limits.allowed_roots, limits.max_upload_bytes)
         size = (info.image_size, info.image_size)
-        key = (await asyncio.to_thread(video_version, source), num_frames, fps, size)
+        if source.uri is not None and storage.split_scheme(source.uri)[0] in ("", "file"):
+            version = video_version(source)  # one local stat: cheaper than a thread hop
+        else:  # an S3 HEAD, or hashing an upload: off the event loop
+            version = await asyncio.to_thread(video_version, source)
+        key = (version, num_frames, fps, size)
         prediction, (_, duration, frames) = await self._decoded.run(
             key,
             decode=lambda: self._decode(source, num_frames, fps, size),
