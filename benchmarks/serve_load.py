@@ -4,7 +4,8 @@
 
 Builds the tiny_cpu model (random weights, generation capped so every answer has the same
 length: the LM head is zeroed, so greedy decoding walks the grammar deterministically), renders
-synthetic mp4s, and deploys two copies of the app on a local Serve (127.0.0.1 only): `batched`
+synthetic mp4s, and deploys two copies of the app on a local Serve (127.0.0.1 only), one after
+the other (the idle replicas of one would share the 2 cores with the other): `batched`
 (@serve.batch up to 16) and `unbatched` (batch size 1), one model replica each. Per app, path
 and concurrency (1, 4, 16 clients) it sends a bounded number of MR requests (`--rounds` per
 client, stopping early after `--max-seconds`) and reports p50 / p99 latency, requests/s, errors:
@@ -184,6 +185,14 @@ def main() -> None:
     results: dict[str, dict] = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        paths = {
+            "whole": lambda i: {"video": {"uri": videos[i % len(videos)]}, "query": QUERY,
+                                "max_windows": 2},
+            "model": lambda i: {"video": {"uri": videos[0]}, "query": QUERY, "max_windows": 2},
+        }
+        overhead, stats, batching = {}, {}, {}
+        # one app at a time: the idle replicas of another app would take their share of the two
+        # cores from the one being measured
         for name, batch in (("batched", 16), ("unbatched", 1)):
             serve.run(app(GroundingAppArgs(
                 checkpoint=ckpt, allowed_roots=[os.path.join(tmp, "videos")],
@@ -192,12 +201,6 @@ def main() -> None:
                 model_num_cpus=1.0, decoder_num_cpus=0.5, ingress_num_cpus=0.25,
                 decoder_min_replicas=1, decoder_max_replicas=1,
             )), name=name, route_prefix=f"/{name}")
-        paths = {
-            "whole": lambda i: {"video": {"uri": videos[i % len(videos)]}, "query": QUERY,
-                                "max_windows": 2},
-            "model": lambda i: {"video": {"uri": videos[0]}, "query": QUERY, "max_windows": 2},
-        }
-        for name in ("batched", "unbatched"):
             url = f"http://127.0.0.1:{port}/{name}/v1/moments"
             asyncio.run(load(url, paths["model"], 2, 4, 120))  # warm-up, fills the cache
             for path, bodies in paths.items():
@@ -211,28 +214,18 @@ def main() -> None:
                           f"{r['rps']:.2f} req/s", file=sys.stderr)
                     for sample in r["error_samples"]:
                         print(f"  error: {sample}", file=sys.stderr)
-        overhead = {
-            name: paired_overhead(call, f"http://127.0.0.1:{port}/{name}/v1/moments",
-                                  paths["model"](0), repeats=args.pairs)
-            for name in ("batched", "unbatched")
-        }
-        for name, o in overhead.items():
+            o = overhead[name] = paired_overhead(call, url, paths["model"](0), repeats=args.pairs)
             print(f"{name}: in-process p50 {o['inprocess_p50_ms']:.1f} ms, HTTP p50 "
                   f"{o['http_p50_ms']:.1f} ms (paired)", file=sys.stderr)
-        stats = {
-            name: {
+            stats[name] = {
                 **serve.get_deployment_handle("GroundingIngress", app_name=name)
                 .decode_cache_stats.remote().result(),
                 **serve.get_deployment_handle("VideoDecoder", app_name=name)
                 .stats.remote().result(),
             }
-            for name in ("batched", "unbatched")
-        }
-        batching = {
-            name: serve.get_deployment_handle("GroundingModel", app_name=name)
-            .batch_stats.remote().result()
-            for name in ("batched", "unbatched")
-        }
+            batching[name] = (serve.get_deployment_handle("GroundingModel", app_name=name)
+                              .batch_stats.remote().result())
+            serve.delete(name)
     finally:
         serve.shutdown()
         ray.shutdown()
