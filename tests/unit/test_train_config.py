@@ -79,3 +79,14 @@ def test_frame_jitter_reaches_training_data_only():
     assert data_config(cfg, model, train=True).video.jitter
     assert not data_config(cfg, model).video.jitter  # evaluation: segment centres
     assert not data_config(TrainConfig(), model, train=True).video.jitter
+
+
+def test_a_reused_run_name_is_announced_as_a_resume(tmp_path):
+    from timeexpert.train.loop import resume_notice
+
+    cfg = TrainConfig(name="exp", stage=2, storage_root=str(tmp_path))
+    assert resume_notice(cfg) is None
+    (tmp_path / "exp-stage2").mkdir()
+    notice = resume_notice(cfg)
+    assert notice is not None and "'exp-stage2'" in notice and "resumes" in notice
+    assert resume_notice(cfg.replace(name="other")) is None

@@ -466,6 +466,16 @@ def _storage_root(cfg: TrainConfig) -> str:
     return cfg.storage_root if scheme == "s3" else os.path.abspath(storage.split_scheme(cfg.storage_root)[1])
 
 
+def resume_notice(cfg: TrainConfig) -> str | None:
+    """What to tell a user whose run name already has a folder under the storage root: Ray Train
+    continues that run from its last checkpoint (and step count) instead of starting afresh."""
+    run_dir = storage.join_uri(_storage_root(cfg), cfg.run_name())
+    if not storage.exists(run_dir):
+        return None
+    return (f"run {cfg.run_name()!r} already exists at {run_dir}: Ray Train resumes it from its "
+            "last checkpoint; pass another --name (or remove that folder) to start afresh")
+
+
 def data_config(cfg: TrainConfig, mconfig, *, train: bool = False):
     """The Ray Data config of a run: the model's frames and size; `train` adds the run's frame
     jitter (evaluation always decodes the segment centres)."""
@@ -487,6 +497,9 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
     from timeexpert.data.pipeline import build_dataset
     from timeexpert.train.checkpoint import checkpoint_uri
 
+    notice = resume_notice(cfg)
+    if notice:
+        print(notice, flush=True)
     mconfig = model_config(cfg, load_tokenizer(tokenizer_uri))
     dataset = build_dataset(data_config(cfg, mconfig, train=True), split="train", shuffle=True,
                             preserve_order=True)
