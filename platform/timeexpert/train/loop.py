@@ -217,6 +217,19 @@ def _batches(shard, cfg: TrainConfig, epoch: int, skip: int, rank: int) -> Itera
 # --- the loop ----------------------------------------------------------------------------------
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train logs every `report` (all metrics, once per rank) at INFO from a logger named by
+    its file path, outside `ray.train`, so `RunConfig.logging_config` does not reach it; our own
+    progress line already says what matters. Raised to WARNING here, in the worker."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker. `config`: {"train": TrainConfig dict, "tokenizer_uri": str}."""
     import ray.train
@@ -230,6 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.from_dict(config["train"])
     rank = ray.train.get_context().get_world_rank()
+    _quiet_report_lines()
     torch.manual_seed(cfg.seed)
     groups = parallel.init_groups(cfg.ep_size)
 
@@ -491,6 +505,7 @@ def data_config(cfg: TrainConfig, mconfig, *, train: bool = False):
 
 def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) -> FitResult:
     """Run one stage as a TorchTrainer job on the connected Ray cluster."""
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -522,6 +537,9 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_checkpoints_kept),
             callbacks=callbacks or None,
+            # Ray Train's INFO lines (every report's full metrics, once per rank) stay in its log
+            # files; the console gets warnings and our own progress line per `log_every` steps
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()
