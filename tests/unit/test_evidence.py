@@ -131,7 +131,6 @@ def evidence_batch(tok, cfg):
     return batch, frames
 
 
-@pytest.mark.slow
 def _prefer_evidence_tokens(model, cfg) -> None:
     """An LM head that always answers `<evi>` (logit 10), EOS next (5), everything else 0."""
     bias = torch.zeros(cfg.text_vocab_size)
@@ -143,6 +142,7 @@ def _prefer_evidence_tokens(model, cfg) -> None:
         model.lm_head.bias.copy_(bias)
 
 
+@pytest.mark.slow
 def test_model_trains_the_evidence_head_and_losses_enter_the_sft_loss(tok):
     model, cfg = evidence_model(tok)
     batch, frames = evidence_batch(tok, cfg)
