@@ -181,6 +181,8 @@ def test_demo_on_the_local_stack(stack, tmp_path):
     assert f"copying it to {stack['TE_STORAGE_ROOT']}/data/tiny" in text
     assert "training the three stages (1, 2, 3 steps" in text
     assert "MR R1@0.5" in text and "DVC F1" in text  # the table against the baselines
+    for label in ("MR R1@0.5", "DVC F1"):  # ... and the frame-grid ceiling, read off the checkpoint
+        assert re.search(rf"^{re.escape(label)} .*x (met   |MISSED)\s+\d+\.\d\d$", text, re.M), text[-3000:]
     for path in ("/v1/moments", "/v1/highlights", "/v1/captions"):
         assert f"POST {path} (" in text, text[-3000:]
     checkpoint = _line(text, "  checkpoint:  ")

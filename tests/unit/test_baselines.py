@@ -99,3 +99,20 @@ def test_writers_produce_files_the_official_scorers_read(tmp_path):
     official = dvc.eval_dvc(dvc_ground_truth(recs), json.loads(path.read_text()), captions=False)
     ours = evaluate_predictions(recs, preds, captions=False)
     assert official["F1"] == ours["F1"] == 100.0
+
+
+def test_frame_grid_ceiling_snaps_to_segment_boundaries():
+    from timeexpert.eval.baselines import frame_grid_ceiling
+
+    # 4 segments of 5 s: [6, 9] snaps to [5, 10] (IoU 0.6), [0, 2] to [0, 0] (empty: a miss)
+    test = [_mr("t1", 20, 6, 9), _mr("t2", 20, 0, 2)]
+    out = frame_grid_ceiling(test, num_frames=4)["mr/frame_grid"]
+    assert out["R1@0.5"] == 50.0 and out["R1@0.7"] == 0.0
+    fine = frame_grid_ceiling(test, num_frames=200)["mr/frame_grid"]  # 0.1 s segments: exact
+    assert fine["R1@0.7"] == 100.0 and fine["mIoU"] == pytest.approx(100.0)
+    dvc_rec = Record(id="d", video="d.mp4", duration=20, task="dvc", query="",
+                     events=[Event(0, 10, caption="a"), Event(12, 19, caption="b")])
+    d = frame_grid_ceiling([dvc_rec], num_frames=4)["dvc/frame_grid"]  # [0,10] exact, [10,20] 0.7
+    assert d["Recall@0.5"] == 100.0 and d["Recall@0.9"] == 50.0
+    with pytest.raises(ValueError, match="num_frames"):
+        frame_grid_ceiling(test, num_frames=0)

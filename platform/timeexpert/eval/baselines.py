@@ -13,6 +13,12 @@ present, through the same `evaluate_predictions` as the model:
 - DVC `single_event`: one event covering the whole video; `uniform_k`: k equal consecutive events,
   k = the train split's mean event count (rounded, at least 1). Captions: the train split's most
   frequent caption (empty when it has none).
+
+And the ceiling above them, `frame_grid_ceiling(test_records, num_frames)`: the ground truth with
+every start and end snapped to the nearest boundary of `num_frames` equal segments, the frames a
+model samples (one per segment, `data.video.frame_indices`). It is what a model that finds every
+event and places it to its segment would score (MR and DVC localisation), so a target above it
+asks for resolution the frames do not give.
 """
 
 from __future__ import annotations
@@ -67,6 +73,29 @@ def dvc_baselines(train_records, test_records) -> dict[str, dict[str, list[Event
         "single_event": {r.id: [Event(0.0, r.duration, caption=caption)] for r in test_records},
         "uniform_k": uniform,
     }
+
+
+def frame_grid_ceiling(
+    test_records: Sequence[Record], num_frames: int, captions: bool = False
+) -> dict[str, dict[str, Any]]:
+    """"{task}/frame_grid" -> metrics of the ground truth snapped to `num_frames` segments (MR and
+    DVC records; module doc). `captions=True` adds the DVC caption metrics of the GT captions."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    out: dict[str, dict[str, Any]] = {}
+    for task in (Task.MR, Task.DVC):
+        test = [r for r in test_records if r.task == task]
+        if not test:
+            continue
+        preds = {}
+        for r in test:
+            edges = np.linspace(0.0, r.duration, num_frames + 1)
+            snap = lambda t: float(edges[np.abs(edges - t).argmin()])  # noqa: E731
+            preds[r.id] = [Event(snap(e.start), snap(e.end), score=1.0, caption=e.caption)
+                           for e in r.events]
+        out[f"{task.value}/frame_grid"] = evaluate_predictions(
+            test, preds, task, **({"captions": captions} if task == Task.DVC else {}))
+    return out
 
 
 class _Saliency:  # a Prediction-like object carrying only a saliency list
