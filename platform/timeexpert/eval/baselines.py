@@ -89,12 +89,12 @@ def frame_grid_ceiling(
             continue
         preds = {}
         for r in test:
-            edges = np.linspace(0.0, r.duration, num_frames + 1)
-            snap = lambda t: float(edges[np.abs(edges - t).argmin()])  # noqa: E731
-            preds[r.id] = [Event(snap(e.start), snap(e.end), score=1.0, caption=e.caption)
-                           for e in r.events]
-        out[f"{task.value}/frame_grid"] = evaluate_predictions(
-            test, preds, task, **({"captions": captions} if task == Task.DVC else {}))
+            edges_G = np.linspace(0.0, r.duration, num_frames + 1)
+            times_E2 = np.array([[e.start, e.end] for e in r.events]).reshape(-1, 2)
+            snapped_E2 = edges_G[np.abs(times_E2[..., None] - edges_G).argmin(-1)]
+            preds[r.id] = [Event(float(a), float(b), score=1.0, caption=e.caption)
+                           for (a, b), e in zip(snapped_E2, r.events)]
+        out[f"{task.value}/frame_grid"] = evaluate_predictions(test, preds, task, captions=captions)
     return out
 
 
