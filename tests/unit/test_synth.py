@@ -43,7 +43,7 @@ def test_colours_on_screen_match_the_scene(mini):
             d = decode_frames(uri, num_frames=None, fps=MINI.fps, max_frames=10_000,
                               size=(MINI.height, MINI.width))
             assert d.duration == pytest.approx(scene.duration, abs=0.11)
-            safe = set(np.round(_safe_times(scene, d.timestamps), 3))
+            safe = set(np.round(_safe_times(scene, d.timestamps.astype(float)), 3))
             for frame, t in zip(d.frames, d.timestamps):
                 if round(float(t), 3) not in safe:
                     continue
@@ -146,3 +146,92 @@ def test_generate_to_s3(s3_server):
 def test_unknown_size():
     with pytest.raises(ValueError, match="unknown synthetic size 'huge'"):
         synth.generate("huge", "/tmp/never")
+
+
+# --- the difficulty ladder ----------------------------------------------------------------------
+
+
+def _scenes_digest(spec: synth.SynthSpec, seed: int) -> str:
+    """sha256 of every scene `generate` samples for `spec` at `seed` (no rendering)."""
+    import hashlib
+
+    scenes = [synth.sample_scene(spec, f"{spec.name}_{split}_{i:05d}", split,
+                                 np.random.default_rng([seed, k, i, 0]))
+              for k, (split, n) in enumerate(spec.num_videos.items()) for i in range(n)]
+    return hashlib.sha256(json.dumps([s.to_dict() for s in scenes], sort_keys=True).encode()).hexdigest()
+
+
+def test_existing_sizes_sample_the_scenes_they_did_before_the_ladder():
+    """Recorded from the code before SynthSpec had lane_height / object_size: the same seed still
+    draws the same scenes, so results on tiny and small stay comparable."""
+    assert _scenes_digest(synth.SIZES["tiny"], 0) == (
+        "f3f4d23e84d6273dacab00deb226cdf85547ec23ec4d69539feedf6cecbb77d4")
+    assert _scenes_digest(synth.SIZES["small"], 0) == (
+        "cdf3a9f19868d31558667ee6e6d43e12deaf35c9cf626bb3fe38de16e66f0a13")
+
+
+def test_ladder_levels_exist_easiest_first_and_top_out_at_small():
+    assert synth.LADDER == ("level0", "level1", "level2", "level3")
+    specs = [synth.SIZES[name] for name in synth.LADDER]
+    assert [s.name for s in specs] == list(synth.LADDER)
+    small = synth.SIZES["small"]
+    assert dataclasses.replace(specs[-1], name="small") == small
+    for easier, harder in zip(specs, specs[1:]):  # no level is easier than the one before
+        assert easier.max_events <= harder.max_events
+        assert easier.num_distractors <= harder.num_distractors
+        assert easier.noise <= harder.noise and easier.near_miss_prob <= harder.near_miss_prob
+        assert easier.object_size >= harder.object_size
+    level0 = specs[0]
+    assert (level0.min_events, level0.max_events, level0.num_distractors) == (1, 1, (0, 0))
+    assert level0.noise == 0 and level0.near_miss_prob == 0
+    assert level0.object_size[0] >= 1.5 * small.object_size[1]  # large: beyond small's largest
+    for i in range(50):
+        scene = synth.sample_scene(level0, f"v{i}", "train", np.random.default_rng([5, i]))
+        assert len(scene.objects) == len(scene.events) == 1 and scene.mr_indices == [0]
+        assert level0.object_size[0] <= scene.objects[0].size <= level0.object_size[1]
+
+
+def test_level3_draws_small_scenes():
+    spec = synth.SIZES["level3"]
+    for i in range(20):
+        a = synth.sample_scene(spec, "v", "train", np.random.default_rng([0, 0, i, 0])).to_dict()
+        b = synth.sample_scene(synth.SIZES["small"], "v", "train", np.random.default_rng([0, 0, i, 0]))
+        assert a == b.to_dict()
+
+
+def test_level0_object_is_large_and_visible_only_during_its_event(tmp_path):
+    """A short level0: the one object's colour covers many pixels during its event (also at the
+    model's 64x64) and no pixel outside it: noise 0, nothing else on screen."""
+    spec = dataclasses.replace(synth.SIZES["level0"], num_videos={"train": 6}, min_duration=6,
+                               max_duration=10)
+    ds = synth.generate(spec, str(tmp_path / "level0"), seed=0, workers=1)
+    checked_in = checked_out = 0
+    for scene in ds.scenes("train"):
+        (e,) = scene.objects
+        uri = storage.join_uri(ds.root, "videos", f"{scene.vid}.mp4")
+        full = decode_frames(uri, num_frames=None, fps=spec.fps, max_frames=10_000,
+                             size=(spec.height, spec.width))
+        small = decode_frames(uri, num_frames=None, fps=spec.fps, max_frames=10_000, size=(64, 64))
+        safe = set(np.round(_safe_times(scene, full.timestamps.astype(float), margin=0.25), 3))
+        for k, t in enumerate(full.timestamps):
+            if round(float(t), 3) not in safe:
+                continue
+            if e.visible(t):
+                big = e.box(t, spec.lane_height)[2] >= 20
+                assert synth.colour_present(full.frames[k], e.colour, min_pixels=150 if big else 30)
+                assert synth.colour_present(small.frames[k], e.colour, min_pixels=20 if big else 3)
+                checked_in += 1
+            elif not e.start <= t < e.end:
+                assert not synth.colour_present(full.frames[k], e.colour, min_pixels=1)
+                checked_out += 1
+    assert checked_in >= 40 and checked_out >= 40, (checked_in, checked_out)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("object_size", (10, 30), "object_size"),
+    ("object_size", (2, 10), "object_size"),
+    ("lane_height", 70, "lanes of 70 px"),
+])
+def test_bad_object_or_lane_size_says_what_is_wrong(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(synth.SIZES["tiny"], **{field: value})

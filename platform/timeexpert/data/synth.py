@@ -9,7 +9,8 @@ What makes it hard enough that a model must read both the query and the frames:
   whole video: only the *motion* in a time window makes an event;
 - background noise changing every frame and a random background level per video.
 So "which colour appears when" is not enough, and the query decides which of several active
-objects is meant. Saliency per 2 s clip grades the match 0-4: the queried event scores by its
+objects is meant. `LADDER` names levels from trivially easy to that: level0 is one large object
+acting once on a clean background, each level adds difficulty, and level3 is `small`'s settings. Saliency per 2 s clip grades the match 0-4: the queried event scores by its
 coverage of the clip, a near miss (same colour and shape, other motion) half, one shared attribute
 a quarter.
 
@@ -55,7 +56,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 MOTIONS = ("appears", "moves left", "moves right", "grows", "shrinks", "blinks")
 STATIC = "stays"  # the motion of a distractor: on screen the whole video, never an event
-LANE_HEIGHT = 20  # pixels; objects that are on screen together never share a lane
+LANE_HEIGHT = 20  # pixels (SynthSpec.lane_height's default); objects on screen together never
+# share a lane
 BLINK_PERIOD = 1.0  # seconds: visible the first half of each period
 
 
@@ -69,7 +71,9 @@ class SynthSpec:
     max_duration: float  # seconds
     fps: int = 10  # frame rate of the mp4s
     width: int = 160  # pixels
-    height: int = 120  # pixels; LANE_HEIGHT-pixel lanes
+    height: int = 120  # pixels; lanes of lane_height pixels
+    lane_height: int = LANE_HEIGHT  # pixels per lane: height // lane_height lanes
+    object_size: tuple[int, int] = (10, LANE_HEIGHT - 4)  # full object size in pixels, inclusive
     min_events: int = 2  # events per video
     max_events: int = 6
     min_event_len: float = 2.0  # seconds
@@ -88,10 +92,17 @@ class SynthSpec:
             )
         if not 1 <= self.min_events <= self.max_events:
             raise ValueError(f"need 1 <= min_events <= max_events, got {self.min_events}, {self.max_events}")
-        if self.height // LANE_HEIGHT < self.num_distractors[1] + 1:
+        if not 3 <= self.object_size[0] <= self.object_size[1] <= self.lane_height:
             raise ValueError(
-                f"height {self.height} gives {self.height // LANE_HEIGHT} lanes of {LANE_HEIGHT} px; "
-                f"need more than num_distractors {self.num_distractors[1]}"
+                f"need 3 <= object_size[0] <= object_size[1] <= lane_height ({self.lane_height}), "
+                f"got object_size {self.object_size}"
+            )
+        if self.object_size[1] + 8 >= self.width:
+            raise ValueError(f"object_size {self.object_size} leaves no room to move in width {self.width}")
+        if self.height // self.lane_height < self.num_distractors[1] + 1:
+            raise ValueError(
+                f"height {self.height} gives {self.height // self.lane_height} lanes of "
+                f"{self.lane_height} px; need more than num_distractors {self.num_distractors[1]}"
             )
 
 
@@ -114,6 +125,30 @@ SIZES: dict[str, SynthSpec] = {
         max_duration=120, fps=5,
     ),
 }
+# The difficulty ladder, easiest first: where along it does a model stop learning? The levels
+# keep small's videos (counts, durations, fps: each renders in about 20 s on 2 cores) and change
+# only what makes it hard. level0: one large object acts once on a clean background; level1 adds
+# a static distractor and light noise; level2 two events that often share colour or shape (near
+# misses), medium objects; level3: small's settings (2-6 overlapping events, 1-2 distractors,
+# 10-16 px objects, noise 12). With one event a video has one MR query (`mr_queries_per_video`
+# distinct events at most).
+LADDER = ("level0", "level1", "level2", "level3")
+_LEVEL = dict(num_videos={"train": 240, "val": 40, "test": 40}, min_duration=20, max_duration=60, fps=5)
+SIZES |= {
+    "level0": SynthSpec(
+        name="level0", **_LEVEL, min_events=1, max_events=1, num_distractors=(0, 0), noise=0,
+        near_miss_prob=0.0, lane_height=40, object_size=(28, 36),
+    ),
+    "level1": SynthSpec(
+        name="level1", **_LEVEL, min_events=1, max_events=1, num_distractors=(1, 1), noise=4,
+        near_miss_prob=0.0, lane_height=40, object_size=(28, 36),
+    ),
+    "level2": SynthSpec(
+        name="level2", **_LEVEL, min_events=2, max_events=2, num_distractors=(1, 1), noise=8,
+        lane_height=30, object_size=(16, 26),
+    ),
+    "level3": dataclasses.replace(SIZES["small"], name="level3"),
+}
 
 
 @dataclass
@@ -125,7 +160,7 @@ class SceneObject:
     motion: str
     start: float  # seconds
     end: float  # seconds
-    lane: int  # vertical band of LANE_HEIGHT pixels
+    lane: int  # vertical band of the spec's lane_height pixels
     x0: float  # left edge at `start`, pixels
     x1: float  # left edge at `end` (differs for moves left/right)
     size: int  # full size in pixels
@@ -141,8 +176,8 @@ class SceneObject:
             return ((t - self.start) % BLINK_PERIOD) < BLINK_PERIOD / 2
         return True
 
-    def box(self, t: float) -> tuple[int, int, int]:
-        """(x, y, size) of the object's bounding square at time t."""
+    def box(self, t: float, lane_height: int = LANE_HEIGHT) -> tuple[int, int, int]:
+        """(x, y, size) of the object's bounding square at time t (lanes of `lane_height` px)."""
         p = 0.0 if self.end <= self.start else min(max((t - self.start) / (self.end - self.start), 0), 1)
         size = self.size
         if self.motion == "grows":
@@ -150,7 +185,7 @@ class SceneObject:
         elif self.motion == "shrinks":
             size = int(round(self.size * (1.0 - 0.65 * p)))
         x = self.x0 + (self.x1 - self.x0) * p
-        y = self.lane * LANE_HEIGHT + (LANE_HEIGHT - size) // 2
+        y = self.lane * lane_height + (lane_height - size) // 2
         return int(round(x)), y, max(size, 3)
 
 
@@ -186,9 +221,9 @@ def _q(t: float) -> float:
 
 def sample_scene(spec: SynthSpec, vid: str, split: str, rng: np.random.Generator) -> Scene:
     duration = _q(rng.uniform(spec.min_duration, spec.max_duration))
-    num_lanes = spec.height // LANE_HEIGHT
+    num_lanes = spec.height // spec.lane_height
     scene = Scene(vid=vid, split=split, duration=duration, background=int(rng.integers(30, 90)))
-    max_size = LANE_HEIGHT - 4
+    min_size, max_size = spec.object_size
     lanes = list(rng.permutation(num_lanes))
     for _ in range(int(rng.integers(spec.num_distractors[0], spec.num_distractors[1] + 1))):
         x = float(rng.uniform(4, spec.width - max_size - 4))
@@ -196,7 +231,7 @@ def sample_scene(spec: SynthSpec, vid: str, split: str, rng: np.random.Generator
             SceneObject(
                 shape=str(rng.choice(SHAPES)), colour=str(rng.choice(list(COLOURS))), motion=STATIC,
                 start=0.0, end=duration, lane=int(lanes.pop()), x0=x, x1=x,
-                size=int(rng.integers(10, max_size + 1)),
+                size=int(rng.integers(min_size, max_size + 1)),
             )
         )
     busy: dict[int, list[tuple[float, float]]] = {lane: [] for lane in lanes}
@@ -224,7 +259,7 @@ def sample_scene(spec: SynthSpec, vid: str, split: str, rng: np.random.Generator
         if (colour, shape, motion) in used:
             continue
         lane = int(free[int(rng.integers(len(free)))])
-        size = int(rng.integers(10, max_size + 1))
+        size = int(rng.integers(min_size, max_size + 1))
         span = spec.width - size - 8
         if motion in ("moves left", "moves right"):
             a, b = 4.0, float(4 + span)
@@ -281,7 +316,7 @@ def render_frames(scene: Scene, spec: SynthSpec, seed: int):
         for obj in scene.objects:
             if not obj.visible(t):
                 continue
-            x, y, size = obj.box(t)
+            x, y, size = obj.box(t, spec.lane_height)
             mask = shape_mask(obj.shape, size)
             x_a, y_a = max(x, 0), max(y, 0)
             x_b, y_b = min(x + size, w), min(y + size, h)
