@@ -10,9 +10,9 @@ What makes it hard enough that a model must read both the query and the frames:
 - background noise changing every frame and a random background level per video.
 So "which colour appears when" is not enough, and the query decides which of several active
 objects is meant. `LADDER` names levels from trivially easy to that: level0 is one large object
-acting once on a clean background, each level adds difficulty, and level3 is `small`'s settings. Saliency per 2 s clip grades the match 0-4: the queried event scores by its
-coverage of the clip, a near miss (same colour and shape, other motion) half, one shared attribute
-a quarter.
+acting once on a clean background, each level adds difficulty, and level3 is `small`'s settings.
+Saliency per 2 s clip grades the match 0-4: the queried event scores by its coverage of the clip,
+a near miss (same colour and shape, other motion) half, one shared attribute a quarter.
 
 Layout written under `out_root` (a local folder or an `s3://` prefix)::
 
