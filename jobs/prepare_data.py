@@ -1,13 +1,15 @@
 """Prepare a dataset: render the synthetic VTG benchmark, or convert public annotations.
 
-    python jobs/prepare_data.py --synthetic {tiny,small,large} [--out ROOT] [--seed 0]
-        [--workers N] [--no-baselines] [--captions]
+    python jobs/prepare_data.py --synthetic {tiny,small,medium,large,level0..level3} [--out ROOT]
+        [--seed 0] [--workers N] [--no-baselines] [--captions]
     python jobs/prepare_data.py --convert FORMAT --input URI --out MANIFEST_URI [--split train]
         [--durations URI] [--video-pattern 'videos/{vid}.mp4']
 
 --synthetic writes mp4s, the public-format annotation files and one canonical manifest per split
 under ROOT (a local folder, default .cache/data/{size}, or s3://bucket/prefix), then prints the
 trivial baselines' scores on the test split (the chance level results are read against).
+level0..level3 are the difficulty ladder (`synth.LADDER`): one large object acting once, up to
+small's settings.
 --convert reads a public annotation file (charades_sta, qvhighlights, activitynet, youcook2,
 sharegpt, evidence) and writes it as a canonical manifest; Charades-STA needs --durations, a JSON
 object {vid: seconds}.

@@ -6,6 +6,8 @@
     python jobs/train.py --preset groundvts_cpu --recipe groundvts   # GroundVTS's progressive stages
     python jobs/train.py --preset d2vlm_cpu --fpo-steps 20          # + D2VLM FPO after stage 3
     python jobs/train.py --stages "" --fpo-steps 20 --resume-from <checkpoint>   # FPO alone
+    python jobs/train.py --data-root .cache/data/small --curriculum .cache/data/level0,.cache/data/level1 \
+        --curriculum-steps 50     # stage 3 on level0, then level1, then small
     python jobs/train.py --list-presets
 """
 
@@ -26,6 +28,11 @@ def main(argv=None) -> int:
                    help="what the stages train (default: the preset's, else timeexpert)")
     p.add_argument("--fpo-steps", type=int, default=None,
                    help="D2VLM FPO steps after the last stage, in the driver (0 = off)")
+    p.add_argument("--curriculum", metavar="ROOT[,ROOT...]",
+                   help="dataset roots easier than --data-root, easiest first (e.g. rendered "
+                        "synthetic ladder levels): stage 3 trains on each before --data-root")
+    p.add_argument("--curriculum-steps", type=int, default=None,
+                   help="stage-3 steps on each --curriculum root (extra to stage 3's own)")
     p.add_argument("--list-presets", action="store_true")
     p.add_argument("--summary-json", help="write the pipeline result as JSON here")
     args = p.parse_args(argv)
@@ -43,6 +50,10 @@ def main(argv=None) -> int:
         extra["recipe"] = args.recipe
     if args.fpo_steps is not None:
         extra["fpo_steps"] = args.fpo_steps
+    if args.curriculum is not None:
+        extra["curriculum"] = [r for r in args.curriculum.split(",") if r]
+    if args.curriculum_steps is not None:
+        extra["curriculum_steps"] = args.curriculum_steps
     cfg = _common.train_config(args, **extra)
     _common.prepare_data(args)
     _common.connect_ray(args.num_cpus)
@@ -55,6 +66,11 @@ def main(argv=None) -> int:
                        "final_loss": s.train_metrics.get("loss")}
                    for n, s in result.stages.items()},
     }
+    if result.curriculum:
+        summary["curriculum"] = [{"data_root": s.data_root, "checkpoint_uri": s.checkpoint_uri,
+                                  "eval": s.eval_metrics, "seconds": round(s.seconds, 1),
+                                  "final_loss": s.train_metrics.get("loss")}
+                                 for s in result.curriculum]
     if result.fpo is not None:
         summary["fpo"] = {"checkpoint_uri": result.fpo.checkpoint_uri, "eval": result.fpo.eval_metrics,
                           "mlflow_run_id": result.fpo.mlflow_run_id,

@@ -90,3 +90,117 @@ def test_a_reused_run_name_is_announced_as_a_resume(tmp_path):
     notice = resume_notice(cfg)
     assert notice is not None and "'exp-stage2'" in notice and "resumes" in notice
     assert resume_notice(cfg.replace(name="other")) is None
+
+
+# --- the curriculum: easier datasets before the target data in stage 3 ------------------------
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    ({"curriculum": "levels/l0"}, TypeError, "curriculum must be a list of dataset roots"),
+    ({"curriculum": ["levels/l0", ""]}, TypeError, "curriculum must be a list"),
+    ({"curriculum": ["levels/l0", "unused"], "curriculum_steps": 2}, ValueError, "lists data_root"),
+    ({"curriculum": ["levels/l0"]}, ValueError, "curriculum_steps must be >= 1 with a curriculum"),
+    ({"curriculum_steps": -1}, ValueError, "curriculum_steps must be"),
+])
+def test_bad_curriculum_settings_say_what_is_wrong(fields, error, message):
+    with pytest.raises(error, match=message):
+        TrainConfig(**fields)
+
+
+def test_curriculum_steps_without_roots_warn_that_they_are_ignored():
+    with pytest.warns(UserWarning, match="curriculum_steps 5 is ignored"):
+        TrainConfig(curriculum_steps=5)
+
+
+def test_the_curriculum_runs_first_in_stage_3_easiest_first():
+    from timeexpert.train.stages import Phase, plan_phases
+
+    cfg = TrainConfig(name="x", num_steps=7, curriculum=["l0", "l1"], curriculum_steps=3)
+    assert plan_phases(cfg, (1, 2, 3), steps={2: 5}) == [
+        Phase(stage=1, data_root="unused", num_steps=7, name="x"),
+        Phase(stage=2, data_root="unused", num_steps=5, name="x"),
+        Phase(stage=3, data_root="l0", num_steps=3, name="x-cur1", curriculum=1),
+        Phase(stage=3, data_root="l1", num_steps=3, name="x-cur2", curriculum=2),
+        Phase(stage=3, data_root="unused", num_steps=7, name="x"),
+    ]
+    assert [p.name for p in plan_phases(cfg.replace(curriculum=[], curriculum_steps=0), (3,))] == ["x"]
+    with pytest.warns(UserWarning, match="the curriculum is ignored"):
+        assert [p.curriculum for p in plan_phases(cfg, (1, 2))] == [0, 0]
+
+
+def _roots(tmp_path, *names: str) -> list[str]:
+    roots = []
+    for name in names:
+        (tmp_path / name / "manifests").mkdir(parents=True)
+        for split in ("train", "val"):
+            (tmp_path / name / "manifests" / f"{split}.jsonl").write_text("")
+        roots.append(str(tmp_path / name))
+    return roots
+
+
+def test_each_phase_starts_from_the_previous_phases_checkpoint(tmp_path, monkeypatch):
+    """run_pipeline with `fit` and the evaluation faked: the fits run in the plan's order, each on
+    its data root from the checkpoint the previous fit left, and the results land apart."""
+    from timeexpert.train import stages
+    from timeexpert.train.loop import FitResult
+
+    fits = []
+
+    def fake_fit(cfg, *, tokenizer_uri, callbacks=None):
+        fits.append(cfg)
+        return FitResult(checkpoint_uri=f"ckpt/{cfg.run_name()}", metrics={"loss": 1.0}, path="")
+
+    monkeypatch.setattr(stages, "fit", fake_fit)
+    monkeypatch.setattr(stages, "_evaluate_and_plot",
+                        lambda uri, cfg, run_id: {"mr/R1@0.5": float(len(fits))})
+    l0, l1, target = _roots(tmp_path, "l0", "l1", "target")
+    cfg = TrainConfig().replace(data_root=target, name="x", curriculum=[l0, l1], curriculum_steps=3)
+    result = stages.run_pipeline(cfg, stages=(2, 3), resume_from="ckpt/start")
+    assert [(c.stage, c.data_root, c.num_steps, c.init_from) for c in fits] == [
+        (2, target, 20, "ckpt/start"),
+        (3, l0, 3, "ckpt/x-stage2"),
+        (3, l1, 3, "ckpt/x-cur1-stage3"),
+        (3, target, 20, "ckpt/x-cur2-stage3"),
+    ]
+    assert all(c.curriculum == [] and c.curriculum_steps == 0 for c in fits)  # phases are plain runs
+    assert [s.data_root for s in result.curriculum] == [l0, l1]
+    assert result.stages[3].data_root == target and result.checkpoint_uri == "ckpt/x-stage3"
+    summary = result.summary()
+    assert summary["curriculum1/eval/mr/R1@0.5"] == 2.0 and summary["stage3/eval/mr/R1@0.5"] == 4.0
+
+
+def test_a_missing_curriculum_root_fails_before_any_training(tmp_path, monkeypatch):
+    from timeexpert.train import stages
+
+    monkeypatch.setattr(stages, "fit", lambda *a, **k: pytest.fail("trained"))
+    (target,) = _roots(tmp_path, "target")
+    cfg = TrainConfig().replace(data_root=target, curriculum=[str(tmp_path / "nope")],
+                                curriculum_steps=3)
+    with pytest.raises(ValueError, match=r"has no manifests/train.jsonl; render a ladder level"):
+        stages.run_pipeline(cfg, stages=(3,), resume_from="ckpt/start")
+
+
+def test_train_job_passes_the_curriculum_flags(tmp_path, monkeypatch):
+    import sys
+
+    from timeexpert.train import stages
+    from timeexpert.train.stages import PipelineResult, StageResult
+
+    seen = {}
+
+    def fake_pipeline(cfg, **kwargs):
+        seen["cfg"] = cfg
+        return PipelineResult(stages={3: StageResult(stage=3, checkpoint_uri="c", train_metrics={},
+                                                     eval_metrics={})})
+
+    sys.path.insert(0, "jobs")
+    try:
+        import _common
+        import train
+    finally:
+        sys.path.remove("jobs")
+    monkeypatch.setattr(stages, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(_common, "connect_ray", lambda num_cpus: False)
+    assert train.main(["--data-root", str(tmp_path), "--curriculum", "a,b",
+                       "--curriculum-steps", "4"]) == 0
+    assert seen["cfg"].curriculum == ["a", "b"] and seen["cfg"].curriculum_steps == 4

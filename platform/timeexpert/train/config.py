@@ -3,13 +3,15 @@
 A pipeline (`timeexpert.train.stages.run_pipeline`) runs the same TrainConfig three times with
 `stage` = 1, 2, 3, each stage initialised from the previous stage's checkpoint. `recipe` names
 what the three stages train (`timeexpert.train.loop.RECIPES`): TimeExpert sec. 3.5 or GroundVTS's
-progressive stages; `fpo_steps` adds D2VLM's preference optimisation after the last stage.
+progressive stages; `fpo_steps` adds D2VLM's preference optimisation after the last stage;
+`curriculum` trains the last stage on easier datasets first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,7 @@ STAGES = (1, 2, 3)
 ZERO_STAGES = (0, 1, 2)
 LR_SCHEDULES = ("constant", "cosine")
 RECIPE_NAMES = ("timeexpert", "groundvts")  # the stage specs: `timeexpert.train.loop.RECIPES`
+CURRICULUM_STAGE = 3  # the stage the curriculum runs in: both recipes' last, all but vision trains
 
 
 @dataclass(kw_only=True)
@@ -62,6 +65,13 @@ class TrainConfig:
     # new draw each epoch; evaluation always takes the segment centres
     fpo_steps: int = 0  # D2VLM FPO steps after the pipeline's last stage (0: off; driver process)
     fpo_beta: float = 0.1  # FPO / DPO inverse temperature beta
+    curriculum: list[str] = field(default_factory=list)  # dataset roots easier than data_root,
+    # easiest first (e.g. the synthetic LADDER's levels). The pipeline runs stage 3 on each of
+    # them for `curriculum_steps` steps, then on data_root for its own steps: every phase is a
+    # `fit` from the previous phase's weights (a fresh optimizer and LR schedule), run name
+    # {name}-cur{i}-stage3, evaluated on its own root's eval_split. The tokenizer comes from
+    # data_root's train records. The steps are extra: for an equal budget, lower stage 3's steps.
+    curriculum_steps: int = 0  # stage-3 steps on each curriculum root (>= 1 with a curriculum)
 
     # --- checkpoints, fault tolerance, logging ------------------------------------------------
     checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
@@ -111,6 +121,19 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.cpus_per_worker < 0:
             raise ValueError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        if isinstance(self.curriculum, str) or not all(
+                isinstance(r, str) and r for r in self.curriculum):
+            raise TypeError(f"curriculum must be a list of dataset roots (easiest first), e.g. "
+                            f"['.cache/data/level0', '.cache/data/level1'], got {self.curriculum!r}")
+        if self.data_root in self.curriculum:
+            raise ValueError(f"curriculum lists data_root {self.data_root!r}: the pipeline trains "
+                             "on data_root after the curriculum; list only easier datasets")
+        if self.curriculum_steps < 0 or (self.curriculum and self.curriculum_steps < 1):
+            raise ValueError(f"curriculum_steps must be >= 1 with a curriculum (>= 0 without), "
+                             f"got {self.curriculum_steps}")
+        if self.curriculum_steps and not self.curriculum:
+            warnings.warn(f"curriculum_steps {self.curriculum_steps} is ignored: no curriculum "
+                          "roots are set", stacklevel=3)
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of optimizer step `step` (1-based): linear warm-up over

@@ -9,6 +9,8 @@ Any stage runs alone from a checkpoint: `run_pipeline(cfg, stages=(3,), resume_f
 `cfg.recipe` picks what the stages train ("timeexpert" or "groundvts", `train.loop.RECIPES`);
 `cfg.fpo_steps > 0` adds D2VLM's FPO after the last stage (`result.fpo`, run in the driver by
 `train.fpo.train_fpo`); `run_pipeline(cfg, stages=(), resume_from=uri)` runs FPO alone.
+`cfg.curriculum` (dataset roots, easiest first) runs stage 3 on each of them before stage 3 on
+`cfg.data_root` (`result.curriculum`); `plan_phases` says which `fit` runs on what, in order.
 With token sampling on, each stage's evaluation plots the per-frame token density of the first
 video of each task (GroundVTS's token-density curve) into the stage's MLflow run.
 MLflow (when `cfg.tracking_uri` is set): one parent run per pipeline (or the caller's
@@ -22,12 +24,13 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from timeexpert import storage, tracking
 from timeexpert.events import Task
-from timeexpert.train.config import STAGES, TrainConfig
+from timeexpert.train.config import CURRICULUM_STAGE, STAGES, TrainConfig
 from timeexpert.train.loop import FitResult, fit, prepare_tokenizer
 
 
@@ -39,6 +42,7 @@ class StageResult:
     eval_metrics: dict[str, float]  # "{task}/{metric}" on cfg.eval_split ({} when off)
     mlflow_run_id: str = ""  # the stage's nested run ("" without MLflow)
     seconds: float = 0.0  # wall time of the stage (train + eval)
+    data_root: str = ""  # the dataset it trained and evaluated on
 
 
 @dataclass
@@ -47,6 +51,7 @@ class PipelineResult:
     parent_run_id: str = ""  # the pipeline's MLflow run ("" without MLflow)
     tokenizer_uri: str = ""
     fpo: StageResult | None = None  # the FPO stage after the last stage (cfg.fpo_steps > 0)
+    curriculum: list[StageResult] = field(default_factory=list)  # per cfg.curriculum root, in order
 
     @property
     def checkpoint_uri(self) -> str:
@@ -61,10 +66,56 @@ class PipelineResult:
             out.update({f"stage{n}/train/{k}": v for k, v in s.train_metrics.items()
                         if isinstance(v, (int, float))})
             out.update({f"stage{n}/eval/{k}": v for k, v in s.eval_metrics.items()})
+        for i, s in enumerate(self.curriculum, 1):
+            out.update({f"curriculum{i}/train/{k}": v for k, v in s.train_metrics.items()
+                        if isinstance(v, (int, float))})
+            out.update({f"curriculum{i}/eval/{k}": v for k, v in s.eval_metrics.items()})
         if self.fpo is not None:
             out.update({f"fpo/train/{k.removeprefix('fpo/')}": v for k, v in self.fpo.train_metrics.items()})
             out.update({f"fpo/eval/{k}": v for k, v in self.fpo.eval_metrics.items()})
         return out
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One `fit` of the pipeline: a recipe stage on one dataset, from the previous phase's weights."""
+
+    stage: int
+    data_root: str
+    num_steps: int
+    name: str  # run name: checkpoints under {storage_root}/{name}-stage{stage}
+    curriculum: int = 0  # 1-based place of data_root in cfg.curriculum (0: the stage's own data)
+
+
+def plan_phases(cfg: TrainConfig, stages: Sequence[int],
+                steps: dict[int, int] | None = None) -> list[Phase]:
+    """The pipeline's fits in order: each stage on cfg.data_root (`steps` overrides
+    cfg.num_steps per stage), stage 3 preceded by one phase per cfg.curriculum root."""
+    phases = []
+    for stage in stages:
+        if stage == CURRICULUM_STAGE:
+            phases += [Phase(stage=stage, data_root=root, num_steps=cfg.curriculum_steps,
+                             name=f"{cfg.name}-cur{i}", curriculum=i)
+                       for i, root in enumerate(cfg.curriculum, 1)]
+        phases.append(Phase(stage=stage, data_root=cfg.data_root, name=cfg.name,
+                            num_steps=(steps or {}).get(stage, cfg.num_steps)))
+    if cfg.curriculum and CURRICULUM_STAGE not in stages:
+        warnings.warn(f"the curriculum is ignored: it runs in stage {CURRICULUM_STAGE}, and the "
+                      f"stages run are {list(stages)}", stacklevel=2)
+    return phases
+
+
+def check_curriculum(cfg: TrainConfig) -> None:
+    """Every curriculum root holds a train manifest (and the eval split's, when evaluating)."""
+    splits = ["train"] + ([cfg.eval_split] if cfg.eval_split and cfg.eval_max_records > 0 else [])
+    for root in cfg.curriculum:
+        for split in splits:
+            if not storage.exists(storage.join_uri(root, "manifests", f"{split}.jsonl")):
+                raise ValueError(
+                    f"curriculum root {root!r} has no manifests/{split}.jsonl; render a ladder "
+                    f"level there (python jobs/prepare_data.py --synthetic level0 --out {root}) "
+                    "or fix the path"
+                )
 
 
 def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_from: str | None = None,
@@ -72,7 +123,8 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
                  callbacks: list | None = None) -> PipelineResult:
     """Run the given stages in order on the connected Ray cluster; each starts from the previous
     stage's checkpoint (the first from `resume_from` / `cfg.init_from`, else fresh weights).
-    `steps` overrides `cfg.num_steps` per stage."""
+    `steps` overrides `cfg.num_steps` per stage. Stage 3 runs on each `cfg.curriculum` root
+    first (`plan_phases`), each phase from the previous one's checkpoint."""
     stages = list(stages)
     bad = [s for s in stages if s not in STAGES] or (stages != sorted(set(stages)))
     if bad or not (stages or cfg.fpo_steps):
@@ -81,6 +133,9 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
     start_from = resume_from or cfg.init_from
     if not stages and not start_from:
         raise ValueError("FPO alone needs a checkpoint: pass resume_from (or cfg.init_from)")
+    phases = plan_phases(cfg, stages, steps)
+    if any(p.curriculum for p in phases):
+        check_curriculum(cfg)
     if start_from:
         tokenizer_uri = start_from  # a checkpoint holds its tokenizer
     else:
@@ -97,18 +152,24 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
     result.parent_run_id = parent_run_id
     status = "FAILED"
     try:
-        for stage in stages:
+        for phase in phases:
             t0 = time.perf_counter()
-            stage_cfg = cfg.replace(stage=stage, init_from=start_from or "",
-                                    num_steps=(steps or {}).get(stage, cfg.num_steps))
+            stage = phase.stage
+            stage_cfg = cfg.replace(stage=stage, init_from=start_from or "", data_root=phase.data_root,
+                                    name=phase.name, num_steps=phase.num_steps, curriculum=[],
+                                    curriculum_steps=0)
+            label = f"stage {stage}" + (f" curriculum {phase.curriculum}/{len(cfg.curriculum)} "
+                                        f"({phase.data_root})" if phase.curriculum else "")
             run_id = ""
             if uri:
+                tags = {**cfg.tags, "stage": str(stage)}
+                if phase.curriculum:
+                    tags["curriculum"] = str(phase.curriculum)
                 run_id = tracking.create_run(uri, cfg.experiment, stage_cfg.run_name(),
-                                             parent_id=parent_run_id,
-                                             tags={**cfg.tags, "stage": str(stage)})
+                                             parent_id=parent_run_id, tags=tags)
                 stage_cfg = stage_cfg.replace(mlflow_run_id=run_id)
                 tracking.log_params(uri, run_id, stage_cfg.to_dict())
-            print(f"== stage {stage}: {stage_cfg.num_steps} steps from "
+            print(f"== {label}: {stage_cfg.num_steps} steps from "
                   f"{stage_cfg.init_from or 'fresh weights'}", flush=True)
             try:
                 fitted: FitResult = fit(stage_cfg, tokenizer_uri=tokenizer_uri, callbacks=callbacks)
@@ -119,13 +180,18 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
                 raise
             sr = StageResult(stage=stage, checkpoint_uri=fitted.checkpoint_uri,
                              train_metrics=fitted.metrics, eval_metrics=eval_metrics,
-                             mlflow_run_id=run_id, seconds=time.perf_counter() - t0)
-            result.stages[stage] = sr
-            print(f"== stage {stage} done in {sr.seconds:.0f} s: checkpoint {sr.checkpoint_uri}; "
+                             mlflow_run_id=run_id, seconds=time.perf_counter() - t0,
+                             data_root=phase.data_root)
+            if phase.curriculum:
+                result.curriculum.append(sr)
+            else:
+                result.stages[stage] = sr
+            print(f"== {label} done in {sr.seconds:.0f} s: checkpoint {sr.checkpoint_uri}; "
                   + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
                               if k.endswith(("R1@0.5", "HIT@1-VeryGood", "F1", "mIoU"))), flush=True)
             if uri:
-                _log_stage(uri, run_id, sr, parent_run_id)
+                _log_stage(uri, run_id, sr, parent_run_id,
+                           f"curriculum{phase.curriculum}" if phase.curriculum else f"stage{stage}")
             start_from = fitted.checkpoint_uri
         if cfg.fpo_steps:
             result.fpo = _run_fpo(cfg, start_from, parent_run_id)
@@ -184,7 +250,7 @@ def _evaluate_and_plot(checkpoint_uri: str, cfg: TrainConfig, run_id: str) -> di
     return metrics
 
 
-def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str) -> None:
+def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str, prefix: str) -> None:
     tracking.log_metrics(uri, run_id, {f"eval/{k}": v for k, v in sr.eval_metrics.items()},
                          step=int(sr.train_metrics.get("step", 0)))
     tracking.log_metrics(uri, run_id, {k: v for k, v in sr.train_metrics.items()
@@ -198,7 +264,7 @@ def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str) -> No
     tracking.end_run(uri, run_id)
     if parent_run_id:
         tracking.log_metrics(uri, parent_run_id,
-                             {f"stage{sr.stage}/eval/{k}": v for k, v in sr.eval_metrics.items()})
+                             {f"{prefix}/eval/{k}": v for k, v in sr.eval_metrics.items()})
 
 
 # --- evaluation at the end of a stage ----------------------------------------------------------
