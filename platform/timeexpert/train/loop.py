@@ -72,12 +72,18 @@ def model_config(cfg: TrainConfig, tokenizer):
 
 
 def train_tokenizer(cfg: TrainConfig, records) -> Any:
-    """A text tokenizer trained in-process on the training split's queries and captions."""
+    """A text tokenizer trained in-process on the training split's queries and captions; for a
+    decoder upcycled from a dense LM, that LM's own tokenizer (its embeddings index its ids)."""
     from timeexpert.models.tokenizer import GroundingTokenizer
+    from timeexpert.models.upcycle import dense_tokenizer
     from timeexpert.presets import get_preset
 
+    preset = get_preset(cfg.preset)
+    upcycle_from = cfg.model_overrides.get("upcycle_from", preset.model.upcycle_from)
+    if upcycle_from:
+        return dense_tokenizer(upcycle_from)
     texts = [r.query for r in records] + [e.caption for r in records for e in r.events]
-    return GroundingTokenizer.train(texts, vocab_size=get_preset(cfg.preset).tokenizer_vocab_size)
+    return GroundingTokenizer.train(texts, vocab_size=preset.tokenizer_vocab_size)
 
 
 def load_tokenizer(uri: str):
