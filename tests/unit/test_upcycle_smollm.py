@@ -103,7 +103,9 @@ def test_upcycled_smollm2_reproduces_the_dense_lm(smol_tok, dense2, upcycled_top
 
 
 @pytest.mark.slow
-def test_upcycled_model_saves_and_loads_without_upcycling_again(upcycled_topk, tmp_path, monkeypatch):
+def test_upcycled_model_saves_and_loads_without_upcycling_again(
+    upcycled_topk, tmp_path, monkeypatch
+):
     import timeexpert.models.upcycle as upcycle
     from transformers import AutoModelForCausalLM
 
