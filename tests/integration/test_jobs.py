@@ -172,7 +172,7 @@ def test_demo_on_the_local_stack(stack, tmp_path):
 
     out = subprocess.run(
         [sys.executable, "jobs/demo.py", "--local-stack", stack["STATE"], "--root", str(tmp_path),
-         "--preset", "tiny_cpu", "--size", "tiny", "--steps", "6"],
+         "--preset", "tiny_cpu", "--size", "tiny", "--steps", "6", "--json"],
         cwd=ROOT, env=stack, capture_output=True, text=True, timeout=1200,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
@@ -185,6 +185,10 @@ def test_demo_on_the_local_stack(stack, tmp_path):
         assert re.search(rf"^{re.escape(label)} .*x (met   |MISSED)\s+\d+\.\d\d$", text, re.M), text[-3000:]
     for path in ("/v1/moments", "/v1/highlights", "/v1/captions"):
         assert f"POST {path} (" in text, text[-3000:]
+    table = json.loads(text.strip().splitlines()[-1])  # --json: the table, last line
+    for key in ("mr_ratio", "vhd_ratio", "dvc_ratio"):
+        assert isinstance(table[key], float), table
+    assert 0.0 <= table["distinct_windows"] <= 1.0, table
     checkpoint = _line(text, "  checkpoint:  ")
     assert re.match(rf"{stack['TE_STORAGE_ROOT']}/runs/demo-\d{{8}}-\d{{6}}-stage3/", checkpoint), (
         checkpoint

@@ -194,6 +194,23 @@ def evaluate_predictions(
     return out
 
 
+def distinct_windows(records: Sequence[Record], predictions: Mapping[str, Any]) -> float | None:
+    """Of the videos with two or more MR queries, the fraction whose queries all got different
+    top-1 windows (a model that learnt the answer prior gives every query of a video the same
+    window); a query without an answer counts as not distinct. None without such videos."""
+    by_video: dict[str, list] = {}
+    for r in records:
+        if r.task == Task.MR:
+            p = predictions.get(r.id)
+            events = getattr(p, "events", None) or []
+            top = (round(events[0].start, 3), round(events[0].end, 3)) if events else None
+            by_video.setdefault(r.video, []).append(top)
+    multi = [tops for tops in by_video.values() if len(tops) >= 2]
+    if not multi:
+        return None
+    return float(np.mean([None not in tops and len(set(tops)) == len(tops) for tops in multi]))
+
+
 def write_predictions(
     records: Sequence[Record],
     predictions: Mapping[str, Any],

@@ -266,7 +266,7 @@ def evidence_answer_pieces(events) -> list:
 
 def encode_evidence_example(tokenizer, task, query: str, timestamps: Sequence[float], events, *,
                             tokens_per_frame: int, duration: float | None = None,
-                            max_length: int | None = None):
+                            max_length: int | None = None, query_first: bool = False):
     """Prompt + D2VLM answer (labels on the answer) and the (K, T) frame targets of its events."""
     from timeexpert.events import EOS, SWITCH
     from timeexpert.models.temporal import number_symbol_id
@@ -275,7 +275,8 @@ def encode_evidence_example(tokenizer, task, query: str, timestamps: Sequence[fl
     ids_pair = evidence_token_ids(tokenizer)
     if ids_pair is None:
         raise ValueError("the tokenizer has no <evi> tokens; call add_evidence_tokens(tokenizer)")
-    prompt = tokenizer.encode_prompt(task, query, timestamps, tokens_per_frame=tokens_per_frame)
+    prompt = tokenizer.encode_prompt(task, query, timestamps, tokens_per_frame=tokens_per_frame,
+                                     query_first=query_first)
     special = {EVI: ids_pair[0], EVI_END: ids_pair[1], SWITCH: tokenizer.switch_id, EOS: tokenizer.eos_id}
     ids, types = [], []
     for kind, piece in evidence_answer_pieces(events):

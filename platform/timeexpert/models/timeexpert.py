@@ -51,6 +51,12 @@ from timeexpert.models.evidence import (
     grounding_loss,
     site_targets,
 )
+from timeexpert.models.frame_relevance import (
+    FrameRelevanceHead,
+    IGNORE_FRAME,
+    pool_frames,
+    relevance_loss,
+)
 from timeexpert.models.token_sampling import TokenSamplingConfig, VisualTokenSampler
 from timeexpert.models.vision import (
     FrameProcessor,
@@ -82,6 +88,8 @@ ARCHITECTURE_FIELDS = (
     "num_key_value_heads",
     "attention_bias",
     "moe",
+    "query_first",
+    "frame_relevance",
 )
 
 
@@ -127,6 +135,14 @@ class TimeExpertConfig(PretrainedConfig):
     moe: dict | None = None  # MoEConfig fields without dim / hidden_dim; None: MoEConfig defaults
     token_sampling: dict | None = None  # GroundVTS sampler (TokenSamplingConfig fields); None: off
     evidence: dict | None = None  # D2VLM evidence tokens (EvidenceConfig fields); None: off
+    # query-conditioned frame relevance (`frame_relevance.py`): the instruction and query come
+    # before the frames, so that every frame token sees the query in the causal decoder, and a
+    # head on each frame's decoder states says whether the frame shows the queried moment;
+    # MR / VHD windows are then read off the relevant frames
+    query_first: bool = False  # prompt layout: [instruction + query] [frames] instead of the reverse
+    frame_relevance: bool = False  # the per-frame relevance head and its BCE (needs query_first)
+    frame_threshold: float = 0.5  # a frame is relevant at this probability or above
+    loss_weight_frames: float = 1.0  # weight of the per-frame BCE in the loss
     # text ids of the answer grammar, taken from the tokenizer (`with_tokenizer`)
     switch_token_id: int | None = None  # SWITCH: the next tokens are an event's numbers
     answer_end_token_id: int | None = None  # EOS of the answer
@@ -191,6 +207,16 @@ class TimeExpertConfig(PretrainedConfig):
             TokenSamplingConfig.from_dict(self.token_sampling)  # validates
         if self.evidence is not None:
             EvidenceConfig.from_dict(self.evidence)  # validates
+        if self.frame_relevance and not self.query_first:
+            raise ValueError(
+                "frame_relevance needs query_first=True: a frame token sees the query only when "
+                "the query comes before it in the causal decoder"
+            )
+        if self.frame_relevance and self.token_sampling is not None:
+            raise ValueError("frame_relevance and token_sampling cannot be combined: the sampler "
+                             "drops frame tokens the relevance head reads")
+        if not 0.0 < float(self.frame_threshold) < 1.0:
+            raise ValueError(f"frame_threshold must be in (0, 1), got {self.frame_threshold}")
         super().__post_init__(**kwargs)
 
     def moe_config(self) -> MoEConfig:
@@ -341,6 +367,9 @@ class TimeExpertOutput(ModelOutput):
     frame_features: torch.Tensor | None = None  # (B, T, D)
     frame_mask: torch.Tensor | None = None  # (B, T) real frames
     evidence_probs: torch.Tensor | None = None  # (E, T) per <evi> token, batch order
+    # query-conditioned frame relevance (config `frame_relevance`)
+    frame_logits: torch.Tensor | None = None  # (B, T), meaningful where frame_mask
+    loss_frames: torch.Tensor | None = None  # per-frame BCE (with frame_labels)
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -406,6 +435,8 @@ class TimeExpertForGrounding(PreTrainedModel):
             if config.evidence is not None
             else None
         )
+        # query-conditioned frame relevance: pooled frame hidden states -> one logit per frame
+        self.frame_head = FrameRelevanceHead(D) if config.frame_relevance else None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -490,6 +521,7 @@ class TimeExpertForGrounding(PreTrainedModel):
         return_logits: bool = True,
         evidence_frames: torch.Tensor | None = None,
         evidence_embeds: torch.Tensor | None = None,
+        frame_labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> TimeExpertOutput:
         """One decoder pass.
@@ -504,6 +536,8 @@ class TimeExpertForGrounding(PreTrainedModel):
         event of each row (targets of L_gnd / L_cons, pooled into the k-th `<evi>` of each stage
         under teacher forcing); evidence_embeds (B, N, D) added to the inputs (generation's
         aggregation of the predicted salient frames).
+        Frame relevance (config `frame_relevance`): frame_labels (B, T) per-frame targets in
+        [0, 1] of the BCE, IGNORE_FRAME (-1) where a frame has none.
         """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -620,6 +654,18 @@ class TimeExpertForGrounding(PreTrainedModel):
             if target_ET is not None:
                 out.loss_grounding = grounding_loss(prob_ET, target_ET, mask_ET)
                 out.loss_consistency = consistency_loss(prob_ET, sites, mask_ET)
+        if self.frame_head is not None and bool((token_types == TokenType.VISUAL).any()):
+            frames_BTD, frame_mask_BT = pool_frames(h_BND, token_types, valid_BN,
+                                                    cfg.tokens_per_frame)
+            out.frame_logits, out.frame_mask = self.frame_head(frames_BTD), frame_mask_BT
+            if frame_labels is not None:
+                labels_BT = frame_labels.to(h_BND.device)
+                if labels_BT.shape[1] < frame_mask_BT.shape[1]:
+                    raise ValueError(f"frame_labels cover {labels_BT.shape[1]} frames, the batch "
+                                     f"has {frame_mask_BT.shape[1]}")
+                labels_BT = labels_BT[:, : frame_mask_BT.shape[1]].masked_fill(~frame_mask_BT,
+                                                                               IGNORE_FRAME)
+                out.loss_frames = relevance_loss(out.frame_logits, labels_BT)
         if return_logits:
             out.time_logits = self.time_head(h_BND)
             out.score_logits = self.score_head(h_BND)
@@ -635,6 +681,8 @@ class TimeExpertForGrounding(PreTrainedModel):
                 + aux
                 + z
             )
+            if out.loss_frames is not None:
+                out.loss = out.loss + cfg.loss_weight_frames * out.loss_frames
             if out.loss_grounding is not None:  # D2VLM: SFT + L_gnd + L_cons
                 ecfg = self.evidence_head.config
                 out.loss = (
@@ -706,7 +754,9 @@ class TimeExpertForGrounding(PreTrainedModel):
         Returns per sequence the generated (ids, types), EOS included when reached; with
         `return_extras`, `(answers, extras)`: extras["token_density"] the (M,) per-frame density
         of kept visual tokens (GroundVTS; None without sampling), extras["evidence"] per sequence
-        the per-frame grounding probabilities (list over frames) of each generated `<evi>`.
+        the per-frame grounding probabilities (list over frames) of each generated `<evi>`,
+        extras["frame_relevance"] per sequence its frames' relevance probabilities (config
+        `frame_relevance`; None without).
         """
         cfg = self.config
         if cfg.switch_token_id is None or cfg.answer_end_token_id is None:
@@ -757,6 +807,10 @@ class TimeExpertForGrounding(PreTrainedModel):
             attention_mask, position_B = out.attention_mask, out.position_ids[:, -1]
         h_BD = out.hidden_states[:, -1]
         cache = out.past_key_values
+        relevance = None
+        if out.frame_logits is not None:  # per row, its real frames' relevance probabilities
+            prob_BT = torch.sigmoid(out.frame_logits.float())
+            relevance = [p_T[m_T].tolist() for p_T, m_T in zip(prob_BT, out.frame_mask)]
         tokens, kinds, alive = [], [], []
         evidence: list[list[list[float]]] = [[] for _ in range(B)]
         evidence_on = self.evidence_head is not None and out.frame_features is not None
@@ -859,11 +913,9 @@ class TimeExpertForGrounding(PreTrainedModel):
             )
             for b in range(B)
         ]
-        return (
-            (answers, {"token_density": out.token_density, "evidence": evidence})
-            if return_extras
-            else answers
-        )
+        extras = {"token_density": out.token_density, "evidence": evidence,
+                  "frame_relevance": relevance}
+        return (answers, extras) if return_extras else answers
 
     # --- checkpoints --------------------------------------------------------------------------
 

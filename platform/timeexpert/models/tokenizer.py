@@ -12,6 +12,8 @@ TEXT and QUERY, number ids for TIME and SCORE, a placeholder 0 for VISUAL) and `
     [ts(frame_1) <sync>  S visual tokens] ... [ts(frame_T) <sync>  S visual tokens]
     [instruction + query : QUERY]   [answer : serialize_events(events) -> TEXT/TIME/SCORE]
 
+or, with `query_first` (the model config's prompt layout), the instruction before the frames.
+
 The answer is what `timeexpert.events.serialize_events` writes; this module only maps its pieces
 to ids and back (`parse_pieces` reads them).
 """
@@ -158,8 +160,10 @@ class GroundingTokenizer:
         *,
         tokens_per_frame: int,
         max_length: int | None = None,
+        query_first: bool = False,
     ) -> Encoded:
-        """Frames (timestamp tokens + visual placeholders) then the instruction (QUERY)."""
+        """Frames (timestamp tokens + visual placeholders) then the instruction (QUERY), or with
+        `query_first` the instruction then the frames (every frame token sees the query)."""
         if len(timestamps) == 0:
             raise ValueError("got zero frames; a video needs at least one frame")
         ids: list[int] = []
@@ -171,8 +175,10 @@ class GroundingTokenizer:
             ids += ts + [0] * tokens_per_frame
             types += [TokenType.TIME] * len(ts) + [TokenType.VISUAL] * tokens_per_frame
         text_ids = self.encode_text(self.instruction(task, query))
-        ids += text_ids
-        types += [TokenType.QUERY] * len(text_ids)
+        if query_first:
+            ids, types = text_ids + ids, [TokenType.QUERY] * len(text_ids) + types
+        else:
+            ids, types = ids + text_ids, types + [TokenType.QUERY] * len(text_ids)
         if max_length is not None and len(ids) > max_length:
             raise ValueError(
                 f"prompt of {len(ids)} tokens ({len(timestamps)} frames, instruction of "
@@ -249,9 +255,11 @@ class GroundingTokenizer:
         *,
         tokens_per_frame: int,
         max_length: int | None = None,
+        query_first: bool = False,
     ) -> Encoded:
         """Prompt + answer with labels on the answer only (teacher forcing)."""
-        prompt = self.encode_prompt(task, query, timestamps, tokens_per_frame=tokens_per_frame)
+        prompt = self.encode_prompt(task, query, timestamps, tokens_per_frame=tokens_per_frame,
+                                    query_first=query_first)
         answer = self.encode_answer(events)
         total = len(prompt) + len(answer)
         if max_length is not None and total > max_length:

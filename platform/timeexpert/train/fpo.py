@@ -143,12 +143,13 @@ def encode_pairs(rows: list[dict[str, Any]], tokenizer, config, model, *, seed: 
                 enc, target_KT = encode_evidence_example(
                     tokenizer, str(row["task"]), str(row["query"]), times, evs,
                     tokens_per_frame=config.tokens_per_frame, duration=duration,
-                    max_length=config.max_position_embeddings)
+                    max_length=config.max_position_embeddings, query_first=config.query_first)
                 targets[side].append(target_KT)
             else:
                 enc = tokenizer.encode_example(str(row["task"]), str(row["query"]), times, evs,
                                                tokens_per_frame=config.tokens_per_frame,
-                                               max_length=config.max_position_embeddings)
+                                               max_length=config.max_position_embeddings,
+                                               query_first=config.query_first)
             sides[side].append(enc)
         pixels.append(model.preprocess_frames(row["frames"][mask]))
     if not pixels:

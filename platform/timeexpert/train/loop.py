@@ -38,7 +38,8 @@ VISION = "frame_encoder."  # the vision encoder's parameter prefix
 TIMEEXPERT_STAGES: dict[int, StageSpec] = {  # TimeExpert sec. 3.5
     1: StageSpec(name="task-modules", losses=_CE,
                  trainable=("compressor.", "projector.", "time_encoder.", "score_encoder.",
-                            "time_head.", "score_head.", "lm_head.", "evidence_head.")),
+                            "time_head.", "score_head.", "lm_head.", "evidence_head.",
+                            "frame_head.")),
     2: StageSpec(name="moe-decoder", trainable=("layers.", "norm.", "text_embed."),
                  losses=_CE + ("aux_loss", "z_loss")),
     3: StageSpec(name="all-but-vision", trainable=("",), frozen=(VISION,),
@@ -127,6 +128,8 @@ def stage_loss(out, stage: int, config, recipe: str = "timeexpert"):
     for name in stage_spec(recipe, stage).losses:
         term = weights.get(name, 1.0) * getattr(out, name)
         loss = term if loss is None else loss + term
+    if out.loss_frames is not None:  # query-conditioned frame relevance, in every stage
+        loss = loss + config.loss_weight_frames * out.loss_frames
     if out.loss_grounding is not None:
         from timeexpert.models.evidence import EvidenceConfig
 
@@ -165,35 +168,65 @@ def answer_events(row: dict[str, Any], max_events: int) -> list[Event]:
     return [Event.from_dict(e) for e in json.loads(str(row["events"]))]
 
 
+def relevance_labels(row: dict[str, Any], times: list[float]) -> np.ndarray:
+    """Per-frame targets of the frame-relevance BCE for a pipeline row: MR, 1 inside the queried
+    windows; VHD, the saliency (0-4) of the clip each frame falls in, over 4; DVC (no query),
+    IGNORE_FRAME everywhere."""
+    from timeexpert.models.frame_relevance import IGNORE_FRAME, frame_labels
+
+    task = str(row["task"])
+    if task == Task.MR.value:
+        windows = [(e["start"], e["end"]) for e in json.loads(str(row["events"]))]
+        return frame_labels(windows, times)
+    if task == Task.VHD.value and "saliency" in row:
+        clip_len = float(row["clip_len"])
+        saliency = json.loads(str(row["saliency"]))
+        windows = [(c * clip_len, (c + 1) * clip_len) for c in range(len(saliency))]
+        return frame_labels(windows, times, weights=[s / 4.0 for s in saliency])
+    return np.full(len(times), IGNORE_FRAME, dtype=np.float32)
+
+
 def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> dict[str, Any]:
     """A pipeline batch (frames, timestamps, task, query, events) -> model inputs. With evidence
-    tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets."""
+    tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets; with frame
+    relevance on, the (B, T) `frame_labels`."""
     import torch
 
     from timeexpert.models.evidence import encode_evidence_example, pad_targets
+    from timeexpert.models.frame_relevance import IGNORE_FRAME
     from timeexpert.models.tokenizer import collate
 
-    encoded, pixels, targets = [], [], []
+    encoded, pixels, targets, labels = [], [], [], []
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
         task, query, times = str(batch["task"][i]), str(batch["query"][i]), batch["timestamps"][i][mask].tolist()
-        events = answer_events({k: v[i] for k, v in batch.items()}, config.max_events)
+        row = {k: v[i] for k, v in batch.items()}
+        events = answer_events(row, config.max_events)
         if config.evidence is not None:
             duration = float(batch["duration"][i]) if "duration" in batch else None
             enc, target_KT = encode_evidence_example(
                 tokenizer, task, query, times, events, tokens_per_frame=config.tokens_per_frame,
-                duration=duration, max_length=config.max_position_embeddings)
+                duration=duration, max_length=config.max_position_embeddings,
+                query_first=config.query_first)
             targets.append(target_KT)
         else:
             enc = tokenizer.encode_example(task, query, times, events,
                                            tokens_per_frame=config.tokens_per_frame,
-                                           max_length=config.max_position_embeddings)
+                                           max_length=config.max_position_embeddings,
+                                           query_first=config.query_first)
+        if config.frame_relevance:
+            labels.append(relevance_labels(row, times))
         encoded.append(enc)
         pixels.append(model.preprocess_frames(batch["frames"][i][mask]))
     inputs = collate(encoded)
     inputs["pixel_values"] = torch.cat(pixels)
     if targets:
         inputs["evidence_frames"] = pad_targets(targets)
+    if labels:
+        labels_BT = torch.full((len(labels), max(len(x) for x in labels)), IGNORE_FRAME)
+        for b, x in enumerate(labels):
+            labels_BT[b, : len(x)] = torch.from_numpy(x)
+        inputs["frame_labels"] = labels_BT
     return inputs
 
 
@@ -315,7 +348,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         inputs = tokenize_batch(batch, tokenizer, mconfig, model)
         lr = cfg.learning_rate(step)
         optim.set_lr(lr)
-        out = forward(**inputs)
+        out = forward(**inputs, return_logits=False)  # the losses need no full-vocab logits
         loss = stage_loss(out, cfg.stage, mconfig, cfg.recipe)
         optim.backward(loss)
         grad_norm = optim.step()

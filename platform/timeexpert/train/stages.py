@@ -279,7 +279,7 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
     tokens of each task's first video, GroundVTS) when the model samples tokens."""
     from timeexpert.data import formats
     from timeexpert.data.pipeline import record_from_row
-    from timeexpert.eval.evaluate import evaluate_predictions, predict_records
+    from timeexpert.eval.evaluate import distinct_windows, evaluate_predictions, predict_records
     from timeexpert.inference import GroundingModel
 
     split = cfg.eval_split if split is None else split
@@ -314,4 +314,7 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
             metrics = evaluate_predictions(task_records, predictions, task, captions=cfg.eval_captions)
             out.update({f"{task.value}/{k}": float(v) for k, v in metrics.items()
                         if isinstance(v, (int, float))})
+    distinct = distinct_windows(scored, predictions)
+    if distinct is not None:
+        out["mr/distinct_windows"] = 100.0 * distinct
     return out

@@ -1,0 +1,245 @@
+"""Does the model ground? Variants trained on the same data and budget, scored on held-out videos.
+
+    python -m benchmarks.grounding_quality [--json] [--data-root .cache/data/level0]
+        [--variants scratch,scratch_query_first,scratch_relevance] [--steps 300] [--tasks mr]
+        [--split val|test] [--checkpoints NAME=URI,...]
+
+Each variant is a preset plus model overrides (`VARIANTS`). It trains in one process, through
+the training path of `timeexpert.train.loop` (`model_config`, `create_model`, `tokenize_batch`,
+`stage_loss`, stage 3 trainables, the config's warm-up + cosine learning rate), on the training
+split's records of `--tasks`, 8 samples a step, frames decoded once at the model's input size
+(the same frames every epoch, no jitter). Every variant sees the same batches in the same order.
+It then answers the `--split` records through `GroundingModel.predict_batch` (what evaluation
+and Serve run). `--checkpoints` evaluates saved checkpoints instead of training.
+
+Per variant it prints MR R1@0.5 of the model, of the best trivial baseline (the trivial
+baselines of `eval.baselines`, on the same records) and their ratio, and `distinct_windows`: the
+fraction of videos with two or more MR queries whose queries got different top-1 windows (a
+model that learnt the answer prior gives every query of a video the same window). With VHD or
+DVC in `--tasks`, their HIT@1 (VeryGood) and F1 likewise. Choose on `val`, report on `test`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import emit, parse_args  # noqa: E402
+
+# name -> (preset, TimeExpertConfig overrides, TrainConfig overrides)
+VARIANTS: dict[str, tuple[str, dict, dict]] = {
+    # today's demo model: frames, then the query; the answer's times generated as tokens
+    "scratch": ("small_cpu", {}, {}),
+    "scratch_query_first": ("small_cpu", {"query_first": True}, {}),
+    "scratch_relevance": ("small_cpu", {"query_first": True, "frame_relevance": True}, {}),
+    "smollm": ("smollm_cpu", {}, {}),
+    "smollm_query_first": ("smollm_cpu", {"query_first": True}, {}),
+    "smollm_relevance": ("smollm_cpu", {"query_first": True, "frame_relevance": True}, {}),
+}
+METRICS = {"mr": ("R1@0.5", "MR R1@0.5"), "vhd": ("HL-min-VeryGood-Hit1", "VHD HIT@1 VeryGood"),
+           "dvc": ("F1", "DVC F1")}
+
+
+def _extra(parser) -> None:
+    parser.add_argument("--data-root", default=".cache/data/level0")
+    parser.add_argument("--variants", default="scratch,scratch_query_first,scratch_relevance")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.0, help="0: the preset's")
+    parser.add_argument("--tasks", default="mr", help="comma-separated: mr,vhd,dvc")
+    parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument("--max-records", type=int, default=80, help="per task, evaluated")
+    parser.add_argument("--checkpoints", default="", help="NAME=URI,...: evaluate, no training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--curriculum", default="",
+                        help="easier data roots trained first, each for --curriculum-steps")
+    parser.add_argument("--curriculum-steps", type=int, default=0)
+
+
+def decode_all(root: str, records, num_frames: int, size: int) -> dict[str, tuple]:
+    """video URI -> (frames THWC uint8, timestamps T), each video decoded once."""
+    from timeexpert import storage
+    from timeexpert.data.video import decode_frames
+
+    out = {}
+    for r in records:
+        uri = storage.resolve_under_root(r.video, root)
+        if uri not in out:
+            d = decode_frames(storage.filesystem(uri)[1], num_frames=num_frames, size=(size, size))
+            out[uri] = (d.frames, np.asarray(d.timestamps, np.float32))
+        r.video = uri
+    return out
+
+
+def as_batch(records, frames: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Records -> a batch in the pipeline's row format (what `tokenize_batch` reads)."""
+    from timeexpert.data.pipeline import _row
+
+    rows = [_row(r, r.video) for r in records]
+    batch = {k: np.array([row[k] for row in rows]) for k in rows[0]}
+    batch["frames"] = np.stack([frames[r.video][0] for r in records])
+    batch["timestamps"] = np.stack([frames[r.video][1] for r in records])
+    batch["frame_mask"] = np.ones(batch["timestamps"].shape, bool)
+    return batch
+
+
+def load_split(root: str, split: str, tasks: list[str], limit: int | None = None):
+    from timeexpert import storage
+    from timeexpert.data.formats import read_manifest
+
+    records = read_manifest(storage.join_uri(root, "manifests", f"{split}.jsonl"))
+    out = []
+    for task in tasks:
+        chosen = [r for r in records if r.task.value == task]
+        out += chosen[:limit] if limit else chosen
+    return out
+
+
+def train_variant(name: str, args, train_phases, seed: int):
+    """Train one variant; returns (model, tokenizer, seconds, steps/s)."""
+    import torch
+
+    from timeexpert.models.timeexpert import create_model
+    from timeexpert.train.config import TrainConfig
+    from timeexpert.train.loop import model_config, set_trainable, stage_loss, tokenize_batch, train_tokenizer
+
+    preset, overrides, train_overrides = VARIANTS[name]
+    from timeexpert.presets import get_preset
+
+    defaults = get_preset(preset).train
+    total = sum(steps for _, _, steps in train_phases)
+    cfg = TrainConfig(data_root=args.data_root, preset=preset, model_overrides=overrides,
+                      stage=3, num_steps=total, batch_size=args.batch_size, seed=seed,
+                      lr=args.lr or defaults.get("lr", 1e-3),
+                      warmup_steps=max(1, total // 20), lr_schedule="cosine",
+                      weight_decay=defaults.get("weight_decay", 0.0), **train_overrides)
+    all_train = [r for records, _, _ in train_phases for r in records]
+    tokenizer = train_tokenizer(cfg, all_train)
+    mconfig = model_config(cfg, tokenizer)
+    torch.manual_seed(seed)
+    model = create_model(mconfig)
+    model.train()
+    set_trainable(model, 3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    t0, step = time.perf_counter(), 0
+    for records, frames, steps in train_phases:
+        rng = np.random.default_rng(seed)
+        order: list[int] = []
+        for _ in range(steps):
+            if len(order) < args.batch_size:
+                order += rng.permutation(len(records)).tolist()
+            chosen, order = order[: args.batch_size], order[args.batch_size:]
+            step += 1
+            inputs = tokenize_batch(as_batch([records[i] for i in chosen], frames), tokenizer,
+                                    mconfig, model)
+            for g in optim.param_groups:
+                g["lr"] = cfg.learning_rate(step)
+            out = model(**inputs, return_logits=False)
+            loss = stage_loss(out, 3, mconfig)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optim.step()
+            if step % 50 == 0 or step == total:
+                frames_loss = ("" if out.loss_frames is None
+                               else f" frames {float(out.loss_frames.detach()):.3f}")
+                print(f"  [{name}] step {step}/{total} loss {float(loss.detach()):.3f} time "
+                      f"{float(out.loss_time.detach()):.3f}{frames_loss} ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+    seconds = time.perf_counter() - t0
+    return model, tokenizer, seconds
+
+
+def evaluate(model, tokenizer, records, frames, batch_size: int = 16) -> dict:
+    """Scores of the model's answers on `records` (+ distinct_windows, answers by record id)."""
+    from timeexpert.eval.evaluate import distinct_windows, evaluate_predictions
+    from timeexpert.inference import GroundingModel, PredictRequest
+
+    gm = GroundingModel.from_model(model, tokenizer)
+    predictions = {}
+    for i in range(0, len(records), batch_size):
+        chunk = records[i: i + batch_size]
+        requests = [PredictRequest(frames_THWC=frames[r.video][0], timestamps_T=frames[r.video][1],
+                                   task=r.task, query=r.query, duration=r.duration,
+                                   clip_len=r.clip_len) for r in chunk]
+        for r, p in zip(chunk, gm.predict_batch(requests)):
+            predictions[r.id] = p
+    out = {}
+    for task in sorted({r.task for r in records}, key=lambda t: t.value):
+        out[task.value] = evaluate_predictions(records, predictions, task, captions=False)
+    out["distinct_windows"] = distinct_windows(records, predictions)
+    return out, predictions
+
+
+def best_trivial(train, records) -> dict[str, float]:
+    from timeexpert.eval.baselines import trivial_baselines
+
+    base = trivial_baselines(train, records, captions=False)
+    out = {}
+    for task, (key, _) in METRICS.items():
+        values = [m[key] for name, m in base.items() if name.startswith(task + "/") and key in m]
+        if task == "vhd" and "vhd/uniform_saliency" in base:  # a random clip's expected HIT@1,
+            values.append(base["vhd/uniform_saliency"]["HL-min-VeryGood-mAP"])  # as the demo
+        if values:
+            out[task] = max(values)
+    return out
+
+
+def main() -> None:
+    import torch
+
+    args = parse_args(__doc__.split("\n")[0], _extra)
+    torch.set_num_threads(args.threads)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown and not args.checkpoints:
+        raise SystemExit(f"unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
+    from timeexpert.presets import get_preset
+
+    probe = get_preset(VARIANTS[variants[0]][0]).model if variants else None
+    num_frames, size = (probe.num_frames, probe.image_size) if probe else (16, 64)
+    t0 = time.perf_counter()
+    train = load_split(args.data_root, "train", tasks)
+    held_out = load_split(args.data_root, args.split, tasks, args.max_records)
+    frames = decode_all(args.data_root, train + held_out, num_frames, size)
+    phases = []
+    for root in [r for r in args.curriculum.split(",") if r]:
+        easy = load_split(root, "train", tasks)
+        phases.append((easy, decode_all(root, easy, num_frames, size), args.curriculum_steps))
+    phases.append((train, frames, args.steps))
+    print(f"decoded {len(frames)} videos in {time.perf_counter() - t0:.0f} s; "
+          f"{len(train)} training records, {len(held_out)} {args.split} records", flush=True)
+    trivial = best_trivial(train, held_out)
+    result: dict = {"data_root": args.data_root, "split": args.split, "steps": args.steps,
+                    "tasks": tasks, "best_trivial": trivial, "variants": {}}
+    for name in variants:
+        model, tokenizer, seconds = train_variant(name, args, phases, args.seed)
+        metrics, _ = evaluate(model, tokenizer, held_out, frames)
+        row = {"train_seconds": round(seconds, 1), "distinct_windows": metrics["distinct_windows"]}
+        for task in tasks:
+            key, label = METRICS[task]
+            value = metrics[task][key]
+            row[task] = {"model": round(value, 2), "best_trivial": round(trivial[task], 2),
+                         "ratio": round(value / max(trivial[task], 1e-9), 3)}
+        result["variants"][name] = row
+        print(f"{name}: " + "; ".join(
+            f"{METRICS[t][1]} {row[t]['model']:.1f} / {row[t]['best_trivial']:.1f} = "
+            f"{row[t]['ratio']:.2f}x" for t in tasks)
+            + f"; distinct windows {row['distinct_windows']}; {seconds:.0f} s", flush=True)
+    emit(result, as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()

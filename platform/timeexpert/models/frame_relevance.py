@@ -1,0 +1,126 @@
+"""Query-conditioned frame relevance: which frames show the queried moment, read off the decoder.
+
+With the query placed before the frames (`TimeExpertConfig.query_first`), every frame's tokens
+attend to the query in the causal decoder, so the decoder's hidden state of a frame can say
+whether that frame shows what the query asks for. A linear head on each frame's pooled hidden
+states gives one logit per frame, trained with a per-frame BCE against "the frame's timestamp
+lies inside a ground-truth window" (D2VLM's L_gnd, sec. 4, taken on the decoder's frame tokens
+instead of an evidence token's similarity). At inference the windows are read off the relevant
+frames, as D2VLM reads its answer's timestamps off the salient frames: each run of consecutive
+frames at or above the threshold is one window, from its first frame's segment start to its
+last frame's segment end.
+
+Shape letters: B batch, N tokens, M frames of the whole batch, S tokens per frame, T frames of a
+row, D model width, C saliency clips.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timeexpert.events import Event, TokenType
+
+IGNORE_FRAME = -1.0  # frame label of frames without a target (padding, tasks without one)
+
+
+class FrameRelevanceHead(nn.Module):
+    """(B, T, D) pooled frame hidden states -> (B, T) relevance logits."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, 1)
+
+    def forward(self, frames_BTD: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(frames_BTD)).squeeze(-1)
+
+
+def pool_frames(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tensor,
+                tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each frame's S visual hidden states averaged -> (B, T, D), and the (B, T) mask of real
+    frames. Rows hold their frames in order, S visual tokens each (the prompt layout)."""
+    S = tokens_per_frame
+    is_visual_BN = (types_BN == TokenType.VISUAL) & valid_BN
+    frames_B = is_visual_BN.sum(1) // S
+    T = max(int(frames_B.max()), 1) if frames_B.numel() else 1
+    frame_MD = h_BND[is_visual_BN].view(-1, S, h_BND.shape[-1]).mean(1)
+    mask_BT = torch.arange(T, device=h_BND.device)[None] < frames_B[:, None]
+    out_BTD = h_BND.new_zeros(h_BND.shape[0], T, h_BND.shape[-1])
+    return out_BTD.masked_scatter(mask_BT[..., None], frame_MD), mask_BT
+
+
+def relevance_loss(logits_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over the labelled frames (labels in [0, 1]; IGNORE_FRAME elsewhere)."""
+    if labels_BT.shape != logits_BT.shape:
+        raise ValueError(
+            f"frame_labels must be (B, T) = {tuple(logits_BT.shape)}, got {tuple(labels_BT.shape)}"
+        )
+    sel_BT = labels_BT >= 0
+    if not bool(sel_BT.any()):
+        return logits_BT.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits_BT[sel_BT].float(), labels_BT[sel_BT].float())
+
+
+def segment_edges(timestamps_T: Sequence[float], duration: float) -> np.ndarray:
+    """(T + 1,) edges of the segments the frames stand for: midpoints between neighbouring
+    timestamps, 0 and the duration at the ends (the uniform grid's edges for centre sampling)."""
+    ts_T = np.asarray(timestamps_T, dtype=np.float64).reshape(-1)
+    if ts_T.size == 0:
+        raise ValueError("need at least one frame timestamp")
+    mid = (ts_T[1:] + ts_T[:-1]) / 2
+    return np.concatenate([[0.0], mid, [max(float(duration), float(ts_T[-1]))]])
+
+
+def frame_labels(windows: Sequence[tuple[float, float]], timestamps_T: Sequence[float],
+                 weights: Sequence[float] | None = None) -> np.ndarray:
+    """(T,) target of each frame: 1 (or the window's weight, the highest over windows) when the
+    frame's timestamp lies in a window [start, end), else 0."""
+    ts_T = np.asarray(timestamps_T, dtype=np.float64).reshape(-1)
+    out_T = np.zeros(ts_T.shape, dtype=np.float32)
+    for k, (start, end) in enumerate(windows):  # a handful of windows per record
+        w = 1.0 if weights is None else float(weights[k])
+        inside_T = (ts_T >= start) & (ts_T < end)
+        out_T = np.where(inside_T, np.maximum(out_T, w), out_T)
+    return out_T
+
+
+def windows_from_relevance(prob_T: Sequence[float], timestamps_T: Sequence[float], duration: float,
+                           threshold: float) -> list[Event]:
+    """Runs of consecutive frames with probability >= `threshold` -> windows scored by their mean
+    probability, best first. With no frame at the threshold, the best frame's segment alone."""
+    p_T = np.asarray(prob_T, dtype=np.float64).reshape(-1)
+    edges = segment_edges(timestamps_T, duration)
+    on_T = p_T >= threshold
+    if not on_T.any():
+        on_T = p_T == p_T.max()
+    change = np.flatnonzero(np.diff(np.r_[0, on_T.astype(np.int8), 0]))
+    starts, ends = change[0::2], change[1::2]  # runs [a, b) of relevant frames
+    events = [
+        Event(start=float(edges[a]), end=float(edges[b]), score=float(p_T[a:b].mean()))
+        for a, b in zip(starts, ends)
+    ]
+    return sorted(events, key=lambda e: -(e.score or 0.0))
+
+
+def clip_saliency(prob_T: Sequence[float], timestamps_T: Sequence[float], duration: float,
+                  clip_len: float) -> list[float]:
+    """Per-clip saliency on the 0-4 scale: 4 x the relevance of the frames whose segments overlap
+    the clip (overlap-weighted mean)."""
+    p_T = np.asarray(prob_T, dtype=np.float64).reshape(-1)
+    edges = segment_edges(timestamps_T, duration)
+    num_clips = max(1, math.ceil(duration / clip_len - 1e-9))
+    a_C = np.arange(num_clips) * clip_len
+    b_C = np.minimum(a_C + clip_len, duration)
+    overlap_CT = np.clip(np.minimum(b_C[:, None], edges[None, 1:])
+                         - np.maximum(a_C[:, None], edges[None, :-1]), 0, None)
+    weight_C = overlap_CT.sum(1)
+    nearest_C = np.abs(((a_C + b_C) / 2)[:, None] - np.asarray(timestamps_T)[None]).argmin(1)
+    sal_C = np.where(weight_C > 0, (overlap_CT * p_T).sum(1) / np.maximum(weight_C, 1e-9),
+                     p_T[nearest_C])
+    return [float(4.0 * s) for s in sal_C]

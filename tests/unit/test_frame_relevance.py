@@ -1,0 +1,164 @@
+"""Query-conditioned frame relevance: labels, windows and clip saliency read off frames (hand-made
+cases), the query-first prompt, the head's causal dependence on the query, an overfit of one
+batch, and answers read off the frames at inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from timeexpert.events import Event, Task, TokenType
+from timeexpert.inference import GroundingModel, PredictRequest
+from timeexpert.models.frame_relevance import (
+    clip_saliency,
+    frame_labels,
+    segment_edges,
+    windows_from_relevance,
+)
+from timeexpert.models.timeexpert import TimeExpertConfig, TimeExpertForGrounding
+from timeexpert.models.tokenizer import GroundingTokenizer, collate
+from timeexpert.presets import get_preset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TS = [1.0, 3.0, 5.0, 7.0]  # centres of four 2 s segments of an 8 s video
+
+
+@pytest.fixture(scope="module")
+def tok() -> GroundingTokenizer:
+    return GroundingTokenizer.train(["the red circle grows", "the blue square blinks"] * 3,
+                                    vocab_size=400)
+
+
+def relevance_config(tok, **overrides) -> TimeExpertConfig:
+    cfg = get_preset("tiny_cpu").model
+    cfg.query_first, cfg.frame_relevance = True, True
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg.with_tokenizer(tok)
+
+
+def test_segment_edges_are_midpoints_with_the_video_ends():
+    np.testing.assert_allclose(segment_edges(TS, 8.0), [0.0, 2.0, 4.0, 6.0, 8.0])
+    with pytest.raises(ValueError, match="at least one"):
+        segment_edges([], 8.0)
+
+
+def test_frame_labels_mark_timestamps_inside_windows():
+    np.testing.assert_array_equal(frame_labels([(2.5, 5.0)], TS), [0, 1, 0, 0])  # end exclusive
+    np.testing.assert_array_equal(frame_labels([(0.0, 1.5), (6.0, 8.0)], TS), [1, 0, 0, 1])
+    # weighted windows (VHD saliency / 4): the highest weight over overlapping windows
+    np.testing.assert_allclose(frame_labels([(0, 4), (2, 8)], TS, weights=[0.25, 0.75]),
+                               [0.25, 0.75, 0.75, 0.75])
+
+
+def test_windows_from_relevance_runs_thresholds_and_fallback():
+    p = [0.9, 0.7, 0.1, 0.6]
+    windows = windows_from_relevance(p, TS, 8.0, threshold=0.5)
+    # two runs: frames 0-1 -> [0, 4] (mean 0.8), frame 3 -> [6, 8] (0.6); best first
+    assert [(w.start, w.end) for w in windows] == [(0.0, 4.0), (6.0, 8.0)]
+    assert windows[0].score == pytest.approx(0.8) and windows[1].score == pytest.approx(0.6)
+    # nothing at the threshold: the best frame's segment alone
+    only = windows_from_relevance([0.1, 0.3, 0.2, 0.0], TS, 8.0, threshold=0.5)
+    assert [(w.start, w.end) for w in only] == [(2.0, 4.0)]
+
+
+def test_clip_saliency_weights_frames_by_overlap():
+    # clips of 3 s over 8 s: [0,3) overlaps segments 0 (2 s) and 1 (1 s); [3,6) 1 (1 s) and 2
+    # (2 s); [6,8) segment 3 alone
+    sal = clip_saliency([1.0, 0.0, 0.5, 0.25], TS, 8.0, clip_len=3.0)
+    assert sal == pytest.approx([4 * 2 / 3, 4 * (0 + 2 * 0.5) / 3, 4 * 0.25])
+
+
+def test_query_first_prompt_puts_the_instruction_before_the_frames(tok):
+    last = tok.encode_prompt(Task.MR, "the red circle", [0.0, 1.0], tokens_per_frame=2)
+    first = tok.encode_prompt(Task.MR, "the red circle", [0.0, 1.0], tokens_per_frame=2,
+                              query_first=True)
+    n_query = last.types.count(int(TokenType.QUERY))
+    assert first.types[:n_query] == [int(TokenType.QUERY)] * n_query
+    assert last.types[-n_query:] == [int(TokenType.QUERY)] * n_query
+    assert first.ids == last.ids[-n_query:] + last.ids[:-n_query]
+
+
+def test_frame_relevance_needs_query_first_and_no_token_sampling():
+    with pytest.raises(ValueError, match="query_first"):
+        TimeExpertConfig(frame_relevance=True)
+    with pytest.raises(ValueError, match="token_sampling"):
+        TimeExpertConfig(frame_relevance=True, query_first=True,
+                         token_sampling={"mode": "token", "keep_ratio": 0.5})
+
+
+def _prompts(tok, cfg, queries, query_first=True):
+    return collate([tok.encode_prompt(Task.MR, q, TS, tokens_per_frame=cfg.tokens_per_frame,
+                                      query_first=query_first) for q in queries])
+
+
+def test_frame_logits_depend_on_the_query_only_when_it_comes_first(tok):
+    cfg = relevance_config(tok)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg).eval()
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    pixels = model.preprocess_frames(frames)
+    queries = ["the red circle grows", "the blue square blinks"]
+    batch = _prompts(tok, cfg, queries)
+    out = model(**batch, pixel_values=torch.cat([pixels, pixels]))
+    assert out.frame_logits.shape == (2, 4) and bool(out.frame_mask.all())
+    assert not torch.allclose(out.frame_logits[0], out.frame_logits[1])
+    # the same weights with the query after the frames: the causal decoder's frame tokens
+    # cannot see it, so both queries give the same frame states
+    model.config.query_first = False
+    batch = _prompts(tok, cfg, queries, query_first=False)
+    h = model(**batch, pixel_values=torch.cat([pixels, pixels])).hidden_states
+    visual = batch["token_types"][0] == TokenType.VISUAL
+    torch.testing.assert_close(h[0, visual], h[1, visual])
+
+
+def test_frame_loss_joins_the_loss_and_a_batch_is_overfit(tok):
+    """Two queries over the same frames, each relevant on other frames: the model must read the
+    query to fit both (the answer prior cannot)."""
+    cfg = relevance_config(tok, loss_weight_frames=2.0)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg)
+    frames = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    examples = [
+        tok.encode_example(Task.MR, q, TS, [Event(a, b, 1.0)], tokens_per_frame=cfg.tokens_per_frame,
+                           query_first=True)
+        for q, (a, b) in (("the red circle grows", (0.0, 4.0)), ("the blue square blinks", (4.0, 8.0)))
+    ]
+    batch = collate(examples)
+    labels = torch.from_numpy(np.stack([frame_labels([(0.0, 4.0)], TS), frame_labels([(4.0, 8.0)], TS)]))
+    pixels = model.preprocess_frames(np.concatenate([frames, frames]))
+    out = model(**batch, pixel_values=pixels, frame_labels=labels)
+    expected = (out.loss_time + out.loss_score + out.loss_text + out.aux_loss + out.z_loss
+                + 2.0 * out.loss_frames)
+    torch.testing.assert_close(out.loss, expected)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        out = model(**batch, pixel_values=pixels, frame_labels=labels)
+        optim.zero_grad()
+        out.loss.backward()
+        optim.step()
+    assert float(out.loss_frames.detach()) < 0.1
+    prob = torch.sigmoid(out.frame_logits.detach())
+    assert bool(((prob > 0.5).float() == labels).all())
+
+
+def test_inference_reads_windows_off_the_frames(tok):
+    cfg = relevance_config(tok, frame_threshold=0.5)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg).eval()
+    gm = GroundingModel(model, tok)
+    frames = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    requests = [PredictRequest(frames, np.array(TS), task, "the red circle grows" if task != Task.DVC
+                               else "", duration=8.0, max_events=2)
+                for task in (Task.MR, Task.VHD, Task.DVC)]
+    mr, vhd, dvc = gm.predict_batch(requests)
+    for p in (mr, vhd):
+        assert len(p.frame_relevance) == 4
+        expected = windows_from_relevance(p.frame_relevance, TS, 8.0, 0.5)
+        assert [(e.start, e.end) for e in p.events] == [(e.start, e.end) for e in expected][
+            : len(p.events)]
+        assert p.events and all(e.start in (0, 2, 4, 6) and e.end in (2, 4, 6, 8) for e in p.events)
+    assert vhd.saliency == pytest.approx(clip_saliency(vhd.frame_relevance, TS, 8.0, 2.0))
+    for e in dvc.events:  # captioned events are placed on the segment grid by their caption
+        if e.caption:
+            assert e.start in (0, 2, 4, 6) and e.end in (2, 4, 6, 8)
