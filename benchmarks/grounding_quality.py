@@ -33,14 +33,17 @@ import numpy as np  # noqa: E402
 from benchmarks.common import emit, parse_args  # noqa: E402
 
 # name -> (preset, TimeExpertConfig overrides, TrainConfig overrides)
+_GENERATED = {"query_first": False, "frame_relevance": False}  # frames, then the query; the
+# answer's times generated as tokens (the demo model before frame relevance)
+_QUERY_FIRST = {"query_first": True, "frame_relevance": False}
+_RELEVANCE = {"query_first": True, "frame_relevance": True}
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
-    # today's demo model: frames, then the query; the answer's times generated as tokens
-    "scratch": ("small_cpu", {}, {}),
-    "scratch_query_first": ("small_cpu", {"query_first": True}, {}),
-    "scratch_relevance": ("small_cpu", {"query_first": True, "frame_relevance": True}, {}),
-    "smollm": ("smollm_cpu", {}, {}),
-    "smollm_query_first": ("smollm_cpu", {"query_first": True}, {}),
-    "smollm_relevance": ("smollm_cpu", {"query_first": True, "frame_relevance": True}, {}),
+    "scratch": ("small_cpu", _GENERATED, {}),
+    "scratch_query_first": ("small_cpu", _QUERY_FIRST, {}),
+    "scratch_relevance": ("small_cpu", _RELEVANCE, {}),
+    "smollm": ("smollm_cpu", _GENERATED, {}),
+    "smollm_query_first": ("smollm_cpu", _QUERY_FIRST, {}),
+    "smollm_relevance": ("smollm_cpu", _RELEVANCE, {}),
 }
 METRICS = {"mr": ("R1@0.5", "MR R1@0.5"), "vhd": ("HL-min-VeryGood-Hit1", "VHD HIT@1 VeryGood"),
            "dvc": ("F1", "DVC F1")}
@@ -58,9 +61,21 @@ def _extra(parser) -> None:
     parser.add_argument("--checkpoints", default="", help="NAME=URI,...: evaluate, no training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model-set", action="append", default=[], metavar="KEY=JSON",
+                        help="a TimeExpertConfig override for every variant (repeatable)")
     parser.add_argument("--curriculum", default="",
                         help="easier data roots trained first, each for --curriculum-steps")
     parser.add_argument("--curriculum-steps", type=int, default=0)
+
+
+def model_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model-set takes KEY=JSON, got {item!r}")
+        out[key] = json.loads(value)
+    return out
 
 
 def decode_all(root: str, records, num_frames: int, size: int) -> dict[str, tuple]:
@@ -111,6 +126,7 @@ def train_variant(name: str, args, train_phases, seed: int):
     from timeexpert.train.loop import model_config, set_trainable, stage_loss, tokenize_batch, train_tokenizer
 
     preset, overrides, train_overrides = VARIANTS[name]
+    overrides = {**overrides, **model_set(args.model_set)}
     from timeexpert.presets import get_preset
 
     defaults = get_preset(preset).train
@@ -209,6 +225,8 @@ def main() -> None:
     from timeexpert.presets import get_preset
 
     probe = get_preset(VARIANTS[variants[0]][0]).model if variants else None
+    for key, value in model_set(args.model_set).items():
+        setattr(probe, key, value)
     num_frames, size = (probe.num_frames, probe.image_size) if probe else (16, 64)
     t0 = time.perf_counter()
     train = load_split(args.data_root, "train", tasks)

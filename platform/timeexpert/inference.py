@@ -274,7 +274,8 @@ class GroundingModel:
     def locate_captions(self, requests, predictions, pixels, durations) -> None:
         """Dense captioning with frame relevance: every generated event with a caption is asked
         as an MR query over the same frames (one batched prompt pass), and takes the best window
-        of its relevant frames; events without a caption keep their generated times."""
+        of its relevant frames; events without a caption, or whose caption no frame is relevant
+        to, keep their generated times."""
         import torch
 
         from timeexpert.models.frame_relevance import windows_from_relevance
@@ -298,6 +299,8 @@ class GroundingModel:
                              pixel_values=torch.cat(frames).to(dev), return_logits=False)
         prob_BT = torch.sigmoid(out.frame_logits.float())
         for (e, timestamps_T, duration), p_T, m_T in zip(where, prob_BT, out.frame_mask):
+            if float(p_T[m_T].max()) < cfg.frame_threshold:
+                continue  # no frame is relevant to the caption: its generated times stand
             best = windows_from_relevance(p_T[m_T].tolist(), timestamps_T, duration,
                                           cfg.frame_threshold)[0]
             e.start, e.end = best.start, best.end

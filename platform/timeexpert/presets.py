@@ -105,6 +105,10 @@ def small_cpu() -> Preset:
             },
             max_events=10,
             max_caption_tokens=24,
+            # the query before the frames, a relevance head on the frames (frame_relevance.py):
+            # MR / VHD windows read off the relevant frames
+            query_first=True,
+            frame_relevance=True,
         ),
         tokenizer_vocab_size=1000,
         train={
@@ -175,6 +179,8 @@ def groundvts_cpu() -> Preset:
     recipe (VTS warm-up, joint LoRA, grounding FT) is `models.token_sampling.GROUNDVTS_STAGES`."""
     base = small_cpu()
     base.model.token_sampling = {"mode": "token", "keep_ratio": 0.5, "rank": 32}
+    # the sampler drops frame tokens the relevance head reads; GroundVTS generates its times
+    base.model.query_first = base.model.frame_relevance = False
     return Preset(
         name="groundvts_cpu",
         description="small_cpu + GroundVTS visual token sampling (token level, rho 0.5)",
@@ -188,6 +194,8 @@ def d2vlm_cpu() -> Preset:
     semantic aggregation, L_gnd + L_cons); FPO in `train.fpo`."""
     base = small_cpu()
     base.model.evidence = {"threshold_ratio": 0.6, "temperature": 0.1}
+    # D2VLM grounds through its evidence tokens alone (the ablation of that mechanism)
+    base.model.query_first = base.model.frame_relevance = False
     return Preset(
         name="d2vlm_cpu",
         description="small_cpu + D2VLM evidence tokens (<evi> grounding, L_gnd + L_cons)",
@@ -224,6 +232,8 @@ def _smollm2(*, name: str, description: str, num_layers: int | None) -> Preset:
             },
             max_events=10,
             max_caption_tokens=24,
+            query_first=True,
+            frame_relevance=True,
         ),
         tokenizer_vocab_size=0,  # SmolLM2's own tokenizer (`train.loop.train_tokenizer`)
         train={**small_cpu().train, "lr": 3e-4},  # a pretrained decoder: a gentler step

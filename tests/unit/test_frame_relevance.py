@@ -159,6 +159,47 @@ def test_inference_reads_windows_off_the_frames(tok):
             : len(p.events)]
         assert p.events and all(e.start in (0, 2, 4, 6) and e.end in (2, 4, 6, 8) for e in p.events)
     assert vhd.saliency == pytest.approx(clip_saliency(vhd.frame_relevance, TS, 8.0, 2.0))
-    for e in dvc.events:  # captioned events are placed on the segment grid by their caption
-        if e.caption:
-            assert e.start in (0, 2, 4, 6) and e.end in (2, 4, 6, 8)
+
+
+@pytest.mark.parametrize("bias, expected", [(10.0, (0.0, 8.0)), (-10.0, (1.0, 2.5))])
+def test_dvc_events_are_placed_where_their_caption_is_relevant(tok, bias, expected):
+    """A head that finds every frame relevant (bias +10) moves a captioned event to the run of
+    all frames, [0, 8]; one that finds none (-10) leaves the generated times."""
+    cfg = relevance_config(tok)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg).eval()
+    with torch.no_grad():
+        for p in model.frame_head.parameters():
+            p.zero_()
+        model.frame_head.norm.weight.fill_(1.0)
+        model.frame_head.proj.bias.fill_(bias)
+    gm = GroundingModel(model, tok)
+    frames = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    request = PredictRequest(frames, np.array(TS), Task.DVC, "", duration=8.0)
+    prediction = gm.predict_batch([request])[0]
+    prediction.events = [Event(1.0, 2.5, 0.5, "the red circle grows"), Event(3.0, 4.0, 0.5, "")]
+    gm.locate_captions([request], [prediction], [model.preprocess_frames(frames)], [8.0])
+    captioned = next(e for e in prediction.events if e.caption)
+    assert (captioned.start, captioned.end) == expected
+    uncaptioned = next(e for e in prediction.events if not e.caption)
+    assert (uncaptioned.start, uncaptioned.end) == (3.0, 4.0)
+
+
+def test_training_rows_get_relevance_labels_per_task():
+    """MR: 1 inside the queried window; DVC: 1 inside any event; VHD: the clip's saliency / 4,
+    no target without saliency."""
+    import json
+
+    from timeexpert.train.loop import relevance_labels
+
+    events = json.dumps([{"start": 2.5, "end": 6.0}])
+    mr = relevance_labels({"task": "mr", "events": events}, TS)
+    np.testing.assert_array_equal(mr, [0, 1, 1, 0])
+    vhd = relevance_labels({"task": "vhd", "events": events, "clip_len": 4.0,
+                            "saliency": json.dumps([4.0, 2.0])}, TS)
+    np.testing.assert_allclose(vhd, [1.0, 1.0, 0.5, 0.5])
+    two = json.dumps([{"start": 0.0, "end": 2.0}, {"start": 6.5, "end": 8.0}])
+    dvc = relevance_labels({"task": "dvc", "events": two}, TS)
+    np.testing.assert_array_equal(dvc, [1, 0, 0, 1])
+    bare = relevance_labels({"task": "vhd", "events": events}, TS)
+    np.testing.assert_array_equal(bare, [-1, -1, -1, -1])

@@ -30,15 +30,31 @@ IGNORE_FRAME = -1.0  # frame label of frames without a target (padding, tasks wi
 
 
 class FrameRelevanceHead(nn.Module):
-    """(B, T, D) pooled frame hidden states -> (B, T) relevance logits."""
+    """(B, T, D) pooled frame hidden states and the (B, D) pooled query state -> (B, T) logits.
 
-    def __init__(self, dim: int) -> None:
+    logit_t = w . f_t + b + (W_q q) . (W_f f_t) / sqrt(r): a linear read of the frame state (the
+    decoder has already mixed the query in through attention) plus a low-rank query-frame
+    similarity, the direct multiplicative path of GroundVTS's query-guided token scoring (low-rank
+    projections of query and visual tokens) and of D2VLM's evidence-frame similarity.
+    """
+
+    def __init__(self, dim: int, rank: int = 64) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, 1)
+        self.query_proj = nn.Linear(dim, rank, bias=False)
+        self.frame_proj = nn.Linear(dim, rank, bias=False)
 
-    def forward(self, frames_BTD: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(frames_BTD)).squeeze(-1)
+    def forward(self, frames_BTD: torch.Tensor, query_BD: torch.Tensor) -> torch.Tensor:
+        f_BTD, q_BD = self.norm(frames_BTD), self.norm(query_BD)
+        sim_BT = torch.einsum("btr,br->bt", self.frame_proj(f_BTD), self.query_proj(q_BD))
+        return self.proj(f_BTD).squeeze(-1) + sim_BT / self.query_proj.out_features ** 0.5
+
+
+def pool_query(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tensor) -> torch.Tensor:
+    """(B, D) mean of each row's QUERY hidden states (the instruction and query)."""
+    w_BN = ((types_BN == TokenType.QUERY) & valid_BN).to(h_BND.dtype)
+    return (w_BN[..., None] * h_BND).sum(1) / w_BN.sum(1, keepdim=True).clamp(min=1.0)
 
 
 def pool_frames(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tensor,

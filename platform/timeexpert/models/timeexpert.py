@@ -55,6 +55,7 @@ from timeexpert.models.frame_relevance import (
     FrameRelevanceHead,
     IGNORE_FRAME,
     pool_frames,
+    pool_query,
     relevance_loss,
 )
 from timeexpert.models.token_sampling import TokenSamplingConfig, VisualTokenSampler
@@ -657,7 +658,9 @@ class TimeExpertForGrounding(PreTrainedModel):
         if self.frame_head is not None and bool((token_types == TokenType.VISUAL).any()):
             frames_BTD, frame_mask_BT = pool_frames(h_BND, token_types, valid_BN,
                                                     cfg.tokens_per_frame)
-            out.frame_logits, out.frame_mask = self.frame_head(frames_BTD), frame_mask_BT
+            query_BD = pool_query(h_BND, token_types, valid_BN)
+            out.frame_logits = self.frame_head(frames_BTD, query_BD)
+            out.frame_mask = frame_mask_BT
             if frame_labels is not None:
                 labels_BT = frame_labels.to(h_BND.device)
                 if labels_BT.shape[1] < frame_mask_BT.shape[1]:

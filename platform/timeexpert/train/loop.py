@@ -170,12 +170,13 @@ def answer_events(row: dict[str, Any], max_events: int) -> list[Event]:
 
 def relevance_labels(row: dict[str, Any], times: list[float]) -> np.ndarray:
     """Per-frame targets of the frame-relevance BCE for a pipeline row: MR, 1 inside the queried
-    windows; VHD, the saliency (0-4) of the clip each frame falls in, over 4; DVC (no query),
-    IGNORE_FRAME everywhere."""
+    windows; DVC ("describe every event"), 1 inside any event; VHD, the saliency (0-4) of the
+    clip each frame falls in, over 4 (a near miss scores part: attribute-level supervision);
+    IGNORE_FRAME where a row has no target."""
     from timeexpert.models.frame_relevance import IGNORE_FRAME, frame_labels
 
     task = str(row["task"])
-    if task == Task.MR.value:
+    if task in (Task.MR.value, Task.DVC.value):
         windows = [(e["start"], e["end"]) for e in json.loads(str(row["events"]))]
         return frame_labels(windows, times)
     if task == Task.VHD.value and "saliency" in row:
