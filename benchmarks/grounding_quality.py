@@ -59,6 +59,7 @@ def _extra(parser) -> None:
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--max-records", type=int, default=80, help="per task, evaluated")
     parser.add_argument("--checkpoints", default="", help="NAME=URI,...: evaluate, no training")
+    parser.add_argument("--save", default="", help="folder to save each trained variant in")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model-set", action="append", default=[], metavar="KEY=JSON",
@@ -66,6 +67,14 @@ def _extra(parser) -> None:
     parser.add_argument("--curriculum", default="",
                         help="easier data roots trained first, each for --curriculum-steps")
     parser.add_argument("--curriculum-steps", type=int, default=0)
+
+
+def saved_frames(text: str):
+    """The frame count and size a saved checkpoint's config asks for."""
+    from types import SimpleNamespace
+
+    saved = json.loads(text)
+    return SimpleNamespace(num_frames=saved["num_frames"], image_size=saved["image_size"])
 
 
 def model_set(items: list[str]) -> dict:
@@ -219,15 +228,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS] if not args.checkpoints else []
     if unknown and not args.checkpoints:
         raise SystemExit(f"unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
     from timeexpert.presets import get_preset
 
-    probe = get_preset(VARIANTS[variants[0]][0]).model if variants else None
+    if args.checkpoints:
+        from timeexpert import storage
+
+        first = args.checkpoints.split(",")[0].split("=", 1)[1]
+        probe = saved_frames(storage.read_text(storage.join_uri(first, "config.json")))
+    else:
+        probe = get_preset(VARIANTS[variants[0]][0]).model
     for key, value in model_set(args.model_set).items():
         setattr(probe, key, value)
-    num_frames, size = (probe.num_frames, probe.image_size) if probe else (16, 64)
+    num_frames, size = probe.num_frames, probe.image_size
     t0 = time.perf_counter()
     train = load_split(args.data_root, "train", tasks)
     held_out = load_split(args.data_root, args.split, tasks, args.max_records)
@@ -242,8 +257,19 @@ def main() -> None:
     trivial = best_trivial(train, held_out)
     result: dict = {"data_root": args.data_root, "split": args.split, "steps": args.steps,
                     "tasks": tasks, "best_trivial": trivial, "variants": {}}
-    for name in variants:
-        model, tokenizer, seconds = train_variant(name, args, phases, args.seed)
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoints.split(",") if item)
+    for name in checkpoints or variants:
+        if checkpoints:
+            from timeexpert.inference import GroundingModel
+
+            gm, seconds = GroundingModel.load(checkpoints[name]), 0.0
+            model, tokenizer = gm.model, gm.tokenizer
+        else:
+            model, tokenizer, seconds = train_variant(name, args, phases, args.seed)
+            if args.save:
+                from timeexpert.inference import GroundingModel
+
+                GroundingModel(model, tokenizer).save(os.path.join(args.save, name))
         metrics, _ = evaluate(model, tokenizer, held_out, frames)
         row = {"train_seconds": round(seconds, 1), "distinct_windows": metrics["distinct_windows"]}
         for task in tasks:

@@ -254,18 +254,19 @@ class GroundingModel:
         placed where its caption, asked as an MR query, is relevant (`locate_captions`)."""
         from timeexpert.models.frame_relevance import clip_saliency, windows_from_relevance
 
-        threshold = self.model.config.frame_threshold
+        cfg = self.model.config
+        threshold = cfg.frame_threshold
         dvc = []
         for b, (r, p) in enumerate(zip(requests, predictions)):
             p.frame_relevance = relevance[b]
             task = Task.parse(r.task)
-            if task in (Task.MR, Task.VHD):
+            if task in (Task.MR, Task.VHD) and cfg.windows_from_frames:
                 p.events = windows_from_relevance(relevance[b], r.timestamps_T, durations[b],
                                                   threshold)[: len(p.events) or 1]
                 if task == Task.VHD:
                     p.saliency = clip_saliency(relevance[b], r.timestamps_T, durations[b],
                                                r.clip_len)
-            elif any(e.caption for e in p.events):
+            elif task == Task.DVC and cfg.locate_captions and any(e.caption for e in p.events):
                 dvc.append(b)
         if dvc:
             self.locate_captions([requests[b] for b in dvc], [predictions[b] for b in dvc],
@@ -278,7 +279,7 @@ class GroundingModel:
         to, keep their generated times."""
         import torch
 
-        from timeexpert.models.frame_relevance import windows_from_relevance
+        from timeexpert.models.frame_relevance import RELEVANT, windows_from_relevance
         from timeexpert.models.tokenizer import collate
 
         cfg = self.model.config
@@ -299,7 +300,7 @@ class GroundingModel:
                              pixel_values=torch.cat(frames).to(dev), return_logits=False)
         prob_BT = torch.sigmoid(out.frame_logits.float())
         for (e, timestamps_T, duration), p_T, m_T in zip(where, prob_BT, out.frame_mask):
-            if float(p_T[m_T].max()) < cfg.frame_threshold:
+            if float(p_T[m_T].max()) < RELEVANT:
                 continue  # no frame is relevant to the caption: its generated times stand
             best = windows_from_relevance(p_T[m_T].tolist(), timestamps_T, duration,
                                           cfg.frame_threshold)[0]

@@ -7,8 +7,8 @@ states gives one logit per frame, trained with a per-frame BCE against "the fram
 lies inside a ground-truth window" (D2VLM's L_gnd, sec. 4, taken on the decoder's frame tokens
 instead of an evidence token's similarity). At inference the windows are read off the relevant
 frames, as D2VLM reads its answer's timestamps off the salient frames: each run of consecutive
-frames at or above the threshold is one window, from its first frame's segment start to its
-last frame's segment end.
+frames at or above a share of the most relevant frame's probability is one window, from its
+first frame's segment start to its last frame's segment end.
 
 Shape letters: B batch, N tokens, M frames of the whole batch, S tokens per frame, T frames of a
 row, D model width, C saliency clips.
@@ -27,6 +27,7 @@ from torch import nn
 from timeexpert.events import Event, TokenType
 
 IGNORE_FRAME = -1.0  # frame label of frames without a target (padding, tasks without one)
+RELEVANT = 0.5  # a frame the model finds more likely relevant than not
 
 
 class FrameRelevanceHead(nn.Module):
@@ -107,14 +108,13 @@ def frame_labels(windows: Sequence[tuple[float, float]], timestamps_T: Sequence[
 
 
 def windows_from_relevance(prob_T: Sequence[float], timestamps_T: Sequence[float], duration: float,
-                           threshold: float) -> list[Event]:
-    """Runs of consecutive frames with probability >= `threshold` -> windows scored by their mean
-    probability, best first. With no frame at the threshold, the best frame's segment alone."""
+                           threshold_ratio: float) -> list[Event]:
+    """Runs of consecutive salient frames -> windows scored by their mean probability, best
+    first. A frame is salient at `threshold_ratio` x the most relevant frame's probability or
+    above (D2VLM sec. 4: 60% of the maximum), so an unsure model still answers around its peak."""
     p_T = np.asarray(prob_T, dtype=np.float64).reshape(-1)
     edges = segment_edges(timestamps_T, duration)
-    on_T = p_T >= threshold
-    if not on_T.any():
-        on_T = p_T == p_T.max()
+    on_T = p_T >= threshold_ratio * p_T.max()
     change = np.flatnonzero(np.diff(np.r_[0, on_T.astype(np.int8), 0]))
     starts, ends = change[0::2], change[1::2]  # runs [a, b) of relevant frames
     events = [

@@ -142,7 +142,11 @@ class TimeExpertConfig(PretrainedConfig):
     # MR / VHD windows are then read off the relevant frames
     query_first: bool = False  # prompt layout: [instruction + query] [frames] instead of the reverse
     frame_relevance: bool = False  # the per-frame relevance head and its BCE (needs query_first)
-    frame_threshold: float = 0.5  # a frame is relevant at this probability or above
+    frame_threshold: float = 0.6  # salient: this share of the most relevant frame's probability
+    # or above (D2VLM's 60%)
+    windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)
+    locate_captions: bool = False  # DVC events moved to where their caption, asked as an MR
+    # query, is relevant (a frame at 0.5 or above); off: the generated times
     loss_weight_frames: float = 1.0  # weight of the per-frame BCE in the loss
     # text ids of the answer grammar, taken from the tokenizer (`with_tokenizer`)
     switch_token_id: int | None = None  # SWITCH: the next tokens are an event's numbers
