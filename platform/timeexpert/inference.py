@@ -218,16 +218,16 @@ class GroundingModel:
                     max_events=caps,
                     return_extras=True,
                 )
+                generated, extras = generated
+                predictions = [
+                    self._prediction(ids, kinds, tasks[b], durations[b], requests[b].clip_len)
+                    for b, (ids, kinds) in enumerate(generated)
+                ]
+                if extras["frame_relevance"] is not None:
+                    self._read_relevance(requests, predictions, extras["frame_relevance"],
+                                         durations, pixels, caps)
         finally:
             self.model.train(was_training)
-        generated, extras = generated
-        predictions = [
-            self._prediction(ids, kinds, tasks[b], durations[b], requests[b].clip_len)
-            for b, (ids, kinds) in enumerate(generated)
-        ]
-        if extras["frame_relevance"] is not None:
-            self._read_relevance(requests, predictions, extras["frame_relevance"], durations,
-                                 pixels)
         if extras["token_density"] is not None:  # per request, its frames' share of the density
             density = extras["token_density"].tolist()
             bounds = np.cumsum([0] + [p.shape[0] for p in pixels])
@@ -248,7 +248,7 @@ class GroundingModel:
                     ]
         return predictions
 
-    def _read_relevance(self, requests, predictions, relevance, durations, pixels) -> None:
+    def _read_relevance(self, requests, predictions, relevance, durations, pixels, caps) -> None:
         """Frame relevance (config `frame_relevance`): MR / VHD windows read off the relevant
         frames (and VHD's clip saliency from their probabilities); each generated DVC event
         placed where its caption, asked as an MR query, is relevant (`locate_captions`)."""
@@ -262,7 +262,7 @@ class GroundingModel:
             task = Task.parse(r.task)
             if task in (Task.MR, Task.VHD) and cfg.windows_from_frames:
                 p.events = windows_from_relevance(relevance[b], r.timestamps_T, durations[b],
-                                                  threshold)[: len(p.events) or 1]
+                                                  threshold)[: caps[b]]
                 if task == Task.VHD:
                     p.saliency = clip_saliency(relevance[b], r.timestamps_T, durations[b],
                                                r.clip_len)
@@ -283,21 +283,30 @@ class GroundingModel:
         from timeexpert.models.tokenizer import collate
 
         cfg = self.model.config
-        prompts, frames, where = [], [], []
-        for r, p, px, duration in zip(requests, predictions, pixels, durations):
-            for e in p.events:
-                if e.caption:
-                    prompts.append(self.tokenizer.encode_prompt(
-                        Task.MR, e.caption, np.asarray(r.timestamps_T).tolist(),
-                        tokens_per_frame=cfg.tokens_per_frame, query_first=True))
-                    frames.append(px)
-                    where.append((e, r.timestamps_T, duration))
-        batch = collate(prompts, padding_side="right")
         dev = self.device
+        prompts, visual, where = [], [], []
         with torch.inference_mode():
+            for r, p, px, duration in zip(requests, predictions, pixels, durations):
+                visual_MSD = self.model.encode_frames(px.to(dev))  # once per video
+                for e in p.events:
+                    if not e.caption:
+                        continue
+                    try:
+                        prompt = self.tokenizer.encode_prompt(
+                            Task.MR, e.caption, np.asarray(r.timestamps_T).tolist(),
+                            tokens_per_frame=cfg.tokens_per_frame, query_first=True,
+                            max_length=cfg.max_position_embeddings)
+                    except ValueError:  # a caption too long to ask: its generated times stand
+                        continue
+                    prompts.append(prompt)
+                    visual.append(visual_MSD)
+                    where.append((e, r.timestamps_T, duration))
+            if not prompts:
+                return
+            batch = collate(prompts, padding_side="right")
             out = self.model(batch["input_ids"].to(dev), batch["token_types"].to(dev),
                              attention_mask=batch["attention_mask"].to(dev),
-                             pixel_values=torch.cat(frames).to(dev), return_logits=False)
+                             visual_embeds=torch.cat(visual), return_logits=False)
         prob_BT = torch.sigmoid(out.frame_logits.float())
         for (e, timestamps_T, duration), p_T, m_T in zip(where, prob_BT, out.frame_mask):
             if float(p_T[m_T].max()) < RELEVANT:

@@ -204,3 +204,41 @@ def test_training_rows_get_relevance_labels_per_task():
     np.testing.assert_array_equal(dvc, [1, 0, 0, 1])
     bare = relevance_labels({"task": "vhd", "events": events}, TS)
     np.testing.assert_array_equal(bare, [-1, -1, -1, -1])
+
+
+def test_frame_logits_of_a_padded_batch_equal_each_row_alone(tok):
+    """Rows of 4 and 2 frames, left-padded as in generation: each row's frame logits equal those
+    of the row run alone."""
+    cfg = relevance_config(tok)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg).eval()
+    frames = np.random.default_rng(4).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    pixels = model.preprocess_frames(frames)
+    prompts = [tok.encode_prompt(Task.MR, "the red circle grows", TS,
+                                 tokens_per_frame=cfg.tokens_per_frame, query_first=True),
+               tok.encode_prompt(Task.MR, "the blue square blinks", TS[:2],
+                                 tokens_per_frame=cfg.tokens_per_frame, query_first=True)]
+    batch = collate(prompts, padding_side="left")
+    out = model(**batch, pixel_values=pixels)
+    assert out.frame_mask.tolist() == [[True] * 4, [True, True, False, False]]
+    for b, (prompt, px) in enumerate(zip(prompts, (pixels[:4], pixels[4:]))):
+        alone = model(**collate([prompt]), pixel_values=px)
+        n = int(out.frame_mask[b].sum())
+        torch.testing.assert_close(out.frame_logits[b, :n], alone.frame_logits[0], atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_frame_labels_need_the_head_and_old_configs_still_match(tok):
+    cfg = get_preset("tiny_cpu").model.with_tokenizer(tok)
+    model = TimeExpertForGrounding(cfg)
+    batch = _prompts(tok, cfg, ["the red circle grows"], query_first=False)
+    frames = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="no frame relevance head"):
+        model(**batch, pixel_values=model.preprocess_frames(frames),
+              frame_labels=torch.zeros(1, 4))
+    # a config.json written before these fields existed reads as their defaults
+    saved = cfg.to_dict()
+    for key in ("query_first", "frame_relevance"):
+        saved.pop(key)
+    assert cfg.architecture_diff(saved) == {}
+    assert relevance_config(tok).architecture_diff(saved).keys() == {"query_first", "frame_relevance"}

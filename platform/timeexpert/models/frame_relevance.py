@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timeexpert.events import Event, TokenType
+from timeexpert.models.evidence import frame_features
 
 IGNORE_FRAME = -1.0  # frame label of frames without a target (padding, tasks without one)
 RELEVANT = 0.5  # a frame the model finds more likely relevant than not
@@ -62,14 +63,9 @@ def pool_frames(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Ten
                 tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each frame's S visual hidden states averaged -> (B, T, D), and the (B, T) mask of real
     frames. Rows hold their frames in order, S visual tokens each (the prompt layout)."""
-    S = tokens_per_frame
     is_visual_BN = (types_BN == TokenType.VISUAL) & valid_BN
-    frames_B = is_visual_BN.sum(1) // S
-    T = max(int(frames_B.max()), 1) if frames_B.numel() else 1
-    frame_MD = h_BND[is_visual_BN].view(-1, S, h_BND.shape[-1]).mean(1)
-    mask_BT = torch.arange(T, device=h_BND.device)[None] < frames_B[:, None]
-    out_BTD = h_BND.new_zeros(h_BND.shape[0], T, h_BND.shape[-1])
-    return out_BTD.masked_scatter(mask_BT[..., None], frame_MD), mask_BT
+    visual_MSD = h_BND[is_visual_BN].view(-1, tokens_per_frame, h_BND.shape[-1])
+    return frame_features(visual_MSD, types_BN, valid_BN, tokens_per_frame)
 
 
 def relevance_loss(logits_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

@@ -254,6 +254,8 @@ class TimeExpertConfig(PretrainedConfig):
         """Fields of ARCHITECTURE_FIELDS where `other` differs: {name: (self, other)}."""
         theirs = other if isinstance(other, dict) else other.to_dict()
         mine = self.to_dict()
+        # a field an older config.json lacks has the class default (e.g. query_first)
+        theirs = {k: theirs.get(k, getattr(TimeExpertConfig, k, None)) for k in ARCHITECTURE_FIELDS}
         return {
             k: (mine.get(k), theirs.get(k))
             for k in ARCHITECTURE_FIELDS
@@ -659,11 +661,15 @@ class TimeExpertForGrounding(PreTrainedModel):
             if target_ET is not None:
                 out.loss_grounding = grounding_loss(prob_ET, target_ET, mask_ET)
                 out.loss_consistency = consistency_loss(prob_ET, sites, mask_ET)
+        if frame_labels is not None and self.frame_head is None:
+            raise ValueError("frame_labels given, but the model has no frame relevance head "
+                             "(config frame_relevance=False)")
         if self.frame_head is not None and bool((token_types == TokenType.VISUAL).any()):
-            frames_BTD, frame_mask_BT = pool_frames(h_BND, token_types, valid_BN,
+            # the decoder's frame states (after the query), not the vision features above
+            states_BTD, frame_mask_BT = pool_frames(h_BND, token_types, valid_BN,
                                                     cfg.tokens_per_frame)
             query_BD = pool_query(h_BND, token_types, valid_BN)
-            out.frame_logits = self.frame_head(frames_BTD, query_BD)
+            out.frame_logits = self.frame_head(states_BTD, query_BD)
             out.frame_mask = frame_mask_BT
             if frame_labels is not None:
                 labels_BT = frame_labels.to(h_BND.device)

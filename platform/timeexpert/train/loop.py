@@ -371,6 +371,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            ("loss_score", out.loss_score), ("loss_text", out.loss_text),
                            ("aux_loss", out.aux_loss), ("z_loss", out.z_loss)):
             window[key] = window.get(key, 0.0) + float(value.detach())
+        if mconfig.frame_relevance:  # every rank has the key (all-reduced by name)
+            value = out.loss_frames
+            window["loss_frames"] = window.get("loss_frames", 0.0) + (
+                0.0 if value is None else float(value.detach()))
         if mconfig.evidence is not None:  # D2VLM; every rank has the key (all-reduced by name)
             for key in ("loss_grounding", "loss_consistency"):
                 value = getattr(out, key)
@@ -488,7 +492,9 @@ def _progress_line(cfg: TrainConfig, m: dict[str, float]) -> str:
     return (
         f"[stage {cfg.stage}] step {int(m['step'])}/{cfg.num_steps} loss {m['loss']:.4f} "
         f"(time {m['loss_time']:.3f} score {m['loss_score']:.3f} text {m['loss_text']:.3f} "
-        f"aux {m['aux_loss']:.4f} z {m['z_loss']:.4f}) {m['tokens_per_s']:.0f} tok/s "
+        f"aux {m['aux_loss']:.4f} z {m['z_loss']:.4f}"
+        + (f" frames {m['loss_frames']:.3f}" if "loss_frames" in m else "")
+        + f") {m['tokens_per_s']:.0f} tok/s "
         f"experts {m['experts/num_active']:.1f} active, {m['experts/mean_active']:.2f}/token"
     )
 
