@@ -69,14 +69,6 @@ def _extra(parser) -> None:
     parser.add_argument("--curriculum-steps", type=int, default=0)
 
 
-def saved_frames(text: str):
-    """The frame count and size a saved checkpoint's config asks for."""
-    from types import SimpleNamespace
-
-    saved = json.loads(text)
-    return SimpleNamespace(num_frames=saved["num_frames"], image_size=saved["image_size"])
-
-
 def model_set(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -227,20 +219,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS] if not args.checkpoints else []
-    if unknown and not args.checkpoints:
-        raise SystemExit(f"unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
+    from timeexpert.inference import GroundingModel
     from timeexpert.presets import get_preset
 
-    if args.checkpoints:
-        from timeexpert import storage
-
-        first = args.checkpoints.split(",")[0].split("=", 1)[1]
-        probe = saved_frames(storage.read_text(storage.join_uri(first, "config.json")))
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoints.split(",") if item)
+    loaded = {name: GroundingModel.load(uri) for name, uri in checkpoints.items()}
+    if loaded:  # the frames the saved models were trained on
+        probe = next(iter(loaded.values())).model.config
     else:
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
         probe = get_preset(VARIANTS[variants[0]][0]).model
-    for key, value in model_set(args.model_set).items():
-        setattr(probe, key, value)
+        for key, value in model_set(args.model_set).items():
+            setattr(probe, key, value)
     num_frames, size = probe.num_frames, probe.image_size
     t0 = time.perf_counter()
     train = load_split(args.data_root, "train", tasks)
@@ -256,18 +248,12 @@ def main() -> None:
     trivial = best_trivial(train, held_out)
     result: dict = {"data_root": args.data_root, "split": args.split, "steps": args.steps,
                     "tasks": tasks, "best_trivial": trivial, "variants": {}}
-    checkpoints = dict(item.split("=", 1) for item in args.checkpoints.split(",") if item)
-    for name in checkpoints or variants:
-        if checkpoints:
-            from timeexpert.inference import GroundingModel
-
-            gm, seconds = GroundingModel.load(checkpoints[name]), 0.0
-            model, tokenizer = gm.model, gm.tokenizer
+    for name in loaded or variants:
+        if loaded:
+            model, tokenizer, seconds = loaded[name].model, loaded[name].tokenizer, 0.0
         else:
             model, tokenizer, seconds = train_variant(name, args, phases, args.seed)
             if args.save:
-                from timeexpert.inference import GroundingModel
-
                 GroundingModel(model, tokenizer).save(os.path.join(args.save, name))
         metrics, _ = evaluate(model, tokenizer, held_out, frames)
         row = {"train_seconds": round(seconds, 1), "distinct_windows": metrics["distinct_windows"]}
