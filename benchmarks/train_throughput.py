@@ -10,6 +10,17 @@ both workers / median step time. Same active size: the dense FFN has width F, ev
 top-k uses k = 2 (2 x F/2 = F active); dynamic gating activates what it learns (printed).
 The `--json` last line: tokens_per_s {"<gating>_ep<P>": ...}, ep2_vs_ep1 (per gating, and the
 `min` over gatings), mean_active_experts (per gating).
+
+Then the cost of Ray Train itself (`--ray-steps`, 0 skips it): `ray_train_vs_plain_loop` =
+samples/s of a stage-3 `fit` of `--ray-preset` (small_cpu) under Ray Train, 2 workers x batch 4 /
+samples/s of a plain single-process loop of the same model, `stage_loss`, `Optimizers` (AdamW) and
+token-adaptive updates, batch 8, 2 torch threads, one after the other in this run on the same mp4s
+(the `tiny` synthetic benchmark rendered into a temp dir, or `--data-root`). Each side's time is
+its own data loading (decoding every training video once: Ray Data's materialize before the
+workers start / decord in the process) plus its training loop (rank 0's loop for Ray Train:
+batches from the object store, steps, reports, the final checkpoint); process start-up and model
+construction are left out of both (`ray_train_wall_s` is the whole `fit`, start-up included).
+`samples_per_s` gives both sides, `ray_train_breakdown` rank 0's seconds per step by phase.
 """
 
 from __future__ import annotations
@@ -125,12 +136,131 @@ def measure(gating: str, ep: int, *, preset: str, steps: int, batch_size: int, w
     return q.get(timeout=10)
 
 
+def _train_config(data_root: str, preset: str, steps: int, storage_root: str):
+    """A stage-3 run of `preset` with its training settings, 2 workers x batch 4 (8 per step)."""
+    from timeexpert.presets import get_preset
+    from timeexpert.train.config import TrainConfig
+
+    fields = dict(get_preset(preset).train)
+    fields.update(data_root=data_root, preset=preset, storage_root=storage_root, name="bench",
+                  stage=3, num_steps=steps, batch_size=4, num_workers=2, eval_max_records=0,
+                  checkpoint_every=steps)
+    return TrainConfig(**fields)
+
+
+def _plain_loop(cfg_dict: dict, out_q) -> None:
+    """The same stage in one process, no Ray: decode the training videos once (the pipeline's
+    own decode function), then steps of 8 samples, epoch after epoch in a seeded order."""
+    import numpy as np
+    import torch
+
+    from timeexpert import storage
+    from timeexpert.data import formats
+    from timeexpert.data.pipeline import _row, decode_batch
+    from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
+    from timeexpert.train import parallel
+    from timeexpert.train.config import TrainConfig
+    from timeexpert.train.loop import (data_config, model_config, set_trainable, stage_loss,
+                                       tokenize_batch, train_tokenizer)
+
+    torch.set_num_threads(2)
+    cfg = TrainConfig.from_dict(cfg_dict)
+    batch_size = cfg.batch_size * cfg.num_workers
+    records = formats.read_manifest(storage.join_uri(cfg.data_root, "manifests", "train.jsonl"))
+    tokenizer = train_tokenizer(cfg, records)
+    mconfig = model_config(cfg, tokenizer)
+    torch.manual_seed(cfg.seed)
+    groups = parallel.init_groups(1)
+    model = parallel.build_sharded_model(TimeExpertForGrounding, mconfig, groups,
+                                         create_model(mconfig).state_dict())
+    model.train()
+    set_trainable(model, cfg.stage, cfg.recipe)
+    optim = parallel.Optimizers(model, groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                grad_clip=cfg.grad_clip, zero_stage=0, batch_size=batch_size)
+
+    t0 = time.perf_counter()
+    rows = [_row(r, storage.resolve_under_root(r.video, cfg.data_root)) for r in records]
+    columns = {k: np.array([row[k] for row in rows]) for k in rows[0]}
+    data = decode_batch(columns, video=data_config(cfg, mconfig, train=True).video,
+                        storage_options={})
+    decode_s = time.perf_counter() - t0
+    rng = np.random.default_rng(cfg.seed)
+    order: list[int] = []
+    t0 = time.perf_counter()
+    for step in range(1, cfg.num_steps + 1):
+        while len(order) < batch_size:  # a new epoch: a fresh permutation, partial batch dropped
+            order = list(rng.permutation(len(data["id"])))
+        take, order = order[:batch_size], order[batch_size:]
+        inputs = tokenize_batch({k: v[take] for k, v in data.items()}, tokenizer, mconfig, model)
+        optim.set_lr(cfg.learning_rate(step))
+        out = model(**inputs, return_logits=False)
+        optim.backward(stage_loss(out, cfg.stage, mconfig, cfg.recipe))
+        optim.step()
+        if cfg.expert_update_every and step % cfg.expert_update_every == 0:
+            parallel.update_experts(model, groups, optim.local)
+    loop_s = time.perf_counter() - t0
+    out_q.put({"samples": cfg.num_steps * batch_size, "decode_s": decode_s, "loop_s": loop_s})
+
+
+def ray_train_vs_plain_loop(*, preset: str, steps: int, data_root: str = "") -> dict:
+    """The plain loop (a spawned process), then the same stage under Ray Train (a local Ray of 4
+    logical CPUs, as `jobs/` start it); both on `data_root`, else the tiny synthetic benchmark."""
+    import multiprocessing as mp
+
+    import ray
+
+    from timeexpert import storage
+    from timeexpert.data import formats, synth
+    from timeexpert.train.loop import PHASES, fit, prepare_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="te-bench-") as d:
+        if not data_root:
+            data_root = os.path.join(d, "data")
+            synth.generate("tiny", data_root, seed=0)
+        cfg = _train_config(data_root, preset, steps, os.path.join(d, "runs"))
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        proc = ctx.Process(target=_plain_loop, args=(cfg.to_dict(), q))
+        proc.start()
+        plain = q.get(timeout=3600)
+        proc.join()
+        print(f"plain loop: {plain['samples']} samples, decode {plain['decode_s']:.1f} s + "
+              f"loop {plain['loop_s']:.1f} s", flush=True)
+
+        ray.init(num_cpus=4, include_dashboard=False)
+        try:
+            records = formats.read_manifest(storage.join_uri(data_root, "manifests", "train.jsonl"))
+            tokenizer_uri = prepare_tokenizer(cfg, records)
+            t0 = time.perf_counter()
+            m = fit(cfg, tokenizer_uri=tokenizer_uri).metrics
+            wall = time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+    ray_s = m["data/decode_s"] + m["time_total/loop"]
+    print(f"Ray Train: {m['samples']:.0f} samples, decode {m['data/decode_s']:.1f} s + loop "
+          f"{m['time_total/loop']:.1f} s (fit {wall:.1f} s with start-up)", flush=True)
+    rates = {"ray_train": m["samples"] / ray_s,
+             "plain_loop": plain["samples"] / (plain["decode_s"] + plain["loop_s"])}
+    steps_done = max(m["time_total/steps"], 1.0)
+    return {
+        "ray_train_vs_plain_loop": round(rates["ray_train"] / rates["plain_loop"], 3),
+        "samples_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "ray_train_wall_s": round(wall, 1),
+        "ray_train_breakdown": {k: round(m[f"time_total/{k}"] / steps_done, 4) for k in PHASES},
+    }
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--preset", default="tiny_cpu"),
         p.add_argument("--steps", type=int, default=6),
         p.add_argument("--batch-size", type=int, default=4),
         p.add_argument("--width", type=int, default=256, help="dense FFN width F"),
+        p.add_argument("--ray-steps", type=int, default=50,
+                       help="steps of each side of ray_train_vs_plain_loop (0 = skip it)"),
+        p.add_argument("--ray-preset", default="small_cpu"),
+        p.add_argument("--data-root", default="",
+                       help="dataset for ray_train_vs_plain_loop (default: render tiny)"),
     ))
     tps, active, ratio = {}, {}, {}
     for gating in ("dense", "topk", "dynamic"):
@@ -145,8 +275,12 @@ def main() -> None:
         if gating != "dense":
             ratio[gating] = round(tps[f"{gating}_ep2"] / tps[f"{gating}_ep1"], 3)
     ratio["min"] = min(v for k, v in ratio.items())
-    emit({"tokens_per_s": tps, "ep2_vs_ep1": ratio, "mean_active_experts": active,
-          "preset": args.preset, "workers": 2}, as_json=args.json)
+    result = {"tokens_per_s": tps, "ep2_vs_ep1": ratio, "mean_active_experts": active,
+              "preset": args.preset, "workers": 2}
+    if args.ray_steps:
+        result.update(ray_train_vs_plain_loop(preset=args.ray_preset, steps=args.ray_steps,
+                                              data_root=args.data_root))
+    emit(result, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
     python jobs/train.py --stages "" --fpo-steps 20 --resume-from <checkpoint>   # FPO alone
     python jobs/train.py --data-root .cache/data/small --curriculum .cache/data/level0,.cache/data/level1 \
         --curriculum-steps 50     # stage 3 on level0, then level1, then small
+    python jobs/train.py --profile-steps 3 --tracking-uri http://...   # + torch profiler traces
     python jobs/train.py --list-presets
 """
 
@@ -33,6 +34,9 @@ def main(argv=None) -> int:
                         "synthetic ladder levels): stage 3 trains on each before --data-root")
     p.add_argument("--curriculum-steps", type=int, default=None,
                    help="stage-3 steps on each --curriculum root (extra to stage 3's own)")
+    p.add_argument("--profile-steps", type=int, default=None, metavar="N",
+                   help="torch profiler trace of N steps per stage on rank 0 (after one warm-up "
+                        "step), saved as MLflow artifacts under profile/")
     p.add_argument("--list-presets", action="store_true")
     p.add_argument("--summary-json", help="write the pipeline result as JSON here")
     args = p.parse_args(argv)
@@ -57,6 +61,8 @@ def main(argv=None) -> int:
         extra["curriculum"] = [r for r in args.curriculum.split(",") if r]
     if args.curriculum_steps is not None:
         extra["curriculum_steps"] = args.curriculum_steps
+    if args.profile_steps is not None:
+        extra["profile_steps"] = args.profile_steps
     cfg = _common.train_config(args, **extra)
     _common.prepare_data(args)
     _common.connect_ray(args.num_cpus)

@@ -111,6 +111,13 @@ class StepLogger:
             except Exception as err:  # tracking must never kill training
                 print(f"MLflow logging failed (training goes on): {err}", flush=True)
 
+    def log_artifact(self, path: str, artifact_path: str = "") -> None:
+        if self.enabled:
+            try:
+                log_artifact_file(self.tracking_uri, self.run_id, path, artifact_path)
+            except Exception as err:  # tracking must never kill training
+                print(f"MLflow artifact upload failed (training goes on): {err}", flush=True)
+
     def close(self) -> None:
         pass
 

@@ -5,6 +5,7 @@ task mixing apply. One Ray instance for the module."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -106,6 +107,21 @@ def test_each_bad_file_is_skipped_and_counted(ray_cluster, local_root, tmp_path)
     assert vds.skipped_ids() == {f"bad_{k}": k for k in (*synth.CORRUPTIONS, "missing")}
     metrics = vds.metrics()
     assert metrics["data/skipped/moov_less"] == 1.0 and metrics["data/skipped_total"] == 8.0
+
+
+def test_a_materialized_dataset_decodes_once(ray_cluster, local_root, tmp_path):
+    """After `materialize` every epoch reads the decoded frames: the videos may be gone."""
+    root = str(tmp_path / "once")
+    shutil.copytree(local_root, root)
+    vds = build_dataset(DataConfig(root=root, video=VIDEO), preserve_order=True)
+    assert vds.materialize() > 0
+    shutil.rmtree(f"{root}/videos")
+    epochs = [_collect(vds) for _ in range(2)]
+    assert set(epochs[0]) == set(epochs[1]) == {r.id for r in vds.records}
+    for rid, row in epochs[0].items():
+        assert row["frames"].shape == (4, 48, 64, 3)
+        np.testing.assert_array_equal(row["frames"], epochs[1][rid]["frames"])
+    assert vds.skip_summary() == {}
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,7 @@ def test_pipeline_logs_parent_nested_runs_metrics_and_plots(mlflow_server, ray_l
 
     from timeexpert.data import synth
     from timeexpert.train.config import TrainConfig
+    from timeexpert.train.loop import PHASES
     from timeexpert.train.stages import run_pipeline
 
     spec = synth.SynthSpec(name="mini", num_videos={"train": 4, "val": 2, "test": 1},
@@ -71,7 +72,7 @@ def test_pipeline_logs_parent_nested_runs_metrics_and_plots(mlflow_server, ray_l
     cfg = TrainConfig(data_root=data, storage_root=str(tmp_path / "runs"), name="pipe",
                       num_steps=2, batch_size=2, checkpoint_every=2, log_every=1,
                       expert_update_every=1, eval_max_records=1, tracking_uri=mlflow_server,
-                      experiment="pipeline-test", tags={"ablation": "full"})
+                      experiment="pipeline-test", tags={"ablation": "full"}, profile_steps=1)
     result = run_pipeline(cfg, stages=(1, 2, 3))
 
     assert sorted(result.stages) == [1, 2, 3]
@@ -90,8 +91,17 @@ def test_pipeline_logs_parent_nested_runs_metrics_and_plots(mlflow_server, ray_l
         history = c.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == [1, 2]
         for key in ("loss_time", "aux_loss", "z_loss", "tokens_per_s", "experts/num_active",
-                    "experts/mean_active/time", "eval/mr/R1_0.5", "eval/dvc/F1"):
+                    "experts/mean_active/time", "eval/mr/R1_0.5", "eval/dvc/F1", "data/decode_s"):
             assert key in run.data.metrics, key
+        # rank 0's step breakdown every log_every steps, and the stage's totals at its end
+        for phase in PHASES + ("step",):
+            assert [m.step for m in c.get_metric_history(run.info.run_id, f"time/{phase}")] == [1, 2]
+        totals = {k: v for k, v in run.data.metrics.items() if k.startswith("time_total/")}
+        assert totals["time_total/steps"] == 2 and totals["time_total/loop"] > 0
+        assert sum(totals[f"time_total/{p}"] for p in PHASES) == pytest.approx(totals["time_total/loop"])
+        profile = {a.path for a in c.list_artifacts(run.info.run_id, "profile")}  # profile_steps
+        name = f"stage{run.data.tags['stage']}_steps2-2_rank0"
+        assert profile == {f"profile/trace_{name}.json.gz", f"profile/ops_{name}.txt"}, profile
         arts = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
         stage = run.data.tags["stage"]
         assert {f"plots/loss_curves_stage{stage}.png", f"plots/expert_heatmap_stage{stage}.png",

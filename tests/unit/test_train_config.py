@@ -75,10 +75,62 @@ def test_frame_jitter_reaches_training_data_only():
     from timeexpert.train.loop import data_config
 
     model = SimpleNamespace(num_frames=8, image_size=32)
-    cfg = TrainConfig(frame_jitter=True)
-    assert data_config(cfg, model, train=True).video.jitter
-    assert not data_config(cfg, model).video.jitter  # evaluation: segment centres
-    assert not data_config(TrainConfig(), model, train=True).video.jitter
+    cfg = TrainConfig(frame_jitter=True, decode_once=False)
+    assert data_config(cfg, model, train=True).video.jitter  # streaming: jitter at decode
+    # decode once: the centres of jitter_grid sub-segments per segment, the loop draws from them
+    once = data_config(cfg.replace(decode_once=True, jitter_grid=4), model, train=True).video
+    assert once.num_frames == 32 and not once.jitter
+    for c in (cfg, cfg.replace(decode_once=True)):
+        video = data_config(c, model).video  # evaluation: the segment centres
+        assert not video.jitter and video.num_frames == 8
+    video = data_config(TrainConfig(), model, train=True).video
+    assert not video.jitter and video.num_frames == 8
+
+
+def test_segment_draw_takes_one_frame_of_each_segment_and_varies():
+    import numpy as np
+
+    from timeexpert.data.pipeline import draw_segment_frames
+
+    b, t, k = 3, 4, 5  # frames numbered by grid position, so a pick is readable
+    grid = np.broadcast_to(np.arange(t * k)[None, :, None, None, None], (b, t * k, 2, 2, 3))
+    batch = {"id": np.array(["a", "b", "c"]), "frames": grid.astype(np.uint8),
+             "timestamps": np.tile(np.arange(t * k, dtype=np.float32), (b, 1)),
+             "frame_mask": np.ones((b, t * k), bool)}
+    rng = np.random.default_rng(0)
+    draws = [draw_segment_frames(batch, t, rng) for _ in range(4)]
+    for d in draws:
+        assert d["frames"].shape == (b, t, 2, 2, 3) and d["frame_mask"].shape == (b, t)
+        picked = d["timestamps"].astype(int)
+        assert (picked // k == np.arange(t)).all()  # one frame inside each segment, in order
+        assert (d["frames"][:, :, 0, 0, 0] == picked).all()  # frames follow their timestamps
+        assert d["id"] is batch["id"]
+    assert len({d["timestamps"].tobytes() for d in draws}) > 1  # a new draw each time
+    with pytest.raises(ValueError, match="segments"):
+        draw_segment_frames(batch, 3, rng)
+
+
+def test_step_times_tile_the_loop_and_average_per_step(monkeypatch):
+    import itertools
+
+    from timeexpert.train import loop
+
+    clock = itertools.count()
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    timer = loop.StepTimes()  # t = 0
+    for _ in range(2):  # each step: data 1 s, forward 1 s, report 1 s
+        timer.lap("data"), timer.lap("forward"), timer.lap("report")
+        timer.step_done()
+    window = timer.window()
+    assert window["time/data"] == 1.0 and window["time/step"] == 3.0
+    assert window["time/backward"] == 0.0 and set(window) == {f"time/{p}" for p in loop.PHASES} | {"time/step"}
+    timer.skip()  # t = 6 -> 7 charged to nothing
+    timer.lap("checkpoint")  # 7 -> 8
+    assert timer.window()["time/checkpoint"] == 1.0  # no steps in the window: per report
+    total = timer.summary()
+    assert total["time_total/loop"] == 7.0 and total["time_total/steps"] == 2.0
+    line = loop._time_line(TrainConfig(stage=3), total)
+    assert line.startswith("[stage 3] 2 steps in 7.0 s, 3.500 s/step") and "data 1.000 (29%)" in line
 
 
 def test_a_reused_run_name_is_announced_as_a_resume(tmp_path):

@@ -5,7 +5,8 @@ The driver reads the (small) manifest, refuses any video outside the storage roo
 per-task mixing and hands the rows to Ray Data; the videos are fetched and decoded in
 `map_batches` tasks, streamed, so memory stays bounded whatever the number of videos. A bad
 video or annotation is skipped and counted by reason (`VideoDataset.skip_summary()`), never a
-crash.
+crash. Training decodes once per run: `VideoDataset.materialize()` keeps the decoded samples in
+Ray's object store, and `draw_segment_frames` draws each epoch's TSN frames from a denser grid.
 
 Output columns, one row per record (what `iter_batches` / `iter_torch_batches` yield, batched):
 
@@ -186,6 +187,25 @@ def decode_batch(
     return out
 
 
+def draw_segment_frames(batch: dict[str, np.ndarray], num_frames: int,
+                        rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """TSN segment sampling from a decoded grid: a batch decoded at `num_frames` x K uniform
+    frames (K candidates per segment, `VideoConfig(num_frames=num_frames * K)`) -> `num_frames`
+    frames, one drawn at random from each segment's K. How decode-once training keeps its frame
+    jitter: the grid is decoded once, the draw is new every epoch."""
+    grid = batch["frames"].shape[1]
+    if grid % num_frames:
+        raise ValueError(f"a grid of {grid} frames does not split into {num_frames} segments")
+    k = grid // num_frames
+    b = len(batch["frames"])
+    pick_BT = np.arange(num_frames) * k + rng.integers(0, k, size=(b, num_frames))
+    rows_B1 = np.arange(b)[:, None]
+    out = dict(batch)
+    for name in ("frames", "timestamps", "frame_mask"):
+        out[name] = batch[name][rows_B1, pick_BT]
+    return out
+
+
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """Numeric columns to tensors (copied: Ray hands out read-only arrays), text columns (id,
     task, query, events JSON ...) to lists of str."""
@@ -217,6 +237,16 @@ class VideoDataset:
     records: list[Record]  # the records fed to the pipeline (after checks and mixing)
     driver_skips: dict[str, int] = field(default_factory=dict)  # skipped before Ray (annotations)
     counter: Any = None  # SkipCounter actor handle
+
+    def materialize(self) -> float:
+        """Decode every video now, once, into Ray's object store (spilled to local disk when it
+        fills); later epochs read the decoded frames instead of decoding again. Returns the
+        seconds it took. Bounded by the store: a dataset much larger than it should stream."""
+        import time
+
+        t0 = time.perf_counter()
+        self.dataset = self.dataset.materialize()
+        return time.perf_counter() - t0
 
     def skip_summary(self) -> dict[str, int]:
         """Records skipped so far, by reason. Complete once the dataset has been consumed."""

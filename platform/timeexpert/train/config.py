@@ -63,6 +63,11 @@ class TrainConfig:
     shuffle_buffer: int = 16  # rows of the local shuffle buffer of each worker (0: off)
     frame_jitter: bool = False  # training frames at random points of their segments (TSN), a
     # new draw each epoch; evaluation always takes the segment centres
+    decode_once: bool = True  # decode every training video once, before the first step, into
+    # Ray's object store (spilled to local disk when full); False: stream, decoding every epoch on
+    # the cores that train (for a dataset far beyond the object store)
+    jitter_grid: int = 4  # decode_once + frame_jitter: frames decoded per segment; each epoch
+    # draws one of them per segment (`data.pipeline.draw_segment_frames`)
     fpo_steps: int = 0  # D2VLM FPO steps after the pipeline's last stage (0: off; driver process)
     fpo_beta: float = 0.1  # FPO / DPO inverse temperature beta
     curriculum: list[str] = field(default_factory=list)  # dataset roots easier than data_root,
@@ -85,6 +90,8 @@ class TrainConfig:
     experiment: str = "timeexpert"  # MLflow experiment name
     tags: dict[str, str] = field(default_factory=dict)  # MLflow tags (e.g. ablation=dense)
     mlflow_run_id: str = ""  # MLflow run the workers log step metrics to (set by the driver)
+    profile_steps: int = 0  # torch profiler trace of this many steps on rank 0 (after one
+    # warm-up step), saved as MLflow artifacts under profile/ (else under the run's folder)
     fail_at_step: int = 0  # tests only: rank 1 dies once after this step (0 = never)
 
     def __post_init__(self) -> None:
@@ -107,6 +114,9 @@ class TrainConfig:
             raise ValueError(
                 f"ep_size ({self.ep_size}) must divide num_workers ({self.num_workers})"
             )
+        if self.jitter_grid < 1 or self.profile_steps < 0:
+            raise ValueError(f"jitter_grid must be >= 1 and profile_steps >= 0, got "
+                             f"{self.jitter_grid} and {self.profile_steps}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.fpo_steps < 0:

@@ -3,7 +3,10 @@
 Per worker: build (tokenizer, model config, weights from the last checkpoint / the previous stage
 / fresh), shard (this rank's expert slice, optimizers: `parallel.py`), loop (Ray Data shard ->
 tokens -> forward -> stage loss -> backward -> synced step -> token-adaptive add/prune), report
-(progress line, MLflow step metrics from rank 0, checkpoints through `ray.train.report`).
+(progress line, MLflow step metrics from rank 0, checkpoints through `ray.train.report`). Rank 0
+times each phase of the step (`StepTimes`: MLflow `time/<phase>` per report, `time_total/<phase>`
+and one line at the end of the stage) and, with `profile_steps`, writes a torch profiler trace.
+`fit` decodes the training videos once, before the workers start (`TrainConfig.decode_once`).
 
 Stages are `StageSpec`s (what trains, which loss terms, LoRA or not), one dict per recipe
 (`RECIPES`, chosen by `TrainConfig.recipe`):
@@ -231,18 +234,26 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
     return inputs
 
 
-def _batches(shard, cfg: TrainConfig, epoch: int, skip: int, rank: int) -> Iterator[tuple[dict, int, int]]:
+def _batches(shard, cfg: TrainConfig, epoch: int, skip: int, rank: int,
+             segments: int = 0) -> Iterator[tuple[dict, int, int]]:
     """Endless (batch, epoch, index in epoch) from the worker's dataset shard, resuming at the
-    data position (epoch, `skip` batches already consumed)."""
+    data position (epoch, `skip` batches already consumed). `segments` > 0: the shard holds a
+    decoded grid of frames and each batch draws one frame per segment (TSN jitter of a
+    decode-once run), seeded by (seed, rank, epoch) so a resumed epoch draws alike."""
+    from timeexpert.data.pipeline import draw_segment_frames
+
     while True:
         n = 0
         kwargs = {}
         if cfg.shuffle_buffer:
             kwargs = dict(local_shuffle_buffer_size=cfg.shuffle_buffer,
                           local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank)
+        rng = np.random.default_rng([cfg.seed, rank, epoch]) if segments else None
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                         drop_last=True, **kwargs):
             n += 1
+            if rng is not None:
+                batch = draw_segment_frames(batch, segments, rng)
             if n <= skip:
                 continue
             yield batch, epoch, n
@@ -252,6 +263,107 @@ def _batches(shard, cfg: TrainConfig, epoch: int, skip: int, rank: int) -> Itera
                 "smaller batch_size or fewer workers"
             )
         epoch, skip = epoch + 1, 0
+
+
+# --- where the time goes -------------------------------------------------------------------------
+
+PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "experts", "report", "checkpoint")
+
+
+class StepTimes:
+    """Where a rank's loop time goes, by phase of the step (`PHASES`): perf_counter laps, each
+    lap's seconds charged to the phase it ends, so the phases tile the loop's wall time. "data"
+    is waiting for the shard's batch and tokenizing it; "grad_sync" the explicit gradient
+    all-reduce (under ZeRO, DeepSpeed reduces dense gradients inside backward and its step);
+    "experts" the A_t sync and token-adaptive add/prune; "report" the metric bookkeeping, the
+    reduction over ranks, the progress line, MLflow and `ray.train.report`; "checkpoint" the
+    state gather, the write and the report that persists it. No device sync is added: on CPU the
+    laps are exact, on CUDA a phase holds its kernel launches and the GPU time lands in the phase
+    of the next host wait (the all-reduce, the report's reduction)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.window_s = dict.fromkeys(PHASES, 0.0)
+        self.total_s = dict.fromkeys(PHASES, 0.0)
+        self.window_steps = self.total_steps = 0
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.window_s[phase] += now - self.last
+        self.total_s[phase] += now - self.last
+        self.last = now
+
+    def skip(self) -> None:
+        """Charge the time since the last lap to no phase (the profiler writing its trace)."""
+        self.last = time.perf_counter()
+
+    def step_done(self) -> None:
+        self.window_steps += 1
+        self.total_steps += 1
+
+    def window(self) -> dict[str, float]:
+        """Mean seconds per step of each phase since the last call (`time/<phase>`, and
+        `time/step` their sum). A report's own cost is charged to the next window."""
+        steps = max(self.window_steps, 1)
+        out = {f"time/{k}": v / steps for k, v in self.window_s.items()}
+        out["time/step"] = sum(self.window_s.values()) / steps
+        self.window_s, self.window_steps = dict.fromkeys(PHASES, 0.0), 0
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """The stage so far: seconds per phase (`time_total/<phase>`), the loop and its steps."""
+        out = {f"time_total/{k}": v for k, v in self.total_s.items()}
+        out["time_total/loop"] = sum(self.total_s.values())
+        out["time_total/steps"] = float(self.total_steps)
+        return out
+
+
+def _time_line(cfg: TrainConfig, total: dict[str, float]) -> str:
+    """The stage's breakdown in one line: seconds per step and share of the loop per phase."""
+    loop, steps = total["time_total/loop"], max(total["time_total/steps"], 1.0)
+    parts = ", ".join(f"{k} {total[f'time_total/{k}'] / steps:.3f} "
+                      f"({100 * total[f'time_total/{k}'] / max(loop, 1e-9):.0f}%)" for k in PHASES)
+    return (f"[stage {cfg.stage}] {int(steps)} steps in {loop:.1f} s, {loop / steps:.3f} s/step "
+            f"on rank 0: {parts}")
+
+
+def _start_profiler():
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+    profiler.start()
+    return profiler
+
+
+def _save_profile(profiler, cfg: TrainConfig, first: int, last: int, logger) -> None:
+    """Stop the profiler; its Chrome trace (Perfetto or chrome://tracing open the .json.gz) and
+    its op table go to the stage's MLflow run under profile/, without MLflow under the run's
+    folder of the storage root."""
+    import gzip
+    import shutil
+
+    profiler.stop()
+    name = f"stage{cfg.stage}_steps{first}-{last}_rank0"
+    with tempfile.TemporaryDirectory(prefix="te-profile-") as d:
+        raw = os.path.join(d, "trace.json")
+        profiler.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(os.path.join(d, f"trace_{name}.json.gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(raw)
+        with open(os.path.join(d, f"ops_{name}.txt"), "w") as f:
+            f.write(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        if logger.enabled:
+            for file in sorted(os.listdir(d)):
+                logger.log_artifact(os.path.join(d, file), "profile")
+            where = f"MLflow run {cfg.mlflow_run_id}, artifacts profile/"
+        else:
+            where = storage.join_uri(_storage_root(cfg), cfg.run_name(), "profile")
+            storage.upload_dir(d, where)
+    print(f"[stage {cfg.stage}] profiler trace of steps {first}..{last} (rank 0): {where}",
+          flush=True)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -334,31 +446,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n_train = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
         print(f"[stage {cfg.stage}: {cfg.recipe} {spec.name}{' +LoRA' if spec.lora else ''}] "
               f"{cfg.num_workers} workers, EP={cfg.ep_size}, "
-              f"ZeRO-{cfg.zero_stage}, {n_train} trainable parameters on rank 0, "
+              f"ZeRO-{cfg.zero_stage}, {torch.get_num_threads()} torch threads per worker, "
+              f"{n_train} trainable parameters on rank 0, "
               f"steps {state['step'] + 1}..{cfg.num_steps}", flush=True)
 
     # --- loop --------------------------------------------------------------------------------
     shard = ray.train.get_dataset_shard("train")
-    batches = _batches(shard, cfg, state["epoch"], state["batch_in_epoch"], rank)
-    window: dict[str, float] = {}
+    segments = mconfig.num_frames if _draws_segments(cfg) else 0
+    batches = _batches(shard, cfg, state["epoch"], state["batch_in_epoch"], rank, segments)
+    window: dict[str, Any] = {}  # sums over the window; tensors until the report (no host sync)
     window_tokens, window_time = 0, 0.0
     forward = optim.forward_module()
+    timer = StepTimes()
+    profiler = None
+    first_profiled = min(state["step"] + 2, cfg.num_steps)  # after one warm-up step
+    last_profiled = min(first_profiled + cfg.profile_steps - 1, cfg.num_steps)
     for step in range(state["step"] + 1, cfg.num_steps + 1):
         t0 = time.perf_counter()
+        if rank == 0 and cfg.profile_steps and step == first_profiled:
+            profiler = _start_profiler()
         batch, epoch, index = next(batches)
         inputs = tokenize_batch(batch, tokenizer, mconfig, model)
         lr = cfg.learning_rate(step)
         optim.set_lr(lr)
+        timer.lap("data")
         out = forward(**inputs, return_logits=False)  # the losses need no full-vocab logits
         loss = stage_loss(out, cfg.stage, mconfig, cfg.recipe)
+        timer.lap("forward")
         optim.backward(loss)
-        grad_norm = optim.step()
+        timer.lap("backward")
+        optim.sync()
+        timer.lap("grad_sync")
+        grad_norm = optim.update()
+        timer.lap("optimizer")
         parallel.sync_routing_rates(model, groups)
         added = pruned = 0
         if cfg.expert_update_every and cfg.stage > 1 and step % cfg.expert_update_every == 0:
             updates = parallel.update_experts(model, groups, optim.local)
             added = sum(len(u.added) for u in updates)
             pruned = sum(len(u.pruned) for u in updates)
+        timer.lap("experts")
         state.update(step=step, epoch=epoch, batch_in_epoch=index,
                      samples=state["samples"] + len(batch["id"]))
         if cfg.fail_at_step == step and rank == 1 and restored is None:
@@ -370,22 +497,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for key, value in (("loss", loss), ("loss_time", out.loss_time),
                            ("loss_score", out.loss_score), ("loss_text", out.loss_text),
                            ("aux_loss", out.aux_loss), ("z_loss", out.z_loss)):
-            window[key] = window.get(key, 0.0) + float(value.detach())
+            window[key] = window.get(key, 0.0) + value.detach()
         if mconfig.frame_relevance:  # every rank has the key (all-reduced by name)
             value = out.loss_frames
             window["loss_frames"] = window.get("loss_frames", 0.0) + (
-                0.0 if value is None else float(value.detach()))
+                0.0 if value is None else value.detach())
         if mconfig.evidence is not None:  # D2VLM; every rank has the key (all-reduced by name)
             for key in ("loss_grounding", "loss_consistency"):
                 value = getattr(out, key)
-                window[key] = window.get(key, 0.0) + (0.0 if value is None else float(value.detach()))
+                window[key] = window.get(key, 0.0) + (0.0 if value is None else value.detach())
         window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
         window["experts_added"] = window.get("experts_added", 0.0) + added
         window["experts_pruned"] = window.get("experts_pruned", 0.0) + pruned
         window["_steps"] = window.get("_steps", 0.0) + 1
+        timer.step_done()
+        if profiler is not None and step == last_profiled:
+            timer.lap("report")
+            _save_profile(profiler, cfg, first_profiled, last_profiled, logger)
+            profiler = None
+            timer.skip()
 
         last = step == cfg.num_steps
         if step % cfg.log_every and step % cfg.checkpoint_every and not last:
+            timer.lap("report")
             continue
         # --- report: metrics averaged over ranks, routing telemetry summed over ranks ---------
         metrics = _reduce_window(window, window_tokens, window_time, groups)
@@ -395,10 +529,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(step=step, stage=cfg.stage, lr=lr, epoch=epoch, samples=state["samples"] * groups.world_size)
         model.reset_routing_telemetry()
         window, window_tokens, window_time = {}, 0, 0.0
+        timer.lap("report")
+        metrics.update(timer.window())  # this rank's; the result and MLflow keep rank 0's
         if rank == 0:
             print(_progress_line(cfg, metrics), flush=True)
             logger.log(metrics, step)
         if step % cfg.checkpoint_every == 0 or last:
+            timer.lap("report")
             full_state = parallel.full_state_dict(model, groups)
             if spec.lora:
                 full_state = merged_lora_state(model, full_state)
@@ -408,11 +545,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     optimizers=optim, train_state={"state": state, "config": cfg.to_dict()},
                     routing=routing_total,
                 )
+                if last:  # the stage's breakdown, but for the report below
+                    timer.lap("checkpoint")
+                    metrics.update(timer.summary())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            timer.lap("checkpoint")
         else:
             ray.train.report(metrics)
-    if logger is not None:
+            timer.lap("report")
+    if logger is not None:  # rank 0: the stage's breakdown, one line and MLflow
+        total = timer.summary()
+        print(_time_line(cfg, total), flush=True)
+        logger.log(total, cfg.num_steps)
         logger.close()
+
+
+def _draws_segments(cfg: TrainConfig) -> bool:
+    """A decode-once run with frame jitter decodes a grid and draws each epoch's frames from it."""
+    return cfg.frame_jitter and cfg.decode_once and cfg.jitter_grid > 1
 
 
 def _reduce_window(window: dict[str, float], tokens: int, seconds: float, groups) -> dict[str, float]:
@@ -422,7 +572,8 @@ def _reduce_window(window: dict[str, float], tokens: int, seconds: float, groups
 
     keys = sorted(k for k in window if not k.startswith("_"))
     steps = window["_steps"]
-    values = torch.tensor([window[k] / steps for k in keys] + [float(tokens), seconds], dtype=torch.float64)
+    values = torch.tensor([float(window[k]) / steps for k in keys] + [float(tokens), seconds],
+                          dtype=torch.float64)  # float(): the window's one host sync
     if groups.world_size > 1:
         dist.all_reduce(values)
         values[:-2] /= groups.world_size
@@ -538,14 +689,20 @@ def resume_notice(cfg: TrainConfig) -> str | None:
 
 def data_config(cfg: TrainConfig, mconfig, *, train: bool = False):
     """The Ray Data config of a run: the model's frames and size; `train` adds the run's frame
-    jitter (evaluation always decodes the segment centres)."""
+    jitter (evaluation always decodes the segment centres): drawn at decode when streaming, and
+    for a decode-once run a grid of `jitter_grid` frames per segment the loop draws from. A
+    decode-once run decodes before training, alone on the machine: a whole CPU per decode task
+    (fractions only oversubscribe the cores with Python workers)."""
     from timeexpert.config import DataConfig, VideoConfig
 
+    jitter = train and cfg.frame_jitter
+    grid = cfg.jitter_grid if jitter and cfg.decode_once else 1
     return DataConfig(
         root=cfg.data_root,
-        video=VideoConfig(num_frames=mconfig.num_frames, height=mconfig.image_size,
-                          width=mconfig.image_size, jitter=train and cfg.frame_jitter),
-        task_weights=dict(cfg.task_weights), seed=cfg.seed, decode_num_cpus=0.25,
+        video=VideoConfig(num_frames=mconfig.num_frames * grid, height=mconfig.image_size,
+                          width=mconfig.image_size, jitter=jitter and not cfg.decode_once),
+        task_weights=dict(cfg.task_weights), seed=cfg.seed,
+        decode_num_cpus=1.0 if train and cfg.decode_once else 0.25,
     )
 
 
@@ -565,6 +722,11 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
     dataset = build_dataset(data_config(cfg, mconfig, train=True), split="train", shuffle=True,
                             preserve_order=True)
     dataset.dataset.context.enable_progress_bars = False  # progress lines come from rank 0
+    decode_s = 0.0
+    if cfg.decode_once:  # before the workers start: decoding never competes with a step
+        decode_s = dataset.materialize()
+        print(f"[stage {cfg.stage}] decoded {len(dataset.records)} training videos once in "
+              f"{decode_s:.1f} s (Ray object store)", flush=True)
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # the same seed gives the same batches on every run
     trainer = TorchTrainer(
@@ -593,5 +755,6 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
         raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint: {result.error}")
     metrics = dict(result.metrics or {})
     metrics.update(dataset.metrics())
+    metrics["data/decode_s"] = decode_s
     return FitResult(checkpoint_uri=checkpoint_uri(result.checkpoint), metrics=metrics,
                      path=result.path)

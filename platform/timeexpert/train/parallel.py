@@ -234,14 +234,25 @@ class Optimizers:
         else:
             loss.backward()
 
-    def step(self) -> float:
-        """Sync, clip and step; returns the gradient norm of the locally stepped parameters."""
+    def step(self) -> Tensor:
+        """Sync, clip and step; returns the gradient norm of the locally stepped parameters (a
+        0-d tensor: reading it is the caller's host sync)."""
+        self.sync()
+        return self.update()
+
+    def sync(self) -> None:
+        """The gradient all-reduce of the locally stepped parameters (ZeRO's dense gradients are
+        reduced inside `backward` and `engine.step`)."""
         sync_gradients(self.local_params, self.groups)
-        params = [p for _, p in self.local_params if p.grad is not None]
+
+    def update(self) -> Tensor:
+        """Clip the synced gradients and step; the clip factor stays a tensor (no host sync)."""
         norm = _global_grad_norm(self.local_params, self.groups)
-        if self.grad_clip > 0 and norm > self.grad_clip:
-            for p in params:
-                p.grad.mul_(self.grad_clip / (norm + 1e-6))
+        if self.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_'s factor, clamped at 1
+            factor = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            for _, p in self.local_params:
+                if p.grad is not None:
+                    p.grad.mul_(factor.to(p.grad.dtype))
         self.local.step()
         self.local.zero_grad(set_to_none=True)
         if self.engine is not None:
@@ -265,17 +276,19 @@ class Optimizers:
                                         load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
-def _global_grad_norm(named_params, groups: ParallelGroups) -> float:
-    """Norm of the synced gradients: replicated ones counted once, expert slices once per EP rank."""
-    rep = sum(float(p.grad.double().pow(2).sum()) for n, p in named_params
-              if p.grad is not None and not is_expert_param(n))
-    exp = sum(float(p.grad.double().pow(2).sum()) for n, p in named_params
-              if p.grad is not None and is_expert_param(n))
+def _global_grad_norm(named_params, groups: ParallelGroups) -> Tensor:
+    """Norm of the synced gradients: replicated ones counted once, expert slices once per EP rank.
+    A float64 0-d tensor, computed without a host sync."""
+    zero = torch.zeros((), dtype=torch.float64)
+    rep = sum((p.grad.double().pow(2).sum() for n, p in named_params
+               if p.grad is not None and not is_expert_param(n)), zero)
+    exp = sum((p.grad.double().pow(2).sum() for n, p in named_params
+               if p.grad is not None and is_expert_param(n)), zero)
     if groups.ep_group is not None:
-        t = torch.tensor([exp], dtype=torch.float64)
-        dist.all_reduce(t, group=groups.ep_group)
-        exp = float(t)
-    return math.sqrt(rep + exp)
+        exp = exp.reshape(1)
+        dist.all_reduce(exp, group=groups.ep_group)
+        exp = exp.reshape(())
+    return (rep + exp).sqrt()
 
 
 def _deepspeed_engine(model, dense_params, groups: ParallelGroups, *, lr, weight_decay, grad_clip,
