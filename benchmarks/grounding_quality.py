@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "scratch": ("small_cpu", _GENERATED, {}),
     "scratch_query_first": ("small_cpu", _QUERY_FIRST, {}),
     "scratch_relevance": ("small_cpu", _RELEVANCE, {}),
+    # + each frame's state names the words of the captions of its events (DVC rows)
+    "scratch_words": ("small_cpu", {**_RELEVANCE, "frame_words": True}, {}),
     "smollm": ("smollm_cpu", _GENERATED, {}),
     "smollm_query_first": ("smollm_cpu", _QUERY_FIRST, {}),
     "smollm_relevance": ("smollm_cpu", _RELEVANCE, {}),
@@ -67,6 +69,12 @@ def _extra(parser) -> None:
     parser.add_argument("--curriculum", default="",
                         help="easier data roots trained first, each for --curriculum-steps")
     parser.add_argument("--curriculum-steps", type=int, default=0)
+    parser.add_argument("--jitter", type=int, default=1,
+                        help="K > 1: training frames decoded on a K x denser uniform grid, each "
+                             "step drawing one of the K frames of every segment (TSN jitter)")
+    parser.add_argument("--eval-root", default="",
+                        help="data root of the held-out split (default --data-root), e.g. train "
+                             "on medium and score on small")
 
 
 def model_set(items: list[str]) -> dict:
@@ -80,7 +88,8 @@ def model_set(items: list[str]) -> dict:
 
 
 def decode_all(root: str, records, num_frames: int, size: int) -> dict[str, tuple]:
-    """video URI -> (frames THWC uint8, timestamps T), each video decoded once."""
+    """video URI -> (frames THWC uint8, timestamps T), each video decoded once (`num_frames` on
+    the uniform grid of segment centres)."""
     from timeexpert import storage
     from timeexpert.data.video import decode_frames
 
@@ -94,14 +103,27 @@ def decode_all(root: str, records, num_frames: int, size: int) -> dict[str, tupl
     return out
 
 
-def as_batch(records, frames: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """Records -> a batch in the pipeline's row format (what `tokenize_batch` reads)."""
+def jittered(frames: tuple, num_frames: int, rng: np.random.Generator) -> tuple:
+    """(frames, timestamps) of a K x num_frames uniform grid -> num_frames of them, one drawn at
+    random from each run of K (the K grid frames of one of num_frames equal segments)."""
+    dense_THWC, dense_T = frames
+    k = len(dense_T) // num_frames
+    pick_T = np.arange(num_frames) * k + rng.integers(0, k, size=num_frames)
+    return dense_THWC[pick_T], dense_T[pick_T]
+
+
+def as_batch(records, frames: dict[str, tuple], num_frames: int | None = None,
+             rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Records -> a batch in the pipeline's row format (what `tokenize_batch` reads); with `rng`,
+    each row's `num_frames` frames are drawn from its denser decoded grid (`jittered`)."""
     from timeexpert.data.pipeline import _row
 
     rows = [_row(r, r.video) for r in records]
     batch = {k: np.array([row[k] for row in rows]) for k in rows[0]}
-    batch["frames"] = np.stack([frames[r.video][0] for r in records])
-    batch["timestamps"] = np.stack([frames[r.video][1] for r in records])
+    chosen = [frames[r.video] if rng is None else jittered(frames[r.video], num_frames, rng)
+              for r in records]
+    batch["frames"] = np.stack([f for f, _ in chosen])
+    batch["timestamps"] = np.stack([t for _, t in chosen])
     batch["frame_mask"] = np.ones(batch["timestamps"].shape, bool)
     return batch
 
@@ -149,6 +171,7 @@ def train_variant(name: str, args, train_phases, seed: int):
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     t0, step = time.perf_counter(), 0
+    jitter_rng = np.random.default_rng(seed + 1) if args.jitter > 1 else None
     for records, frames, steps in train_phases:
         rng = np.random.default_rng(seed)
         order: list[int] = []
@@ -157,8 +180,8 @@ def train_variant(name: str, args, train_phases, seed: int):
                 order += rng.permutation(len(records)).tolist()
             chosen, order = order[: args.batch_size], order[args.batch_size:]
             step += 1
-            inputs = tokenize_batch(as_batch([records[i] for i in chosen], frames), tokenizer,
-                                    mconfig, model)
+            batch = as_batch([records[i] for i in chosen], frames, mconfig.num_frames, jitter_rng)
+            inputs = tokenize_batch(batch, tokenizer, mconfig, model)
             for g in optim.param_groups:
                 g["lr"] = cfg.learning_rate(step)
             out = model(**inputs, return_logits=False)
@@ -168,8 +191,10 @@ def train_variant(name: str, args, train_phases, seed: int):
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optim.step()
             if step % 50 == 0 or step == total:
-                frames_loss = ("" if out.loss_frames is None
-                               else f" frames {float(out.loss_frames.detach()):.3f}")
+                frames_loss = "".join(
+                    f" {label} {float(value.detach()):.3f}"
+                    for label, value in (("frames", out.loss_frames), ("words", out.loss_words))
+                    if value is not None)
                 print(f"  [{name}] step {step}/{total} loss {float(loss.detach()):.3f} time "
                       f"{float(out.loss_time.detach()):.3f}{frames_loss} ({time.perf_counter() - t0:.0f} s)",
                       flush=True)
@@ -235,19 +260,24 @@ def main() -> None:
             setattr(probe, key, value)
     num_frames, size = probe.num_frames, probe.image_size
     t0 = time.perf_counter()
+    if args.jitter < 1:
+        raise SystemExit(f"--jitter takes K >= 1, got {args.jitter}")
+    eval_root = args.eval_root or args.data_root
     train = load_split(args.data_root, "train", tasks)
-    held_out = load_split(args.data_root, args.split, tasks, args.max_records)
-    frames = decode_all(args.data_root, train + held_out, num_frames, size)
-    phases = []
-    for root in [r for r in args.curriculum.split(",") if r]:
-        easy = load_split(root, "train", tasks)
-        phases.append((easy, decode_all(root, easy, num_frames, size), args.curriculum_steps))
-    phases.append((train, frames, args.steps))
-    print(f"decoded {len(frames)} videos in {time.perf_counter() - t0:.0f} s; "
+    held_out = load_split(eval_root, args.split, tasks, args.max_records)
+    frames = decode_all(eval_root, held_out, num_frames, size)
+    phases = []  # (training records, their decoded frames, steps), easiest first
+    for root in [] if loaded else [r for r in args.curriculum.split(",") if r] + [args.data_root]:
+        records = load_split(root, "train", tasks) if root != args.data_root else train
+        steps = args.steps if root == args.data_root else args.curriculum_steps
+        phases.append((records, decode_all(root, records, num_frames * args.jitter, size), steps))
+    print(f"decoded {len(frames) + sum(len(f) for _, f, _ in phases)} videos in "
+          f"{time.perf_counter() - t0:.0f} s; "
           f"{len(train)} training records, {len(held_out)} {args.split} records", flush=True)
     trivial = best_trivial(train, held_out)
-    result: dict = {"data_root": args.data_root, "split": args.split, "steps": args.steps,
-                    "tasks": tasks, "best_trivial": trivial, "variants": {}}
+    result: dict = {"data_root": args.data_root, "eval_root": eval_root, "split": args.split,
+                    "steps": args.steps, "jitter": args.jitter, "tasks": tasks,
+                    "best_trivial": trivial, "variants": {}}
     for name in loaded or variants:
         if loaded:
             model, tokenizer, seconds = loaded[name].model, loaded[name].tokenizer, 0.0

@@ -12,6 +12,7 @@ from timeexpert.inference import GroundingModel, PredictRequest
 from timeexpert.models.frame_relevance import (
     clip_saliency,
     frame_labels,
+    frame_word_labels,
     segment_edges,
     windows_from_relevance,
 )
@@ -242,3 +243,59 @@ def test_frame_labels_need_the_head_and_old_configs_still_match(tok):
         saved.pop(key)
     assert cfg.architecture_diff(saved) == {}
     assert relevance_config(tok).architecture_diff(saved).keys() == {"query_first", "frame_relevance"}
+
+
+
+def test_frame_word_labels_mark_the_words_of_the_events_a_frame_falls_in():
+    # event A [0, 4) has words 1, 2; event B [3, 8) words 2, 3; frames at t = 1, 3, 5, 7
+    out = frame_word_labels([(0.0, 4.0, [1, 2]), (3.0, 8.0, [2, 3])], TS, vocab_size=5)
+    np.testing.assert_array_equal(out, [[0, 1, 1, 0, 0],   # t=1: A
+                                        [0, 1, 1, 1, 0],   # t=3: A and B
+                                        [0, 0, 1, 1, 0],   # t=5: B
+                                        [0, 0, 1, 1, 0]])  # t=7: B
+    assert not frame_word_labels([(8.0, 9.0, [4])], TS, vocab_size=5).any()  # end exclusive
+
+
+def test_frame_words_train_on_dvc_rows_and_join_the_loss(tok):
+    """DVC rows name each frame's words; other tasks carry no target; the head needs frame
+    relevance; its loss joins the model's and the stage's loss, and one batch is fit."""
+    import json
+
+    from timeexpert.train.loop import stage_loss, word_labels
+
+    with pytest.raises(ValueError, match="frame_words needs frame_relevance"):
+        TimeExpertConfig(frame_words=True)
+    events = json.dumps([{"start": 0.0, "end": 4.0, "caption": "the red circle grows"},
+                         {"start": 4.0, "end": 8.0, "caption": "the blue square blinks"}])
+    dvc = word_labels({"task": "dvc", "events": events}, TS, tok)
+    a, b = set(tok.encode_text("the red circle grows")), set(tok.encode_text("the blue square blinks"))
+    red, blue = sorted(a - b), sorted(b - a)  # the words only one caption has
+    assert dvc.shape == (4, tok.text_vocab_size)
+    assert dvc[0, red].all() and not dvc[0, blue].any() and dvc[3, blue].all() and not dvc[3, red].any()
+    mr = word_labels({"task": "mr", "events": events}, TS, tok)
+    assert (mr == -1).all()
+
+    cfg = relevance_config(tok, frame_words=True, loss_weight_words=0.5)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg)
+    frames = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    example = tok.encode_example(Task.DVC, "", TS, [Event(0.0, 4.0, None, "the red circle grows")],
+                                 tokens_per_frame=cfg.tokens_per_frame, query_first=True)
+    batch = collate([example, example])
+    pixels = model.preprocess_frames(np.concatenate([frames, frames]))
+    words = torch.from_numpy(np.stack([dvc, mr]))  # the second row has no word targets
+    out = model(**batch, pixel_values=pixels, frame_words=words)
+    expected = (out.loss_time + out.loss_score + out.loss_text + out.aux_loss + out.z_loss
+                + 0.5 * out.loss_words)
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(stage_loss(out, 3, cfg), out.loss)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = float(out.loss_words.detach())
+    for _ in range(40):
+        out = model(**batch, pixel_values=pixels, frame_words=words)
+        optim.zero_grad()
+        out.loss.backward()
+        optim.step()
+    assert float(out.loss_words.detach()) < 0.2 * first
+    with pytest.raises(ValueError, match="no frame-words head"):
+        TimeExpertForGrounding(relevance_config(tok))(**batch, pixel_values=pixels, frame_words=words)

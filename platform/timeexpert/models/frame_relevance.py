@@ -80,6 +80,45 @@ def relevance_loss(logits_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Te
     return F.binary_cross_entropy_with_logits(logits_BT[sel_BT].float(), labels_BT[sel_BT].float())
 
 
+class FrameWordsHead(nn.Module):
+    """(B, T, D) pooled frame hidden states -> (B, T, V) logits: which words of the vocabulary
+    describe what happens in each frame (the captions of the events it falls in). An auxiliary
+    frame-level concept loss that makes a frame's state name its objects and actions, the
+    attributes a query is matched on (the role a pretrained image-text encoder plays in the
+    papers' vision towers)."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, vocab_size)
+
+    def forward(self, frames_BTD: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(frames_BTD))
+
+
+def words_loss(logits_BTV: torch.Tensor, labels_BTV: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over the frames with word targets (a frame without targets is IGNORE_FRAME in
+    every column)."""
+    if labels_BTV.shape != logits_BTV.shape:
+        raise ValueError(f"frame_words must be (B, T, V) = {tuple(logits_BTV.shape)}, "
+                         f"got {tuple(labels_BTV.shape)}")
+    sel_BT = labels_BTV[..., 0] >= 0
+    if not bool(sel_BT.any()):
+        return logits_BTV.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits_BTV[sel_BT].float(), labels_BTV[sel_BT].float())
+
+
+def frame_word_labels(events: Sequence[tuple[float, float, Sequence[int]]],
+                      timestamps_T: Sequence[float], vocab_size: int) -> np.ndarray:
+    """(T, V) multi-hot of the word ids of every event [start, end) a frame's timestamp lies in."""
+    ts_T = np.asarray(timestamps_T, dtype=np.float64).reshape(-1)
+    out_TV = np.zeros((ts_T.size, vocab_size), dtype=np.float32)
+    for start, end, ids in events:  # a handful of events per record
+        inside_T = (ts_T >= start) & (ts_T < end)
+        out_TV[np.ix_(inside_T, np.asarray(ids, dtype=np.int64))] = 1.0
+    return out_TV
+
+
 def segment_edges(timestamps_T: Sequence[float], duration: float) -> np.ndarray:
     """(T + 1,) edges of the segments the frames stand for: midpoints between neighbouring
     timestamps, 0 and the duration at the ends (the uniform grid's edges for centre sampling)."""

@@ -53,10 +53,12 @@ from timeexpert.models.evidence import (
 )
 from timeexpert.models.frame_relevance import (
     FrameRelevanceHead,
+    FrameWordsHead,
     IGNORE_FRAME,
     pool_frames,
     pool_query,
     relevance_loss,
+    words_loss,
 )
 from timeexpert.models.token_sampling import TokenSamplingConfig, VisualTokenSampler
 from timeexpert.models.vision import (
@@ -91,6 +93,7 @@ ARCHITECTURE_FIELDS = (
     "moe",
     "query_first",
     "frame_relevance",
+    "frame_words",
 )
 
 
@@ -148,6 +151,9 @@ class TimeExpertConfig(PretrainedConfig):
     locate_captions: bool = False  # DVC events moved to where their caption, asked as an MR
     # query, is relevant (a frame at 0.5 or above); off: the generated times
     loss_weight_frames: float = 1.0  # weight of the per-frame BCE in the loss
+    frame_words: bool = False  # an auxiliary head: each frame's decoder state names the words of
+    # the captions of the events it shows (multi-label BCE; needs frame_relevance)
+    loss_weight_words: float = 1.0  # weight of the frame-words BCE in the loss
     # text ids of the answer grammar, taken from the tokenizer (`with_tokenizer`)
     switch_token_id: int | None = None  # SWITCH: the next tokens are an event's numbers
     answer_end_token_id: int | None = None  # EOS of the answer
@@ -217,6 +223,9 @@ class TimeExpertConfig(PretrainedConfig):
                 "frame_relevance needs query_first=True: a frame token sees the query only when "
                 "the query comes before it in the causal decoder"
             )
+        if self.frame_words and not self.frame_relevance:
+            raise ValueError("frame_words needs frame_relevance=True (it reads the same pooled "
+                             "frame states)")
         if self.frame_relevance and self.token_sampling is not None:
             raise ValueError("frame_relevance and token_sampling cannot be combined: the sampler "
                              "drops frame tokens the relevance head reads")
@@ -377,6 +386,7 @@ class TimeExpertOutput(ModelOutput):
     # query-conditioned frame relevance (config `frame_relevance`)
     frame_logits: torch.Tensor | None = None  # (B, T), meaningful where frame_mask
     loss_frames: torch.Tensor | None = None  # per-frame BCE (with frame_labels)
+    loss_words: torch.Tensor | None = None  # frame-words BCE (config frame_words, with frame_words)
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -444,6 +454,7 @@ class TimeExpertForGrounding(PreTrainedModel):
         )
         # query-conditioned frame relevance: pooled frame hidden states -> one logit per frame
         self.frame_head = FrameRelevanceHead(D) if config.frame_relevance else None
+        self.words_head = FrameWordsHead(D, config.text_vocab_size) if config.frame_words else None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -529,6 +540,7 @@ class TimeExpertForGrounding(PreTrainedModel):
         evidence_frames: torch.Tensor | None = None,
         evidence_embeds: torch.Tensor | None = None,
         frame_labels: torch.Tensor | None = None,
+        frame_words: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> TimeExpertOutput:
         """One decoder pass.
@@ -544,7 +556,9 @@ class TimeExpertForGrounding(PreTrainedModel):
         under teacher forcing); evidence_embeds (B, N, D) added to the inputs (generation's
         aggregation of the predicted salient frames).
         Frame relevance (config `frame_relevance`): frame_labels (B, T) per-frame targets in
-        [0, 1] of the BCE, IGNORE_FRAME (-1) where a frame has none.
+        [0, 1] of the BCE, IGNORE_FRAME (-1) where a frame has none; with config `frame_words`,
+        frame_words (B, T, V) the multi-hot words of each frame's events (IGNORE_FRAME rows where
+        none are known).
         """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
@@ -679,6 +693,13 @@ class TimeExpertForGrounding(PreTrainedModel):
                 labels_BT = labels_BT[:, : frame_mask_BT.shape[1]].masked_fill(~frame_mask_BT,
                                                                                IGNORE_FRAME)
                 out.loss_frames = relevance_loss(out.frame_logits, labels_BT)
+            if frame_words is not None:
+                if self.words_head is None:
+                    raise ValueError("frame_words given, but the model has no frame-words head "
+                                     "(config frame_words=False)")
+                words_BTV = frame_words.to(h_BND.device)[:, : frame_mask_BT.shape[1]]
+                words_BTV = words_BTV.masked_fill(~frame_mask_BT[..., None], IGNORE_FRAME)
+                out.loss_words = words_loss(self.words_head(states_BTD), words_BTV)
         if return_logits:
             out.time_logits = self.time_head(h_BND)
             out.score_logits = self.score_head(h_BND)
@@ -696,6 +717,8 @@ class TimeExpertForGrounding(PreTrainedModel):
             )
             if out.loss_frames is not None:
                 out.loss = out.loss + cfg.loss_weight_frames * out.loss_frames
+            if out.loss_words is not None:
+                out.loss = out.loss + cfg.loss_weight_words * out.loss_words
             if out.loss_grounding is not None:  # D2VLM: SFT + L_gnd + L_cons
                 ecfg = self.evidence_head.config
                 out.loss = (

@@ -133,6 +133,8 @@ def stage_loss(out, stage: int, config, recipe: str = "timeexpert"):
         loss = term if loss is None else loss + term
     if out.loss_frames is not None:  # query-conditioned frame relevance, in every stage
         loss = loss + config.loss_weight_frames * out.loss_frames
+    if out.loss_words is not None:  # the frame-words auxiliary, in every stage
+        loss = loss + config.loss_weight_words * out.loss_words
     if out.loss_grounding is not None:
         from timeexpert.models.evidence import EvidenceConfig
 
@@ -190,6 +192,20 @@ def relevance_labels(row: dict[str, Any], times: list[float]) -> np.ndarray:
     return np.full(len(times), IGNORE_FRAME, dtype=np.float32)
 
 
+def word_labels(row: dict[str, Any], times: list[float], tokenizer) -> np.ndarray:
+    """(T, V) targets of the frame-words BCE: for a DVC row (every event captioned) each frame's
+    multi-hot of the words of the captions of the events it falls in; IGNORE_FRAME rows for the
+    other tasks (an MR / VHD row does not say what else happens in its video)."""
+    from timeexpert.models.frame_relevance import IGNORE_FRAME, frame_word_labels
+
+    V = tokenizer.text_vocab_size
+    if str(row["task"]) != Task.DVC.value:
+        return np.full((len(times), V), IGNORE_FRAME, dtype=np.float32)
+    events = [(e["start"], e["end"], tokenizer.encode_text(e["caption"]))
+              for e in json.loads(str(row["events"]))]
+    return frame_word_labels(events, times, V)
+
+
 def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> dict[str, Any]:
     """A pipeline batch (frames, timestamps, task, query, events) -> model inputs. With evidence
     tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets; with frame
@@ -200,7 +216,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
     from timeexpert.models.frame_relevance import IGNORE_FRAME
     from timeexpert.models.tokenizer import collate
 
-    encoded, pixels, targets, labels = [], [], [], []
+    encoded, pixels, targets, labels, words = [], [], [], [], []
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
         task, query, times = str(batch["task"][i]), str(batch["query"][i]), batch["timestamps"][i][mask].tolist()
@@ -220,6 +236,8 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
                                            query_first=config.query_first)
         if config.frame_relevance:
             labels.append(relevance_labels(row, times))
+        if config.frame_words:
+            words.append(word_labels(row, times, tokenizer))
         encoded.append(enc)
         pixels.append(model.preprocess_frames(batch["frames"][i][mask]))
     inputs = collate(encoded)
@@ -231,6 +249,12 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
         for b, x in enumerate(labels):
             labels_BT[b, : len(x)] = torch.from_numpy(x)
         inputs["frame_labels"] = labels_BT
+    if words:
+        words_BTV = torch.full((len(words), max(len(x) for x in words), words[0].shape[1]),
+                               IGNORE_FRAME)
+        for b, x in enumerate(words):
+            words_BTV[b, : len(x)] = torch.from_numpy(x)
+        inputs["frame_words"] = words_BTV
     return inputs
 
 
@@ -498,10 +522,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            ("loss_score", out.loss_score), ("loss_text", out.loss_text),
                            ("aux_loss", out.aux_loss), ("z_loss", out.z_loss)):
             window[key] = window.get(key, 0.0) + value.detach()
-        if mconfig.frame_relevance:  # every rank has the key (all-reduced by name)
-            value = out.loss_frames
-            window["loss_frames"] = window.get("loss_frames", 0.0) + (
-                0.0 if value is None else value.detach())
+        for key, on in (("loss_frames", mconfig.frame_relevance), ("loss_words", mconfig.frame_words)):
+            if on:  # every rank has the key (all-reduced by name)
+                value = getattr(out, key)
+                window[key] = window.get(key, 0.0) + (0.0 if value is None else value.detach())
         if mconfig.evidence is not None:  # D2VLM; every rank has the key (all-reduced by name)
             for key in ("loss_grounding", "loss_consistency"):
                 value = getattr(out, key)
@@ -645,6 +669,7 @@ def _progress_line(cfg: TrainConfig, m: dict[str, float]) -> str:
         f"(time {m['loss_time']:.3f} score {m['loss_score']:.3f} text {m['loss_text']:.3f} "
         f"aux {m['aux_loss']:.4f} z {m['z_loss']:.4f}"
         + (f" frames {m['loss_frames']:.3f}" if "loss_frames" in m else "")
+        + (f" words {m['loss_words']:.3f}" if "loss_words" in m else "")
         + f") {m['tokens_per_s']:.0f} tok/s "
         f"experts {m['experts/num_active']:.1f} active, {m['experts/mean_active']:.2f}/token"
     )
