@@ -138,12 +138,21 @@ class Record:
 # --- the one temporal IoU ------------------------------------------------------------------
 
 
-def temporal_iou(a: Any, b: Any) -> np.ndarray | float:
+def temporal_iou(a: Any, b: Any, *, hull: bool = False, eps: float = 0.0) -> np.ndarray | float:
     """IoU of intervals `a` (..., N, 2) against `b` (..., M, 2) -> (..., N, M).
 
     Two single intervals (shape (2,)) give a float. An interval of zero length that lies inside
     the other has IoU 0 (intersection 0), and two identical points have IoU 0 too: the union is 0
-    and we define 0/0 = 0, as the QVHighlights scorer does.
+    and we define 0/0 = 0, as the QVHighlights scorer does. An interval written end-first has no
+    intersection with anything, so IoU 0.
+
+    The denominator is length A + length B - overlap (Moment-DETR `compute_temporal_iou_batch_cross`,
+    the detection AP), or with `hull` the span from the earliest start to the latest end (the
+    official R@k and dense-captioning scorers: 2D-TAN, Moment-DETR
+    `compute_temporal_iou_batch_paired`, TimeChat, densevid_eval, SODA), plus `eps`. Both are the
+    union wherever the intervals overlap, but they round differently in float64: an IoU that is
+    exactly 0.5 in decimals can come out as 0.5 by one and 0.49999999999999994 by the other, so a
+    scorer that thresholds must use its reference's formula.
     """
     a_arr = np.asarray(a, dtype=np.float64)
     b_arr = np.asarray(b, dtype=np.float64)
@@ -153,8 +162,12 @@ def temporal_iou(a: Any, b: Any) -> np.ndarray | float:
     inter = np.clip(
         np.minimum(a_N2[..., 1], b_M2[..., 1]) - np.maximum(a_N2[..., 0], b_M2[..., 0]), 0, None
     )
-    union = (a_N2[..., 1] - a_N2[..., 0]) + (b_M2[..., 1] - b_M2[..., 0]) - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    if hull:
+        union = np.maximum(a_N2[..., 1], b_M2[..., 1]) - np.minimum(a_N2[..., 0], b_M2[..., 0])
+    else:
+        union = (a_N2[..., 1] - a_N2[..., 0]) + (b_M2[..., 1] - b_M2[..., 0]) - inter
+    # overlapping intervals have a positive union by either formula; the rest have IoU 0
+    iou = np.divide(inter, union + eps, out=np.zeros_like(inter), where=inter > 0)
     return float(iou[0, 0]) if scalar else iou
 
 

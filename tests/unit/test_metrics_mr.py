@@ -111,3 +111,38 @@ def test_charades_bad_gt_line(tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text("")
     assert charades.main(["--gt", str(tmp_path / "gt.txt"), "--pred", str(tmp_path / "p.jsonl")]) == 2
     assert "gt.txt:1" in capsys.readouterr().err
+
+
+# --- IoU exactly at a threshold: the official formula decides -----------------------------
+# [0.6, 3.0] vs [1.2, 4.2]: overlap 3.0 - 1.2 = 1.8, span 4.2 - 0.6 = 3.6, both as in decimals,
+# and 3.6 is exactly 2 x 1.8 in float64, so the official IoU (overlap / span) is 0.5: a hit at 0.5.
+# The length-sum union 2.4 + 3.0 - 1.8 rounds to 3.6000000000000005: 0.49999999999999994, a miss.
+# [2.9, 9.4] vs [1.6, 6.8] goes the other way: overlap 3.9, span 7.800000000000001 gives
+# 0.49999999999999994 (a miss), 6.5 + 5.199999999999999 - 3.9 = 7.799999999999999 gives 0.5000000000000001.
+TIE_HIT = ([0.6, 3.0], [1.2, 4.2])
+TIE_MISS = ([2.9, 9.4], [1.6, 6.8])
+
+
+def test_exact_half_iou_uses_the_official_span():
+    assert temporal_iou(*TIE_HIT, hull=True) == 0.5 > temporal_iou(*TIE_HIT)
+    assert temporal_iou(*TIE_MISS, hull=True) < 0.5 < temporal_iou(*TIE_MISS)
+    for (pred, gt), hit in ((TIE_HIT, 100.0), (TIE_MISS, 0.0)):
+        r = recall_at_iou([[pred]], [gt], thresholds=(0.5,))
+        assert r["R1@0.5"] == hit, (pred, gt)
+        assert r["mIoU"] == 100 * temporal_iou(pred, gt, hull=True)
+        # among several GT windows the one of highest IoU counts, still by the span
+        assert recall_at_iou([[pred]], [[[20, 30], gt]], thresholds=(0.5,))["R1@0.5"] == hit
+
+
+def test_charades_cli_exact_half_iou(tmp_path, capsys):
+    (tmp_path / "gt.txt").write_text(
+        "AAAAA 1.2 4.2##a person sits.\nBBBBB 1.6 6.8##a person eats.\nCCCCC 0.6 3.0##a person runs.\n"
+    )
+    preds = [{"qid": 0, "pred_relevant_windows": [[0.6, 3.0]]},
+             {"qid": 1, "pred_relevant_windows": [[2.9, 9.4]]},
+             {"qid": 2, "pred_relevant_windows": [[1.2, 4.2]]}]
+    (tmp_path / "pred.jsonl").write_text("\n".join(json.dumps(p) for p in preds))
+    assert charades.main(["--gt", str(tmp_path / "gt.txt"), "--pred", str(tmp_path / "pred.jsonl"),
+                          "--thresholds", "0.5"]) == 0
+    # hit, miss, hit (the span is symmetric); by the length-sum union: miss, hit, miss
+    assert json.loads(capsys.readouterr().out)["R1@0.5"] == pytest.approx(200 / 3)

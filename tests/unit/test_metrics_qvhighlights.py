@@ -142,3 +142,46 @@ def test_highlight_hit1_and_padding():
     # top clip past the video -> miss; short prediction is zero-padded for AP
     assert highlight_metrics([[0, 0, 0, 5]], gt, 2)["HL-Hit1"] == 0.0
     assert highlight_metrics([None], gt, 2)["HL-Hit1"] == 0.0
+
+
+# --- thresholds at an exact 0.5 and the unmatched queries ------------------------------------
+
+
+def _gt_row(qid, window):
+    return {"qid": qid, "duration": 10, "relevant_windows": [window],
+            "relevant_clip_ids": [0, 1], "saliency_scores": [[4, 4, 4], [2, 2, 2]]}
+
+
+def test_r1_at_exact_half_uses_the_span_and_map_the_length_sum():
+    # Moment-DETR: R1 by `compute_temporal_iou_batch_paired` (overlap / span), AP by
+    # `..._batch_cross` (overlap / (len + len - overlap)). [0.6, 3.0] vs [1.2, 4.2]: 1.8 / 3.6 = 0.5
+    # exactly, 1.8 / 3.6000000000000005 < 0.5; [2.9, 9.4] vs [1.6, 6.8]: 3.9 / 7.800000000000001
+    # < 0.5, 3.9 / 7.799999999999999 > 0.5 (test_metrics_mr has the float64 arithmetic)
+    gt = [_gt_row(1, [1.2, 4.2]), _gt_row(2, [1.6, 6.8])]
+    sub = [{"qid": 1, "pred_relevant_windows": [[0.6, 3.0, 1.0]]},
+           {"qid": 2, "pred_relevant_windows": [[2.9, 9.4, 1.0]]}]
+    for rows, r1, ap in ((gt[:1], 100.0, 0.0), (gt[1:], 0.0, 100.0)):
+        qids = {d["qid"] for d in rows}
+        out = eval_qvhighlights([d for d in sub if d["qid"] in qids], rows, digits=None)
+        assert out["full"]["MR-R1"]["0.5"] == r1
+        assert out["full"]["MR-mAP"]["0.5"] == ap
+
+
+def test_no_match_number_drops_unmatched_queries(tmp_path, capsys):
+    gt = [_gt_row(1, [0, 4]), _gt_row(2, [4, 8])]
+    sub = [{"qid": 1, "pred_relevant_windows": [[0, 4, 1.0]], "pred_saliency_scores": [1.0, 0.5]},
+           {"qid": 3, "pred_relevant_windows": [[0, 4, 1.0]]}]  # 3 is not in the GT
+    out = eval_qvhighlights(sub, gt, match_number=False)
+    # official match_number=False: only qid 1 is scored (2 has no prediction, 3 no GT): its window
+    # is exact (R1 100, AP 100) and its top clip 0 has scores 4, 4, 4 (HIT@1 100 at VeryGood);
+    # scoring qid 2 as a miss would have halved R1, mAP and HIT@1
+    assert out["brief"]["MR-full-R1@0.5"] == 100.0
+    assert out["brief"]["MR-full-mAP"] == 100.0
+    assert out["brief"]["HL-min-VeryGood-Hit1"] == 100.0
+    with pytest.raises(ValueError, match="qids of ground truth and submission differ"):
+        eval_qvhighlights(sub, gt)
+    qvhighlights.write_jsonl(gt, tmp_path / "gt.jsonl")
+    qvhighlights.write_jsonl(sub, tmp_path / "pred.jsonl")
+    argv = ["--gt", str(tmp_path / "gt.jsonl"), "--pred", str(tmp_path / "pred.jsonl")]
+    assert qvhighlights.main(argv + ["--no-match-number"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))

@@ -1,32 +1,60 @@
 """Dense video captioning metrics and CLI: localization P/R/F1, METEOR, CIDEr and SODA_c.
 
-    python -m timeexpert.eval.dvc --gt val_1.json --pred submission.json
+    python -m timeexpert.eval.dvc --gt val_1.json --pred submission.json [--protocol timechat]
 
 Ground truth: ActivityNet Captions / YouCook2 json ``{vid: {"duration", "timestamps": [[s, e]...],
 "sentences": [...]}}``. Predictions: the ActivityNet challenge json ``{"results": {vid:
 [{"timestamp": [s, e], "sentence": "..."}, ...]}}`` (a bare ``{vid: [...]}`` is accepted too).
 
-References and conventions (all figures in percent):
+Two protocols; the JSON printed names the one used (all figures in percent):
 
-- Localization precision/recall at tIoU 0.3/0.5/0.7/0.9: the ActivityNet dense-captioning
-  evaluator (ranjaykrishna/densevid_eval `evaluate.py`, 2018 version, `evaluate_detection`): per
-  video, a prediction (ground truth) is covered when some ground truth (prediction) has IoU >
-  tIoU (strict); precision and recall are averaged over the GT videos, then over tIoUs. F1 is
-  2PR/(P+R) of the averaged P and R (as PDVC reports it).
-- METEOR and CIDEr: the same evaluator's `evaluate_tiou`: every prediction is paired with each GT
-  caption of IoU >= tIoU, or with the garbage reference 'abc123!@#' when none; the scorer runs per
-  video on that video's pairs, videos are averaged, then tIoUs. pycocoevalcap's PTB tokenizer,
-  METEOR 1.5 jar and CIDEr (IDF over the video's own pairs, as the official per-video call).
-- SODA_c: fujiso/SODA `soda.py` type "c": predictions and GT sorted by start, the DP alignment
-  maximising the sum of IoU x METEOR, F1 of (sum / #predictions, sum / #GT) over the whole set.
-  The official code scores METEOR with the GT caption as hypothesis and the prediction as
-  reference (its `compute_score(res, gt)` argument order); we keep that so the numbers match. The
-  official code prints precision and recall swapped; F1 is symmetric, ours are labelled right.
-- IoU: `events.temporal_iou`, adjusted by the official evaluators' 1e-8 in the denominator, so a
-  pair exactly at the threshold (IoU 0.5 vs tIoU 0.5) is a miss as there (`official_eps=False` for
-  plain IoU).
-- Missing videos count as empty predictions (P = R = METEOR = CIDEr = 0 for that video, its GT
-  events in SODA's denominator); the official evaluators drop them or fail.
+- `timechat`, the default: TimeChat's `metrics/dvc/eval_dvc.py`, the evaluation whose numbers
+  TimeChat, VTG-LLM, TRACE and TimeExpert report.
+- `densevid`: the ActivityNet Captions evaluator (ranjaykrishna/densevid_eval `evaluate.py`, 2018
+  version, before it switched to a random reference), with F1 of the averaged P and R as PDVC
+  reports it.
+
+Both:
+
+- Localization precision/recall at tIoU 0.3/0.5/0.7/0.9 (`evaluate_detection(s)`): per video, a
+  prediction (ground truth) is covered when some ground truth (prediction) has IoU > tIoU
+  (strict); precision and recall are averaged over the GT videos, then over tIoUs.
+- METEOR and CIDEr (`evaluate_tiou` / `evaluate_caption_scores`): every prediction is paired with
+  each GT caption of IoU >= tIoU, or with a reference that matches nothing when there is none; the
+  scorer runs per video on that video's pairs, videos are averaged, then tIoUs. pycocoevalcap's PTB
+  tokenizer, METEOR 1.5 jar and CIDEr (IDF over the video's own pairs, as the official per-video
+  call). Non-ASCII characters become spaces first, as densevid_eval and SODA do (TimeChat hands
+  them to the tokenizer, where they become whatever the Java platform charset makes of them).
+- IoU (`official_iou`): overlap / (span from the earliest start to the latest end + 1e-8). The
+  official `min(span, length A + length B)` is the span whenever the windows overlap, and the
+  1e-8 makes a pair exactly at the threshold (IoU 0.5 vs tIoU 0.5) a miss, as there.
+- SODA_c as the official code computes it (fujiso/SODA `soda.py` type "c", one reference file):
+  per video, predictions and GT sorted by their written start, the DP alignment maximising the
+  sum of IoU x METEOR, precision = sum / #predictions, recall = sum / #GT, and their F-measure;
+  `SODA_c`, `SODA_c-precision` and `SODA_c-recall` are the means of these over videos. METEOR has
+  the GT caption as hypothesis and the prediction as reference (the official `compute_score(res,
+  gt)` argument order). A window written end-first is kept as written (IoU 0 with everything).
+  TimeChat's copy of SODA (`sodac`) aligns in file order with its own [min, max] IoU, and with more
+  than 10 predictions in a video it pairs METEOR scores with the wrong predictions (their keys are
+  sorted as strings); we follow the official code, which the papers cite.
+- Missing videos count as empty predictions: P = R = F1 = METEOR = CIDEr = SODA_c = 0 for that
+  video, as TimeChat and densevid_eval count them (the official SODA leaves them out).
+
+Where they differ (timechat / densevid):
+
+- F1, and F1@tIoU likewise: per video, 2PR/(P+R) of that video's tIoU-averaged P and R, then
+  averaged over videos / 2PR/(P+R) of the averaged P and R.
+- The reference of a prediction that no GT caption matches (METEOR, CIDEr): a random string of
+  10-20 lowercase letters / the fixed `abc123!@#`.
+- Windows written end-first, in P/R and the METEOR pairing: read as [min, max], as TimeChat's
+  `iou` does / as written (IoU 0).
+- Proposals per video: all / the first 1000.
+
+METEOR pools the statistics of a video's pairs, so the unmatched reference's length counts in
+its recall: one word for the random string, four tokens for `abc123!@#` (METEOR's `-norm` splits
+it into `abc123 ! @ #`). TimeChat draws the random strings unseeded; we draw them from
+`random.Random(UNMATCHED_SEED)` (seed 0), so the output is the same on every run. Any seed gives
+the same score unless a random string happens to be a word of the prediction it is paired with.
 """
 
 from __future__ import annotations
@@ -35,6 +63,8 @@ import argparse
 import importlib.util
 import json
 import pathlib
+import random
+import string
 import subprocess
 import sys
 import threading
@@ -45,7 +75,10 @@ import numpy as np
 from timeexpert.events import temporal_iou
 
 DVC_TIOUS: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
-GARBAGE_REFERENCE = "abc123!@#"  # densevid_eval's reference for a prediction that matches nothing
+PROTOCOLS: tuple[str, ...] = ("timechat", "densevid")
+GARBAGE_REFERENCE = "abc123!@#"  # densevid_eval 2018's reference for a prediction that matches nothing
+UNMATCHED_SEED = 0  # seeds the random references of the timechat protocol (module doc)
+DENSEVID_MAX_PROPOSALS = 1000  # densevid_eval's --max-proposals-per-video
 _PTB_PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",",
                      ":", "-", "--", "...", ";"}  # pycocoevalcap PTBTokenizer
 
@@ -56,15 +89,14 @@ def remove_nonascii(text: str) -> str:
 
 
 def official_iou(pred_P2: Any, gt_G2: Any, official_eps: bool = True) -> np.ndarray:
-    """`temporal_iou` with densevid_eval's `inter / (union + 1e-8)` when `official_eps`."""
+    """densevid_eval / TimeChat / SODA IoU: overlap / (span + 1e-8); `official_eps=False` drops the 1e-8.
+
+    Windows are taken as written (an end-first one has IoU 0); the timechat protocol reads them as
+    [min, max] before calling this.
+    """
     pred_P2 = np.asarray(pred_P2, dtype=np.float64).reshape(-1, 2)
     gt_G2 = np.asarray(gt_G2, dtype=np.float64).reshape(-1, 2)
-    iou = temporal_iou(pred_P2, gt_G2)
-    if not official_eps:
-        return iou
-    lengths = (pred_P2[:, 1] - pred_P2[:, 0])[:, None] + (gt_G2[:, 1] - gt_G2[:, 0])[None, :]
-    union = lengths / (1.0 + iou)  # union = la + lb - inter and inter = iou * union
-    return np.divide(iou * union, union + 1e-8, out=np.zeros_like(iou), where=union > 0)
+    return temporal_iou(pred_P2, gt_G2, hull=True, eps=1e-8 if official_eps else 0.0)
 
 
 # --- java scorers from pycocoevalcap ------------------------------------------------------------
@@ -199,7 +231,10 @@ def soda_dp(score_GP: np.ndarray) -> float:
     return float(prev[-1])
 
 
-def _normalize_predictions(pred: Mapping[str, Any], max_proposals: int) -> dict[str, list[dict]]:
+def _normalize_predictions(
+    pred: Mapping[str, Any], max_proposals: int | None
+) -> dict[str, list[dict]]:
+    """{vid: [{"timestamp": [s, e] as written, "sentence"}]}, the first `max_proposals` of each."""
     results = pred.get("results", pred) if isinstance(pred, Mapping) else None
     if not isinstance(results, Mapping):
         raise ValueError("DVC predictions must be {'results': {vid: [{'timestamp', 'sentence'}]}}")
@@ -208,25 +243,39 @@ def _normalize_predictions(pred: Mapping[str, Any], max_proposals: int) -> dict[
         rows = []
         for item in list(items)[:max_proposals]:
             s, e = (float(x) for x in item["timestamp"])
-            rows.append({"timestamp": [min(s, e), max(s, e)], "sentence": str(item.get("sentence", ""))})
+            rows.append({"timestamp": [s, e], "sentence": str(item.get("sentence", ""))})
         out[str(vid)] = rows
     return out
+
+
+def _read_windows(windows: Any, protocol: str) -> np.ndarray:
+    """Windows as the protocol's P/R and pairing IoU reads them: TimeChat's `iou` takes each as
+    [min, max], densevid_eval as written."""
+    w_N2 = np.asarray(windows, dtype=np.float64).reshape(-1, 2)
+    return np.sort(w_N2, axis=1) if protocol == "timechat" else w_N2
 
 
 def eval_dvc(
     ground_truth: Mapping[str, Mapping[str, Any]],
     predictions: Mapping[str, Any],
     tious: Sequence[float] = DVC_TIOUS,
-    max_proposals: int = 1000,
+    max_proposals: int | None = None,
     captions: bool = True,
     official_eps: bool = True,
+    protocol: str = "timechat",
 ) -> dict[str, float]:
     """All DVC metrics (percent): Precision/Recall/F1, METEOR, CIDEr, SODA_c, and per-tIoU figures.
 
-    `captions=False` skips METEOR/CIDEr/SODA_c (no java needed). Conventions in the module doc.
+    `protocol`: "timechat" (default) or "densevid" (module doc). `max_proposals` per video: None
+    takes the protocol's (all for timechat, 1000 for densevid). `captions=False` skips
+    METEOR/CIDEr/SODA_c (no java needed).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     if not ground_truth:
         raise ValueError("DVC ground truth is empty")
+    if max_proposals is None and protocol == "densevid":
+        max_proposals = DENSEVID_MAX_PROPOSALS
     preds = _normalize_predictions(predictions, max_proposals)
     vids = list(ground_truth)
     gts = {}
@@ -238,62 +287,80 @@ def eval_dvc(
             )
         gts[vid] = ([[float(a), float(b)] for a, b in g["timestamps"]], [str(s) for s in g["sentences"]])
     ious = {
-        vid: official_iou([p["timestamp"] for p in preds.get(vid, [])], gts[vid][0], official_eps)
+        vid: official_iou(_read_windows([p["timestamp"] for p in preds.get(vid, [])], protocol),
+                          _read_windows(gts[vid][0], protocol), official_eps)
         for vid in vids
     }
+    # per video and tIoU: the share of predictions (GT events) covered
+    prec_VT = np.zeros((len(vids), len(tious)))
+    rec_VT = np.zeros((len(vids), len(tious)))
+    for v, vid in enumerate(vids):
+        iou_PG = ious[vid]
+        if iou_PG.shape[0] and iou_PG.shape[1]:
+            for j, t in enumerate(tious):
+                covered_PG = iou_PG > t
+                prec_VT[v, j] = covered_PG.any(axis=1).mean()
+                rec_VT[v, j] = covered_PG.any(axis=0).mean()
     out: dict[str, float] = {}
-    prec_T, rec_T = [], []
-    for t in tious:
-        p_v, r_v = [], []
-        for vid in vids:
-            iou_PG = ious[vid]
-            covered = iou_PG > t
-            p_v.append(covered.any(axis=1).mean() if iou_PG.shape[0] else 0.0)
-            r_v.append(covered.any(axis=0).mean() if iou_PG.shape[1] and iou_PG.shape[0] else 0.0)
-        prec_T.append(100 * float(np.mean(p_v)))
-        rec_T.append(100 * float(np.mean(r_v)))
-        out[f"Precision@{t:g}"], out[f"Recall@{t:g}"] = prec_T[-1], rec_T[-1]
-        out[f"F1@{t:g}"] = _f1(prec_T[-1], rec_T[-1])
-    out["Precision"], out["Recall"] = float(np.mean(prec_T)), float(np.mean(rec_T))
-    out["F1"] = _f1(out["Precision"], out["Recall"])
+    for j, t in enumerate(tious):
+        p_t, r_t = prec_VT[:, j].mean(), rec_VT[:, j].mean()
+        out[f"Precision@{t:g}"], out[f"Recall@{t:g}"] = 100 * float(p_t), 100 * float(r_t)
+        if protocol == "timechat":
+            out[f"F1@{t:g}"] = 100 * float(_f1(prec_VT[:, j], rec_VT[:, j]).mean())
+        else:
+            out[f"F1@{t:g}"] = 100 * float(_f1(p_t, r_t))
+    out["Precision"], out["Recall"] = 100 * float(prec_VT.mean()), 100 * float(rec_VT.mean())
+    if protocol == "timechat":  # TimeChat's F1_Score: per video, then the mean over videos
+        out["F1"] = 100 * float(_f1(prec_VT.mean(axis=1), rec_VT.mean(axis=1)).mean())
+    else:
+        out["F1"] = 100 * float(_f1(prec_VT.mean(), rec_VT.mean()))
     out["num_videos"] = len(vids)
     out["num_missing"] = sum(vid not in preds for vid in vids)
     if captions:
-        out.update(_caption_metrics(vids, gts, preds, ious, tious))
+        out.update(_caption_metrics(vids, gts, preds, ious, tious, protocol))
     return out
 
 
-def _f1(p: float, r: float) -> float:
-    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+def _f1(p: Any, r: Any) -> np.ndarray:
+    """2PR/(P+R), 0 where P + R = 0; elementwise."""
+    p, r = np.asarray(p, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    return np.divide(2 * p * r, p + r, out=np.zeros_like(p + r), where=p + r > 0)
 
 
-def _caption_metrics(vids, gts, preds, ious, tious) -> dict[str, float]:
-    sentences = [GARBAGE_REFERENCE]
+def _unmatched_reference(protocol: str, rng: random.Random) -> str:
+    """The reference of a prediction that matches no GT caption (module doc)."""
+    if protocol == "densevid":
+        return GARBAGE_REFERENCE
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(10, 20)))
+
+
+def _caption_metrics(vids, gts, preds, ious, tious, protocol) -> dict[str, float]:
+    rng = random.Random(UNMATCHED_SEED)
+    # the official pairs per (tIoU, video): (prediction, reference), untokenized
+    raw_groups = []
+    for t in tious:
+        for vid in vids:
+            pairs = []
+            for p, pred in enumerate(preds.get(vid, [])):
+                matched = np.nonzero(ious[vid][p] >= t)[0]
+                # one pair per matched GT caption, as the official loop appends them
+                pairs += [(pred["sentence"], gts[vid][1][g]) for g in matched]
+                if not len(matched):
+                    pairs.append((pred["sentence"], _unmatched_reference(protocol, rng)))
+            raw_groups.append(pairs)
+    sentences = {s for pairs in raw_groups for pair in pairs for s in pair}
     for vid in vids:
-        sentences += gts[vid][1] + [p["sentence"] for p in preds.get(vid, [])]
+        sentences.update(gts[vid][1] + [p["sentence"] for p in preds.get(vid, [])])
+    sentences = sorted(sentences)
     tokenized = dict(zip(sentences, ptb_tokenize([remove_nonascii(s) for s in sentences])))
-    garbage = tokenized[GARBAGE_REFERENCE]
+    groups = [[(tokenized[h], [tokenized[r]]) for h, r in pairs] for pairs in raw_groups]
+    cider_G = [100 * cider(pairs) if pairs else 0.0 for pairs in groups]
     out: dict[str, float] = {}
     with Meteor() as meteor:
-        # densevid_eval pairs per (tIoU, video)
-        groups, cider_T = [], []
-        for t in tious:
-            cider_v = []
-            for vid in vids:
-                pairs = []
-                for p, pred in enumerate(preds.get(vid, [])):
-                    hyp = tokenized[pred["sentence"]]
-                    matched = np.nonzero(ious[vid][p] >= t)[0]
-                    refs = [tokenized[gts[vid][1][g]] for g in matched] or [garbage]
-                    # one pair per matched GT caption, as the official loop appends them
-                    pairs += [(hyp, [r]) for r in refs]
-                groups.append(pairs)
-                cider_v.append(100 * cider(pairs) if pairs else 0.0)
-            cider_T.append(float(np.mean(cider_v)))
-        meteor_scores = meteor.score_groups(groups)
+        meteor_G = [100 * score for score, _ in meteor.score_groups(groups)]
         n = len(vids)
-        meteor_T = [100 * float(np.mean([s for s, _ in meteor_scores[i * n : (i + 1) * n]]))
-                    for i in range(len(tious))]
+        meteor_T = [float(np.mean(meteor_G[j * n : (j + 1) * n])) for j in range(len(tious))]
+        cider_T = [float(np.mean(cider_G[j * n : (j + 1) * n])) for j in range(len(tious))]
         for t, m, c in zip(tious, meteor_T, cider_T):
             out[f"METEOR@{t:g}"], out[f"CIDEr@{t:g}"] = m, c
         out["METEOR"], out["CIDEr"] = float(np.mean(meteor_T)), float(np.mean(cider_T))
@@ -302,32 +369,32 @@ def _caption_metrics(vids, gts, preds, ious, tious) -> dict[str, float]:
 
 
 def _soda_c(vids, gts, preds, tokenized, meteor: Meteor) -> dict[str, float]:
-    """fujiso/SODA type c over all videos: one METEOR batch for every (GT, prediction) pair."""
-    groups, shapes, iou_mats = [], [], []
+    """fujiso/SODA type c (`SODA.evaluate`): precision, recall and F-measure per video, averaged.
+
+    One METEOR batch for every (GT, prediction) pair of every video.
+    """
+    groups, iou_mats = [], []
     for vid in vids:
+        # the official sorts by the written start, stably (`sorted(..., key=x["timestamp"][0])`)
         g_order = sorted(range(len(gts[vid][0])), key=lambda i: gts[vid][0][i][0])
         p_list = sorted(preds.get(vid, []), key=lambda p: p["timestamp"][0])
         g_caps = [tokenized[gts[vid][1][i]] for i in g_order]
         p_caps = [tokenized[p["sentence"]] for p in p_list]
         # official argument order: the GT caption is the hypothesis, the prediction the reference
         groups.append([(g, [p]) for g in g_caps for p in p_caps])
-        shapes.append((len(g_caps), len(p_caps)))
-        iou_mats.append(
-            official_iou([gts[vid][0][i] for i in g_order], [p["timestamp"] for p in p_list])
-            if p_list else np.zeros((len(g_caps), 0))
-        )
-    total, n_pred, n_gold = 0.0, 0, 0
-    for (num_g, num_p), iou_GP, (_, seg) in zip(shapes, iou_mats, meteor.score_groups(groups)):
-        if num_p:
-            total += soda_dp(iou_GP * np.asarray(seg).reshape(num_g, num_p))
-        n_gold += num_g
-        n_pred += num_p
-    precision = total / n_pred if n_pred else 0.0
-    recall = total / n_gold if n_gold else 0.0
+        iou_mats.append(official_iou([gts[vid][0][i] for i in g_order], [p["timestamp"] for p in p_list]))
+    prf_V3 = np.zeros((len(vids), 3))
+    for v, (iou_GP, (_, seg)) in enumerate(zip(iou_mats, meteor.score_groups(groups))):
+        num_g, num_p = iou_GP.shape
+        if num_g and num_p:
+            total = soda_dp(iou_GP * np.asarray(seg).reshape(num_g, num_p))
+            precision, recall = total / num_p, total / num_g
+            prf_V3[v] = precision, recall, _f1(precision, recall)
+    precision, recall, f_measure = 100 * prf_V3.mean(axis=0)
     return {
-        "SODA_c": 100 * _f1(precision, recall),
-        "SODA_c-precision": 100 * precision,
-        "SODA_c-recall": 100 * recall,
+        "SODA_c": float(f_measure),
+        "SODA_c-precision": float(precision),
+        "SODA_c-recall": float(recall),
     }
 
 
@@ -343,16 +410,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gt", required=True, help="ActivityNet/YouCook2 GT json {vid: {...}}")
     parser.add_argument("--pred", required=True, help="prediction json {'results': {vid: [...]}}")
     parser.add_argument("--tious", type=float, nargs="+", default=list(DVC_TIOUS))
-    parser.add_argument("--max-proposals", type=int, default=1000, help="per video, as densevid_eval")
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="timechat",
+        help="timechat: TimeChat's eval_dvc.py, what the VTG-LLM papers report (per-video F1, "
+        "random unmatched reference); densevid: the ActivityNet evaluator (F1 of the averaged P "
+        "and R, reference 'abc123!@#'). SODA_c is the official fujiso/SODA one in both",
+    )
+    parser.add_argument("--max-proposals", type=int, default=None,
+                        help="per video (default: the protocol's: all for timechat, 1000 for densevid)")
     parser.add_argument("--no-captions", action="store_true", help="localization only (no java)")
     args = parser.parse_args(argv)
     try:
         metrics = eval_dvc(load_json(args.gt), load_json(args.pred), args.tious,
-                           args.max_proposals, captions=not args.no_captions)
+                           args.max_proposals, captions=not args.no_captions, protocol=args.protocol)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(metrics, indent=4))
+    print(json.dumps({"protocol": args.protocol, **metrics}, indent=4))
     return 0
 
 

@@ -14,7 +14,8 @@ by task:
   3-annotator figures come from the official files (`timeexpert.eval.qvhighlights`). The
   prediction's saliency is used when given, else derived from its scored windows. The MR
   metrics of its windows are reported too when the records have windows.
-- DVC: `timeexpert.eval.dvc.eval_dvc` (P/R/F1 at tIoU 0.3-0.9, METEOR, CIDEr, SODA_c).
+- DVC: `timeexpert.eval.dvc.eval_dvc` under its default `timechat` protocol (P/R/F1 at tIoU
+  0.3-0.9, F1 per video then averaged, METEOR, CIDEr, SODA_c), the one the papers report.
 
 Every result carries `parse_failure_rate` (percent of records whose prediction was missing or
 could not be parsed) and `num_records`.

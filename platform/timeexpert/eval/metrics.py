@@ -11,9 +11,12 @@ Two families, two references:
   interpolation; the video2gif `get_ap` for highlight AP). Output dict has the official keys and
   structure, values rounded to two decimals like the official scorer.
 
-IoU is `timeexpert.events.temporal_iou` everywhere. It equals the official one where it matters:
-Moment-DETR's paired IoU divides by the hull of the two windows ("not the correct union"), which is
-the union whenever they overlap and irrelevant when they do not (intersection 0).
+IoU is `timeexpert.events.temporal_iou`, with the formula of the official code at each threshold:
+R@k and mIoU divide the overlap by the hull of the two windows, the span from the earliest start
+to the latest end (`hull=True`: 2D-TAN's `iou`, TimeChat's `eval_tvg.py`, Moment-DETR's
+`compute_temporal_iou_batch_paired`, "not the correct union"); the detection AP divides by
+length + length - overlap (Moment-DETR's `compute_temporal_iou_batch_cross`). The two are equal in
+exact arithmetic but round differently, and one-decimal windows often sit exactly on 0.5 or 0.7.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ def recall_at_iou(
     None / [] when the answer could not be parsed — that query counts as a miss (IoU 0).
     `ground_truths[i]`: its ground-truth window(s); with several, the best-matching one counts
     (Charades-STA and ActivityNet have one per query). A hit is IoU >= threshold, as in 2D-TAN's
-    and Moment-DETR's scorers. Keys: "R1@0.3", ..., "R5@0.7" (for k in `ks`), "mIoU", "num_queries".
+    and Moment-DETR's scorers, with their hull IoU; among several ground-truth windows the one of
+    highest length-sum IoU is taken (the first on ties), as Moment-DETR's `compute_mr_r1` picks it.
+    Keys: "R1@0.3", ..., "R5@0.7" (for k in `ks`), "mIoU", "num_queries".
     """
     if len(predictions) != len(ground_truths):
         raise ValueError(
@@ -84,7 +89,9 @@ def recall_at_iou(
         pred_K2 = _windows(pred)[:k_max, :2]
         gt_G2 = _windows(gt)[:, :2]
         if len(pred_K2) and len(gt_G2):
-            best_Q_K[i, : len(pred_K2)] = temporal_iou(pred_K2, gt_G2).max(axis=1)
+            match_K = temporal_iou(pred_K2, gt_G2).argmax(axis=1)
+            hull_KG = temporal_iou(pred_K2, gt_G2, hull=True)
+            best_Q_K[i, : len(pred_K2)] = hull_KG[np.arange(len(pred_K2)), match_K]
     out: dict[str, float] = {}
     for k in ks:
         hit_Q = best_Q_K[:, :k].max(axis=1) if n else np.zeros(0)
@@ -202,8 +209,8 @@ def qvh_mr_r1(
 ) -> dict[str, float]:
     """Moment-DETR `compute_mr_r1`: top-1 window vs its best-matching GT window, IoU >= threshold.
 
-    Percent, unrounded. Over the ground-truth queries; a missing or empty prediction is a miss
-    (the official scorer would fail on it).
+    Percent, unrounded, with the official hull IoU (`recall_at_iou`). Over the ground-truth
+    queries; a missing or empty prediction is a miss (the official scorer would fail on it).
     """
     pred_by_qid = {d["qid"]: d.get("pred_relevant_windows") or [] for d in submission}
     r = recall_at_iou(
@@ -338,10 +345,10 @@ def eval_qvhighlights(
 
     `submission`: official prediction rows (qid, pred_relevant_windows [[st, ed, score]...],
     pred_saliency_scores); `ground_truth`: official GT rows. With `match_number` the qids must be
-    the same sets (the official check); otherwise only GT queries are scored, and a GT query without
-    a prediction is a miss. MR metrics are computed when any row has `pred_relevant_windows`, HL
-    metrics when any has `pred_saliency_scores`. Values rounded to `digits` like the official
-    scorer (None: unrounded).
+    the same sets (the official check); without it, as the official `match_number=False`, only the
+    queries in both are scored: a GT query without a prediction row is left out, not a miss. MR
+    metrics are computed when any row has `pred_relevant_windows`, HL metrics when any has
+    `pred_saliency_scores`. Values rounded to `digits` like the official scorer (None: unrounded).
     """
     if not ground_truth:
         raise ValueError("ground truth is empty")
@@ -352,9 +359,14 @@ def eval_qvhighlights(
         raise ValueError(
             f"qids of ground truth and submission differ: {len(missing)} missing "
             f"(e.g. {sorted(missing, key=str)[:3]}), {len(extra)} extra "
-            f"(e.g. {sorted(extra, key=str)[:3]}); pass match_number=False to score the GT queries only"
+            f"(e.g. {sorted(extra, key=str)[:3]}); pass match_number=False to score the queries "
+            "in both only"
         )
-    submission = [d for d in submission if d["qid"] in gt_qids]
+    shared = gt_qids & set(pred_qids)
+    if not shared:
+        raise ValueError("no qid of the submission is in the ground truth: are they the same split?")
+    submission = [d for d in submission if d["qid"] in shared]
+    ground_truth = [d for d in ground_truth if d["qid"] in shared]
     metrics: dict[str, Any] = {}
     brief: dict[str, float] = {}
     if any("pred_relevant_windows" in d for d in submission):

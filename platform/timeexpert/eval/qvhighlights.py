@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-match-number",
         action="store_true",
-        help="score the GT queries only instead of requiring the same qids (missing = miss)",
+        help="official match_number=False: instead of requiring the same qids, score only the "
+        "queries in both files (a GT query without a prediction row is left out, not a miss)",
     )
     parser.add_argument(
         "--skip-empty",
