@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -450,6 +451,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             full = ckpt.load_weights(d)
     else:
         full = create_model(mconfig).state_dict()  # seeded: identical on every rank
+    # the shard's first batch (its split and iterator starting up, a second or two) is fetched
+    # in a thread while the model and the optimizers build
+    shard = ray.train.get_dataset_shard("train")
+    segments = mconfig.num_frames if _draws_segments(cfg) else 0
+    batches = _batches(shard, cfg, state["epoch"], state["batch_in_epoch"], rank, segments)
+    prefetch = ThreadPoolExecutor(max_workers=1)
+    first_batch = prefetch.submit(next, batches)
+    prefetch.shutdown(wait=False)
     model = parallel.build_sharded_model(TimeExpertForGrounding, mconfig, groups, full)
     del full
     model.train()
@@ -475,9 +484,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
               f"steps {state['step'] + 1}..{cfg.num_steps}", flush=True)
 
     # --- loop --------------------------------------------------------------------------------
-    shard = ray.train.get_dataset_shard("train")
-    segments = mconfig.num_frames if _draws_segments(cfg) else 0
-    batches = _batches(shard, cfg, state["epoch"], state["batch_in_epoch"], rank, segments)
     window: dict[str, Any] = {}  # sums over the window; tensors until the report (no host sync)
     window_tokens, window_time = 0, 0.0
     forward = optim.forward_module()
@@ -489,7 +495,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         if rank == 0 and cfg.profile_steps and step == first_profiled:
             profiler = _start_profiler()
-        batch, epoch, index = next(batches)
+        batch, epoch, index = next(batches) if first_batch is None else first_batch.result()
+        first_batch = None
         inputs = tokenize_batch(batch, tokenizer, mconfig, model)
         lr = cfg.learning_rate(step)
         optim.set_lr(lr)
@@ -522,10 +529,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            ("loss_score", out.loss_score), ("loss_text", out.loss_text),
                            ("aux_loss", out.aux_loss), ("z_loss", out.z_loss)):
             window[key] = window.get(key, 0.0) + value.detach()
-        for key, on in (("loss_frames", mconfig.frame_relevance), ("loss_words", mconfig.frame_words)):
-            if on:  # every rank has the key (all-reduced by name)
-                value = getattr(out, key)
-                window[key] = window.get(key, 0.0) + (0.0 if value is None else value.detach())
+        if mconfig.frame_relevance:  # every rank has the key (all-reduced by name)
+            value = out.loss_frames
+            window["loss_frames"] = window.get("loss_frames", 0.0) + (
+                0.0 if value is None else value.detach())
         if mconfig.evidence is not None:  # D2VLM; every rank has the key (all-reduced by name)
             for key in ("loss_grounding", "loss_consistency"):
                 value = getattr(out, key)
@@ -669,8 +676,8 @@ def _progress_line(cfg: TrainConfig, m: dict[str, float]) -> str:
         f"(time {m['loss_time']:.3f} score {m['loss_score']:.3f} text {m['loss_text']:.3f} "
         f"aux {m['aux_loss']:.4f} z {m['z_loss']:.4f}"
         + (f" frames {m['loss_frames']:.3f}" if "loss_frames" in m else "")
-        + (f" words {m['loss_words']:.3f}" if "loss_words" in m else "")
-        + f") {m['tokens_per_s']:.0f} tok/s "
+        + f") {m['tokens_per_s']:.0f} tok/s, {m['time/step']:.2f} s/step (data "
+        f"{m['time/data']:.2f}, sync {m['time/grad_sync']:.2f}) "
         f"experts {m['experts/num_active']:.1f} active, {m['experts/mean_active']:.2f}/token"
     )
 

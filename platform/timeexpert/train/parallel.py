@@ -212,8 +212,10 @@ class Optimizers:
         self.engine = None
         local = self.routed if zero_stage else self.routed + self.dense
         self.local_params = local
+        # foreach: one multi-tensor kernel per moment instead of a Python loop over parameters
+        # (the default only on CUDA; on CPU about a third less optimizer time)
         self.local = torch.optim.AdamW([p for _, p in local] or [nn.Parameter(torch.zeros(1))],
-                                       lr=lr, weight_decay=weight_decay)
+                                       lr=lr, weight_decay=weight_decay, foreach=True)
         if zero_stage and self.dense:
             self.engine = _deepspeed_engine(model, [p for _, p in self.dense], groups, lr=lr,
                                             weight_decay=weight_decay, grad_clip=grad_clip,
