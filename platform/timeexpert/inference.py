@@ -12,14 +12,12 @@ truncation.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from timeexpert.checkpoints import local_checkpoint
 from timeexpert.events import EOS, SWITCH, Event, Task, TokenType
 
 
@@ -114,22 +112,15 @@ class GroundingModel:
 
     @classmethod
     def load(cls, uri: str, *, device: str = "cpu") -> "GroundingModel":
-        """Load model + tokenizer saved by `save` from a local dir, `file://` or `s3://` URI.
-
-        Remote checkpoints are copied to a local temp dir through `timeexpert.storage` first.
-        """
+        """Load model + tokenizer saved by `save` from any checkpoint URI of
+        `timeexpert.checkpoints` (a local dir, `file://`, `s3://`, `models:/`, `runs:/`); a
+        remote copy is removed once both are in memory."""
         from timeexpert.models.timeexpert import TimeExpertForGrounding
         from timeexpert.models.tokenizer import GroundingTokenizer
 
-        local, is_copy = _local_checkpoint_dir(uri)
-        try:
-            if not os.path.isfile(os.path.join(local, "config.json")):
-                raise ValueError(f"{uri!r} is not a TimeExpert checkpoint (no config.json)")
+        with local_checkpoint(uri) as local:
             model = TimeExpertForGrounding.from_pretrained(local).eval()
             tokenizer = GroundingTokenizer.from_pretrained(local)
-        finally:
-            if is_copy:  # everything is in memory now
-                shutil.rmtree(local, ignore_errors=True)
         return cls(model, tokenizer, device=device)
 
     def save(self, path: str) -> None:
@@ -344,25 +335,3 @@ def _check_compatible(config, tokenizer) -> None:
             "model config and tokenizer do not match: "
             + ", ".join(f"{k}: config {a!r} vs tokenizer {b!r}" for k, (a, b) in bad.items())
         )
-
-
-def _local_checkpoint_dir(uri: str) -> tuple[str, bool]:
-    """A local directory holding the checkpoint at `uri`, and whether it is a temporary copy
-    (remote URIs are downloaded)."""
-    from timeexpert import storage
-
-    scheme, path = storage.split_scheme(uri)
-    if scheme in ("", "file", "local"):
-        if not os.path.isdir(path):
-            raise ValueError(f"checkpoint directory {uri!r} does not exist")
-        return path, False
-    local = tempfile.mkdtemp(prefix="timeexpert-ckpt-")
-    try:
-        storage.download_dir(uri, local)
-    except FileNotFoundError:
-        shutil.rmtree(local, ignore_errors=True)
-        raise ValueError(f"checkpoint {uri!r} does not exist") from None
-    except Exception:
-        shutil.rmtree(local, ignore_errors=True)
-        raise
-    return local, True

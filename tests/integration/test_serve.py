@@ -170,7 +170,7 @@ def test_mlflow_checkpoint_uri(tmp_path, monkeypatch):
     """A checkpoint logged to MLflow is found through runs:/ and through the registry (models:/)."""
     import mlflow
 
-    from timeexpert.serve.deployments import local_checkpoint
+    from timeexpert.checkpoints import local_checkpoint
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -180,17 +180,20 @@ def test_mlflow_checkpoint_uri(tmp_path, monkeypatch):
     exp = mlflow.create_experiment("serve-test", artifact_location=str(tmp_path / "artifacts"))
     with mlflow.start_run(experiment_id=exp) as run:
         mlflow.log_artifacts(str(ckpt), artifact_path="checkpoint")
-    local = local_checkpoint(f"runs:/{run.info.run_id}/checkpoint")
-    assert os.path.isfile(os.path.join(local, "config.json"))
+    with local_checkpoint(f"runs:/{run.info.run_id}/checkpoint") as local:
+        assert os.path.isfile(os.path.join(local, "config.json"))
+    assert not os.path.exists(local)  # the downloaded copy is removed
     client = mlflow.MlflowClient()
     client.create_registered_model("timeexpert-tiny")
     version = client.create_model_version(
         "timeexpert-tiny", source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id
     )
-    local = local_checkpoint(f"models:/timeexpert-tiny/{version.version}")
-    assert os.path.isfile(os.path.join(local, "config.json"))
+    with local_checkpoint(f"models:/timeexpert-tiny/{version.version}") as local:
+        assert os.path.isfile(os.path.join(local, "config.json"))
+    assert not os.path.exists(local)
     with pytest.raises(ValueError, match="cannot download MLflow checkpoint"):
-        local_checkpoint("runs:/0123456789abcdef/none")
+        with local_checkpoint("runs:/0123456789abcdef/none"):
+            pass
 
 
 # --- the application ----------------------------------------------------------------------------

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,59 +28,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 
-MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
-
 
 # --- checkpoints --------------------------------------------------------------------------------
-
-
-def local_checkpoint(uri: str) -> str:
-    """A local directory holding the TimeExpert checkpoint named by `uri`.
-
-    `uri`: a local dir or file:// (used in place), s3:// (copied through `timeexpert.storage`),
-    or an MLflow URI `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/PATH` (downloaded
-    with `mlflow.artifacts`, tracking server from MLFLOW_TRACKING_URI). The checkpoint is the
-    folder holding config.json: the downloaded root or the one sub-folder that has it.
-    """
-    if uri.startswith(MLFLOW_PREFIXES):
-        import mlflow
-
-        dst = tempfile.mkdtemp(prefix="timeexpert-mlflow-")
-        try:
-            root = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
-        except Exception as err:  # mlflow raises its own MlflowException / OSError kinds
-            raise ValueError(f"cannot download MLflow checkpoint {uri!r}: {err}") from err
-        return _find_checkpoint_dir(root, uri)
-    scheme, rest = storage.split_scheme(uri)
-    if scheme == "s3":
-        dst = tempfile.mkdtemp(prefix="timeexpert-ckpt-")
-        storage.download_dir(uri, dst)
-        return _find_checkpoint_dir(dst, uri)
-    path = os.path.expanduser(rest if scheme == "" else "/" + rest.lstrip("/"))
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint directory {uri!r} does not exist")
-    return _find_checkpoint_dir(path, uri)
-
-
-def _find_checkpoint_dir(root: str, uri: str) -> str:
-    if os.path.isfile(os.path.join(root, "config.json")):
-        return root
-    found = sorted(
-        folder for folder, _, files in os.walk(root)
-        if "config.json" in files and folder.count(os.sep) - root.count(os.sep) <= 3
-    )
-    if len(found) != 1:
-        raise ValueError(
-            f"{uri!r} holds {'no' if not found else len(found)} TimeExpert checkpoint folders "
-            f"(a folder with config.json){': ' + ', '.join(found) if found else ''}; point at one"
-        )
-    return found[0]
 
 
 def load_model(uri: str, device: str = "cpu") -> "GroundingModel":
     from timeexpert.inference import GroundingModel
 
-    return GroundingModel.load(local_checkpoint(uri), device=device)
+    return GroundingModel.load(uri, device=device)  # any URI of `timeexpert.checkpoints`
 
 
 @dataclass

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -78,28 +76,6 @@ def load_optimizer_state(directory: str, rank: int) -> dict[str, Any]:
             "world size it was written with"
         )
     return torch.load(path, weights_only=False)
-
-
-class LocalCopy:
-    """`with LocalCopy(uri) as d:` a local directory holding the checkpoint at `uri`."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self._tmp: str | None = None
-
-    def __enter__(self) -> str:
-        scheme, path = storage.split_scheme(self.uri)
-        if scheme in ("", "file", "local"):
-            if not os.path.isdir(path):
-                raise ValueError(f"checkpoint directory {self.uri!r} does not exist")
-            return path
-        self._tmp = tempfile.mkdtemp(prefix="te-ckpt-")
-        storage.download_dir(self.uri, self._tmp)
-        return self._tmp
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def checkpoint_uri(checkpoint) -> str:

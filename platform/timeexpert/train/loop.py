@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from timeexpert import storage
+from timeexpert.checkpoints import local_copy
 from timeexpert.events import Event, Task, TokenType
 from timeexpert.models.token_sampling import GROUNDVTS_STAGES, StageSpec, set_stage_trainable
 from timeexpert.train.config import TrainConfig
@@ -93,9 +94,8 @@ def train_tokenizer(cfg: TrainConfig, records) -> Any:
 
 def load_tokenizer(uri: str):
     from timeexpert.models.tokenizer import GroundingTokenizer
-    from timeexpert.train.checkpoint import LocalCopy
 
-    with LocalCopy(uri) as d:
+    with local_copy(uri) as d:
         return GroundingTokenizer.from_pretrained(d)
 
 
@@ -447,7 +447,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"[rank {rank}] resumed from checkpoint at step {state['step']} (data position: "
               f"epoch {state['epoch']}, batch {state['batch_in_epoch']})", flush=True)
     elif cfg.init_from:
-        with ckpt.LocalCopy(cfg.init_from) as d:
+        with local_copy(cfg.init_from) as d:
             full = ckpt.load_weights(d)
     else:
         full = create_model(mconfig).state_dict()  # seeded: identical on every rank
