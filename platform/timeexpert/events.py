@@ -32,6 +32,7 @@ SYNC = "<sync>"  # closes a number sequence
 NUMBER_VOCAB: tuple[str, ...] = NUMBER_SYMBOLS + (SEP, SYNC)  # vocab of the time and score heads
 SWITCH = "<swi>"  # text-vocab token: an event's numbers follow (the switching token)
 EOS = "<eos>"  # text-vocab token: the answer ends
+IGNORE_INDEX = -100  # label of tokens without a loss (the prompt, padding)
 TIME_DECIMALS = 1  # timestamps are written with one decimal (0.1 s resolution)
 SCORE_DECIMALS = 1  # saliency scores likewise
 

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from timeexpert.events import EOS, NUMBER_VOCAB, SWITCH, Event, Task, TokenType, serialize_events
+from timeexpert.events import (
+    EOS,
+    IGNORE_INDEX,
+    NUMBER_VOCAB,
+    SWITCH,
+    Event,
+    Task,
+    TokenType,
+    serialize_events,
+)
 from timeexpert.models.temporal import SYNC_ID, timestamp_ids
-from timeexpert.models.tokenizer import IGNORE_INDEX, GroundingTokenizer, collate
+from timeexpert.models.tokenizer import GroundingTokenizer, collate
 
 CORPUS = [
     "a person opens the door.",

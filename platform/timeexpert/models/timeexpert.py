@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from timeexpert.config import MoEConfig
-from timeexpert.events import NUM_TOKEN_TYPES, TokenType
+from timeexpert.events import IGNORE_INDEX, NUM_TOKEN_TYPES, TokenType
 from timeexpert.models.moe import MoELayer, ExpertUpdate
 from timeexpert.models.temporal import (
     DIGIT_IDS,
@@ -70,7 +70,6 @@ from timeexpert.models.vision import (
     siglip_config_from_path,
 )
 
-IGNORE_INDEX = -100
 
 # Config fields that decide parameter shapes or the computed function: a checkpoint must agree.
 ARCHITECTURE_FIELDS = (

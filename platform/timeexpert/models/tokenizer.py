@@ -30,6 +30,7 @@ import torch
 
 from timeexpert.events import (
     EOS,
+    IGNORE_INDEX,
     NUMBER_VOCAB,
     SWITCH,
     Event,
@@ -41,7 +42,6 @@ from timeexpert.events import (
 from timeexpert.models.temporal import number_symbol_id, timestamp_ids
 
 PAD = "<pad>"
-IGNORE_INDEX = -100  # label of tokens without a loss (the prompt, padding)
 TEMPLATES_FILE = "grounding_templates.json"
 
 # One instruction per task; `{query}` is replaced by the query (DVC: an optional instruction).

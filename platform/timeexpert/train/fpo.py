@@ -25,10 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from timeexpert.events import TokenType
+from timeexpert.events import IGNORE_INDEX, TokenType
 from timeexpert.models.evidence import find_evidence, interval_log_prob, site_targets
-
-IGNORE_INDEX = -100
 
 
 @dataclass(kw_only=True)
