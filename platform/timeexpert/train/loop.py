@@ -757,8 +757,8 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
     decode_s = 0.0
     if cfg.decode_once:  # before the workers start: decoding never competes with a step
         decode_s = dataset.materialize()
-        print(f"[stage {cfg.stage}] decoded {len(dataset.records)} training videos once in "
-              f"{decode_s:.1f} s (Ray object store)", flush=True)
+        print(f"[stage {cfg.stage}] decoded the frames of {len(dataset.records)} training records "
+              f"once in {decode_s:.1f} s (Ray object store)", flush=True)
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # the same seed gives the same batches on every run
     trainer = TorchTrainer(
