@@ -33,6 +33,7 @@ from timeexpert.eval.evaluate import (  # noqa: E402
     write_predictions,
 )
 from timeexpert.events import Task  # noqa: E402
+from timeexpert.tracking import metric_key  # noqa: E402
 
 HEADLINE = {
     Task.MR: ["R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP"],
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
             for task_name, res in results.items():
                 for who, metrics in [("model", res["model"]), *res["baselines"].items()]:
                     mlflow.log_metrics({
-                        f"{task_name}/{who}/{k}".replace("@", "_at_"): float(v)
+                        metric_key(f"{task_name}/{who}/{k}"): float(v)
                         for k, v in metrics.items() if isinstance(v, (int, float))
                     })
             mlflow.log_artifacts(str(out))

@@ -20,7 +20,9 @@ import numpy as np
 _BAD_KEY = re.compile(r"[^0-9A-Za-z_\-. /:]")
 
 
-def _key(name: str) -> str:
+def metric_key(name: str) -> str:
+    """The one MLflow spelling of a metric or parameter name: characters MLflow refuses (the
+    "@" of "R1@0.5") become "_" ("mr/R1_0.5")."""
     return _BAD_KEY.sub("_", name)
 
 
@@ -70,7 +72,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(_key(k), str(v)[:6000]) for k, v in flatten(params).items()]
+    items = [Param(metric_key(k), str(v)[:6000]) for k, v in flatten(params).items()]
     c = client(tracking_uri)
     for i in range(0, len(items), 100):
         c.log_batch(run_id, params=items[i : i + 100])
@@ -80,7 +82,7 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, Any], step
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    items = [Metric(_key(k), float(v), ts, step) for k, v in metrics.items()
+    items = [Metric(metric_key(k), float(v), ts, step) for k, v in metrics.items()
              if isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(float(v))]
     c = client(tracking_uri)
     for i in range(0, len(items), 500):

@@ -67,3 +67,5 @@ def test_evaluate_job_writes_predictions_metrics_report_and_mlflow(tmp_path):
     runs = mlflow.search_runs(experiment_ids=["0"], output_format="list")
     assert len(runs) == 1
     assert any(k.startswith("mr/model/") for k in runs[0].data.metrics)
+    # one spelling with training's stage metrics (tracking.metric_key): "@" -> "_"
+    assert "mr/model/R1_0.5" in runs[0].data.metrics
