@@ -29,6 +29,7 @@ from timeexpert.models.evidence import frame_features
 
 IGNORE_FRAME = -1.0  # frame label of frames without a target (padding, tasks without one)
 RELEVANT = 0.5  # a frame the model finds more likely relevant than not
+WORD_PRIOR_LOGIT = -4.0  # initial logit of every word of the frame-words head (p about 0.018)
 
 
 class FrameRelevanceHead(nn.Module):
@@ -91,21 +92,28 @@ class FrameWordsHead(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, vocab_size)
+        # a frame names a handful of the V words: start every word at a low prior (about 2%),
+        # so the first steps learn the words, not "no word" (the focal-loss prior init)
+        nn.init.constant_(self.proj.bias, WORD_PRIOR_LOGIT)
 
     def forward(self, frames_BTD: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(frames_BTD))
 
 
 def words_loss(logits_BTV: torch.Tensor, labels_BTV: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over the frames with word targets (a frame without targets is IGNORE_FRAME in
-    every column)."""
+    """BCE summed over the vocabulary, averaged over the frames with word targets (a frame
+    without targets is IGNORE_FRAME in every column). Summed, not averaged, over the V words: a
+    frame's few words would otherwise weigh 1/V each (a mean over 1000 columns stays at the
+    prior's 0.02 and teaches nothing)."""
     if labels_BTV.shape != logits_BTV.shape:
         raise ValueError(f"frame_words must be (B, T, V) = {tuple(logits_BTV.shape)}, "
                          f"got {tuple(labels_BTV.shape)}")
     sel_BT = labels_BTV[..., 0] >= 0
     if not bool(sel_BT.any()):
         return logits_BTV.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits_BTV[sel_BT].float(), labels_BTV[sel_BT].float())
+    bce_FV = F.binary_cross_entropy_with_logits(logits_BTV[sel_BT].float(),
+                                                labels_BTV[sel_BT].float(), reduction="none")
+    return bce_FV.sum(-1).mean()
 
 
 def frame_word_labels(events: Sequence[tuple[float, float, Sequence[int]]],

@@ -152,7 +152,7 @@ class TimeExpertConfig(PretrainedConfig):
     loss_weight_frames: float = 1.0  # weight of the per-frame BCE in the loss
     frame_words: bool = False  # an auxiliary head: each frame's decoder state names the words of
     # the captions of the events it shows (multi-label BCE; needs frame_relevance)
-    loss_weight_words: float = 1.0  # weight of the frame-words BCE in the loss
+    loss_weight_words: float = 0.1  # weight of the frame-words BCE (summed over the words)
     # text ids of the answer grammar, taken from the tokenizer (`with_tokenizer`)
     switch_token_id: int | None = None  # SWITCH: the next tokens are an event's numbers
     answer_end_token_id: int | None = None  # EOS of the answer
