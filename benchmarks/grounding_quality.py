@@ -147,7 +147,8 @@ def train_variant(name: str, args, train_phases, seed: int):
     from timeexpert.models.timeexpert import create_model
     from timeexpert.presets import get_preset
     from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import model_config, set_trainable, stage_loss, tokenize_batch, train_tokenizer
+    from timeexpert.train.loop import model_config, tokenize_batch, train_tokenizer
+    from timeexpert.train.recipes import set_trainable, stage_loss
 
     preset, overrides, train_overrides = VARIANTS[name]
     overrides = {**overrides, **model_set(args.model_set)}

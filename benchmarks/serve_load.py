@@ -95,10 +95,10 @@ def in_process_model(ckpt: str, video: str):
     import torch
 
     from timeexpert.data.video import decode_frames
-    from timeexpert.serve.deployments import load_model
+    from timeexpert.inference import GroundingModel
 
     torch.set_num_threads(1)
-    gm = load_model(ckpt)
+    gm = GroundingModel.load(ckpt)
     size = gm.model.config.image_size
     decoded = decode_frames(video, num_frames=gm.model.config.num_frames, size=(size, size))
     return lambda: gm.predict(decoded.frames, decoded.timestamps, "mr", QUERY,

@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, store_path: str, args: dict, out_q) -> None:
     try:
         from timeexpert.models.timeexpert import TimeExpertForGrounding
         from timeexpert.train import parallel
-        from timeexpert.train.loop import set_trainable, stage_loss
+        from timeexpert.train.recipes import set_trainable, stage_loss
 
         config, inputs, frames = _batch(args["preset"], args["batch_size"], args["seed"] + rank,
                                         args["moe"], args["width"])
@@ -160,8 +160,8 @@ def _plain_loop(cfg_dict: dict, out_q) -> None:
     from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
     from timeexpert.train import parallel
     from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import (data_config, model_config, set_trainable, stage_loss,
-                                       tokenize_batch, train_tokenizer)
+    from timeexpert.train.loop import data_config, model_config, tokenize_batch, train_tokenizer
+    from timeexpert.train.recipes import set_trainable, stage_loss
 
     torch.set_num_threads(2)
     cfg = TrainConfig.from_dict(cfg_dict)

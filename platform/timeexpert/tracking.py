@@ -127,16 +127,24 @@ class StepLogger:
 # --- plots -------------------------------------------------------------------------------------
 
 
-def plot_expert_heatmap(routing: Mapping[str, Any], path: str, *, title: str = "") -> str | None:
-    """TimeExpert Fig. 4-style heatmap: per layer, the share of each task token type's tokens
-    that activated each expert (rows: token types, columns: expert slots). None for dense."""
-    if "pairs" not in routing:
-        return None
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend; deferred on purpose: heavy, and only
+    the plots need it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+
+def plot_expert_heatmap(routing: Mapping[str, Any], path: str, *, title: str = "") -> str | None:
+    """TimeExpert Fig. 4-style heatmap: per layer, the share of each task token type's tokens
+    that activated each expert (rows: token types, columns: expert slots). None for dense."""
+    if "pairs" not in routing:
+        return None
+    plt = _pyplot()
     pairs = np.asarray(routing["pairs"], dtype=float)  # layer x type x expert
     tokens = np.asarray(routing["tokens"], dtype=float)  # layer x type
     types = list(routing["types"])
@@ -156,13 +164,31 @@ def plot_expert_heatmap(routing: Mapping[str, Any], path: str, *, title: str = "
     return path
 
 
+def plot_token_density(density_T, timestamps_T, path: str, *, intervals=(), title: str = "") -> str:
+    """Per-frame density of kept tokens over time (PNG at `path`), ground-truth intervals shaded;
+    log it with `log_artifact_file`. GroundVTS's token-density figure."""
+    plt = _pyplot()
+    density = [float(d) for d in density_T]
+    times = [float(t) for t in timestamps_T]
+    if len(density) != len(times):
+        raise ValueError(f"got {len(density)} densities for {len(times)} timestamps")
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    for start, end in intervals:
+        ax.axvspan(start, end, color="tab:green", alpha=0.2)
+    ax.plot(times, density, marker="o", lw=1.5)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("kept tokens / frame")
+    ax.set_title(title or "token density")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(series: Mapping[str, Sequence[tuple[int, float]]], path: str, *, title: str = "") -> str:
     """Line plot of named (step, value) series, e.g. the losses or the active expert count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, points in series.items():
         if points:

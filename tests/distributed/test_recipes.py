@@ -100,7 +100,8 @@ def test_d2vlm_batches_train_the_evidence_head():
     from timeexpert.models.timeexpert import TimeExpertForGrounding
     from timeexpert.models.tokenizer import GroundingTokenizer
     from timeexpert.presets import get_preset
-    from timeexpert.train.loop import set_trainable, stage_loss, tokenize_batch
+    from timeexpert.train.loop import tokenize_batch
+    from timeexpert.train.recipes import set_trainable, stage_loss
 
     tok = GroundingTokenizer.train(["a man opens the door", "the red ball rolls"], vocab_size=400)
     cfg = get_preset("tiny_cpu").model

@@ -261,7 +261,8 @@ def test_frame_words_train_on_dvc_rows_and_join_the_loss(tok):
     relevance; its loss joins the model's and the stage's loss, and one batch is fit."""
     import json
 
-    from timeexpert.train.loop import stage_loss, word_labels
+    from timeexpert.train.loop import word_labels
+    from timeexpert.train.recipes import stage_loss
 
     with pytest.raises(ValueError, match="frame_words needs frame_relevance"):
         TimeExpertConfig(frame_words=True)

@@ -12,14 +12,17 @@ import torch
 
 from timeexpert.events import Event, Task, TokenType
 from timeexpert.models.timeexpert import TimeExpertForGrounding
-from timeexpert.models.token_sampling import (
-    MODES,
-    TokenSamplingConfig,
-    VisualTokenSampler,
-    plot_token_density,
-)
+from timeexpert.models.token_sampling import MODES, TokenSamplingConfig, VisualTokenSampler
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 from timeexpert.presets import get_preset
+from timeexpert.tracking import plot_token_density
+from timeexpert.train.recipes import (
+    GROUNDVTS_STAGES,
+    apply_lora,
+    set_stage_trainable,
+    stage_loss,
+    stage_spec,
+)
 
 S, D = 4, 16
 
@@ -222,18 +225,10 @@ def test_training_step_and_generation_with_sampling(tok, tmp_path):
 
 
 def test_progressive_recipe_stages_train_the_right_modules(tok):
-    from timeexpert.models.token_sampling import (
-        GROUNDVTS_STAGES,
-        apply_lora,
-        set_stage_trainable,
-        stage_loss,
-        trainable_modules,
-    )
-
     _, cfg = configs(tok)
     torch.manual_seed(0)
     model = TimeExpertForGrounding(cfg).train()
-    assert trainable_modules(1) == ["token_sampler."]
+    assert stage_spec("groundvts", 1).trainable == ("token_sampler.",)
     names = set_stage_trainable(model, GROUNDVTS_STAGES[1])
     assert names and all(n.startswith("token_sampler.") for n in names)
     apply_lora(model, rank=4)
@@ -244,13 +239,13 @@ def test_progressive_recipe_stages_train_the_right_modules(tok):
     assert any(n.startswith("projector.") for n in names) and not any(n.startswith("lm_head") for n in names)
     batch, frames = model_batch(tok, cfg)
     out = model(**batch, pixel_values=model.preprocess_frames(frames))
-    stage_loss(out, GROUNDVTS_STAGES[2]).backward()
+    stage_loss(out, 2, cfg, "groundvts").backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_grads and all(g is not None for g in lora_grads)
     names = set_stage_trainable(model, GROUNDVTS_STAGES[3])
     assert not any(n.startswith("frame_encoder.") for n in names) and any(n.startswith("lm_head") for n in names)
     with pytest.raises(ValueError, match="stage"):
-        trainable_modules(4)
+        stage_spec("groundvts", 4)
 
 
 def test_predictions_carry_the_per_frame_token_density(tok):

@@ -57,7 +57,7 @@ def test_demo_splits_the_step_budget_over_the_stages():
 
 @pytest.mark.parametrize("recipe", ["timeexpert", "groundvts"])
 def test_a_random_vision_encoder_trains_where_the_projector_does(recipe):
-    from timeexpert.train.loop import RECIPES, VISION, stage_spec
+    from timeexpert.train.recipes import RECIPES, VISION, stage_spec
 
     for stage, spec in RECIPES[recipe].items():
         pretrained = stage_spec(recipe, stage, vision_pretrained=True)

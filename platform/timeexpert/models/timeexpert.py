@@ -388,6 +388,30 @@ class TimeExpertOutput(ModelOutput):
     loss_words: torch.Tensor | None = None  # frame-words BCE (config frame_words, with frame_words)
 
 
+HEAD_LOSSES = ("loss_time", "loss_score", "loss_text")  # the three heads' cross-entropies
+ALL_LOSSES = HEAD_LOSSES + ("aux_loss", "z_loss")  # + the MoE's task-dependent aux and z-loss
+
+
+def combine_losses(out: TimeExpertOutput, config: TimeExpertConfig,
+                   terms: tuple[str, ...] = ALL_LOSSES) -> torch.Tensor:
+    """The one loss combiner (the model's `loss` and every training stage's): the `terms` of
+    `out`, the heads' CE weighted by `loss_weight_time / score / text` (aux and z-loss carry
+    their weights from the MoE layer), plus the auxiliaries of the modules that are on, in every
+    stage: the frame-relevance BCE, the frame-words BCE and D2VLM's L_gnd + L_cons."""
+    weights = {"loss_time": config.loss_weight_time, "loss_score": config.loss_weight_score,
+               "loss_text": config.loss_weight_text}
+    loss = sum(weights.get(name, 1.0) * getattr(out, name) for name in terms)
+    if out.loss_frames is not None:
+        loss = loss + config.loss_weight_frames * out.loss_frames
+    if out.loss_words is not None:
+        loss = loss + config.loss_weight_words * out.loss_words
+    if out.loss_grounding is not None:  # D2VLM: SFT + L_gnd + L_cons
+        ecfg = EvidenceConfig.from_dict(config.evidence)
+        loss = (loss + ecfg.loss_weight_grounding * out.loss_grounding
+                + ecfg.loss_weight_consistency * out.loss_consistency)
+    return loss
+
+
 # --- the model ----------------------------------------------------------------------------------
 
 
@@ -707,24 +731,7 @@ class TimeExpertForGrounding(PreTrainedModel):
             out.loss_time, out.loss_score, out.loss_text = self._head_losses(
                 h_BND, token_types, labels
             )
-            out.loss = (
-                cfg.loss_weight_time * out.loss_time
-                + cfg.loss_weight_score * out.loss_score
-                + cfg.loss_weight_text * out.loss_text
-                + aux
-                + z
-            )
-            if out.loss_frames is not None:
-                out.loss = out.loss + cfg.loss_weight_frames * out.loss_frames
-            if out.loss_words is not None:
-                out.loss = out.loss + cfg.loss_weight_words * out.loss_words
-            if out.loss_grounding is not None:  # D2VLM: SFT + L_gnd + L_cons
-                ecfg = self.evidence_head.config
-                out.loss = (
-                    out.loss
-                    + ecfg.loss_weight_grounding * out.loss_grounding
-                    + ecfg.loss_weight_consistency * out.loss_consistency
-                )
+            out.loss = combine_losses(out, cfg)
         return out
 
     def _head_losses(self, h_BND, types_BN, labels_BN):

@@ -21,9 +21,7 @@ are 4xx saying what was wrong; anything else is a 5xx carrying the request id (S
 # the body models) at runtime, and Serve's class-based view cannot resolve string annotations.
 
 import asyncio
-import hmac
 import logging
-import re
 import time
 import uuid
 from typing import Any
@@ -33,12 +31,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from timeexpert import storage
 from timeexpert.events import Event, Task
 from timeexpert.serve import schemas as S
+from timeexpert.serve.deployments import (
+    DecodedCache,
+    GroundingModelServer,
+    VideoDecoder,
+    video_version,
+)
+from timeexpert.serve.edge import API_VERSION, Edge, configure_edge, error_response
 from timeexpert.serve.inputs import (
     Rejection,
     RequestError,
@@ -50,8 +54,6 @@ from timeexpert.serve.settings import ServiceConfig
 
 logger = logging.getLogger("ray.serve")
 
-API_VERSION = "v1"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": S.ErrorResponse}
     for code in (400, 401, 403, 404, 413, 415, 422, 500, 503)
@@ -65,78 +67,12 @@ fastapi_app = FastAPI(
     "as base64 data URLs. Send `Authorization: Bearer TOKEN` when the server has a token.",
 )
 
-# The ingress replica's settings, for the middleware (one ingress per replica process; set by
-# `GroundingIngress.__init__`). Serve serves a copy of `fastapi_app`, not this module object, so
-# the constructor cannot reach the served app's `state`.
-_settings: dict[str, Any] = {"auth_token": "", "max_body_bytes": None}
-
-
-def _error(status: int, kind: str, message: str, request_id: str, details=None) -> JSONResponse:
-    body = S.ErrorResponse(
-        error=S.ErrorDetail(type=kind, message=message, details=details), request_id=request_id
-    )
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
-
 
 def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", None) or uuid.uuid4().hex
 
 
-class _Edge:
-    """Request id, bearer auth on /v1/*, and the body-size limit before the body is read.
-
-    Serve's proxy puts its request id in the `x-request-id` request header (the client's own, if
-    it sent one) and returns it as the response header; the error bodies carry the same id.
-    A plain ASGI middleware: Starlette's `@app.middleware("http")` (BaseHTTPMiddleware) runs
-    every response through a task group and a memory stream, milliseconds per request here.
-    """
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        given = headers.get("x-request-id", "")
-        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid  # `request.state.request_id`
-        response = _refuse_at_the_edge(scope, headers, rid)
-        if response is None:
-            await self.app(scope, receive, send)
-        else:
-            await response(scope, receive, send)
-
-
-def _refuse_at_the_edge(scope, headers: Headers, rid: str) -> JSONResponse | None:
-    """The 401 of a /v1/ request without the configured bearer token, the 413 of a body over
-    the limit by its Content-Length; None when neither applies."""
-    path = scope["path"]
-    root_path = scope.get("root_path", "")  # the app's route prefix, if any
-    if root_path and path.startswith(root_path):
-        path = path[len(root_path):]
-    token = _settings["auth_token"]
-    if token and path.startswith(f"/{API_VERSION}/"):
-        scheme, _, credentials = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            credentials.strip().encode(), token.encode()
-        ):
-            response = _error(401, "unauthorized", "missing or wrong bearer token", rid)
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
-    limit = _settings["max_body_bytes"]
-    length = headers.get("content-length")
-    if limit and length and length.isdigit() and int(length) > limit:
-        return _error(
-            413, "upload_too_large",
-            f"request body is {length} bytes; the limit is {limit} (the video upload limit "
-            "plus base64 and JSON overhead)", rid,
-        )
-    return None
-
-
-fastapi_app.add_middleware(_Edge)
+fastapi_app.add_middleware(Edge)
 
 
 @fastapi_app.exception_handler(RequestValidationError)
@@ -150,13 +86,13 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
         f"{'.'.join(d['loc'][1:] if d['loc'][:1] == ['body'] else d['loc']) or 'body'}: {d['msg']}"
         for d in details
     )
-    return _error(422, "invalid_request", message, _request_id(request), details)
+    return error_response(422, "invalid_request", message, _request_id(request), details)
 
 
 @fastapi_app.exception_handler(StarletteHTTPException)
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error(exc.status_code, kind, str(exc.detail), _request_id(request))
+    return error_response(exc.status_code, kind, str(exc.detail), _request_id(request))
 
 
 @fastapi_app.exception_handler(Exception)
@@ -164,7 +100,7 @@ async def _crash(request: Request, exc: Exception) -> JSONResponse:
     """Last resort (the routes answer their own failures): JSON 500 with the request id."""
     rid = _request_id(request)
     logger.error("request %s failed: %r", rid, exc)
-    return _error(500, "internal_error", f"internal error; report request id {rid}", rid)
+    return error_response(500, "internal_error", f"internal error; report request id {rid}", rid)
 
 
 # Module-level helpers used by the routes sit ABOVE the ingress class: `serve.ingress` pickles the
@@ -215,16 +151,10 @@ class GroundingIngress:
         self.decoder = decoder
         self.model = model
         self._info = None  # the model's ModelInfo, asked once
-        from timeexpert.serve.deployments import DecodedCache
-
         self._decoded = DecodedCache(config.video.decode_cache_entries)
-        limit = config.video.max_upload_bytes
-        # through the imported module: this class may have been pickled by value, with a copy
-        # of the module globals, while the middleware is the module's own function
-        from timeexpert.serve import app as this_module
-
-        this_module._settings["auth_token"] = config.auth_token
-        this_module._settings["max_body_bytes"] = limit * 4 // 3 + 64 * 1024  # base64 + JSON
+        # base64 + JSON around the largest upload
+        configure_edge(auth_token=config.auth_token,
+                       max_body_bytes=config.video.max_upload_bytes * 4 // 3 + 64 * 1024)
 
     # --- endpoints ------------------------------------------------------------------------------
 
@@ -279,14 +209,14 @@ class GroundingIngress:
         try:
             return await work
         except RequestError as err:
-            return _error(err.status, err.kind, err.message, rid)
+            return error_response(err.status, err.kind, err.message, rid)
         except Exception as err:  # noqa: BLE001 - the one place internal failures are answered
             unavailable = type(err).__name__ in (
                 "ActorDiedError", "RayActorError", "ActorUnavailableError",
                 "DeploymentUnavailableError", "BackPressureError",
             )
             logger.exception("request %s failed", rid)
-            return _error(
+            return error_response(
                 503 if unavailable else 500,
                 "model_unavailable" if unavailable else "internal_error",
                 f"{'the model replica was lost' if unavailable else 'internal error'} "
@@ -327,8 +257,6 @@ class GroundingIngress:
 
         A video seen before (same content version and sampling) goes straight to the model as
         the object ref of its decoded frames; a new one is decoded by the VideoDecoder first."""
-        from timeexpert.serve.deployments import video_version
-
         limits = self.config.video
         query = check_query(query, limits.max_query_chars)
         info = await self._model_meta()
@@ -450,8 +378,6 @@ def build_application(
     `placement_group_bundles`: the replica's own bundle (its `ray_actor_options`) and one
     `{"CPU": ep_worker_num_cpus}` bundle per EP worker.
     """
-    from timeexpert.serve.deployments import GroundingModelServer, VideoDecoder
-
     model_options = dict(model_options or {})
     batch = config.model.max_batch_size
     model_options.setdefault("max_ongoing_requests", max(2 * batch, 8))

@@ -13,82 +13,21 @@ import asyncio
 import hashlib
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ray import serve
 
 from timeexpert import storage
+from timeexpert.inference import Prediction, PredictRequest
 from timeexpert.serve.inputs import Rejection, RequestError, VideoSource, resolve_video_uri
+from timeexpert.serve.replica import LocalModel, ModelInfo
 from timeexpert.serve.settings import ModelServerConfig, VideoLimits
+from timeexpert.serve.sharded import ShardedModel
 
 if TYPE_CHECKING:
     from timeexpert.data.video import DecodedVideo
-    from timeexpert.inference import GroundingModel, Prediction, PredictRequest
 
 logger = logging.getLogger("ray.serve")
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def load_model(uri: str, device: str = "cpu") -> "GroundingModel":
-    from timeexpert.inference import GroundingModel
-
-    return GroundingModel.load(uri, device=device)  # any URI of `timeexpert.checkpoints`
-
-
-@dataclass
-class ModelInfo:
-    """What the model-info endpoint reports about a replica's model."""
-
-    checkpoint: str
-    gating: str
-    num_layers: int
-    max_experts: int
-    active_experts: list[list[int]]
-    ep_size: int
-    experts_per_rank: int  # expert slots per layer held by each EP rank (max_experts / ep_size)
-    image_size: int
-    num_frames: int
-    max_batch_size: int
-
-
-def model_info(gm: "GroundingModel", config: ModelServerConfig) -> ModelInfo:
-    cfg = gm.model.config
-    moe = cfg.moe_config()
-    active = [
-        [] if moe.gating == "dense" else layer.ffn.active_E.nonzero().flatten().tolist()
-        for layer in gm.model.layers
-    ]
-    return ModelInfo(
-        checkpoint=config.checkpoint, gating=moe.gating, num_layers=cfg.num_hidden_layers,
-        max_experts=moe.max_experts, active_experts=active, ep_size=config.ep_size,
-        experts_per_rank=getattr(gm.model.layers[0].ffn, "num_local_experts", moe.max_experts),
-        image_size=cfg.image_size, num_frames=cfg.num_frames,
-        max_batch_size=config.max_batch_size,
-    )
-
-
-def predict_isolated(gm: "GroundingModel", requests: list["PredictRequest"]) -> list:
-    """`gm.predict_batch`, but a request the model refuses (ValueError) becomes a Rejection for
-    that request alone: only a failed batch is retried one request at a time."""
-    try:
-        return gm.predict_batch(requests)
-    except ValueError as err:
-        if len(requests) == 1:
-            return [_refused(err)]
-    out = []
-    for request in requests:
-        try:
-            out.append(gm.predict_batch([request])[0])
-        except ValueError as err:
-            out.append(_refused(err))
-    return out
-
-
-def _refused(err: ValueError) -> Rejection:
-    return Rejection(422, "invalid_request", f"the model refused the request: {err}")
 
 
 # --- video decoding -----------------------------------------------------------------------------
@@ -229,8 +168,6 @@ class GroundingModelServer:
     def __init__(self, config: ModelServerConfig) -> None:
         self.config = config
         if config.ep_size > 1:
-            from timeexpert.serve.sharded import ShardedModel
-
             self.backend = ShardedModel(config)
         else:
             self.backend = LocalModel(config)
@@ -245,18 +182,16 @@ class GroundingModelServer:
 
     async def predict(
         self, video: "DecodedVideo", *, task, query: str, max_events: int | None, clip_len: float
-    ) -> "Prediction | Rejection":
+    ) -> Prediction | Rejection:
         """One request on decoded frames (the ingress passes the decoder's object ref; Ray
         resolves it here, so the frames never travel through the ingress twice)."""
-        from timeexpert.inference import PredictRequest
-
         return await self._batched(PredictRequest(
             frames_THWC=video.frames, timestamps_T=video.timestamps, task=task, query=query,
             duration=video.duration, max_events=max_events, clip_len=clip_len,
         ))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # set from the config in __init__
-    async def _batched(self, requests: list["PredictRequest"]) -> list:
+    async def _batched(self, requests: list[PredictRequest]) -> list:
         self.batches += 1
         self.batched_requests += len(requests)
         self.largest_batch = max(self.largest_batch, len(requests))
@@ -270,21 +205,3 @@ class GroundingModelServer:
 
     async def check_health(self) -> None:
         await self.backend.check_health()
-
-
-class LocalModel:
-    """The monolithic backend: the whole model in the replica process."""
-
-    def __init__(self, config: ModelServerConfig) -> None:
-        self.config = config
-        self.gm = load_model(config.checkpoint, config.device)
-
-    def info(self) -> ModelInfo:
-        return model_info(self.gm, self.config)
-
-    async def predict_batch(self, requests: list["PredictRequest"]) -> list:
-        # a thread keeps the replica's event loop free (health checks, batch assembly)
-        return await asyncio.to_thread(predict_isolated, self.gm, requests)
-
-    async def check_health(self) -> None:
-        return None

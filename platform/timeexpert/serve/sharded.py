@@ -23,6 +23,8 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from timeexpert.inference import GroundingModel
+from timeexpert.serve.replica import model_info, predict_isolated
 from timeexpert.serve.settings import ModelServerConfig
 
 
@@ -43,30 +45,24 @@ class EPWorker:
     def setup(self, address: str, port: int, config: ModelServerConfig) -> None:
         import torch.distributed as dist
 
-        from timeexpert.inference import GroundingModel
         from timeexpert.models.expert_parallel import shard_state_dict
         from timeexpert.models.timeexpert import TimeExpertForGrounding
-        from timeexpert.serve.deployments import load_model
 
         backend = "nccl" if config.device.startswith("cuda") else "gloo"
         dist.init_process_group(
             backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
             world_size=self.ep_size, timeout=datetime.timedelta(seconds=config.ep_timeout_s),
         )
-        full = load_model(config.checkpoint)  # EP=1 weights, on CPU
+        full = GroundingModel.load(config.checkpoint)  # EP=1 weights, on CPU
         model = TimeExpertForGrounding(full.model.config, ep_group=dist.group.WORLD)
         model.load_state_dict(shard_state_dict(full.model.state_dict(), self.rank, self.ep_size))
         self.gm = GroundingModel(model, full.tokenizer, device=config.device)
         self.config = config
 
     def info(self):
-        from timeexpert.serve.deployments import model_info
-
         return model_info(self.gm, self.config)  # the active mask is replicated on every rank
 
     def predict_batch(self, requests: list) -> list:
-        from timeexpert.serve.deployments import predict_isolated
-
         return predict_isolated(self.gm, requests)
 
     def local_experts(self) -> int:

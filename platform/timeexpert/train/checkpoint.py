@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from timeexpert import storage
 
 TRAIN_STATE = "train_state.json"
 ROUTING = "routing.json"

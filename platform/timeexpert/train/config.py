@@ -2,7 +2,7 @@
 
 A pipeline (`timeexpert.train.stages.run_pipeline`) runs the same TrainConfig three times with
 `stage` = 1, 2, 3, each stage initialised from the previous stage's checkpoint. `recipe` names
-what the three stages train (`timeexpert.train.loop.RECIPES`): TimeExpert sec. 3.5 or GroundVTS's
+what the three stages train (`timeexpert.train.recipes.RECIPES`): TimeExpert sec. 3.5 or GroundVTS's
 progressive stages; `fpo_steps` adds D2VLM's preference optimisation after the last stage;
 `curriculum` trains the last stage on easier datasets first.
 """
@@ -18,7 +18,7 @@ from typing import Any
 STAGES = (1, 2, 3)
 ZERO_STAGES = (0, 1, 2)
 LR_SCHEDULES = ("constant", "cosine")
-RECIPE_NAMES = ("timeexpert", "groundvts")  # the stage specs: `timeexpert.train.loop.RECIPES`
+RECIPE_NAMES = ("timeexpert", "groundvts")  # the stage specs: `timeexpert.train.recipes.RECIPES`
 CURRICULUM_STAGE = 3  # the stage the curriculum runs in: both recipes' last, all but vision trains
 
 

@@ -178,7 +178,8 @@ def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str =
     from timeexpert.data.pipeline import build_dataset
     from timeexpert.inference import GroundingModel
     from timeexpert.tracking import StepLogger
-    from timeexpert.train.loop import data_config, set_trainable
+    from timeexpert.train.loop import data_config
+    from timeexpert.train.recipes import set_trainable
 
     torch.manual_seed(cfg.seed)
     gm = GroundingModel.load(checkpoint_uri)

@@ -8,20 +8,13 @@ times each phase of the step (`StepTimes`: MLflow `time/<phase>` per report, `ti
 and one line at the end of the stage) and, with `profile_steps`, writes a torch profiler trace.
 `fit` decodes the training videos once, before the workers start (`TrainConfig.decode_once`).
 
-Stages are `StageSpec`s (what trains, which loss terms, LoRA or not), one dict per recipe
-(`RECIPES`, chosen by `TrainConfig.recipe`):
-- "timeexpert" (TimeExpert sec. 3.5): 1 task modules (slot compression + projector, time / score
-  encoders, the three heads, the D2VLM evidence head), CE only; 2 the MoE decoder (blocks, final
-  norm, text embedding), CE + task-dependent aux + z-loss; 3 everything but the vision encoder.
-- "groundvts" (GroundVTS sec. 3.3, `models.token_sampling.GROUNDVTS_STAGES`): 1 sampler warm-up,
-  2 sampler + projector + decoder with LoRA on attention, 3 grounding fine-tuning.
-With D2VLM evidence tokens on, batches carry `evidence_frames` and L_gnd + L_cons join the
-stage's loss in every stage (the stage's trainable modules decide what they train).
+What each stage trains and which loss it counts: `train.recipes` (`TrainConfig.recipe`). With
+D2VLM evidence tokens on, batches carry `evidence_frames`; with frame relevance, `frame_labels`
+(and `frame_words`); their losses join every stage's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -35,25 +28,9 @@ import numpy as np
 from timeexpert import storage
 from timeexpert.checkpoints import local_copy
 from timeexpert.events import Event, Task, TokenType
-from timeexpert.models.token_sampling import GROUNDVTS_STAGES, StageSpec, set_stage_trainable
 from timeexpert.train.config import TrainConfig
+from timeexpert.train.recipes import apply_lora, set_stage_trainable, stage_loss, stage_spec
 
-_CE = ("loss_time", "loss_score", "loss_text")
-VISION = "frame_encoder."  # the vision encoder's parameter prefix
-TIMEEXPERT_STAGES: dict[int, StageSpec] = {  # TimeExpert sec. 3.5
-    1: StageSpec(name="task-modules", losses=_CE,
-                 trainable=("compressor.", "projector.", "time_encoder.", "score_encoder.",
-                            "time_head.", "score_head.", "lm_head.", "evidence_head.",
-                            "frame_head.")),
-    2: StageSpec(name="moe-decoder", trainable=("layers.", "norm.", "text_embed."),
-                 losses=_CE + ("aux_loss", "z_loss")),
-    3: StageSpec(name="all-but-vision", trainable=("",), frozen=(VISION,),
-                 losses=_CE + ("aux_loss", "z_loss")),
-}
-RECIPES: dict[str, dict[int, StageSpec]] = {
-    "timeexpert": TIMEEXPERT_STAGES,
-    "groundvts": GROUNDVTS_STAGES,  # VTS warm-up -> joint LoRA -> grounding FT
-}
 TOKEN_TYPE_NAMES = [t.name.lower() for t in TokenType]
 
 
@@ -97,52 +74,6 @@ def load_tokenizer(uri: str):
 
     with local_copy(uri) as d:
         return GroundingTokenizer.from_pretrained(d)
-
-
-def stage_spec(recipe: str, stage: int, *, vision_pretrained: bool = True) -> StageSpec:
-    """The recipe's stage. The recipes keep the vision encoder frozen, as the papers do with a
-    pretrained SigLIP; a randomly initialised one (`vision_pretrained=False`: no `vision_path`,
-    e.g. the CPU presets, with no weights to download) would stay random forever, so it trains
-    wherever the projector trains."""
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
-    if stage not in RECIPES[recipe]:
-        raise ValueError(f"stage must be one of {sorted(RECIPES[recipe])}, got {stage}")
-    spec = RECIPES[recipe][stage]
-    if vision_pretrained or not ("projector." in spec.trainable or "" in spec.trainable):
-        return spec
-    return dataclasses.replace(
-        spec, trainable=tuple(dict.fromkeys(spec.trainable + (VISION,))),
-        frozen=tuple(p for p in spec.frozen if p != VISION),
-    )
-
-
-def set_trainable(model, stage: int, recipe: str = "timeexpert") -> list[str]:
-    """Freeze everything but the stage's modules; returns the trainable parameter names."""
-    spec = stage_spec(recipe, stage, vision_pretrained=bool(model.config.vision_path))
-    return set_stage_trainable(model, spec)
-
-
-def stage_loss(out, stage: int, config, recipe: str = "timeexpert"):
-    """The stage's loss terms, the heads' CE weighted by the model config (stage 2-3 of
-    "timeexpert" is `out.loss`); plus D2VLM's weighted L_gnd + L_cons when evidence is on."""
-    weights = {"loss_time": config.loss_weight_time, "loss_score": config.loss_weight_score,
-               "loss_text": config.loss_weight_text}
-    loss = None
-    for name in stage_spec(recipe, stage).losses:
-        term = weights.get(name, 1.0) * getattr(out, name)
-        loss = term if loss is None else loss + term
-    if out.loss_frames is not None:  # query-conditioned frame relevance, in every stage
-        loss = loss + config.loss_weight_frames * out.loss_frames
-    if out.loss_words is not None:  # the frame-words auxiliary, in every stage
-        loss = loss + config.loss_weight_words * out.loss_words
-    if out.loss_grounding is not None:
-        from timeexpert.models.evidence import EvidenceConfig
-
-        ecfg = EvidenceConfig.from_dict(config.evidence)
-        loss = (loss + ecfg.loss_weight_grounding * out.loss_grounding
-                + ecfg.loss_weight_consistency * out.loss_consistency)
-    return loss
 
 
 def merged_lora_state(model, full_state: dict) -> dict:
@@ -464,8 +395,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     spec = stage_spec(cfg.recipe, cfg.stage, vision_pretrained=bool(mconfig.vision_path))
     if spec.lora:  # adapters start at B = 0: the model's function is unchanged
-        from timeexpert.models.token_sampling import apply_lora
-
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     trainable = set_stage_trainable(model, spec)
     optim = Optimizers(model, groups, lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -25,7 +25,6 @@ averaged over the expert-DP group every step, so they stay identical on every ra
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any

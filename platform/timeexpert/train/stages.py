@@ -6,7 +6,7 @@
     result.stages[2].eval_metrics["mr/R1@0.5"]             # eval on cfg.eval_split per stage
 
 Any stage runs alone from a checkpoint: `run_pipeline(cfg, stages=(3,), resume_from=uri)`.
-`cfg.recipe` picks what the stages train ("timeexpert" or "groundvts", `train.loop.RECIPES`);
+`cfg.recipe` picks what the stages train ("timeexpert" or "groundvts", `train.recipes.RECIPES`);
 `cfg.fpo_steps > 0` adds D2VLM's FPO after the last stage (`result.fpo`, run in the driver by
 `train.fpo.train_fpo`); `run_pipeline(cfg, stages=(), resume_from=uri)` runs FPO alone.
 `cfg.curriculum` (dataset roots, easiest first) runs stage 3 on each of them before stage 3 on
@@ -297,7 +297,7 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
         record = record_from_row(row)
         plot = os.path.join(plot_dir, f"token_density_{record.task.value}.png") if plot_dir else ""
         if plot and pred.token_density is not None and not os.path.exists(plot):
-            from timeexpert.models.token_sampling import plot_token_density
+            from timeexpert.tracking import plot_token_density
 
             plot_token_density(pred.token_density, row["timestamps"][row["frame_mask"]], plot,
                                intervals=[(e.start, e.end) for e in record.events],
