@@ -103,29 +103,19 @@ def decode_all(root: str, records, num_frames: int, size: int) -> dict[str, tupl
     return out
 
 
-def jittered(frames: tuple, num_frames: int, rng: np.random.Generator) -> tuple:
-    """(frames, timestamps) of a K x num_frames uniform grid -> num_frames of them, one drawn at
-    random from each run of K (the K grid frames of one of num_frames equal segments)."""
-    dense_THWC, dense_T = frames
-    k = len(dense_T) // num_frames
-    pick_T = np.arange(num_frames) * k + rng.integers(0, k, size=num_frames)
-    return dense_THWC[pick_T], dense_T[pick_T]
-
-
 def as_batch(records, frames: dict[str, tuple], num_frames: int | None = None,
              rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """Records -> a batch in the pipeline's row format (what `tokenize_batch` reads); with `rng`,
-    each row's `num_frames` frames are drawn from its denser decoded grid (`jittered`)."""
-    from timeexpert.data.pipeline import _row
+    each row's `num_frames` frames are drawn from its denser decoded grid, as decode-once
+    training draws them (`pipeline.draw_segment_frames`)."""
+    from timeexpert.data.pipeline import _row, draw_segment_frames
 
     rows = [_row(r, r.video) for r in records]
     batch = {k: np.array([row[k] for row in rows]) for k in rows[0]}
-    chosen = [frames[r.video] if rng is None else jittered(frames[r.video], num_frames, rng)
-              for r in records]
-    batch["frames"] = np.stack([f for f, _ in chosen])
-    batch["timestamps"] = np.stack([t for _, t in chosen])
+    batch["frames"] = np.stack([frames[r.video][0] for r in records])
+    batch["timestamps"] = np.stack([frames[r.video][1] for r in records])
     batch["frame_mask"] = np.ones(batch["timestamps"].shape, bool)
-    return batch
+    return batch if rng is None else draw_segment_frames(batch, num_frames, rng)
 
 
 def load_split(root: str, split: str, tasks: list[str], limit: int | None = None):
