@@ -13,7 +13,8 @@ if os.path.join(ROOT, "platform") not in sys.path:  # `python jobs/x.py` from a 
 
 # RAY_TRAIN_ENABLE_PRINT_PATCH=0 (propagated to the Train workers): the patch logs each print and,
 # once anything wraps sys.stdout, prints it too: every progress line reached the user twice.
-for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
+# DS_ACCELERATOR is not forced here: each worker sets cpu only without CUDA (timeexpert.devices).
+for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}.items():
     os.environ.setdefault(_k, _v)

@@ -17,6 +17,7 @@ from timeexpert.models.moe import (
     MoELosses,
     grouped_swiglu,
     grouped_swiglu_autograd,
+    grouped_swiglu_gemm,
 )
 
 D, FF = 16, 24
@@ -116,6 +117,51 @@ def test_hand_written_grouped_backward_equals_autograd(counts):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="counts"):
         grouped_swiglu(x, counts[:3], *ws)
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 3, 7], [0, 15, 0, 0], [4, 4, 4, 4]])
+def test_grouped_gemm_equals_per_expert_reference_in_bf16(counts):
+    """torch's grouped-mm path (the CUDA path's op; torch runs it on the CPU too) against the
+    naive per-expert SwiGLU in fp64: outputs and every gradient within bf16 rounding (inputs and
+    weights rounded to bf16, products accumulated in bf16: 3e-2 relative to each tensor's scale)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(sum(counts), D, generator=g, dtype=torch.float64)
+    ws = [torch.randn(4, *shape, generator=g, dtype=torch.float64) * 0.3
+          for shape in ((FF, D), (FF, D), (D, FF))]
+    gy = torch.randn(sum(counts), D, generator=g, dtype=torch.float64)
+    ref_in = [t.clone().requires_grad_(True) for t in [x, *ws]]
+    rows = torch.split(ref_in[0], counts)
+    y_ref = torch.cat([ffn(rows[e], ref_in[1][e], ref_in[2][e], ref_in[3][e]) for e in range(4)])
+    ref = [y_ref] + list(torch.autograd.grad(y_ref, ref_in, gy))
+    bf = [t.to(torch.bfloat16).requires_grad_(True) for t in [x, *ws]]
+    y = grouped_swiglu_gemm(bf[0], counts, *bf[1:])
+    got = [y] + list(torch.autograd.grad(y, bf, gy.to(torch.bfloat16)))
+    for name, a, b in zip(("y", "x", "w1", "w3", "w2"), got, ref):
+        scale = b.abs().max().clamp_min(1e-6)
+        assert float((a.double() - b).abs().max() / scale) < 3e-2, name
+    with pytest.raises(ValueError, match="counts"):
+        grouped_swiglu_gemm(bf[0], counts[:3], *bf[1:])
+
+
+@pytest.mark.parametrize("gating", ["topk", "dynamic"])
+def test_router_stays_fp32_under_bf16_autocast(gating):
+    """Under CPU bf16 autocast the experts compute in bf16 but the routing decision, the aux and
+    z-losses are the fp32 ones: the same experts chosen, the losses equal to fp32 rounding."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=D, hidden_dim=FF, gating=gating, num_experts=4, max_experts=8)
+    layer = MoELayer(cfg).eval()
+    x, types = batch()
+    x = x.float()
+    y32, losses32 = layer(x, types)
+    pairs32 = layer.tel_pairs_TE.clone()
+    layer.reset_telemetry()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, losses16 = layer(x, types)
+    assert y16.dtype == torch.float32 and losses16.aux.dtype == losses16.z.dtype == torch.float32
+    torch.testing.assert_close(layer.tel_pairs_TE, pairs32)  # identical routing
+    torch.testing.assert_close(losses16.aux, losses32.aux, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(losses16.z, losses32.z, rtol=1e-6, atol=1e-7)
+    assert float((y16 - y32).abs().max() / y32.abs().max()) < 3e-2  # experts in bf16
 
 
 def test_dynamic_routes_any_number_and_falls_back_to_best_expert():

@@ -28,7 +28,13 @@ Telemetry counters are non-persistent buffers (not checkpointed).
 Expert compute is dropless and grouped: (token, expert) pairs are sorted by expert, each active
 expert runs one contiguous SwiGLU over its rows, and the outputs are scatter-added back weighted.
 The stacked weights are `unbind`-ed once per forward: slicing `w[e]` inside the loop would make
-autograd materialise a full (E, F, D) zero gradient per expert.
+autograd materialise a full (E, F, D) zero gradient per expert. On CUDA in bf16 the same
+function runs as one grouped GEMM per projection (`grouped_swiglu_gemm`, torch's grouped-mm
+kernels, as in torchtitan); the tests compare both with a naive per-expert reference.
+
+Precision: under bf16 autocast the experts compute in bf16 (fp32 master weights cast per
+forward), while the router (logits, softmax / sigmoid, the routing decision, aux and z-loss)
+stays fp32.
 """
 
 from __future__ import annotations
@@ -150,6 +156,32 @@ def grouped_swiglu_autograd(
     return torch.cat(outs) if outs else x_PD * 0.0
 
 
+def grouped_swiglu_gemm(
+    x_PD: Tensor, counts: list[int], w1_LFD: Tensor, w3_LFD: Tensor, w2_LDF: Tensor
+) -> Tensor:
+    """`grouped_swiglu` through torch's grouped GEMM (`F.grouped_mm`, as torchtitan's experts):
+    one kernel per projection for all experts, differentiable by autograd. Its CUDA kernels take
+    bf16 on SM >= 80 with 16-byte row strides (D and F multiples of 8); on the CPU torch runs a
+    reference loop (how the tests compare it with `grouped_swiglu`)."""
+    if len(counts) != w1_LFD.shape[0] or sum(counts) != x_PD.shape[0]:
+        raise ValueError(
+            f"counts must give {w1_LFD.shape[0]} experts summing to {x_PD.shape[0]} rows, "
+            f"got {len(counts)} summing to {sum(counts)}"
+        )
+    offs_L = torch.tensor(_cumsum(counts), dtype=torch.int32, device=x_PD.device)
+    h1_PF = F.grouped_mm(x_PD, w1_LFD.transpose(-2, -1), offs=offs_L)
+    h3_PF = F.grouped_mm(x_PD, w3_LFD.transpose(-2, -1), offs=offs_L)
+    return F.grouped_mm(F.silu(h1_PF) * h3_PF, w2_LDF.transpose(-2, -1), offs=offs_L)
+
+
+def expert_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's (bf16) where it is on for `x`'s device, else
+    `x`'s own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class MoELayer(nn.Module):
     """One MoE FFN (or the dense FFN) of the decoder.
 
@@ -242,68 +274,83 @@ class MoELayer(nn.Module):
                 f"token_type_N must be ({x_ND.shape[0]},), got {tuple(token_type_N.shape)}"
             )
         if cfg.gating == "dense":
-            zero = x_ND.new_zeros(())
-            return swiglu(x_ND, self.w1_FD, self.w3_FD, self.w2_DF), MoELosses(aux=zero, z=zero)
+            zero = x_ND.new_zeros((), dtype=torch.promote_types(x_ND.dtype, torch.float32))
+            y_ND = swiglu(x_ND, self.w1_FD, self.w3_FD, self.w2_DF)  # autocast's dtype
+            return y_ND.to(x_ND.dtype), MoELosses(aux=zero, z=zero)
 
         N, E, T = x_ND.shape[0], cfg.max_experts, NUM_TOKEN_TYPES
         active_E = self.active_E
-        if cfg.gating == "topk":
-            # eq. 3-4: softmax over active experts, keep top-k, renormalise over the k
-            logits_NE = F.linear(x_ND, self.w_gate_ED).masked_fill(~active_E, float("-inf"))
-            probs_NE = logits_NE.softmax(-1)
-            top_NK, expert_NK = probs_NE.topk(cfg.num_experts_per_token, dim=-1)
-            weight_NK = top_NK / top_NK.sum(-1, keepdim=True)
-            expert_P, order_P = expert_NK.reshape(-1).sort(stable=True)
-            token_P = order_P // cfg.num_experts_per_token
-            weight_P = weight_NK.reshape(-1)[order_P]
-            chosen_NE = torch.zeros(N, E, dtype=torch.bool, device=x_ND.device)
-            chosen_NE.scatter_(1, expert_NK, True)
-            soft_NE = probs_NE
-            unrouted_N = None
-        else:
-            # eq. 5: cosine similarity to W_g plus alpha * A_t of the token's task type
-            cos_NE = F.normalize(x_ND, dim=-1) @ F.normalize(self.w_gate_ED, dim=-1).T
-            logits_NE = cos_NE + cfg.alpha * self.task_rate_TE[token_type_N]
-            logits_NE = logits_NE.masked_fill(~active_E, float("-inf"))
-            # eq. 6: fire when sigmoid(score) > sigmoid(G); inactive slots give sigmoid = 0
-            soft_NE = torch.sigmoid(logits_NE)
-            pre_NE = soft_NE - torch.sigmoid(self.threshold_E)
-            pre_NE = pre_NE.masked_fill(~active_E, -2.0)  # below any active pre-activation
-            fired_NE = pre_NE > 0
-            unrouted_N = ~fired_NE.any(-1)
-            # an unrouted token goes to its best expert (see module docstring)
-            best_NE = F.one_hot(pre_NE.argmax(-1), E).bool()
-            chosen_NE = fired_NE | (best_NE & unrouted_N[:, None])
-            expert_P, token_P = chosen_NE.T.nonzero(as_tuple=True)  # sorted by expert
-            count_N = chosen_NE.sum(-1)
-            pre_P = pre_NE[token_P, expert_P]
-            # sign() with straight-through gradient: value 1, d/d pre = 1; mean over fired experts
-            weight_P = (1.0 + pre_P - pre_P.detach()) / count_N[token_P]
+        # The router runs in fp32 under bf16 autocast too: logits, softmax / sigmoid, the routing
+        # decision and the aux / z-losses (bf16 logits flip near-tied choices, exp overflows).
+        with torch.autocast(x_ND.device.type, enabled=False):
+            router_dtype = torch.promote_types(x_ND.dtype, torch.float32)  # fp64 tests stay fp64
+            xr_ND, w_gate_ED = x_ND.to(router_dtype), self.w_gate_ED.to(router_dtype)
+            if cfg.gating == "topk":
+                # eq. 3-4: softmax over active experts, keep top-k, renormalise over the k
+                logits_NE = F.linear(xr_ND, w_gate_ED).masked_fill(~active_E, float("-inf"))
+                probs_NE = logits_NE.softmax(-1)
+                top_NK, expert_NK = probs_NE.topk(cfg.num_experts_per_token, dim=-1)
+                weight_NK = top_NK / top_NK.sum(-1, keepdim=True)
+                expert_P, order_P = expert_NK.reshape(-1).sort(stable=True)
+                token_P = order_P // cfg.num_experts_per_token
+                weight_P = weight_NK.reshape(-1)[order_P]
+                chosen_NE = torch.zeros(N, E, dtype=torch.bool, device=x_ND.device)
+                chosen_NE.scatter_(1, expert_NK, True)
+                soft_NE = probs_NE
+                unrouted_N = None
+            else:
+                # eq. 5: cosine similarity to W_g plus alpha * A_t of the token's task type
+                cos_NE = F.normalize(xr_ND, dim=-1) @ F.normalize(w_gate_ED, dim=-1).T
+                logits_NE = cos_NE + cfg.alpha * self.task_rate_TE[token_type_N]
+                logits_NE = logits_NE.masked_fill(~active_E, float("-inf"))
+                # eq. 6: fire when sigmoid(score) > sigmoid(G); inactive slots give sigmoid = 0
+                soft_NE = torch.sigmoid(logits_NE)
+                pre_NE = soft_NE - torch.sigmoid(self.threshold_E.to(router_dtype))
+                pre_NE = pre_NE.masked_fill(~active_E, -2.0)  # below any active pre-activation
+                fired_NE = pre_NE > 0
+                unrouted_N = ~fired_NE.any(-1)
+                # an unrouted token goes to its best expert (see module docstring)
+                best_NE = F.one_hot(pre_NE.argmax(-1), E).bool()
+                chosen_NE = fired_NE | (best_NE & unrouted_N[:, None])
+                expert_P, token_P = chosen_NE.T.nonzero(as_tuple=True)  # sorted by expert
+                count_N = chosen_NE.sum(-1)
+                pre_P = pre_NE[token_P, expert_P]
+                # sign() with straight-through gradient: value 1, d/d pre = 1; mean over fired
+                weight_P = (1.0 + pre_P - pre_P.detach()) / count_N[token_P]
+            losses = self._router_losses(logits_NE, soft_NE, chosen_NE, token_type_N)
 
-        # --- grouped dropless expert compute --------------------------------------------------
+        # --- grouped dropless expert compute (in the autocast dtype: bf16 on GPUs) -------------
         counts_E = torch.bincount(expert_P, minlength=E)
-        x_PD = x_ND.index_select(0, token_P)
+        x_PD = x_ND.index_select(0, token_P).to(expert_dtype(x_ND))  # bf16 halves all-to-all bytes
         if self.ep_size > 1:
             y_PD = expert_parallel.dispatch_compute_combine(
                 x_PD, counts_E, self._local_experts, self.ep_group
             )
         else:
             y_PD = self._local_experts(x_PD, counts_E.tolist())
-        y_ND = x_ND.new_zeros(x_ND.shape).index_add_(0, token_P, y_PD * weight_P[:, None])
+        y_PD = (y_PD * weight_P[:, None]).to(x_ND.dtype)
+        y_ND = x_ND.new_zeros(x_ND.shape).index_add_(0, token_P, y_PD)
 
-        losses = self._router_losses(logits_NE, soft_NE, chosen_NE, token_type_N)
         with torch.no_grad():
-            type_onehot_NT = F.one_hot(token_type_N, T).to(x_ND.dtype)
+            type_onehot_NT = F.one_hot(token_type_N, T).to(router_dtype)
             if self.training and cfg.gating == "dynamic":
-                self._record_routing(x_ND, type_onehot_NT, fired_NE, unrouted_N)
-            self.tel_pairs_TE += type_onehot_NT.T @ chosen_NE.to(x_ND.dtype)
+                self._record_routing(xr_ND, type_onehot_NT, fired_NE, unrouted_N)
+            self.tel_pairs_TE += type_onehot_NT.T @ chosen_NE.to(router_dtype)
             self.tel_tokens_T += type_onehot_NT.sum(0)
             if unrouted_N is not None:
-                self.tel_unrouted_T += type_onehot_NT.T @ unrouted_N.to(x_ND.dtype)
+                self.tel_unrouted_T += type_onehot_NT.T @ unrouted_N.to(router_dtype)
         return y_ND, losses
 
     def _local_experts(self, x_PD: Tensor, counts: list[int]) -> Tensor:
-        return grouped_swiglu(x_PD, counts, self.w1_LFD, self.w3_LFD, self.w2_LDF)
+        """This rank's experts on rows sorted by local expert, in `x_PD`'s dtype (fp32 master
+        weights cast to it): one grouped GEMM per projection on CUDA in bf16
+        (`grouped_swiglu_gemm`), the per-expert loop (`grouped_swiglu`) otherwise."""
+        w1, w3, w2 = (w.to(x_PD.dtype) for w in (self.w1_LFD, self.w3_LFD, self.w2_LDF))
+        with torch.autocast(x_PD.device.type, enabled=False):
+            if x_PD.is_cuda and x_PD.dtype == torch.bfloat16 and self.cfg.dim % 8 == 0 \
+                    and self.cfg.hidden_dim % 8 == 0:  # the kernel wants 16-byte strides
+                return grouped_swiglu_gemm(x_PD, counts, w1, w3, w2)
+            return grouped_swiglu(x_PD, counts, w1, w3, w2)
 
     def _router_losses(
         self, logits_NE: Tensor, soft_NE: Tensor, chosen_NE: Tensor, token_type_N: Tensor

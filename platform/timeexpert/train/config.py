@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from timeexpert.devices import PRECISIONS
+
 STAGES = (1, 2, 3)
 ZERO_STAGES = (0, 1, 2)
 LR_SCHEDULES = ("constant", "cosine")
@@ -41,6 +43,9 @@ class TrainConfig:
     use_gpu: bool = False  # NCCL + one GPU per worker instead of gloo on CPU
     ep_size: int = 1  # expert-parallel degree; divides num_workers and the model's max_experts
     zero_stage: int = 0  # 0: plain data parallel (explicit all-reduce); 1/2: DeepSpeed ZeRO
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" or "fp32" to
+    # force one (`timeexpert.devices`). Parameters and optimizer state stay fp32 (master
+    # weights); the MoE router's logits, softmax, aux and z-loss are fp32 in every mode
 
     # --- recipe -------------------------------------------------------------------------------
     recipe: str = "timeexpert"  # "timeexpert" (sec. 3.5: 1 task modules, 2 MoE decoder, 3 all
@@ -92,7 +97,10 @@ class TrainConfig:
     mlflow_run_id: str = ""  # MLflow run the workers log step metrics to (set by the driver)
     profile_steps: int = 0  # torch profiler trace of this many steps on rank 0 (after one
     # warm-up step), saved as MLflow artifacts under profile/ (else under the run's folder)
-    fail_at_step: int = 0  # tests only: rank 1 dies once after this step (0 = never)
+    # fault injection, for testing fault tolerance: worker `fail_rank` exits (as a killed
+    # process would) once, after step `fail_at_step` of a run that was not resumed (0 = never)
+    fail_at_step: int = 0
+    fail_rank: int = 1
 
     def __post_init__(self) -> None:
         if not self.data_root:
@@ -114,6 +122,11 @@ class TrainConfig:
             raise ValueError(
                 f"ep_size ({self.ep_size}) must divide num_workers ({self.num_workers})"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.fail_at_step < 0 or (self.fail_at_step and not 0 <= self.fail_rank < self.num_workers):
+            raise ValueError(f"fail_at_step must be >= 0 and fail_rank in [0, num_workers = "
+                             f"{self.num_workers}), got {self.fail_at_step} and {self.fail_rank}")
         if self.jitter_grid < 1 or self.profile_steps < 0:
             raise ValueError(f"jitter_grid must be >= 1 and profile_steps >= 0, got "
                              f"{self.jitter_grid} and {self.profile_steps}")

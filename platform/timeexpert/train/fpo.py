@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from timeexpert import devices
 from timeexpert.events import IGNORE_INDEX, TokenType
 from timeexpert.models.evidence import find_evidence, interval_log_prob, site_targets
 
@@ -182,7 +183,8 @@ def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str =
     from timeexpert.train.recipes import set_trainable
 
     torch.manual_seed(cfg.seed)
-    gm = GroundingModel.load(checkpoint_uri)
+    device = devices.default_device()
+    gm = GroundingModel.load(checkpoint_uri, device=str(device))
     policy, tokenizer, config = gm.model.eval(), gm.tokenizer, gm.model.config
     reference = copy.deepcopy(policy).requires_grad_(False)
     set_trainable(policy, 3, cfg.recipe)
@@ -210,7 +212,10 @@ def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str =
     first_margin = None
     for step in range(1, cfg.fpo_steps + 1):
         chosen, rejected, pixel_values = next(batches)
-        loss, metrics = fpo_step(policy, reference, chosen, rejected, pixel_values, fpo)
+        chosen, rejected = devices.to_device(chosen, device), devices.to_device(rejected, device)
+        with devices.autocast(device, cfg.precision):
+            loss, metrics = fpo_step(policy, reference, chosen, rejected,
+                                     pixel_values.to(device), fpo)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from timeexpert import storage
+from timeexpert import devices, storage
 from timeexpert.checkpoints import local_copy
 from timeexpert.events import Event, Task, TokenType
 from timeexpert.train.config import TrainConfig
@@ -341,6 +341,7 @@ def _quiet_report_lines() -> None:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker. `config`: {"train": TrainConfig dict, "tokenizer_uri": str}."""
     import ray.train
+    import ray.train.torch
     import torch
 
     from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
@@ -351,9 +352,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.from_dict(config["train"])
     rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()  # this worker's GPU, or the CPU
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and DeepSpeed use the current device
     _quiet_report_lines()
     torch.manual_seed(cfg.seed)
-    groups = parallel.init_groups(cfg.ep_size)
+    groups = parallel.init_groups(cfg.ep_size, device)
 
     # --- build: tokenizer, config, weights (last checkpoint > previous stage > fresh) ----------
     tokenizer = load_tokenizer(config["tokenizer_uri"])
@@ -390,7 +394,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prefetch = ThreadPoolExecutor(max_workers=1)
     first_batch = prefetch.submit(next, batches)
     prefetch.shutdown(wait=False)
-    model = parallel.build_sharded_model(TimeExpertForGrounding, mconfig, groups, full)
+    model = parallel.build_sharded_model(TimeExpertForGrounding, mconfig, groups, full).to(device)
     del full
     model.train()
     spec = stage_spec(cfg.recipe, cfg.stage, vision_pretrained=bool(mconfig.vision_path))
@@ -426,12 +430,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             profiler = _start_profiler()
         batch, epoch, index = next(batches) if first_batch is None else first_batch.result()
         first_batch = None
-        inputs = tokenize_batch(batch, tokenizer, mconfig, model)
+        inputs = devices.to_device(tokenize_batch(batch, tokenizer, mconfig, model), device)
         lr = cfg.learning_rate(step)
         optim.set_lr(lr)
         timer.lap("data")
-        out = forward(**inputs, return_logits=False)  # the losses need no full-vocab logits
-        loss = stage_loss(out, cfg.stage, mconfig, cfg.recipe)
+        with devices.autocast(device, cfg.precision):  # fp32 master weights, router in fp32
+            out = forward(**inputs, return_logits=False)  # the losses need no full-vocab logits
+            loss = stage_loss(out, cfg.stage, mconfig, cfg.recipe)
         timer.lap("forward")
         optim.backward(loss)
         timer.lap("backward")
@@ -533,7 +538,8 @@ def _reduce_window(window: dict[str, float], tokens: int, seconds: float, groups
     keys = sorted(k for k in window if not k.startswith("_"))
     steps = window["_steps"]
     values = torch.tensor([float(window[k]) / steps for k in keys] + [float(tokens), seconds],
-                          dtype=torch.float64)  # float(): the window's one host sync
+                          dtype=torch.float64,  # float(): the window's one host sync
+                          device=groups.device)  # NCCL reduces device tensors only
     if groups.world_size > 1:
         dist.all_reduce(values)
         values[:-2] /= groups.world_size

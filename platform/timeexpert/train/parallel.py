@@ -25,14 +25,14 @@ averaged over the expert-DP group every step, so they stay identical on every ra
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from timeexpert import devices
 from timeexpert.models.expert_parallel import EXPERT_PARAM_NAMES, gather_experts, shard_state_dict
 from timeexpert.models.moe import ExpertUpdate, MoELayer
 
@@ -50,19 +50,23 @@ class ParallelGroups:
     ep_rank: int
     ep_group: Any  # process group of this rank's EP group (None when ep_size == 1)
     expert_dp_group: Any  # ranks holding the same expert slice (None when it is just this rank)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # this rank's
+    # compute device, where collectives' tensors live (NCCL reduces CUDA tensors only)
 
     @property
     def expert_dp_size(self) -> int:
         return self.world_size // self.ep_size
 
 
-def init_groups(ep_size: int) -> ParallelGroups:
-    """Create the EP and expert-DP groups (every rank calls this; `new_group` is collective)."""
+def init_groups(ep_size: int, device: torch.device | None = None) -> ParallelGroups:
+    """Create the EP and expert-DP groups (every rank calls this; `new_group` is collective).
+    `device`: this rank's compute device (default the CPU)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
     if not dist.is_initialized():  # a single process: no collectives at all
         if ep_size != 1:
             raise ValueError(f"ep_size {ep_size} needs a distributed run of >= {ep_size} workers")
         return ParallelGroups(world_size=1, rank=0, ep_size=1, ep_rank=0, ep_group=None,
-                              expert_dp_group=None)
+                              expert_dp_group=None, device=device)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % ep_size:
         raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world})")
@@ -78,7 +82,7 @@ def init_groups(ep_size: int) -> ParallelGroups:
         if rank in ranks and len(ranks) > 1:
             expert_dp_group = group
     return ParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep_rank=rank % ep_size,
-                          ep_group=ep_group, expert_dp_group=expert_dp_group)
+                          ep_group=ep_group, expert_dp_group=expert_dp_group, device=device)
 
 
 # --- the sharded model -------------------------------------------------------------------------
@@ -112,12 +116,13 @@ def build_sharded_model(model_cls, config, groups: ParallelGroups, full_state: d
 
 @torch.no_grad()
 def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
-    """The EP=1 state dict: expert slices gathered over the EP group (collective on EP ranks)."""
+    """The EP=1 state dict on the CPU: expert slices gathered over the EP group (collective on
+    EP ranks)."""
     out = {}
     for name, value in model.state_dict().items():
         if groups.ep_size > 1 and is_expert_param(name):
             value = gather_experts(value, groups.ep_group)
-        out[name] = value.detach().clone()
+        out[name] = value.detach().to("cpu", copy=True)
     return out
 
 
@@ -280,7 +285,7 @@ class Optimizers:
 def _global_grad_norm(named_params, groups: ParallelGroups) -> Tensor:
     """Norm of the synced gradients: replicated ones counted once, expert slices once per EP rank.
     A float64 0-d tensor, computed without a host sync."""
-    zero = torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=groups.device)
     rep = sum((p.grad.double().pow(2).sum() for n, p in named_params
                if p.grad is not None and not is_expert_param(n)), zero)
     exp = sum((p.grad.double().pow(2).sum() for n, p in named_params
@@ -294,11 +299,12 @@ def _global_grad_norm(named_params, groups: ParallelGroups) -> Tensor:
 
 def _deepspeed_engine(model, dense_params, groups: ParallelGroups, *, lr, weight_decay, grad_clip,
                       zero_stage, batch_size):
-    """DeepSpeed ZeRO over the dense parameters (gloo on CPU reuses Ray's process group)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    """DeepSpeed ZeRO over the dense parameters (reuses Ray's process group: NCCL on GPUs, gloo
+    on CPUs)."""
+    devices.configure_deepspeed()
+    import deepspeed  # deferred: heavy, and only ZeRO runs need it
 
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    deepspeed.init_distributed(dist_backend=devices.backend(groups.device))
     # DeepSpeed broadcasts every module parameter from rank 0 at init: keep the expert slices.
     keep = {n: p.detach().clone() for n, p in model.named_parameters() if is_expert_param(n)}
     optimizer = torch.optim.AdamW(dense_params, lr=lr, weight_decay=weight_decay)

@@ -28,7 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from timeexpert import storage, tracking
+from timeexpert import devices, storage, tracking
 from timeexpert.events import Task
 from timeexpert.train.config import CURRICULUM_STAGE, STAGES, TrainConfig
 from timeexpert.train.loop import FitResult, fit, prepare_tokenizer
@@ -290,7 +290,8 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
     chosen = [r for t in Task for r in [r for r in records if r.task == t][:max_records]]
     if not chosen:
         return {}
-    gm = GroundingModel.load(checkpoint_uri)
+    device = devices.default_device()
+    gm = GroundingModel.load(checkpoint_uri, device=str(device))
     from timeexpert.train.loop import data_config
 
     def plot_density(row, pred) -> None:
@@ -303,10 +304,11 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
                                intervals=[(e.start, e.end) for e in record.events],
                                title=f"{record.task.value}: {record.query[:60]}")
 
-    predictions, scored, _ = predict_records(
-        gm, chosen, data_config(cfg, gm.model.config), batch_size=batch_size,
-        on_prediction=plot_density,
-    )
+    with devices.autocast(device, cfg.precision):
+        predictions, scored, _ = predict_records(
+            gm, chosen, data_config(cfg, gm.model.config), batch_size=batch_size,
+            on_prediction=plot_density,
+        )
     out: dict[str, float] = {}
     for task in Task:
         task_records = [r for r in scored if r.task == task]
