@@ -178,7 +178,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from serve_apps.grounding import GroundingAppArgs, app
+    from serve_apps.grounding import app
+    from timeexpert.serve.settings import ServiceConfig
 
     port = args.port or _free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -194,12 +195,13 @@ def main() -> None:
         # one app at a time: the idle replicas of another app would take their share of the two
         # cores from the one being measured
         for name, batch in (("batched", 16), ("unbatched", 1)):
-            serve.run(app(GroundingAppArgs(
-                checkpoint=ckpt, allowed_roots=[os.path.join(tmp, "videos")],
-                max_batch_size=batch,
-                decode_cache_entries=CACHE_ENTRIES, min_replicas=1, max_replicas=1,
-                model_num_cpus=1.0, decoder_num_cpus=0.5, ingress_num_cpus=0.25,
-                decoder_min_replicas=1, decoder_max_replicas=1,
+            serve.run(app(ServiceConfig(
+                model={"checkpoint": ckpt, "max_batch_size": batch, "num_cpus": 1.0,
+                       "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                video={"allowed_roots": [os.path.join(tmp, "videos")],
+                       "decode_cache_entries": CACHE_ENTRIES},
+                decoder={"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                ingress={"num_cpus": 0.25},
             )), name=name, route_prefix=f"/{name}")
             url = f"http://127.0.0.1:{port}/{name}/v1/moments"
             asyncio.run(load(url, paths["model"], 2, 4, 120))  # warm-up, fills the cache

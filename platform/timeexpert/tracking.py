@@ -9,6 +9,7 @@ import; jobs decide when.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -16,6 +17,10 @@ import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from timeexpert.checkpoints import local_checkpoint
+
+logger = logging.getLogger(__name__)
 
 _BAD_KEY = re.compile(r"[^0-9A-Za-z_\-. /:]")
 
@@ -27,6 +32,8 @@ def metric_key(name: str) -> str:
 
 
 def client(tracking_uri: str):
+    # mlflow is imported where it is used, here and below: it takes seconds to import, and
+    # importing timeexpert (or training without a tracking URI) must not pay for it
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
@@ -99,6 +106,27 @@ def log_artifact_file(tracking_uri: str, run_id: str, path: str, artifact_path: 
     client(tracking_uri).log_artifact(run_id, path, artifact_path or None)
 
 
+def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_uri: str, name: str) -> str:
+    """A new version of the registered MLflow model `name` (created when missing) holding the
+    TimeExpert checkpoint at `checkpoint_uri` (any URI of `timeexpert.checkpoints`): the folder
+    is logged as the run's `checkpoint` artifacts, which the version points at. Returns the
+    version ("1", "2", ...): serve it as `models:/NAME/VERSION` (or `models:/NAME/latest`)."""
+    from mlflow.exceptions import MlflowException  # deferred: see `client`
+
+    if not name:
+        raise ValueError("a registered model name is required, got ''")
+    c = client(tracking_uri)
+    with local_checkpoint(checkpoint_uri) as local:
+        c.log_artifacts(run_id, local, "checkpoint")
+    try:
+        c.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri}/checkpoint"
+    return str(c.create_model_version(name, source=source, run_id=run_id).version)
+
+
 class StepLogger:
     """Step metrics from a Train worker into a run by id; a no-op without URI or run id."""
 
@@ -111,14 +139,14 @@ class StepLogger:
             try:
                 log_metrics(self.tracking_uri, self.run_id, metrics, step)
             except Exception as err:  # tracking must never kill training
-                print(f"MLflow logging failed (training goes on): {err}", flush=True)
+                logger.warning("MLflow logging failed (training goes on): %s", err)
 
     def log_artifact(self, path: str, artifact_path: str = "") -> None:
         if self.enabled:
             try:
                 log_artifact_file(self.tracking_uri, self.run_id, path, artifact_path)
             except Exception as err:  # tracking must never kill training
-                print(f"MLflow artifact upload failed (training goes on): {err}", flush=True)
+                logger.warning("MLflow artifact upload failed (training goes on): %s", err)
 
     def close(self) -> None:
         pass

@@ -3,8 +3,9 @@
 One application for the module (built through the typed builder `serve_apps.grounding:app`):
 every endpoint on a synthetic mp4 (by allowed URI and by data URL), every bad input's 4xx with
 the replica staying up, bearer auth, a killed model replica replaced, and the autoscaler adding a
-replica under load (short upscale delay). The YAML config and the input checks are tested
-without a cluster.
+replica under load (short upscale delay). The checkpoint it serves is a
+`models:/NAME/VERSION` registered on a real MLflow server. The YAML config and the input checks
+are tested without a cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import pytest
 import yaml
 
+from mlflow_support import running_mlflow_server
 from test_serve_support import (
     build_checkpoint,
     free_port,
@@ -36,38 +38,70 @@ MAX_UPLOAD_MB = 0.5
 # --- without a cluster --------------------------------------------------------------------------
 
 
-def test_config_yaml_parses_and_resolves():
-    """serve_apps/config.yaml is a valid Serve deploy config whose import path and args build."""
+def test_config_yaml_is_a_valid_service_config():
+    """serve_apps/config.yaml is a valid Serve deploy config whose `args` ARE a ServiceConfig
+    (validated into it as `serve run` does), which builds; autoscaling lives in `args` only."""
     from ray._common.utils import import_attr
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
+    from timeexpert.serve.settings import ServiceConfig
+
     raw = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (app_schema,) = schema.applications
+    assert not app_schema.deployments, "Serve options belong in args (ServiceConfig), not here"
+    assert schema.logging_config.enable_access_log is False
+    config = ServiceConfig.model_validate(app_schema.args)
+    # every key of the YAML is a field (extra="forbid"), and the YAML spells out the model's own
+    # defaults: a default changed in one place and not the other fails here
+    assert config.model_dump(exclude={"auth_token"}) == ServiceConfig.model_validate(
+        {"model": {"checkpoint": config.model.checkpoint, "tracking_uri": config.model.tracking_uri},
+         "video": {"allowed_roots": config.video.allowed_roots}}
+    ).model_dump(exclude={"auth_token"})
+    # its default checkpoint is the one `make demo` registers (jobs/demo.py REGISTERED_MODEL)
+    assert config.model.checkpoint == "models:/timeexpert-demo/latest"
+    assert config.model.tracking_uri == f"sqlite:///{ROOT}/.cache/demo/mlflow.db"
+    assert config.video.allowed_roots == [str(ROOT / ".cache" / "demo" / "data" / "small")]
     builder = import_attr(app_schema.import_path)
-    # as `serve run` / `serve deploy` call it: the YAML args dict validated into the typed args
     application = call_user_app_builder_with_args_if_necessary(builder, app_schema.args)
     assert type(application).__name__ == "Application"
-    # `serve run serve_apps.grounding:app key=value` passes strings
-    call_user_app_builder_with_args_if_necessary(
-        builder, {"checkpoint": "c", "allowed_roots": "/a,/b", "ep_size": "2"}
-    )
-    names = {d.name for d in app_schema.deployments}
-    assert names == {"GroundingModel", "VideoDecoder", "GroundingIngress"}
 
 
-def test_builder_args_from_cli_strings():
-    from serve_apps.grounding import GroundingAppArgs
+def test_service_config_from_cli_words():
+    """`serve run serve_apps.grounding:app key=value ...` passes strings, dotted for a nested
+    field; bad values fail naming the field and the accepted range."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    args = GroundingAppArgs.model_validate(
-        {"checkpoint": "ckpt", "allowed_roots": "/a, s3://b/v", "max_batch_size": "4", "ep_size": "2"}
-    )
-    assert args.allowed_roots == ["/a", "s3://b/v"] and args.max_batch_size == 4
-    cfg = args.service_config()
-    assert cfg.model.ep_size == 2 and cfg.video.allowed_roots == ["/a", "s3://b/v"]
-    with pytest.raises(Exception, match="unknown_field|Extra inputs"):
-        GroundingAppArgs.model_validate({"checkpoint": "c", "unknown_field": 1})
+    from serve_apps.grounding import app
+    from timeexpert.serve.settings import ServiceConfig
+
+    words = {"model.checkpoint": "runs/ckpt", "video.allowed_roots": "/a, s3://b/v",
+             "model.max_batch_size": "4", "model.ep_size": "2",
+             "model.autoscaling.max_replicas": "3", "decoder.num_cpus": "0.25"}
+    cfg = ServiceConfig.model_validate(words)
+    assert cfg.model.checkpoint == os.path.abspath("runs/ckpt")  # made absolute where built
+    assert cfg.video.allowed_roots == ["/a", "s3://b/v"] and cfg.model.max_batch_size == 4
+    assert cfg.model.autoscaling.max_replicas == 3 and cfg.decoder.num_cpus == 0.25
+    options = cfg.model.deployment_options()
+    assert options["autoscaling_config"]["max_replicas"] == 3
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]
+    call_user_app_builder_with_args_if_necessary(app, words)
+    uri = ServiceConfig.model_validate(
+        {"model": {"checkpoint": "models:/m/1", "tracking_uri": "sqlite:///x/mlflow.db"}}).model
+    assert uri.checkpoint == "models:/m/1"
+    assert uri.tracking_uri == f"sqlite:///{os.path.abspath('x/mlflow.db')}"
+    assert uri.deployment_options()["ray_actor_options"]["runtime_env"] == {
+        "env_vars": {"MLFLOW_TRACKING_URI": uri.tracking_uri}}
+    for bad, match in [
+        ({"model.checkpoint": "c", "unknown_field": "1"}, "unknown_field"),
+        ({"model.checkpoint": "c", "model.autoscaling.min_replicas": "3"},
+         r"max_replicas \(2\) must be >= min_replicas \(3\)"),
+        ({"model.checkpoint": "c", "model.max_batch_size": "0"}, "max_batch_size"),
+        ({"video.max_frames": "8"}, "model"),  # the checkpoint is required
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ServiceConfig.model_validate(bad)
 
 
 def test_video_uri_allow_list(tmp_path):
@@ -167,45 +201,52 @@ def test_decode_cache_decodes_again_when_the_cached_frames_are_lost():
 
 @pytest.mark.slow
 def test_mlflow_checkpoint_uri(tmp_path, monkeypatch):
-    """A checkpoint logged to MLflow is found through runs:/ and through the registry (models:/)."""
+    """A checkpoint registered in MLflow (`tracking.register_checkpoint`, SQLite store) is found
+    through runs:/, models:/NAME/VERSION and models:/NAME/latest; the copies are removed."""
     import mlflow
 
+    from timeexpert import tracking
     from timeexpert.checkpoints import local_checkpoint
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = mlflow.create_experiment("serve-test", artifact_location=str(tmp_path / "artifacts"))
-    with mlflow.start_run(experiment_id=exp) as run:
-        mlflow.log_artifacts(str(ckpt), artifact_path="checkpoint")
-    with local_checkpoint(f"runs:/{run.info.run_id}/checkpoint") as local:
-        assert os.path.isfile(os.path.join(local, "config.json"))
-    assert not os.path.exists(local)  # the downloaded copy is removed
-    client = mlflow.MlflowClient()
-    client.create_registered_model("timeexpert-tiny")
-    version = client.create_model_version(
-        "timeexpert-tiny", source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id
-    )
-    with local_checkpoint(f"models:/timeexpert-tiny/{version.version}") as local:
-        assert os.path.isfile(os.path.join(local, "config.json"))
-    assert not os.path.exists(local)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("serve-test", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+    assert tracking.register_checkpoint(uri, run_id, str(ckpt), "timeexpert-tiny") == "1"
+    assert tracking.register_checkpoint(uri, run_id, str(ckpt), "timeexpert-tiny") == "2"
+    for source in (f"runs:/{run_id}/checkpoint", "models:/timeexpert-tiny/1",
+                   "models:/timeexpert-tiny/latest"):
+        with local_checkpoint(source) as local:
+            assert os.path.isfile(os.path.join(local, "config.json")), source
+        assert not os.path.exists(local)  # the downloaded copy is removed
     with pytest.raises(ValueError, match="cannot download MLflow checkpoint"):
         with local_checkpoint("runs:/0123456789abcdef/none"):
             pass
+    with pytest.raises(ValueError, match="does not exist"):
+        tracking.register_checkpoint(uri, run_id, str(tmp_path / "missing"), "timeexpert-tiny")
 
 
 # --- the application ----------------------------------------------------------------------------
 
 
+REGISTERED = "timeexpert-tiny"
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    """The app on a local Serve: yields (base_url, videos, outside_video, allowed_root)."""
+    """The app on a local Serve, serving `models:/timeexpert-tiny/1` registered on a real MLflow
+    server: yields (base_url, videos, outside_video, allowed_root)."""
     import httpx
+    import mlflow
     from ray import serve
 
-    from serve_apps.grounding import GroundingAppArgs, app
+    from serve_apps.grounding import app
+    from timeexpert import tracking
+    from timeexpert.serve.settings import ServiceConfig
 
     tmp = tmp_path_factory.mktemp("serve")
     ckpt = build_checkpoint(str(tmp / "ckpt"))
@@ -214,24 +255,33 @@ def service(tmp_path_factory):
     outside.mkdir()
     outside_video = outside / "x.mp4"
     outside_video.write_bytes(pathlib.Path(videos[0]).read_bytes())
+    (tmp / "mlflow").mkdir()
     port = free_port()
-    start_serve(port)
-    try:
-        args = GroundingAppArgs(
-            checkpoint=ckpt, allowed_roots=[str(tmp / "videos")], auth_token=TOKEN,
-            max_upload_mb=MAX_UPLOAD_MB, max_frames=16, max_fps=2.0, max_query_chars=64,
-            max_batch_size=4, model_num_cpus=0.1, decoder_num_cpus=0.1, ingress_num_cpus=0.1,
-            min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
-            downscale_delay_s=600, look_back_period_s=2, metrics_interval_s=0.5,
-        )
-        serve.run(app(args), name="grounding", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        wait_until(
-            lambda: _get_ok(httpx, f"{base}/healthz"), timeout=180, what="the app answering"
-        )
-        yield base, videos, str(outside_video), str(tmp / "videos")
-    finally:
-        stop_serve()
+    with running_mlflow_server(tmp / "mlflow") as tracking_uri:
+        run_id = mlflow.MlflowClient(tracking_uri).create_run(
+            tracking.experiment_id(tracking_uri, "serve-test")).info.run_id
+        version = tracking.register_checkpoint(tracking_uri, run_id, ckpt, REGISTERED)
+        start_serve(port)
+        try:
+            config = ServiceConfig(
+                model={"checkpoint": f"models:/{REGISTERED}/{version}",
+                       "tracking_uri": tracking_uri, "max_batch_size": 4, "num_cpus": 0.1,
+                       "autoscaling": {"min_replicas": 1, "max_replicas": 2,
+                                       "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+                                       "downscale_delay_s": 600, "look_back_period_s": 2,
+                                       "metrics_interval_s": 0.5}},
+                video={"allowed_roots": [str(tmp / "videos")], "max_upload_mb": MAX_UPLOAD_MB,
+                       "max_frames": 16, "max_fps": 2.0, "max_query_chars": 64},
+                decoder={"num_cpus": 0.1}, ingress={"num_cpus": 0.1}, auth_token=TOKEN,
+            )
+            serve.run(app(config), name="grounding", route_prefix="/", blocking=False)
+            base = f"http://127.0.0.1:{port}"
+            wait_until(
+                lambda: _get_ok(httpx, f"{base}/healthz"), timeout=180, what="the app answering"
+            )
+            yield base, videos, str(outside_video), str(tmp / "videos")
+        finally:
+            stop_serve()
 
 
 def _get_ok(httpx, url: str) -> bool:
@@ -271,6 +321,7 @@ def test_endpoints_answer_a_synthetic_video(service):
                      "/v1/models/{name}", "/healthz"):
             assert path in spec["paths"], path
         info = c.get("/v1/models/timeexpert").json()
+        assert info["checkpoint"] == f"models:/{REGISTERED}/1"  # from the MLflow server
         assert info["gating"] == "dynamic" and info["num_layers"] == 2 and info["ep_size"] == 1
         assert info["active_experts"] == [[0, 1, 2, 3]] * 2 and info["num_frames"] == 8
         assert c.get("/v1/models").json()["data"][0]["id"] == "timeexpert"

@@ -30,8 +30,9 @@ def apps(tmp_path_factory, s3_server):
     import httpx
     from ray import serve
 
-    from serve_apps.grounding import GroundingAppArgs, app
+    from serve_apps.grounding import app
     from timeexpert import storage
+    from timeexpert.serve.settings import ServiceConfig
 
     tmp = tmp_path_factory.mktemp("serve_sharded")
     ckpt = build_checkpoint(str(tmp / "ckpt"), seed=1)
@@ -41,15 +42,14 @@ def apps(tmp_path_factory, s3_server):
     port = free_port()
     start_serve(port)  # after s3_server: Ray workers inherit its AWS_* settings
     try:
-        common = dict(
-            allowed_roots=[str(tmp / "videos")], max_batch_size=4, min_replicas=1,
-            max_replicas=1, model_num_cpus=0.1, decoder_num_cpus=0.1, ingress_num_cpus=0.1,
-            health_check_period_s=1.0,
-        )
-        serve.run(app(GroundingAppArgs(checkpoint=ckpt, **common)), name="mono",
+        model = dict(max_batch_size=4, num_cpus=0.1, health_check_period_s=1.0,
+                     autoscaling={"min_replicas": 1, "max_replicas": 1})
+        common = dict(video={"allowed_roots": [str(tmp / "videos")]}, decoder={"num_cpus": 0.1},
+                      ingress={"num_cpus": 0.1})
+        serve.run(app(ServiceConfig(model={"checkpoint": ckpt, **model}, **common)), name="mono",
                   route_prefix="/mono", blocking=False)
-        serve.run(app(GroundingAppArgs(checkpoint=s3_ckpt, ep_size=2, ep_worker_num_cpus=0.2,
-                                       **common)),
+        sharded = {"checkpoint": s3_ckpt, "ep_size": 2, "ep_worker_num_cpus": 0.2, **model}
+        serve.run(app(ServiceConfig(model=sharded, **common)),
                   name="sharded", route_prefix="/sharded", blocking=False)
         base = f"http://127.0.0.1:{port}"
 

@@ -71,6 +71,8 @@ def _serve_apps(config: dict) -> list[dict]:
 def test_serve_configs_resolve_and_validate(source, monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
+    from timeexpert.serve.settings import ServiceConfig
+
     monkeypatch.syspath_prepend(str(ROOT))
     doc = _docs(ROOT / source)[0]
     config = yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
@@ -78,9 +80,8 @@ def test_serve_configs_resolve_and_validate(source, monkeypatch):
     for app in _serve_apps(config):
         module_name, attr = app["import_path"].split(":")
         builder = getattr(importlib.import_module(module_name), attr)
-        args_type = importlib.import_module(module_name).GroundingAppArgs
-        args = args_type(**app["args"])  # every arg known and valid
-        assert args.checkpoint
+        args = ServiceConfig.model_validate(app["args"])  # every arg known and valid
+        assert args.model.checkpoint
         assert callable(builder)
         known = {"GroundingModel", "VideoDecoder", "GroundingIngress"}
         assert {d["name"] for d in app.get("deployments", [])} <= known

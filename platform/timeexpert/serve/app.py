@@ -10,9 +10,9 @@
 
 Request flow: validate (pydantic, then the config limits in `inputs`) -> VideoDecoder deployment
 (allowed URI or upload -> frames at the model's size) -> GroundingModel deployment (batched) ->
-response model. The ingress keeps the object refs of recent decodes (by content version and
-sampling): a repeated video skips the decoder and its frames go from the object store straight to
-the model replica. Every error body is `ErrorResponse` JSON: client mistakes
+response model. The ingress keeps the decoder's responses of recent decodes (by content version
+and sampling): a repeated video skips the decoder and its frames go from the object store
+straight to the model replica. Every error body is `ErrorResponse` JSON: client mistakes
 are 4xx saying what was wrong; anything else is a 5xx carrying the request id (Serve's, also the
 `X-Request-ID` header of every response) and logged with it.
 """
@@ -30,7 +30,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import RayActorError
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from timeexpert import storage
@@ -53,6 +56,10 @@ from timeexpert.serve.inputs import (
 from timeexpert.serve.settings import ServiceConfig
 
 logger = logging.getLogger("ray.serve")
+
+# A lost or overloaded model replica: the client may retry (503); anything else is a 500.
+# (RayActorError covers ActorDiedError and ActorUnavailableError.)
+_UNAVAILABLE = (RayActorError, DeploymentUnavailableError, BackPressureError)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": S.ErrorResponse}
@@ -211,10 +218,7 @@ class GroundingIngress:
         except RequestError as err:
             return error_response(err.status, err.kind, err.message, rid)
         except Exception as err:  # noqa: BLE001 - the one place internal failures are answered
-            unavailable = type(err).__name__ in (
-                "ActorDiedError", "RayActorError", "ActorUnavailableError",
-                "DeploymentUnavailableError", "BackPressureError",
-            )
+            unavailable = isinstance(err, _UNAVAILABLE)
             logger.exception("request %s failed", rid)
             return error_response(
                 503 if unavailable else 500,
@@ -256,7 +260,7 @@ class GroundingIngress:
         """Video + task -> (Prediction, duration, number of frames sampled).
 
         A video seen before (same content version and sampling) goes straight to the model as
-        the object ref of its decoded frames; a new one is decoded by the VideoDecoder first."""
+        the decoder's earlier response; a new one is decoded by the VideoDecoder first."""
         limits = self.config.video
         query = check_query(query, limits.max_query_chars)
         info = await self._model_meta()
@@ -273,21 +277,26 @@ class GroundingIngress:
         prediction, (_, duration, frames) = await self._decoded.run(
             key,
             decode=lambda: self._decode(source, num_frames, fps, size),
-            use=lambda ref: self.model.predict.remote(
-                ref, task=task, query=query, max_events=max_events, clip_len=clip_len
+            use=lambda decoded: self.model.predict.remote(
+                decoded, task=task, query=query, max_events=max_events, clip_len=clip_len
             ),
         )
         _raise_rejection(prediction)
         return prediction, duration, frames
 
     async def _decode(self, source, num_frames, fps, size) -> tuple:
-        """The VideoDecoder's frames for `source` as (object ref, duration, frame count); a
-        Rejection (undecodable video, ...) is raised as its RequestError."""
-        response = self.decoder.decode.remote(source, num_frames=num_frames, fps=fps, size=size)
-        ref = await response._to_object_ref()
-        video = await ref
+        """The VideoDecoder's answer for `source` as (response, duration, frame count); a
+        Rejection (undecodable video, ...) is raised as its RequestError.
+
+        The response is kept, not its value: passed to the model's handle call, Serve hands the
+        model replica the decoder's object ref (Serve's documented model composition), so the
+        frames go from the object store to the model without passing through the ingress."""
+        response: DeploymentResponse = self.decoder.decode.remote(
+            source, num_frames=num_frames, fps=fps, size=size
+        )
+        video = await response
         _raise_rejection(video)
-        return ref, float(video.duration), len(video.timestamps)
+        return response, float(video.duration), len(video.timestamps)
 
     def decode_cache_stats(self) -> dict:
         """Hits and misses of this replica's decoded-video cache."""
@@ -364,33 +373,10 @@ class GroundingIngress:
 # --- the application ----------------------------------------------------------------------------
 
 
-def build_application(
-    config: ServiceConfig,
-    *,
-    model_options: dict | None = None,
-    decoder_options: dict | None = None,
-    ingress_options: dict | None = None,
-):
-    """Bind the three deployments into one Serve application.
-
-    `*_options` are `Deployment.options` overrides (num_replicas or autoscaling_config,
-    ray_actor_options, ...). With `config.model.ep_size > 1` the model deployment reserves
-    `placement_group_bundles`: the replica's own bundle (its `ray_actor_options`) and one
-    `{"CPU": ep_worker_num_cpus}` bundle per EP worker.
-    """
-    model_options = dict(model_options or {})
-    batch = config.model.max_batch_size
-    model_options.setdefault("max_ongoing_requests", max(2 * batch, 8))
-    if config.model.ep_size > 1:
-        actor = model_options.setdefault("ray_actor_options", {})
-        replica_cpus = float(actor.get("num_cpus", 1))
-        worker = {"CPU": config.model.ep_worker_num_cpus}
-        if config.model.device.startswith("cuda"):
-            worker["GPU"] = 1.0
-        model_options["placement_group_bundles"] = (
-            [{"CPU": replica_cpus}] + [dict(worker) for _ in range(config.model.ep_size)]
-        )
-        model_options.setdefault("placement_group_strategy", "PACK")
-    model = GroundingModelServer.options(**model_options).bind(config.model)
-    decoder = VideoDecoder.options(**(decoder_options or {})).bind(config.video)
-    return GroundingIngress.options(**(ingress_options or {})).bind(config, decoder, model)
+def build_application(config: ServiceConfig) -> Application:
+    """Bind the three deployments into one Serve application, each with the options its section
+    of `config` gives (`settings.*.deployment_options`)."""
+    model = GroundingModelServer.options(**config.model.deployment_options()).bind(config.model)
+    decoder = VideoDecoder.options(**config.decoder.deployment_options()).bind(config.video)
+    ingress = GroundingIngress.options(**config.ingress.deployment_options())
+    return ingress.bind(config, decoder, model)

@@ -13,19 +13,16 @@ import asyncio
 import hashlib
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING
-
 from ray import serve
+from ray.exceptions import ObjectLostError
 
 from timeexpert import storage
+from timeexpert.data.video import DecodedVideo, VideoDecodeError, decode_frames
 from timeexpert.inference import Prediction, PredictRequest
 from timeexpert.serve.inputs import Rejection, RequestError, VideoSource, resolve_video_uri
 from timeexpert.serve.replica import LocalModel, ModelInfo
 from timeexpert.serve.settings import ModelServerConfig, VideoLimits
 from timeexpert.serve.sharded import ShardedModel
-
-if TYPE_CHECKING:
-    from timeexpert.data.video import DecodedVideo
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,7 +42,7 @@ class VideoDecoder:
     async def decode(
         self, source: VideoSource, *, num_frames: int | None, fps: float | None,
         size: tuple[int, int],
-    ) -> "DecodedVideo | Rejection":
+    ) -> DecodedVideo | Rejection:
         try:
             data = source.data
             if data is None:
@@ -57,9 +54,7 @@ class VideoDecoder:
         self.decoded += 1
         return await asyncio.to_thread(self._decode, data, num_frames, fps, size)
 
-    def _decode(self, data: bytes, num_frames, fps, size) -> "DecodedVideo | Rejection":
-        from timeexpert.data.video import VideoDecodeError, decode_frames
-
+    def _decode(self, data: bytes, num_frames, fps, size) -> DecodedVideo | Rejection:
         try:
             return decode_frames(
                 data, num_frames=num_frames, fps=fps, max_frames=self.limits.max_frames, size=size
@@ -89,9 +84,10 @@ def video_version(source: VideoSource) -> tuple:
 
 
 class DecodedCache:
-    """LRU of decoded videos by (content version, sampling) -> (object ref, duration, frames).
+    """LRU of decoded videos by (content version, sampling) -> (the decoder's response, duration,
+    frames).
 
-    The frames stay in Ray's object store, referenced here: a repeated video goes from the
+    The frames stay in Ray's object store, referenced by the response kept here: a repeated video goes from the
     ingress straight to the model replica (one hop, no decode, no copy through the ingress).
     `entries == 0` turns it off."""
 
@@ -121,8 +117,6 @@ class DecodedCache:
         """`await use(ref)` on the decoded video of `key`: the cached one, else `await decode()`
         -> (ref, ...) stored under `key`. Returns (use's result, the entry). A cached object lost
         since (its node died, ...) is decoded again once."""
-        from ray.exceptions import ObjectLostError
-
         entry = self.get(key)
         if entry is not None:
             try:
@@ -181,7 +175,7 @@ class GroundingModelServer:
         return self._info
 
     async def predict(
-        self, video: "DecodedVideo", *, task, query: str, max_events: int | None, clip_len: float
+        self, video: DecodedVideo, *, task, query: str, max_events: int | None, clip_len: float
     ) -> Prediction | Rejection:
         """One request on decoded frames (the ingress passes the decoder's object ref; Ray
         resolves it here, so the frames never travel through the ingress twice)."""

@@ -18,12 +18,18 @@ from __future__ import annotations
 import asyncio
 import datetime
 import socket
+import uuid
 
 import ray
+import torch.distributed as dist
+from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from timeexpert.inference import GroundingModel
+from timeexpert.models.expert_parallel import shard_state_dict
+from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.serve.replica import model_info, predict_isolated
 from timeexpert.serve.settings import ModelServerConfig
 
@@ -43,11 +49,6 @@ class EPWorker:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, address: str, port: int, config: ModelServerConfig) -> None:
-        import torch.distributed as dist
-
-        from timeexpert.models.expert_parallel import shard_state_dict
-        from timeexpert.models.timeexpert import TimeExpertForGrounding
-
         backend = "nccl" if config.device.startswith("cuda") else "gloo"
         dist.init_process_group(
             backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
@@ -75,14 +76,10 @@ class EPWorker:
 
 def _replica_tag() -> str:
     """`app#deployment#replica` of the Serve replica creating the workers (unique per replica)."""
-    from ray import serve
-
     try:
         ctx = serve.get_replica_context()
         return f"{ctx.app_name}#{ctx.deployment}#{ctx.replica_id.unique_id}"
-    except Exception:  # not inside a replica (a direct test)
-        import uuid
-
+    except RayServeException:  # not inside a replica (a direct test)
         return uuid.uuid4().hex[:8]
 
 
