@@ -8,8 +8,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.join(ROOT, "platform") not in sys.path:  # `python jobs/x.py` from a working dir
-    sys.path.insert(0, os.path.join(ROOT, "platform"))
+for _path in (os.path.join(ROOT, "platform"), ROOT):  # `python jobs/x.py` from a working dir:
+    if _path not in sys.path:  # the package, and serve_apps/
+        sys.path.insert(0, _path)
 
 # RAY_TRAIN_ENABLE_PRINT_PATCH=0 (propagated to the Train workers): the patch logs each print and,
 # once anything wraps sys.stdout, prints it too: every progress line reached the user twice.
@@ -18,14 +19,23 @@ for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}.items():
     os.environ.setdefault(_k, _v)
+# transformers draws a "Loading weights" bar at every model load (each evaluation, each Serve
+# replica): the jobs draw their own bars.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# After the path and the environment above (both must be set before these imports)
+import ray  # noqa: E402
+
+from timeexpert import storage  # noqa: E402
+from timeexpert.data import synth  # noqa: E402
+from timeexpert.presets import get_preset  # noqa: E402
+from timeexpert.train.config import TrainConfig  # noqa: E402
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
-    from timeexpert.data.synth import SIZES
-
     p.add_argument("--preset", default="tiny_cpu", help="model + training preset (timeexpert.presets)")
     p.add_argument("--data-root", default=".cache/data/tiny", help="dataset root (local or s3://)")
-    p.add_argument("--synthetic", choices=sorted(SIZES),
+    p.add_argument("--synthetic", choices=sorted(synth.SIZES),
                    help="generate this synthetic benchmark under --data-root when it has none")
     p.add_argument("--storage-root", default=".cache/runs", help="checkpoints: local dir or s3://")
     p.add_argument("--name", default="timeexpert", help="run name")
@@ -54,8 +64,6 @@ def read_stack_env(state_dir: str) -> dict[str, str]:
 def connect_ray(num_cpus: int) -> bool:
     """Connect to the cluster of RAY_ADDRESS (`ray job submit`), else start a local Ray of
     `num_cpus`; nothing when connected already. True when this call connected."""
-    import ray
-
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):  # ray job submit / a running cluster
@@ -66,19 +74,12 @@ def connect_ray(num_cpus: int) -> bool:
 
 
 def prepare_data(args) -> None:
-    from timeexpert import storage
-
     if args.synthetic and not storage.exists(storage.join_uri(args.data_root, "manifests", "train.jsonl")):
-        from timeexpert.data import synth
-
         print(f"generating the {args.synthetic} synthetic benchmark under {args.data_root}", flush=True)
         synth.generate(args.synthetic, args.data_root, seed=0)
 
 
 def train_config(args, **extra):
-    from timeexpert.presets import get_preset
-    from timeexpert.train.config import TrainConfig
-
     fields = dict(get_preset(args.preset).train)
     fields.update(preset=args.preset, data_root=args.data_root, storage_root=args.storage_root,
                   name=args.name, num_workers=args.workers, ep_size=args.ep, zero_stage=args.zero,

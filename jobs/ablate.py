@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-import _common
+import _common  # (sys.path and environment defaults, before the imports below)
+
+from timeexpert.train.stages import run_pipeline
 
 VARIANTS: dict[str, dict] = {
     "dense": {"moe": {"gating": "dense"}},
@@ -55,8 +57,6 @@ def markdown_table(rows: dict[str, dict[str, float]], last_stage: int) -> str:
 
 
 def run_ablation(base, *, stages, variants) -> tuple[str, dict]:
-    from timeexpert.train.stages import run_pipeline
-
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown ablation variants {unknown}; choose from {list(VARIANTS)}")

@@ -7,9 +7,15 @@ with infra/local/down.sh afterwards if the demo brought it up (`--keep-stack` le
 the data and checkpoints live on its S3, the runs on its MLflow server. Either way:
   1. render the small synthetic VTG benchmark (real mp4 files) unless it is there already;
   2. train TimeExpert's three stages (TimeExpert sec. 3.5) on Ray Train with 2 gloo workers;
-  3. evaluate the final checkpoint on the test split and print it against the trivial baselines;
+  3. evaluate the final checkpoint on the test split and print it against the trivial baselines,
+     and register it in the MLflow model registry as a new version of `timeexpert-demo`;
   4. deploy the grounding Serve app and answer one query per task over HTTP;
-  5. say where the MLflow runs, plots and checkpoints are.
+  5. say where the MLflow runs, plots, checkpoints and logs are.
+
+The terminal shows the demo's own lines, a progress bar per long step and the table; the log
+records of the driver go to ROOT/demo.log, the output of Ray's workers to Ray's log files.
+`serve run serve_apps/config.yaml` serves the registered model afterwards (`models:/timeexpert-
+demo/latest` from ROOT/mlflow.db with the default --root).
 
     python jobs/demo.py [--root .cache/demo] [--preset small_cpu] [--size small] [--steps N] [--no-serve]
                         [--local-stack [STATE_DIR] [--keep-stack]]
@@ -21,12 +27,29 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
-import _common  # noqa: F401  (sys.path and environment defaults)
+import _common  # noqa: F401  (sys.path and environment defaults, before the imports below)
+import _console
+import mlflow
+import ray
+import ray.data
+from ray import cloudpickle, serve
+
+from serve_apps.grounding import app
+from timeexpert import storage, tracking
+from timeexpert.data import formats, synth
+from timeexpert.eval.baselines import frame_grid_ceiling, trivial_baselines
+from timeexpert.presets import get_preset
+from timeexpert.serve.settings import ServiceConfig
+from timeexpert.train.config import TrainConfig
+from timeexpert.train.stages import evaluate_checkpoint, run_pipeline
+
+# The Train controller actor runs the progress callback and cannot import jobs/: send it by value.
+cloudpickle.register_pickle_by_value(_console)
 
 STACK_STATE = os.path.join(_common.ROOT, ".cache", "local-stack")
 
@@ -46,6 +69,8 @@ TARGETS = [
     ("DVC F1", "dvc/F1", [("dvc/single_event", "F1"), ("dvc/uniform_k", "F1")], 1.5, "dvc/frame_grid"),
 ]
 DISTINCT_TARGET = 70.0  # % of test videos whose two MR queries get different windows
+# The MLflow model the final checkpoint is registered as (serve_apps/config.yaml serves its latest)
+REGISTERED_MODEL = "timeexpert-demo"
 
 
 # Share of the step budget per stage.
@@ -90,17 +115,18 @@ def print_table(model: dict[str, float], baselines: dict[str, dict]) -> tuple[li
 
 def serve_and_query(checkpoint: str, data_root: str, records: dict) -> None:
     """Deploy the grounding app, answer one request per task over HTTP, shut it down."""
-    from ray import serve
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from serve_apps.grounding import GroundingAppArgs, app
-
-    args = GroundingAppArgs(checkpoint=checkpoint, allowed_roots=[data_root], model_num_cpus=0.5,
-                            decoder_num_cpus=0.25, ingress_num_cpus=0.1, max_replicas=1,
-                            decoder_max_replicas=1)
+    config = ServiceConfig(
+        model={"checkpoint": checkpoint, "num_cpus": 0.5,
+               "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+        video={"allowed_roots": [data_root]},
+        decoder={"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+        ingress={"num_cpus": 0.1},
+    )
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app(args), name="grounding", route_prefix="/")
+    quiet = {"enable_access_log": False}  # per-request lines stay in the replicas' log files
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+    _console.serve_with_progress(app(config), name="grounding", num_deployments=3,
+                                 logging_config=quiet)
     base = f"http://127.0.0.1:{port}"
     try:
         for path, record in (("/v1/moments", records["mr"]), ("/v1/highlights", records["vhd"]),
@@ -122,8 +148,6 @@ def serve_and_query(checkpoint: str, data_root: str, records: dict) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -158,12 +182,10 @@ def local_stack(state_dir: str | None, keep: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from timeexpert.data.synth import SIZES
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=".cache/demo", help="where data, runs and MLflow live")
     p.add_argument("--preset", default="small_cpu")
-    p.add_argument("--size", default="small", choices=sorted(SIZES))
+    p.add_argument("--size", default="small", choices=sorted(synth.SIZES))
     p.add_argument("--steps", type=int,
                    help="steps of the three stages together (default: 3x the preset's num_steps), "
                         f"split {STAGE_SHARE} (stage 1 only fits the task modules to a frozen "
@@ -185,18 +207,17 @@ def run(args, stack: dict | None) -> int:
     t_start = time.perf_counter()
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
-
-    from timeexpert import storage
-    from timeexpert.data import formats, synth
+    log_file = os.path.join(root, "demo.log")
+    _console.driver_logging(log_file)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the demo draws its own
 
     local_data = os.path.join(root, "data", args.size)
     if not storage.exists(os.path.join(local_data, "manifests", "train.jsonl")):
         print(f"[1/5] rendering the {args.size} synthetic benchmark under {local_data}", flush=True)
-        synth.generate(args.size, local_data, seed=0)
+        with _console.Bar("rendering", None, "videos") as bar:
+            synth.generate(args.size, local_data, seed=0, progress=bar.progress)
     else:
         print(f"[1/5] synthetic benchmark already at {local_data}", flush=True)
-
-    import mlflow
 
     experiment = "timeexpert-demo"
     if stack is None:  # embedded MLflow: a SQLite database, artifacts on the local disk
@@ -215,18 +236,13 @@ def run(args, stack: dict | None) -> int:
     if client.get_experiment_by_name(experiment) is None:
         client.create_experiment(experiment, artifact_location=artifacts)
 
-    import ray
-
-    from timeexpert.eval.baselines import frame_grid_ceiling, trivial_baselines
-    from timeexpert.presets import get_preset
-    from timeexpert.train.config import TrainConfig
-    from timeexpert.train.stages import evaluate_checkpoint, run_pipeline
-
-    # the workers' output reaches this terminal: rank 0 prints a progress line every log_every steps
+    # More worker processes than logical CPUs is this demo's design (Train workers, Serve replicas
+    # and Ray's own actors on fractional CPUs): expect them, rather than warn at 4x num_cpus.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "8")
     if stack is None:
-        ray.init(num_cpus=4, include_dashboard=False)
+        ray.init(num_cpus=4, **_console.QUIET_RAY)
     else:
-        ray.init(address=stack["TE_RAY_GCS_ADDRESS"])
+        ray.init(address=stack["TE_RAY_GCS_ADDRESS"], log_to_driver=False)
     try:
         fields = dict(get_preset(args.preset).train)
         fields.update(preset=args.preset, data_root=data_root, storage_root=storage_root,
@@ -237,17 +253,29 @@ def run(args, stack: dict | None) -> int:
         steps = stage_steps(args.steps or 3 * cfg.num_steps)
         print(f"[2/5] training the three stages ({', '.join(map(str, steps.values()))} steps, "
               f"{cfg.num_workers} workers)", flush=True)
-        result = run_pipeline(cfg, steps=steps)
+        progress = _console.TrainingProgress(steps)
+        bars = progress.bars()
+        bars.start()
+        try:
+            result = run_pipeline(cfg, steps=steps, callbacks=[progress])
+        finally:
+            bars.stop()
         checkpoint = result.checkpoint_uri
 
         print("[3/5] evaluating on the test split", flush=True)
         test = formats.read_manifest(storage.join_uri(data_root, "manifests", "test.jsonl"))
         train = formats.read_manifest(storage.join_uri(data_root, "manifests", "train.jsonl"))
-        metrics = evaluate_checkpoint(checkpoint, cfg, split="test", max_records=len(test))
+        with _console.Bar("evaluation", len(test), "records") as bar:
+            metrics = evaluate_checkpoint(checkpoint, cfg, split="test", max_records=len(test),
+                                          progress=bar.progress)
         baselines = trivial_baselines(train, test, seed=0, captions=False)
         num_frames = json.loads(storage.read_text(storage.join_uri(checkpoint, "config.json")))["num_frames"]
         baselines.update(frame_grid_ceiling(test, num_frames))
         missed, table = print_table(metrics, baselines)
+        version = tracking.register_checkpoint(tracking_uri, result.parent_run_id, checkpoint,
+                                               REGISTERED_MODEL)
+        registered = f"models:/{REGISTERED_MODEL}/{version}"
+        print(f"  registered in MLflow: model {REGISTERED_MODEL} version {version} ({registered})")
 
         if not args.no_serve:
             print("\n[4/5] serving the checkpoint with Ray Serve", flush=True)
@@ -258,6 +286,7 @@ def run(args, stack: dict | None) -> int:
 
     print(f"\n[5/5] done in {(time.perf_counter() - t_start) / 60:.1f} min")
     print(f"  checkpoint:  {checkpoint}")
+    print(f"  registered:  {registered} (serve it: serve run serve_apps/config.yaml)")
     print(f"  MLflow runs: {tracking_uri} (parent run {result.parent_run_id})")
     if stack is None:
         print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {tracking_uri} "
@@ -265,13 +294,19 @@ def run(args, stack: dict | None) -> int:
         print(f"  artifacts:   {artifacts} (expert heatmaps, loss curves)")
     else:
         print(f"  MLflow UI:   {tracking_uri} (artifacts in s3://, proxied by the server)")
+    print(f"  logs:        {log_file}; Ray's workers: {_ray_logs()}")
     if missed:
         print(f"  targets missed: {', '.join(missed)}")
     if args.json:
         table.update(minutes=round((time.perf_counter() - t_start) / 60, 1), preset=args.preset,
-                     checkpoint=checkpoint, missed=missed)
+                     checkpoint=checkpoint, registered=registered, missed=missed)
         print(json.dumps(table, sort_keys=True))
     return 0
+
+
+def _ray_logs() -> str:
+    """Where Ray's session logs are (RAY_TMPDIR, else Ray's /tmp/ray)."""
+    return os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp/ray", "session_latest", "logs")
 
 
 if __name__ == "__main__":

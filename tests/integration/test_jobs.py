@@ -121,7 +121,8 @@ def test_ray_job_submit_train(stack):
 
     name = f"submitted-{uuid.uuid4().hex[:4]}"
     out = _submit(stack, "jobs/train.py", *_job_args(stack, name), "--stages", "2", "--steps", "2",
-                  "--workers", "2", "--ep", "2", "--set", "eval_max_records=1")
+                  "--workers", "2", "--ep", "2", "--set", "eval_max_records=1",
+                  "--register-model", f"{name}-model")
     assert "[stage 2] step 2/2" in out  # the progress line reached the user
     result = json.loads(_line(out, "RESULT "))
     uri = result["checkpoint_uri"]
@@ -133,6 +134,10 @@ def test_ray_job_submit_train(stack):
     assert "mr/R1@0.5" in result["stages"]["2"]["eval"]
     parent = _mlflow(stack).get_run(result["parent_run_id"])  # logged to the stack's MLflow
     assert parent.info.status == "FINISHED"
+    # the final checkpoint, registered on the stack's MLflow server
+    assert result["registered"] == f"models:/{name}-model/1"
+    version = _mlflow(stack).get_model_version(f"{name}-model", "1")
+    assert version.run_id == result["parent_run_id"] and version.source.endswith("/checkpoint")
 
 
 def test_ablation_grid(stack):
@@ -205,3 +210,13 @@ def test_demo_on_the_local_stack(stack, tmp_path):
     )
     assert len(stages) == 3 and all("eval/mr/R1_0.5" in r.data.metrics for r in stages)
     assert (pathlib.Path(stack["STATE"]) / "env").exists()  # not torn down: it was already up
+    # the final checkpoint is a version of the registered model, on the stack's MLflow server
+    registered = _line(text, "  registered:  ").split()[0]
+    name, version = registered.removeprefix("models:/").split("/")
+    assert name == "timeexpert-demo" and table["registered"] == registered
+    assert client.get_model_version(name, version).run_id == parent_id
+    # a console a person can read: the demo's lines and bars, not Ray's workers and actors
+    console = out.stdout + out.stderr
+    for chatter in ("PlacementGroupCleaner", "TrainController", "RayTrainWorker", "ServeReplica"):
+        assert chatter not in console, console[-3000:]
+    assert len(console.splitlines()) <= 120, console

@@ -27,10 +27,15 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import ray
+import ray.data
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from timeexpert import storage
 from timeexpert.config import DataConfig, VideoConfig
@@ -106,8 +111,6 @@ def _row(r: Record, video: str) -> dict[str, Any]:
 
 
 def _skip_counter_class():
-    import ray
-
     @ray.remote(num_cpus=0)
     class SkipCounter:
         """Skipped records by id -> reason (a record skipped again in a later epoch counts once)."""
@@ -173,8 +176,6 @@ def decode_batch(
         stamps.append(s)
         masks.append(m)
     if skipped and counter is not None:
-        import ray
-
         ray.get(counter.add.remote(skipped))  # wait: the summary must be complete at the end
     out = {k: v[keep] for k, v in batch.items()}
     out["frames"] = np.stack(frames) if frames else np.zeros((0, t, h, w, 3), np.uint8)
@@ -209,8 +210,6 @@ def draw_segment_frames(batch: dict[str, np.ndarray], num_frames: int,
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """Numeric columns to tensors (copied: Ray hands out read-only arrays), text columns (id,
     task, query, events JSON ...) to lists of str."""
-    import torch
-
     return {
         k: torch.from_numpy(np.array(v)) if v.dtype.kind in "biuf" else [str(x) for x in v]
         for k, v in batch.items()
@@ -219,9 +218,7 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def torch_collate():
     """A collate for `iter_torch_batches(collate_fn=torch_collate())` (Ray's default collate
-    cannot convert string columns). Built on call: importing this module stays light."""
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
+    cannot convert string columns)."""
     class TorchCollate(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
             return to_torch(batch)
@@ -242,8 +239,6 @@ class VideoDataset:
         """Decode every video now, once, into Ray's object store (spilled to local disk when it
         fills); later epochs read the decoded frames instead of decoding again. Returns the
         seconds it took. Bounded by the store: a dataset much larger than it should stream."""
-        import time
-
         t0 = time.perf_counter()
         self.dataset = self.dataset.materialize()
         return time.perf_counter() - t0
@@ -252,8 +247,6 @@ class VideoDataset:
         """Records skipped so far, by reason. Complete once the dataset has been consumed."""
         counts = collections.Counter(self.driver_skips)
         if self.counter is not None:
-            import ray
-
             counts.update(ray.get(self.counter.summary.remote()))
         return dict(counts)
 
@@ -261,8 +254,6 @@ class VideoDataset:
         """Record id -> reason, for the records skipped while decoding."""
         if self.counter is None:
             return {}
-        import ray
-
         return ray.get(self.counter.skipped.remote())
 
     def metrics(self, prefix: str = "data/") -> dict[str, float]:
@@ -293,9 +284,6 @@ def build_dataset(
     model, so the model's preprocessor and tokenizer are injected here. `shuffle` permutes the
     records (seeded by config.seed); `preserve_order` keeps output order = record order.
     """
-    import ray
-    import ray.data
-
     driver_skips: collections.Counter = collections.Counter()
     if records is None:
         manifest = storage.resolve_under_root(config.manifest.format(split=split), config.root)

@@ -37,12 +37,13 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from timeexpert import storage
 from timeexpert.data import formats
+from timeexpert.data.video import write_mp4
 from timeexpert.events import Event, Record, Task
 
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -407,8 +408,6 @@ class SynthDataset:
 
 def _render_one(args: tuple[Scene, SynthSpec, int, str, dict]) -> None:
     scene, spec, seed, uri, storage_options = args
-    from timeexpert.data.video import write_mp4
-
     frames = render_frames(scene, spec, seed)
     if storage.split_scheme(uri)[0] == "s3":
         with tempfile.TemporaryDirectory() as tmp:
@@ -429,11 +428,13 @@ def generate(
     *,
     workers: int | None = None,
     storage_options: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SynthDataset:
     """Render a synthetic benchmark (`size` in SIZES, or a SynthSpec) under `out_root`.
 
     Deterministic by seed: the same seed writes the same scenes, annotations and pixels.
     `workers` processes encode videos in parallel (default: the machine's cores, at most 8).
+    `progress(rendered, total)` is called as the videos are written.
     """
     if isinstance(size, str):
         if size not in SIZES:
@@ -458,12 +459,16 @@ def generate(
         for split_scenes in scenes.values() for s in split_scenes
     ]
     workers = workers or min(os.cpu_count() or 1, 8)
+    progress = progress or (lambda done, total: None)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_render_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
+            rendered = pool.map(_render_one, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+            for done, _ in enumerate(rendered, 1):
+                progress(done, len(jobs))
     else:
-        for job in jobs:
+        for done, job in enumerate(jobs, 1):
             _render_one(job)
+            progress(done, len(jobs))
 
     manifests, num_records = {}, 0
     for split, split_scenes in scenes.items():

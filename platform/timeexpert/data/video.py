@@ -120,7 +120,7 @@ _SIZE_BUG = "The size must exactly match"
 
 
 def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # deferred: only the rare wrong-size decode needs it
 
     return np.stack(
         [np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in frames]
@@ -128,7 +128,8 @@ def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _decord():
-    """decord, imported on first use with FFmpeg's log noise off (a bad video is reported as a
+    """decord, imported on first use (deferred on purpose: a native library with FFmpeg inside,
+    not needed to import the package) with FFmpeg's log noise off (a bad video is reported as a
     VideoDecodeError, not as hundreds of stderr lines)."""
     import decord
 

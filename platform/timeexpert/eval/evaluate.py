@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from timeexpert.data.pipeline import build_dataset
 from timeexpert.eval import dvc as dvc_metrics
 from timeexpert.eval.metrics import (
     QVH_IOU_THRESHOLDS,
@@ -39,7 +40,8 @@ from timeexpert.eval.metrics import (
 )
 from timeexpert.eval.parse import ParseResult, as_parse_result
 from timeexpert.eval.qvhighlights import prediction_row, write_jsonl
-from timeexpert.events import Event, Record, Task
+from timeexpert.events import Event, Record, Task, saliency_from_events
+from timeexpert.inference import PredictRequest
 
 
 def _select(records: Sequence[Record], task: Task | str | None) -> tuple[list[Record], Task]:
@@ -88,8 +90,6 @@ def _mr_metrics(records: Sequence[Record], parsed: Sequence[ParseResult]) -> dic
 
 
 def _vhd_metrics(records: Sequence[Record], parsed: Sequence[ParseResult]) -> dict[str, float]:
-    from timeexpert.inference import saliency_from_events
-
     pred_scores, gt_scores = [], []
     for r, p in zip(records, parsed):
         if r.saliency is None:
@@ -138,16 +138,15 @@ def dvc_results(records: Sequence[Record], parsed: Sequence[ParseResult]) -> dic
 
 def predict_records(
     gm, records: Sequence[Record], data, *, batch_size: int = 8, on_prediction=None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Any], list[Record], dict[str, int]]:
     """The answers of `gm` (a `GroundingModel`) for `records`: videos fetched and decoded by the
     Ray Data pipeline (`data`: a DataConfig: storage root, frames and size), prompts batched
     through `gm.predict_batch`. Returns (record id -> Prediction, the records that passed the
     annotation checks, records skipped by reason); a record whose video was skipped has no
     prediction (a miss when scored), one refused for its annotation is not scored.
-    `on_prediction(row, prediction)` sees each answer with its decoded row."""
-    from timeexpert.data.pipeline import build_dataset
-    from timeexpert.inference import PredictRequest
-
+    `on_prediction(row, prediction)` sees each answer with its decoded row; `progress(answered,
+    total)` is called after each batch."""
     dataset = build_dataset(data, records=records, preserve_order=True)
     dataset.dataset.context.enable_progress_bars = False
     predictions: dict[str, Any] = {}
@@ -164,6 +163,8 @@ def predict_records(
             predictions[str(row["id"])] = prediction
             if on_prediction is not None:
                 on_prediction(row, prediction)
+        if progress is not None:
+            progress(len(predictions), len(records))
     return predictions, list(dataset.records), dataset.skip_summary()
 
 
@@ -236,8 +237,6 @@ def write_predictions(
     for r, p in zip(records, parsed):
         row = prediction_row(r, p if p.ok else ParseResult())
         if task == Task.VHD and "pred_saliency_scores" not in row and p.ok:
-            from timeexpert.inference import saliency_from_events
-
             row["pred_saliency_scores"] = saliency_from_events(p.events, r.duration, r.clip_len)
         rows.append(row)
     write_jsonl(rows, path)

@@ -272,11 +272,12 @@ def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str, prefi
 
 def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | None = None,
                         max_records: int | None = None, batch_size: int = 8,
-                        plot_dir: str = "") -> dict[str, float]:
+                        plot_dir: str = "", progress=None) -> dict[str, float]:
     """Generate answers with the checkpoint for up to `max_records` records per task of `split`
     and score them (`timeexpert.eval.evaluate`): {"mr/R1@0.5": ..., "vhd/...", "dvc/..."}.
     `plot_dir`: where to write `token_density_{task}.png` (the per-frame density of kept visual
-    tokens of each task's first video, GroundVTS) when the model samples tokens."""
+    tokens of each task's first video, GroundVTS) when the model samples tokens. `progress(answered,
+    total)`: called after each batch (`predict_records`)."""
     from timeexpert.data import formats
     from timeexpert.data.pipeline import record_from_row
     from timeexpert.eval.evaluate import distinct_windows, evaluate_predictions, predict_records
@@ -307,7 +308,7 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
     with devices.autocast(device, cfg.precision):
         predictions, scored, _ = predict_records(
             gm, chosen, data_config(cfg, gm.model.config), batch_size=batch_size,
-            on_prediction=plot_density,
+            on_prediction=plot_density, progress=progress,
         )
     out: dict[str, float] = {}
     for task in Task:
