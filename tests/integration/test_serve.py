@@ -61,8 +61,9 @@ def test_config_yaml_is_a_valid_service_config():
     ).model_dump(exclude={"auth_token"})
     # its default checkpoint is the one `make demo` registers (jobs/demo.py REGISTERED_MODEL)
     assert config.model.checkpoint == "models:/timeexpert-demo/latest"
-    assert config.model.tracking_uri == f"sqlite:///{ROOT}/.cache/demo/mlflow.db"
-    assert config.video.allowed_roots == [str(ROOT / ".cache" / "demo" / "data" / "small")]
+    # relative paths: from where `serve run` starts (the repository root, as make demo runs)
+    assert config.model.tracking_uri == f"sqlite:///{os.path.abspath('.cache/demo/mlflow.db')}"
+    assert config.video.allowed_roots == [os.path.abspath(".cache/demo/data/small")]
     builder = import_attr(app_schema.import_path)
     application = call_user_app_builder_with_args_if_necessary(builder, app_schema.args)
     assert type(application).__name__ == "Application"
