@@ -88,6 +88,7 @@ class Bar:
         self.t0 = time.perf_counter()
         self.done, self.note = 0, ""
         self._drawn_at, self._drawn_tenth, self._closed = 0.0, -1, False
+        self._drawn: tuple | None = None  # (done, note) last drawn
         self._draw()
 
     def __enter__(self) -> "Bar":
@@ -113,7 +114,8 @@ class Bar:
     def close(self) -> None:
         if not self._closed and self.total is not None:
             self._closed = True
-            self._draw()
+            if self._drawn != (self.done, self.note):
+                self._draw()
             self.stream.write("\n")
             self.stream.flush()
 
@@ -128,6 +130,7 @@ class Bar:
         self.stream.write("\r" + line.ljust(100))
         self.stream.flush()
         self._drawn_at, self._drawn_tenth = time.perf_counter(), 10 * self.done // self.total
+        self._drawn = (self.done, self.note)
 
 
 class TrainingProgress(UserCallback):

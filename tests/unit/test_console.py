@@ -29,7 +29,7 @@ def test_bar_draws_in_place_at_each_tenth_into_a_file(console):
     text = out.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n")  # one line, ended by close()
     frames = [f.strip() for f in text.split("\r") if f.strip()]
-    assert len(frames) == 1 + 10 + 1  # the empty bar, each tenth, the final draw
+    assert len(frames) == 1 + 10  # the empty bar, then each tenth (close adds no repeat)
     assert frames[0].startswith("stage 2") and "0/20 steps" in frames[0]
     assert "[" + "#" * console.Bar.WIDTH + "]" in frames[-1] and "20/20 steps" in frames[-1]
     assert "loss 0.050" in frames[-1]
