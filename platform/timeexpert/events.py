@@ -139,7 +139,9 @@ class Record:
 # --- the one temporal IoU ------------------------------------------------------------------
 
 
-def temporal_iou(a: Any, b: Any, *, hull: bool = False, eps: float = 0.0) -> np.ndarray | float:
+def temporal_iou(
+    a: Any, b: Any, *, hull: bool = False, eps: float = 0.0, dtype: Any = np.float64
+) -> np.ndarray | float:
     """IoU of intervals `a` (..., N, 2) against `b` (..., M, 2) -> (..., N, M).
 
     Two single intervals (shape (2,)) give a float. An interval of zero length that lies inside
@@ -153,10 +155,12 @@ def temporal_iou(a: Any, b: Any, *, hull: bool = False, eps: float = 0.0) -> np.
     `compute_temporal_iou_batch_paired`, TimeChat, densevid_eval, SODA), plus `eps`. Both are the
     union wherever the intervals overlap, but they round differently in float64: an IoU that is
     exactly 0.5 in decimals can come out as 0.5 by one and 0.49999999999999994 by the other, so a
-    scorer that thresholds must use its reference's formula.
+    scorer that thresholds must use its reference's formula. `dtype=np.float32` computes as
+    nncore's `temporal_iou` on torch float32 tensors (E.T. Bench), where an IoU of exactly 0.7 is
+    0.69999999.
     """
-    a_arr = np.asarray(a, dtype=np.float64)
-    b_arr = np.asarray(b, dtype=np.float64)
+    a_arr = np.asarray(a, dtype=dtype)
+    b_arr = np.asarray(b, dtype=dtype)
     scalar = a_arr.ndim == 1 and b_arr.ndim == 1
     a_N2 = a_arr[..., :, None, :] if a_arr.ndim > 1 else a_arr[None, None, :]
     b_M2 = b_arr[..., None, :, :] if b_arr.ndim > 1 else b_arr[None, None, :]

@@ -327,7 +327,7 @@ def _f1(p: Any, r: Any) -> np.ndarray:
     return np.divide(2 * p * r, p + r, out=np.zeros_like(p + r), where=p + r > 0)
 
 
-def _unmatched_reference(protocol: str, rng: random.Random) -> str:
+def unmatched_reference(protocol: str, rng: random.Random) -> str:
     """The reference of a prediction that matches no GT caption (module doc)."""
     if protocol == "densevid":
         return GARBAGE_REFERENCE
@@ -346,7 +346,7 @@ def _caption_metrics(vids, gts, preds, ious, tious, protocol) -> dict[str, float
                 # one pair per matched GT caption, as the official loop appends them
                 pairs += [(pred["sentence"], gts[vid][1][g]) for g in matched]
                 if not len(matched):
-                    pairs.append((pred["sentence"], _unmatched_reference(protocol, rng)))
+                    pairs.append((pred["sentence"], unmatched_reference(protocol, rng)))
             raw_groups.append(pairs)
     sentences = {s for pairs in raw_groups for pair in pairs for s in pair}
     for vid in vids:
