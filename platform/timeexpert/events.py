@@ -1,4 +1,6 @@
-"""The canonical event and record types, the one temporal IoU, and THE event serializer.
+"""The canonical event and record types, the one temporal IoU, THE event serializer (with the
+number-vocabulary ids of its grammar tokens), and the per-clip saliency <-> scored windows
+conversions.
 
 Every part of the platform (data, model, eval, serve) speaks these types. Answers are a causal
 sequence of events (t_m, s_m, c_m) (TimeExpert eq. 1-2, following TRACE): per event the
@@ -32,6 +34,14 @@ SYNC = "<sync>"  # closes a number sequence
 NUMBER_VOCAB: tuple[str, ...] = NUMBER_SYMBOLS + (SEP, SYNC)  # vocab of the time and score heads
 SWITCH = "<swi>"  # text-vocab token: an event's numbers follow (the switching token)
 EOS = "<eos>"  # text-vocab token: the answer ends
+EVI, EVI_END = "<evi>", "</evi>"  # text-vocab tokens of D2VLM's evidence (`models/evidence.py`)
+# ids in the number vocabulary: the grammar tokens of the time and score heads
+NUM_NUMBER_TOKENS = len(NUMBER_VOCAB)  # U = 13
+NUMBER_TO_ID: dict[str, int] = {symbol: i for i, symbol in enumerate(NUMBER_VOCAB)}
+DIGIT_IDS: tuple[int, ...] = tuple(NUMBER_TO_ID[str(d)] for d in range(10))
+DOT_ID = NUMBER_TO_ID["."]
+SEP_ID = NUMBER_TO_ID[SEP]
+SYNC_ID = NUMBER_TO_ID[SYNC]
 IGNORE_INDEX = -100  # label of tokens without a loss (the prompt, padding)
 TIME_DECIMALS = 1  # timestamps are written with one decimal (0.1 s resolution)
 SCORE_DECIMALS = 1  # saliency scores likewise
@@ -186,6 +196,21 @@ def format_number(value: float, decimals: int) -> list[str]:
     return list(f"{value:.{decimals}f}")
 
 
+def number_symbol_id(symbol: str) -> int:
+    """One NUMBER_VOCAB symbol -> its id in the time/score vocabulary."""
+    try:
+        return NUMBER_TO_ID[symbol]
+    except KeyError:
+        raise ValueError(
+            f"{symbol!r} is not a number symbol; expected one of {NUMBER_VOCAB}"
+        ) from None
+
+
+def timestamp_ids(seconds: float) -> list[int]:
+    """A frame timestamp as time-token ids, e.g. 12.5 -> '1' '2' '.' '5' <sync>."""
+    return [NUMBER_TO_ID[s] for s in format_number(float(seconds), TIME_DECIMALS)] + [SYNC_ID]
+
+
 def serialize_events(events: Sequence[Event]) -> list[tuple[TokenType, str]]:
     """Events -> pieces `(token_type, piece)` in causal order (grammar in the module docstring).
 
@@ -272,3 +297,45 @@ def parse_pieces(
             numbers.append(piece)
     close_caption()
     return events  # cut before EOS: complete events only
+
+
+# --- per-clip saliency <-> scored windows ---------------------------------------------------
+
+
+def saliency_from_events(events: Sequence[Event], duration: float, clip_len: float) -> list[float]:
+    """Per-clip saliency from scored windows: clip c covers [c*clip_len, (c+1)*clip_len); its
+    saliency is the highest score of the windows overlapping it (0 when none)."""
+    if not (duration > 0 and clip_len > 0):
+        raise ValueError(f"need duration > 0 and clip_len > 0, got {duration} and {clip_len}")
+    num_clips = max(1, math.ceil(duration / clip_len - 1e-9))
+    starts_C = np.arange(num_clips) * clip_len
+    ends_C = np.minimum(starts_C + clip_len, duration)
+    sal_C = np.zeros(num_clips)
+    for e in events:  # a handful of events per answer
+        overlap_C = (np.minimum(ends_C, e.end) > np.maximum(starts_C, e.start)) | (
+            (e.start == e.end) & (starts_C <= e.start) & (e.start < starts_C + clip_len)
+        )
+        sal_C = np.where(overlap_C, np.maximum(sal_C, e.score or 0.0), sal_C)
+    return [float(s) for s in sal_C]
+
+
+def saliency_events(
+    saliency: Sequence[float], clip_len: float, duration: float, max_events: int | None = None
+) -> list[Event]:
+    """Per-clip saliency -> the scored windows a VHD answer holds: each run of consecutive clips
+    with the same nonzero score is one window, highest scores first (then earlier), at most
+    `max_events` of them. The inverse of `saliency_from_events` (exact when nothing is cut)."""
+    if not (duration > 0 and clip_len > 0):
+        raise ValueError(f"need duration > 0 and clip_len > 0, got {duration} and {clip_len}")
+    sal_C = np.asarray(saliency, dtype=float)
+    if sal_C.size == 0:
+        return []
+    # run boundaries: where the score changes (a handful of clips per video, vectorised anyway)
+    starts = np.flatnonzero(np.r_[True, sal_C[1:] != sal_C[:-1]])
+    ends = np.r_[starts[1:], sal_C.size]
+    runs = [(float(sal_C[a]), int(a), int(b)) for a, b in zip(starts, ends) if sal_C[a] > 0]
+    runs.sort(key=lambda r: (-r[0], r[1]))
+    return [
+        Event(start=a * clip_len, end=min(b * clip_len, duration), score=score)
+        for score, a, b in runs[:max_events]
+    ]

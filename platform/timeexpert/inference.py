@@ -11,14 +11,19 @@ truncation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
+import torch
 
 from timeexpert.checkpoints import local_checkpoint
-from timeexpert.events import EOS, SWITCH, Event, Task, TokenType
+from timeexpert.events import EOS, SWITCH, Event, Task, TokenType, saliency_from_events
+from timeexpert.models.evidence import interval_from_salient
+from timeexpert.models.frame_relevance import RELEVANT, clip_saliency, windows_from_relevance
+from timeexpert.models.generation import generate_answer
+from timeexpert.models.processor import TimeExpertProcessor
+from timeexpert.models.timeexpert import TimeExpertForGrounding
+from timeexpert.models.tokenizer import GroundingTokenizer, collate
 
 
 @dataclass
@@ -51,45 +56,6 @@ class PredictRequest:
     clip_len: float = 2.0  # saliency clip length (VHD), QVHighlights uses 2 s
 
 
-def saliency_from_events(events: Sequence[Event], duration: float, clip_len: float) -> list[float]:
-    """Per-clip saliency from scored windows: clip c covers [c*clip_len, (c+1)*clip_len); its
-    saliency is the highest score of the windows overlapping it (0 when none)."""
-    if not (duration > 0 and clip_len > 0):
-        raise ValueError(f"need duration > 0 and clip_len > 0, got {duration} and {clip_len}")
-    num_clips = max(1, math.ceil(duration / clip_len - 1e-9))
-    starts_C = np.arange(num_clips) * clip_len
-    ends_C = np.minimum(starts_C + clip_len, duration)
-    sal_C = np.zeros(num_clips)
-    for e in events:  # a handful of events per answer
-        overlap_C = (np.minimum(ends_C, e.end) > np.maximum(starts_C, e.start)) | (
-            (e.start == e.end) & (starts_C <= e.start) & (e.start < starts_C + clip_len)
-        )
-        sal_C = np.where(overlap_C, np.maximum(sal_C, e.score or 0.0), sal_C)
-    return [float(s) for s in sal_C]
-
-
-def saliency_events(
-    saliency: Sequence[float], clip_len: float, duration: float, max_events: int | None = None
-) -> list[Event]:
-    """Per-clip saliency -> the scored windows a VHD answer holds: each run of consecutive clips
-    with the same nonzero score is one window, highest scores first (then earlier), at most
-    `max_events` of them. The inverse of `saliency_from_events` (exact when nothing is cut)."""
-    if not (duration > 0 and clip_len > 0):
-        raise ValueError(f"need duration > 0 and clip_len > 0, got {duration} and {clip_len}")
-    sal_C = np.asarray(saliency, dtype=float)
-    if sal_C.size == 0:
-        return []
-    # run boundaries: where the score changes (a handful of clips per video, vectorised anyway)
-    starts = np.flatnonzero(np.r_[True, sal_C[1:] != sal_C[:-1]])
-    ends = np.r_[starts[1:], sal_C.size]
-    runs = [(float(sal_C[a]), int(a), int(b)) for a, b in zip(starts, ends) if sal_C[a] > 0]
-    runs.sort(key=lambda r: (-r[0], r[1]))
-    return [
-        Event(start=a * clip_len, end=min(b * clip_len, duration), score=score)
-        for score, a, b in runs[:max_events]
-    ]
-
-
 def _default_duration(timestamps_T: np.ndarray) -> float:
     gap = float(np.median(np.diff(timestamps_T))) if len(timestamps_T) > 1 else 1.0
     return float(timestamps_T[-1]) + max(gap, 0.0)
@@ -103,6 +69,7 @@ class GroundingModel:
         self.tokenizer = tokenizer
         self.device = device
         _check_compatible(model.config, tokenizer)
+        self.processor = TimeExpertProcessor.from_config(model.config, tokenizer)
 
     @classmethod
     def from_model(cls, model, tokenizer) -> "GroundingModel":
@@ -115,18 +82,16 @@ class GroundingModel:
         """Load model + tokenizer saved by `save` from any checkpoint URI of
         `timeexpert.checkpoints` (a local dir, `file://`, `s3://`, `models:/`, `runs:/`); a
         remote copy is removed once both are in memory."""
-        from timeexpert.models.timeexpert import TimeExpertForGrounding
-        from timeexpert.models.tokenizer import GroundingTokenizer
-
         with local_checkpoint(uri) as local:
             model = TimeExpertForGrounding.from_pretrained(local).eval()
             tokenizer = GroundingTokenizer.from_pretrained(local)
         return cls(model, tokenizer, device=device)
 
     def save(self, path: str) -> None:
-        """Model (safetensors + config, routing state included) and tokenizer in one dir."""
+        """Model (safetensors + config, routing state included) and processor (tokenizer
+        included) in one dir: `AutoModel` and `AutoProcessor` load it."""
         self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        self.processor.save_pretrained(path)
 
     # --- prediction ----------------------------------------------------------------------------
 
@@ -153,46 +118,27 @@ class GroundingModel:
         return self.predict_batch([request])[0]
 
     def predict_batch(self, requests: list[PredictRequest]) -> list[Prediction]:
-        import torch
-
-        from timeexpert.models.tokenizer import collate
-
         if not requests:
             return []
         cfg = self.model.config
         prompts, pixels, durations, tasks, caps = [], [], [], [], []
         for i, r in enumerate(requests):
-            where = f"request {i}: " if len(requests) > 1 else ""
             try:
-                task = Task.parse(r.task)
-                pixel_values = self.model.preprocess_frames(r.frames_THWC)
+                prompt, pixel_values = self.processor.encode_request(r.frames_THWC, r.timestamps_T,
+                                                                     r.task, r.query)
                 ts = np.asarray(r.timestamps_T, dtype=np.float64).reshape(-1)
-                if ts.shape[0] != pixel_values.shape[0]:
-                    raise ValueError(
-                        f"got {pixel_values.shape[0]} frames but {ts.shape[0]} timestamps"
-                    )
-                if not np.all(np.isfinite(ts)) or (ts < 0).any():
-                    raise ValueError("timestamps must be finite and >= 0")
                 duration = _default_duration(ts) if r.duration is None else float(r.duration)
                 if not duration > 0:
                     raise ValueError(f"duration must be > 0, got {r.duration}")
                 cap = cfg.max_events if r.max_events is None else int(r.max_events)
                 if cap < 0:
                     raise ValueError(f"max_events must be >= 0, got {r.max_events}")
-                prompt = self.tokenizer.encode_prompt(
-                    task,
-                    r.query,
-                    ts.tolist(),
-                    tokens_per_frame=cfg.tokens_per_frame,
-                    max_length=cfg.max_position_embeddings - 1,  # room for at least one token
-                    query_first=cfg.query_first,
-                )
             except ValueError as err:
-                raise ValueError(f"{where}{err}") from None
+                raise ValueError(f"request {i}: {err}" if len(requests) > 1 else str(err)) from None
             prompts.append(prompt)
             pixels.append(pixel_values)
             durations.append(duration)
-            tasks.append(task)
+            tasks.append(Task.parse(r.task))
             caps.append(cap)
         batch = collate(prompts, padding_side="left")
         dev = self.device
@@ -200,16 +146,11 @@ class GroundingModel:
         self.model.eval()
         try:
             with torch.inference_mode():
-                generated = self.model.generate_answer(
-                    batch["input_ids"].to(dev),
-                    batch["token_types"].to(dev),
-                    batch["attention_mask"].to(dev),
-                    pixel_values=torch.cat(pixels).to(dev),
+                generated, extras = generate_answer(
+                    self.model, batch["input_ids"].to(dev), batch["token_types"].to(dev),
+                    batch["attention_mask"].to(dev), pixel_values=torch.cat(pixels).to(dev),
                     max_new_tokens=cfg.max_position_embeddings - batch["input_ids"].shape[1],
-                    max_events=caps,
-                    return_extras=True,
-                )
-                generated, extras = generated
+                    max_events=caps, return_extras=True)
                 predictions = [
                     self._prediction(ids, kinds, tasks[b], durations[b], requests[b].clip_len)
                     for b, (ids, kinds) in enumerate(generated)
@@ -225,26 +166,27 @@ class GroundingModel:
             for b, p in enumerate(predictions):
                 p.token_density = density[bounds[b]:bounds[b + 1]]
         if getattr(cfg, "evidence", None) is not None:
-            from timeexpert.models.evidence import interval_from_salient
-
-            for b, p in enumerate(predictions):
-                p.evidence = extras["evidence"][b]
-                p.evidence_intervals = []
-                if p.evidence:  # (E, T): one row per generated <evi>
-                    prob_ET = torch.as_tensor(p.evidence)
-                    salient_ET = self.model.evidence_head.salient(prob_ET, torch.ones_like(prob_ET))
-                    p.evidence_intervals = [
-                        interval_from_salient(row, requests[b].timestamps_T, durations[b])
-                        for row in salient_ET
-                    ]
+            self._read_evidence(requests, predictions, extras["evidence"], durations)
         return predictions
+
+    def _read_evidence(self, requests, predictions, evidence, durations) -> None:
+        """D2VLM: each generated `<evi>`'s per-frame grounding and the interval of its salient
+        frames."""
+        for b, p in enumerate(predictions):
+            p.evidence = evidence[b]
+            p.evidence_intervals = []
+            if p.evidence:  # (E, T): one row per generated <evi>
+                prob_ET = torch.as_tensor(p.evidence)
+                salient_ET = self.model.evidence_head.salient(prob_ET, torch.ones_like(prob_ET))
+                p.evidence_intervals = [
+                    interval_from_salient(row, requests[b].timestamps_T, durations[b])
+                    for row in salient_ET
+                ]
 
     def _read_relevance(self, requests, predictions, relevance, durations, pixels, caps) -> None:
         """Frame relevance (config `frame_relevance`): MR / VHD windows read off the relevant
         frames (and VHD's clip saliency from their probabilities); each generated DVC event
         placed where its caption, asked as an MR query, is relevant (`locate_captions`)."""
-        from timeexpert.models.frame_relevance import clip_saliency, windows_from_relevance
-
         cfg = self.model.config
         threshold = cfg.frame_threshold
         dvc = []
@@ -268,11 +210,6 @@ class GroundingModel:
         as an MR query over the same frames (one batched prompt pass), and takes the best window
         of its relevant frames; events without a caption, or whose caption no frame is relevant
         to, keep their generated times."""
-        import torch
-
-        from timeexpert.models.frame_relevance import RELEVANT, windows_from_relevance
-        from timeexpert.models.tokenizer import collate
-
         cfg = self.model.config
         dev = self.device
         prompts, visual, where = [], [], []

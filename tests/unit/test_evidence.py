@@ -27,6 +27,7 @@ from timeexpert.models.evidence import (
     interval_log_prob,
     pad_targets,
 )
+from timeexpert.models.generation import generate_answer
 from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 from timeexpert.presets import get_preset
@@ -178,7 +179,7 @@ def test_generation_with_evidence_tokens_grounds_each_evi(tok):
     prompt = collate([tok.encode_prompt(Task.MR, "the cat", [0.0, 1.0, 2.0], tokens_per_frame=cfg.tokens_per_frame)], padding_side="left")
     frames = np.random.default_rng(1).integers(0, 256, size=(3, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     _prefer_evidence_tokens(model, cfg)
-    answers, extras = model.generate_answer(prompt["input_ids"], prompt["token_types"], prompt["attention_mask"],
+    answers, extras = generate_answer(model, prompt["input_ids"], prompt["token_types"], prompt["attention_mask"],
                                             pixel_values=model.preprocess_frames(frames), max_new_tokens=4,
                                             return_extras=True)
     ids, _ = answers[0]

@@ -8,14 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from timeexpert.events import Event, Task
-from timeexpert.inference import (
-    GroundingModel,
-    Prediction,
-    PredictRequest,
+from timeexpert.events import (
+    DIGIT_IDS,
+    DOT_ID,
+    SEP_ID,
+    SYNC_ID,
+    Event,
+    Task,
     saliency_events,
     saliency_from_events,
 )
+from timeexpert.inference import GroundingModel, Prediction, PredictRequest
 from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 from timeexpert.presets import get_preset
@@ -93,8 +96,6 @@ class ConstantHead(torch.nn.Module):
 def test_grammar_masks_what_the_heads_prefer_but_the_grammar_forbids(tok):
     """Heads with fixed logits that rank forbidden tokens first: pad, <sep> on an empty number,
     a second '.', <sync> right after '.'. The state machine must still write well-formed events."""
-    from timeexpert.models.temporal import DIGIT_IDS, DOT_ID, SEP_ID, SYNC_ID
-
     model = tiny_model(tok, "topk")
     text = torch.zeros(tok.text_vocab_size)
     text[tok.pad_id], text[tok.switch_id], text[tok.eos_id] = 10.0, 5.0, 1.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -405,3 +407,20 @@ def test_paper_preset_builds_on_the_meta_device():
     total = sum(p.numel() for p in model.parameters())
     assert 10e9 < total < 20e9, total  # 64 experts x 24 layers of a 2048-wide decoder
     assert cfg.num_frames * (cfg.tokens_per_frame + 6) < cfg.max_position_embeddings
+
+
+def test_read_only_frames_preprocess_without_a_numpy_warning():
+    """Frames from Ray's object store / Arrow are read-only arrays: preprocessing them must not
+    hand torch a non-writable buffer (its warning, once per process, is why this runs apart)."""
+    code = (
+        "import warnings, numpy as np, torch\n"
+        "warnings.simplefilter('error')\n"
+        "from timeexpert.models.vision import FrameProcessor\n"
+        "fp = FrameProcessor(image_size=16, mean=[0.5] * 3, std=[0.5] * 3)\n"
+        "frames = np.random.default_rng(0).integers(0, 256, (2, 20, 20, 3), dtype=np.uint8)\n"
+        "ro = frames.copy(); ro.flags.writeable = False\n"
+        "assert torch.equal(fp(ro), fp(frames))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

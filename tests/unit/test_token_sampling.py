@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from timeexpert.events import Event, Task, TokenType
+from timeexpert.models.generation import generate_answer
 from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.token_sampling import MODES, TokenSamplingConfig, VisualTokenSampler
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
@@ -206,7 +207,8 @@ def test_training_step_and_generation_with_sampling(tok, tmp_path):
               tok.encode_prompt(Task.MR, "a door", [0.0, 1.0], tokens_per_frame=cfg.tokens_per_frame)]
     p = collate(prompt, padding_side="left")
     pixels = model.preprocess_frames(frames[:6])
-    answers, extras = model.generate_answer(
+    answers, extras = generate_answer(
+        model,
         p["input_ids"], p["token_types"], p["attention_mask"], pixel_values=pixels,
         max_new_tokens=12, return_extras=True,
     )

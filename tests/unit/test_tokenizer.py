@@ -8,12 +8,13 @@ from timeexpert.events import (
     IGNORE_INDEX,
     NUMBER_VOCAB,
     SWITCH,
+    SYNC_ID,
     Event,
     Task,
     TokenType,
     serialize_events,
+    timestamp_ids,
 )
-from timeexpert.models.temporal import SYNC_ID, timestamp_ids
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 
 CORPUS = [

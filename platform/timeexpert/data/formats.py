@@ -33,7 +33,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping
 
 from timeexpert import storage
-from timeexpert.events import Event, Record, Task
+from timeexpert.events import EVI, EVI_END, Event, Record, Task
 
 DEFAULT_VIDEO_PATTERN = "videos/{vid}.mp4"  # relative to the storage root
 
@@ -422,7 +422,6 @@ def parse_sharegpt(text: str, *, clip_len: float = 2.0) -> list[Record]:
 
 # --- evidence (D2VLM / E.T.) ----------------------------------------------------------------
 
-EVI, EVI_END = "<evi>", "</evi>"
 EVIDENCE_MR_PROMPT = (
     "<video>\nWatch the video carefully and find the visual event described by the sentence: "
     "'{query}'."

@@ -31,8 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timeexpert.data.formats import EVI, EVI_END
-from timeexpert.events import TokenType
+from timeexpert.events import (
+    EOS,
+    EVI,
+    EVI_END,
+    SWITCH,
+    SYNC,
+    TokenType,
+    number_symbol_id,
+    serialize_events,
+)
+from timeexpert.models.tokenizer import Encoded
 
 EPS = 1e-6
 
@@ -253,8 +262,6 @@ def site_targets(sites: EvidenceSites, targets_BKT: torch.Tensor, num_frames: in
 def evidence_answer_pieces(events) -> list:
     """A D2VLM response for our grammar: pure grounding (`<evi>` x K `</evi>`) then the events
     answer (`serialize_events`) where each event's caption starts with its `<evi>`."""
-    from timeexpert.events import SWITCH, SYNC, serialize_events
-
     pieces = [(TokenType.TEXT, EVI)] * len(events) + [(TokenType.TEXT, EVI_END)]
     for kind, piece in serialize_events(events):
         pieces.append((kind, piece))
@@ -268,10 +275,6 @@ def encode_evidence_example(tokenizer, task, query: str, timestamps: Sequence[fl
                             tokens_per_frame: int, duration: float | None = None,
                             max_length: int | None = None, query_first: bool = False):
     """Prompt + D2VLM answer (labels on the answer) and the (K, T) frame targets of its events."""
-    from timeexpert.events import EOS, SWITCH
-    from timeexpert.models.temporal import number_symbol_id
-    from timeexpert.models.tokenizer import Encoded
-
     ids_pair = evidence_token_ids(tokenizer)
     if ids_pair is None:
         raise ValueError("the tokenizer has no <evi> tokens; call add_evidence_tokens(tokenizer)")

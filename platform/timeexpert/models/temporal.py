@@ -2,7 +2,7 @@
 
 TimeExpert sec. 3.1 (following TRACE): timestamps and saliency scores are written with 11 number
 symbols (0-9 and '.'), `<sep>` between the two numbers of a segment and `<sync>` closing a number
-sequence (NUMBER_VOCAB in `timeexpert.events`). Time tokens and score tokens each have their own
+sequence (NUMBER_VOCAB and their ids in `timeexpert.events`). Time tokens and score tokens each have their own
 embedding table (the encoders) and their own output head (in `timeexpert.py`). Every frame's
 timestamp is written with the same symbols and placed right before that frame's visual tokens.
 
@@ -14,29 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from timeexpert.events import NUMBER_VOCAB, SEP, SYNC, TIME_DECIMALS, format_number
-
-NUMBER_TO_ID: dict[str, int] = {symbol: i for i, symbol in enumerate(NUMBER_VOCAB)}
-NUM_NUMBER_TOKENS = len(NUMBER_VOCAB)  # V = 13
-DIGIT_IDS: tuple[int, ...] = tuple(NUMBER_TO_ID[str(d)] for d in range(10))
-DOT_ID = NUMBER_TO_ID["."]
-SEP_ID = NUMBER_TO_ID[SEP]
-SYNC_ID = NUMBER_TO_ID[SYNC]
-
-
-def number_symbol_id(symbol: str) -> int:
-    """One NUMBER_VOCAB symbol -> its id in the time/score vocabulary."""
-    try:
-        return NUMBER_TO_ID[symbol]
-    except KeyError:
-        raise ValueError(
-            f"{symbol!r} is not a number symbol; expected one of {NUMBER_VOCAB}"
-        ) from None
-
-
-def timestamp_ids(seconds: float) -> list[int]:
-    """A frame timestamp as time-token ids, e.g. 12.5 -> '1' '2' '.' '5' <sync>."""
-    return [NUMBER_TO_ID[s] for s in format_number(float(seconds), TIME_DECIMALS)] + [SYNC_ID]
+from timeexpert.events import NUM_NUMBER_TOKENS
 
 
 class NumberEncoder(nn.Module):

@@ -2,16 +2,19 @@
 
 frames -> vision encoder -> slot compression -> projector -> [timestamp tokens + visual tokens per
 frame, instruction] -> decoder (causal attention + MoE FFN per block, every token tagged with its
-TokenType) -> time head / score head / LM head -> grounded events (TimeExpert, Yang et al. 2025,
-eq. 1-2: the answer is a causal sequence of events (t_m, s_m, c_m), following TRACE).
+TokenType) -> time head / score head / LM head (TimeExpert, Yang et al. 2025, eq. 1-2: the answer
+is a causal sequence of events (t_m, s_m, c_m), following TRACE). Tensors in, tensors out: the
+loop that chooses the answer's tokens under its grammar is `generation.py`, the inputs come from
+`processor.py`.
 
 Shape letters: B batch, N tokens of this call, L cached (past) tokens, K keys (L + N), M frames of
 the whole batch, S tokens per frame, D model width, H query heads, G key/value heads, d head dim,
 V text vocab, U number vocab (13).
 
 Reading order: config -> decoder building blocks (norm, rotary, attention, block) -> output type
--> the model (vision, embedding, decoder, heads, losses) -> generation (the head-switching state
-machine) -> Auto registration -> `create_model` (fresh model with pretrained parts).
+and the loss combiner -> the model (vision, embedding, forward: inputs, evidence, token sampling,
+decoder, evidence grounding, frame relevance, heads and losses; routing; checkpoints) -> Auto
+registration (config, model, processor) -> `create_model` (fresh model with pretrained parts).
 """
 
 from __future__ import annotations
@@ -24,21 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoProcessor, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from timeexpert.config import MoEConfig
 from timeexpert.events import IGNORE_INDEX, NUM_TOKEN_TYPES, TokenType
 from timeexpert.models.moe import MoELayer, ExpertUpdate
-from timeexpert.models.temporal import (
-    DIGIT_IDS,
-    DOT_ID,
-    NUM_NUMBER_TOKENS,
-    SEP_ID,
-    SYNC_ID,
-    NumberEncoder,
-    NumberHead,
-)
+from timeexpert.models.temporal import NumberEncoder, NumberHead
 from timeexpert.models.evidence import (
     EvidenceConfig,
     EvidenceHead,
@@ -60,7 +55,9 @@ from timeexpert.models.frame_relevance import (
     relevance_loss,
     words_loss,
 )
+from timeexpert.models.processor import TimeExpertProcessor
 from timeexpert.models.token_sampling import TokenSamplingConfig, VisualTokenSampler
+from timeexpert.models.upcycle import upcycle_decoder
 from timeexpert.models.vision import (
     FrameProcessor,
     PatchViT,
@@ -548,43 +545,69 @@ class TimeExpertForGrounding(PreTrainedModel):
 
     # --- forward -----------------------------------------------------------------------------
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        token_types: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        visual_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        past_key_values: list | None = None,
-        use_cache: bool = False,
-        return_logits: bool = True,
-        evidence_frames: torch.Tensor | None = None,
-        evidence_embeds: torch.Tensor | None = None,
-        frame_labels: torch.Tensor | None = None,
-        frame_words: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> TimeExpertOutput:
+    def forward(self, input_ids: torch.Tensor, token_types: torch.Tensor,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None,
+                visual_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, past_key_values: list | None = None,
+                use_cache: bool = False, return_logits: bool = True,
+                evidence_frames: torch.Tensor | None = None,
+                evidence_embeds: torch.Tensor | None = None,
+                frame_labels: torch.Tensor | None = None,
+                frame_words: torch.Tensor | None = None) -> TimeExpertOutput:
         """One decoder pass.
 
-        input_ids (B, N): ids local to each token's type vocabulary (see `tokenizer.py`);
-        token_types (B, N): TokenType values; attention_mask (B, K): 1 real, 0 padding (over the
-        cached and new tokens); position_ids (B, N): explicit positions, by default the count of
-        real tokens before each one; pixel_values (M, 3, H, W) or visual_embeds (M, S, D): the
-        frames behind the VISUAL tokens; labels (B, N): target ids (IGNORE_INDEX where none),
-        predicted from the previous position by the head of the label's token type.
-        Evidence tokens (config `evidence`): evidence_frames (B, K, T) the 0/1 frames of the k-th
-        event of each row (targets of L_gnd / L_cons, pooled into the k-th `<evi>` of each stage
-        under teacher forcing); evidence_embeds (B, N, D) added to the inputs (generation's
-        aggregation of the predicted salient frames).
-        Frame relevance (config `frame_relevance`): frame_labels (B, T) per-frame targets in
-        [0, 1] of the BCE, IGNORE_FRAME (-1) where a frame has none; with config `frame_words`,
-        frame_words (B, T, V) the multi-hot words of each frame's events (IGNORE_FRAME rows where
-        none are known).
+        input_ids, token_types (B, N): ids local to each token's TokenType vocabulary
+        (`tokenizer.py`); attention_mask (B, K): 1 real, 0 padding, over the cached and new tokens;
+        position_ids (B, N): by default the count of real tokens before each one; pixel_values
+        (M, 3, H, W) or visual_embeds (M, S, D): the frames behind the VISUAL tokens; labels (B, N):
+        targets (IGNORE_INDEX where none), each predicted from the previous position by its type's
+        head. Evidence tokens (config `evidence`): evidence_frames (B, K, T) the 0/1 frames of the
+        k-th event of each row (targets of L_gnd / L_cons, pooled into the k-th `<evi>` of each
+        stage under teacher forcing); evidence_embeds (B, N, D) added to the inputs (generation's
+        pooled salient frames). Frame relevance (config `frame_relevance`): frame_labels (B, T)
+        targets in [0, 1], IGNORE_FRAME (-1) where none; frame_words (B, T, V) the multi-hot words
+        of each frame's events (config `frame_words`).
         """
-        if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        self._check_inputs(input_ids, token_types, attention_mask, past_key_values, pixel_values,
+                           visual_embeds, frame_labels, frame_words)
+        key_valid_BK, valid_BN, position_ids = self._masks(input_ids, attention_mask, position_ids,
+                                                           past_key_values)
+        # frames -> vision -> compression -> projector; every token by its type's encoder
+        if pixel_values is not None:
+            visual_embeds = self.encode_frames(pixel_values)
+        x_BND = self.embed_tokens(input_ids, token_types, visual_embeds)
+        # evidence tokens (D2VLM): frame-level video tokens, pooled into the `<evi>` inputs
+        x_BND, frames_BTD, frame_mask_BT = self._evidence_inputs(
+            x_BND, input_ids, token_types, valid_BN, visual_embeds, evidence_frames,
+            evidence_embeds)
+        # (token sampling) GroundVTS: K = ceil(rho N) visual tokens per video go on, re-weighted,
+        # at their original position ids; the dropped ones leave the sequence
+        sampled = None
+        if self.token_sampler is not None and bool((token_types == TokenType.VISUAL).any()):
+            sampled = self.token_sampler(x_BND, token_types, valid_BN, position_ids)
+            x_BND, valid_BN = sampled.x_BND, sampled.valid_BN
+            position_ids = sampled.position_ids_BN
+            input_ids, token_types = sampled.take(input_ids), sampled.take(token_types)
+            labels, key_valid_BK = None if labels is None else sampled.take(labels), valid_BN
+        # decoder -> heads
+        out = self.run_decoder(x_BND, token_types, valid_BN, key_valid_BK, position_ids,
+                               past_key_values, use_cache)
+        if sampled is not None:
+            out.attention_mask, out.position_ids = valid_BN.long(), position_ids
+            out.token_density, out.kept_columns = sampled.density_M, sampled.gather_BN
+        if frames_BTD is not None:
+            self._ground_evidence(out, input_ids, token_types, valid_BN, frames_BTD,
+                                  frame_mask_BT, evidence_frames)
+        if self.frame_head is not None and bool((token_types == TokenType.VISUAL).any()):
+            self._frame_relevance(out, token_types, valid_BN, frame_labels, frame_words)
+        self._heads(out, token_types, labels, return_logits)
+        return out
+
+    def _check_inputs(self, input_ids, token_types, attention_mask, past_key_values, pixel_values,
+                      visual_embeds, frame_labels, frame_words) -> None:
+        """ValueError naming what is wrong with the arguments of `forward`."""
         cfg = self.config
         if input_ids.shape != token_types.shape or input_ids.ndim != 2:
             raise ValueError(
@@ -599,140 +622,140 @@ class TimeExpertForGrounding(PreTrainedModel):
             raise ValueError(
                 f"sequence of {L + N} tokens exceeds the context of {cfg.max_position_embeddings}"
             )
-        if attention_mask is None:
-            attention_mask = torch.ones(B, L + N, dtype=torch.long, device=input_ids.device)
-        if attention_mask.shape != (B, L + N):
+        if attention_mask is not None and attention_mask.shape != (B, L + N):
             raise ValueError(
-                f"attention_mask must be (B, past + N) = ({B}, {L + N}), got {tuple(attention_mask.shape)}"
+                f"attention_mask must be (B, past + N) = ({B}, {L + N}), got "
+                f"{tuple(attention_mask.shape)}"
             )
-        key_valid_BK = attention_mask.bool()
-        valid_BN = key_valid_BK[:, L:]
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, L:]
-
-        # frames -> vision -> compression -> projector
         if pixel_values is not None and visual_embeds is not None:
             raise ValueError("pass pixel_values or visual_embeds, not both")
-        if pixel_values is not None:
-            visual_embeds = self.encode_frames(pixel_values)
-        x_BND = self.embed_tokens(input_ids, token_types, visual_embeds)
+        if (self.token_sampler is not None and past_key_values is not None
+                and bool((token_types == TokenType.VISUAL).any())):
+            raise ValueError("token sampling needs the frames and the query in the first call")
+        if frame_labels is not None and self.frame_head is None:
+            raise ValueError("frame_labels given, but the model has no frame relevance head "
+                             "(config frame_relevance=False)")
+        if frame_words is not None and self.words_head is None:
+            raise ValueError("frame_words given, but the model has no frame-words head "
+                             "(config frame_words=False)")
 
-        # evidence tokens (D2VLM): frame-level video tokens; the k-th event's frames pooled into
-        # the k-th <evi> of each stage (teacher forcing), or the generator's pooled prediction
+    def _masks(self, input_ids_BN, attention_mask_BK, position_ids_BN, past_key_values):
+        """(key_valid_BK, valid_BN, position_ids_BN): the real keys over the cache and the new
+        tokens, the real new tokens, and their positions (by default the real tokens before)."""
+        L = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if attention_mask_BK is None:
+            B, N = input_ids_BN.shape
+            attention_mask_BK = torch.ones(B, L + N, dtype=torch.long, device=input_ids_BN.device)
+        key_valid_BK = attention_mask_BK.bool()
+        if position_ids_BN is None:
+            position_ids_BN = (attention_mask_BK.long().cumsum(-1) - 1).clamp_min(0)[:, L:]
+        return key_valid_BK, key_valid_BK[:, L:], position_ids_BN
+
+    def _evidence_inputs(self, x_BND, input_ids_BN, types_BN, valid_BN, visual_MSD,
+                         evidence_frames_BKT, evidence_embeds_BND):
+        """D2VLM on the inputs: (x_BND, frames_BTD, frame_mask_BT); the frame-level video
+        tokens (None without the evidence head or frames); under teacher forcing the k-th event's
+        frames pooled into the k-th `<evi>` of each stage; `evidence_embeds` added."""
         frames_BTD = frame_mask_BT = None
-        if self.evidence_head is not None and visual_embeds is not None:
-            frames_BTD, frame_mask_BT = frame_features(
-                visual_embeds, token_types, valid_BN, cfg.tokens_per_frame
-            )
-            if evidence_frames is not None and self.evidence_head.config.aggregate:
-                sites = find_evidence(
-                    input_ids,
-                    token_types,
-                    valid_BN,
-                    cfg.evidence_token_id,
-                    cfg.evidence_end_token_id,
-                )
-                target_ET = site_targets(sites, evidence_frames, frames_BTD.shape[1])
-                pooled_ED = aggregate_frames(frames_BTD[sites.row_E], target_ET)
-                x_BND = x_BND.index_put(
-                    (sites.row_E, sites.pos_E), pooled_ED.to(x_BND.dtype), accumulate=True
-                )
-        if evidence_embeds is not None:
-            x_BND = x_BND + evidence_embeds.to(x_BND.dtype)
+        if self.evidence_head is not None and visual_MSD is not None:
+            frames_BTD, frame_mask_BT = frame_features(visual_MSD, types_BN, valid_BN,
+                                                       self.config.tokens_per_frame)
+            if evidence_frames_BKT is not None and self.evidence_head.config.aggregate:
+                x_BND = self._pool_evidence_frames(x_BND, input_ids_BN, types_BN, valid_BN,
+                                                   frames_BTD, evidence_frames_BKT)
+        if evidence_embeds_BND is not None:
+            x_BND = x_BND + evidence_embeds_BND.to(x_BND.dtype)
+        return x_BND, frames_BTD, frame_mask_BT
 
-        # (token sampling) GroundVTS: K = ceil(rho N) visual tokens per video go on, re-weighted,
-        # at their original position ids; the dropped ones leave the sequence
-        sampled = None
-        if self.token_sampler is not None and bool((token_types == TokenType.VISUAL).any()):
-            if past_key_values is not None:
-                raise ValueError("token sampling needs the frames and the query in the first call")
-            sampled = self.token_sampler(x_BND, token_types, valid_BN, position_ids)
-            x_BND, input_ids, token_types = (
-                sampled.x_BND,
-                sampled.take(input_ids),
-                sampled.take(token_types),
-            )
-            valid_BN = key_valid_BK = sampled.valid_BN
-            position_ids = sampled.position_ids_BN
-            labels = None if labels is None else sampled.take(labels)
-            N = x_BND.shape[1]
+    def _pool_evidence_frames(self, x_BND, input_ids_BN, types_BN, valid_BN, frames_BTD,
+                              evidence_frames_BKT) -> torch.Tensor:
+        """Teacher forcing (D2VLM): the k-th event's frames, pooled, added to the input of the
+        k-th `<evi>` of each stage."""
+        cfg = self.config
+        sites = find_evidence(input_ids_BN, types_BN, valid_BN, cfg.evidence_token_id,
+                              cfg.evidence_end_token_id)
+        target_ET = site_targets(sites, evidence_frames_BKT, frames_BTD.shape[1])
+        pooled_ED = aggregate_frames(frames_BTD[sites.row_E], target_ET)
+        return x_BND.index_put((sites.row_E, sites.pos_E), pooled_ED.to(x_BND.dtype),
+                               accumulate=True)
 
-        # decoder: causal mask over the cache + new tokens, a token always sees itself (so that a
-        # padding row never has an empty softmax)
+    def run_decoder(self, x_BND, types_BN, valid_BN, key_valid_BK, position_ids_BN,
+                    past_key_values, use_cache: bool = False) -> TimeExpertOutput:
+        """The decoder blocks over embedded tokens: the final hidden states, the router losses
+        summed over layers and (with `use_cache`) the new KV cache. Causal mask over the cache +
+        new tokens; a token always sees itself (a padding row never has an empty softmax)."""
+        cfg = self.config
+        L = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        N = x_BND.shape[1]
         q_pos_N = torch.arange(L, L + N, device=x_BND.device)
         k_pos_K = torch.arange(L + N, device=x_BND.device)
         causal_NK = k_pos_K[None, :] <= q_pos_N[:, None]
         mask_B1NK = (causal_NK & key_valid_BK[:, None, :]) | (k_pos_K[None, :] == q_pos_N[:, None])
         mask_B1NK = mask_B1NK[:, None]
-        cos, sin = rotary_cos_sin(
-            position_ids, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, x_BND.dtype
-        )
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        cos, sin = rotary_cos_sin(position_ids_BN, head_dim, cfg.rope_theta, x_BND.dtype)
         aux = z = x_BND.new_zeros(())
         new_cache = []
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
-            x_BND, kv, losses = layer(x_BND, token_types, valid_BN, cos, sin, mask_B1NK, past)
+            x_BND, kv, losses = layer(x_BND, types_BN, valid_BN, cos, sin, mask_B1NK, past)
             aux, z = aux + losses.aux, z + losses.z
             new_cache.append(kv)
-        h_BND = self.norm(x_BND)
+        return TimeExpertOutput(aux_loss=aux, z_loss=z, hidden_states=self.norm(x_BND),
+                                past_key_values=new_cache if use_cache else None)
 
-        # heads
-        out = TimeExpertOutput(
-            aux_loss=aux,
-            z_loss=z,
-            hidden_states=h_BND,
-            past_key_values=new_cache if use_cache else None,
+    def _ground_evidence(self, out, input_ids_BN, types_BN, valid_BN, frames_BTD, frame_mask_BT,
+                         evidence_frames_BKT) -> None:
+        """D2VLM: every `<evi>` grounded over the frames (out.evidence_probs), and with targets
+        L_gnd and L_cons."""
+        cfg = self.config
+        out.frame_features, out.frame_mask = frames_BTD, frame_mask_BT
+        sites = find_evidence(input_ids_BN, types_BN, valid_BN, cfg.evidence_token_id,
+                              cfg.evidence_end_token_id)
+        prob_ET, mask_ET, target_ET = evidence_terms(
+            self.evidence_head, out.hidden_states, sites, frames_BTD, frame_mask_BT,
+            evidence_frames_BKT
         )
-        if sampled is not None:
-            out.attention_mask, out.position_ids = valid_BN.long(), position_ids
-            out.token_density, out.kept_columns = sampled.density_M, sampled.gather_BN
-        if frames_BTD is not None:
-            out.frame_features, out.frame_mask = frames_BTD, frame_mask_BT
-            sites = find_evidence(
-                input_ids, token_types, valid_BN, cfg.evidence_token_id, cfg.evidence_end_token_id
-            )
-            prob_ET, mask_ET, target_ET = evidence_terms(
-                self.evidence_head, h_BND, sites, frames_BTD, frame_mask_BT, evidence_frames
-            )
-            out.evidence_probs = prob_ET
-            if target_ET is not None:
-                out.loss_grounding = grounding_loss(prob_ET, target_ET, mask_ET)
-                out.loss_consistency = consistency_loss(prob_ET, sites, mask_ET)
-        if frame_labels is not None and self.frame_head is None:
-            raise ValueError("frame_labels given, but the model has no frame relevance head "
-                             "(config frame_relevance=False)")
-        if self.frame_head is not None and bool((token_types == TokenType.VISUAL).any()):
-            # the decoder's frame states (after the query), not the vision features above
-            states_BTD, frame_mask_BT = pool_frames(h_BND, token_types, valid_BN,
-                                                    cfg.tokens_per_frame)
-            query_BD = pool_query(h_BND, token_types, valid_BN)
-            out.frame_logits = self.frame_head(states_BTD, query_BD)
-            out.frame_mask = frame_mask_BT
-            if frame_labels is not None:
-                labels_BT = frame_labels.to(h_BND.device)
-                if labels_BT.shape[1] < frame_mask_BT.shape[1]:
-                    raise ValueError(f"frame_labels cover {labels_BT.shape[1]} frames, the batch "
-                                     f"has {frame_mask_BT.shape[1]}")
-                labels_BT = labels_BT[:, : frame_mask_BT.shape[1]].masked_fill(~frame_mask_BT,
-                                                                               IGNORE_FRAME)
-                out.loss_frames = relevance_loss(out.frame_logits, labels_BT)
-            if frame_words is not None:
-                if self.words_head is None:
-                    raise ValueError("frame_words given, but the model has no frame-words head "
-                                     "(config frame_words=False)")
-                words_BTV = frame_words.to(h_BND.device)[:, : frame_mask_BT.shape[1]]
-                words_BTV = words_BTV.masked_fill(~frame_mask_BT[..., None], IGNORE_FRAME)
-                out.loss_words = words_loss(self.words_head(states_BTD), words_BTV)
+        out.evidence_probs = prob_ET
+        if target_ET is not None:
+            out.loss_grounding = grounding_loss(prob_ET, target_ET, mask_ET)
+            out.loss_consistency = consistency_loss(prob_ET, sites, mask_ET)
+
+    def _frame_relevance(self, out, types_BN, valid_BN, frame_labels_BT, frame_words_BTV) -> None:
+        """Query-conditioned frame relevance from the decoder's frame states (after the query,
+        not the vision features): out.frame_logits, and with targets the per-frame BCE and the
+        frame-words BCE."""
+        h_BND = out.hidden_states
+        states_BTD, frame_mask_BT = pool_frames(h_BND, types_BN, valid_BN,
+                                                self.config.tokens_per_frame)
+        query_BD = pool_query(h_BND, types_BN, valid_BN)
+        out.frame_logits = self.frame_head(states_BTD, query_BD)
+        out.frame_mask = frame_mask_BT
+        if frame_labels_BT is not None:
+            labels_BT = frame_labels_BT.to(h_BND.device)
+            if labels_BT.shape[1] < frame_mask_BT.shape[1]:
+                raise ValueError(f"frame_labels cover {labels_BT.shape[1]} frames, the batch "
+                                 f"has {frame_mask_BT.shape[1]}")
+            labels_BT = labels_BT[:, : frame_mask_BT.shape[1]].masked_fill(~frame_mask_BT,
+                                                                           IGNORE_FRAME)
+            out.loss_frames = relevance_loss(out.frame_logits, labels_BT)
+        if frame_words_BTV is not None:
+            words_BTV = frame_words_BTV.to(h_BND.device)[:, : frame_mask_BT.shape[1]]
+            words_BTV = words_BTV.masked_fill(~frame_mask_BT[..., None], IGNORE_FRAME)
+            out.loss_words = words_loss(self.words_head(states_BTD), words_BTV)
+
+    def _heads(self, out, types_BN, labels_BN, return_logits: bool) -> None:
+        """The three heads' logits (with `return_logits`) and, with labels, their losses and the
+        combined loss."""
+        h_BND = out.hidden_states
         if return_logits:
             out.time_logits = self.time_head(h_BND)
             out.score_logits = self.score_head(h_BND)
             out.text_logits = self.lm_head(h_BND)
-        if labels is not None:
-            out.loss_time, out.loss_score, out.loss_text = self._head_losses(
-                h_BND, token_types, labels
-            )
-            out.loss = combine_losses(out, cfg)
-        return out
+        if labels_BN is not None:
+            out.loss_time, out.loss_score, out.loss_text = self._head_losses(h_BND, types_BN,
+                                                                             labels_BN)
+            out.loss = combine_losses(out, self.config)
 
     def _head_losses(self, h_BND, types_BN, labels_BN):
         """Cross-entropy per head: position n predicts token n+1 with the head of its type."""
@@ -764,200 +787,6 @@ class TimeExpertForGrounding(PreTrainedModel):
     def reset_routing_telemetry(self) -> None:
         for layer in self.layers:
             layer.ffn.reset_telemetry()
-
-    # --- generation: the head-switching state machine ----------------------------------------
-
-    @torch.no_grad()
-    def generate_answer(
-        self,
-        input_ids: torch.Tensor,
-        token_types: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        visual_embeds: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int = 256,
-        max_events: int | list[int] | None = None,
-        return_extras: bool = False,
-    ) -> list[tuple[list[int], list[int]]]:
-        """Greedy decoding of the answer grammar of `timeexpert.events` for a LEFT-padded batch.
-
-        A per-sequence state (text / start / end / score / done) picks the head: the LM head in
-        text, the time head after SWITCH and after the start's <sep>, the score head after the
-        time <sync>, the LM head again after the score <sync>; EOS ends. The logits of the three
-        heads are concatenated ([text V | time U | score U]) and the state masks out what the
-        grammar forbids there, so one argmax per step serves the whole batch: well-formed numbers
-        (digits, at most one '.', no empty number, at most `max_number_symbols` symbols), at most
-        `max_events` events (one cap, or one per sequence), at most `max_caption_tokens` per
-        caption, `max_new_tokens` in all.
-        Evidence tokens (config `evidence`): when an `<evi>` is chosen, the hidden state that chose
-        it grounds it over the frames (D2VLM) and the salient frames' pooled features are added to
-        its input embedding in the next step.
-        Returns per sequence the generated (ids, types), EOS included when reached; with
-        `return_extras`, `(answers, extras)`: extras["token_density"] the (M,) per-frame density
-        of kept visual tokens (GroundVTS; None without sampling), extras["evidence"] per sequence
-        the per-frame grounding probabilities (list over frames) of each generated `<evi>`,
-        extras["frame_relevance"] per sequence its frames' relevance probabilities (config
-        `frame_relevance`; None without).
-        """
-        cfg = self.config
-        if cfg.switch_token_id is None or cfg.answer_end_token_id is None:
-            raise ValueError("config has no switch/answer-end ids; call config.with_tokenizer()")
-        B, N = input_ids.shape
-        device = input_ids.device
-        max_events = cfg.max_events if max_events is None else max_events
-        max_events_B = torch.as_tensor(max_events, dtype=torch.long, device=device).expand(B)
-        if (max_events_B < 0).any() or max_new_tokens < 1:
-            raise ValueError(
-                f"need max_events >= 0 and max_new_tokens >= 1, got {max_events}, {max_new_tokens}"
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones(B, N, dtype=torch.long, device=device)
-        if N + max_new_tokens > cfg.max_position_embeddings:
-            max_new_tokens = cfg.max_position_embeddings - N
-            if max_new_tokens < 1:
-                raise ValueError(
-                    f"prompt of {N} tokens leaves no room to answer in the context of "
-                    f"{cfg.max_position_embeddings}"
-                )
-        V, U = cfg.text_vocab_size, NUM_NUMBER_TOKENS
-        switch, eos = cfg.switch_token_id, cfg.answer_end_token_id
-        text_ok_V = torch.ones(V, dtype=torch.bool, device=device)
-        text_ok_V[list(cfg.forbidden_text_ids)] = False
-        text_ok_V[[switch, eos]] = False  # allowed separately below
-        digit_U = torch.zeros(U, dtype=torch.bool, device=device)
-        digit_U[list(DIGIT_IDS)] = True
-        TEXT, START, END, SCORE, DONE = 0, 1, 2, 3, 4
-        state_B = torch.full((B,), TEXT, device=device)
-        events_B = torch.zeros(B, dtype=torch.long, device=device)
-        caption_B = torch.zeros(B, dtype=torch.long, device=device)
-        num_len_B = torch.zeros(B, dtype=torch.long, device=device)
-        has_dot_B = torch.zeros(B, dtype=torch.bool, device=device)
-        last_dot_B = torch.zeros(B, dtype=torch.bool, device=device)
-        cap = cfg.max_number_symbols
-
-        out = self(
-            input_ids,
-            token_types,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            visual_embeds=visual_embeds,
-            use_cache=True,
-        )
-        position_B = (attention_mask.long().sum(-1) - 1).clamp_min(0)
-        if out.attention_mask is not None:  # token sampling dropped visual tokens of the prompt
-            attention_mask, position_B = out.attention_mask, out.position_ids[:, -1]
-        h_BD = out.hidden_states[:, -1]
-        cache = out.past_key_values
-        relevance = None
-        if out.frame_logits is not None:  # per row, its real frames' relevance probabilities
-            prob_BT = torch.sigmoid(out.frame_logits.float())
-            relevance = [p_T[m_T].tolist() for p_T, m_T in zip(prob_BT, out.frame_mask)]
-        tokens, kinds, alive = [], [], []
-        evidence: list[list[list[float]]] = [[] for _ in range(B)]
-        evidence_on = self.evidence_head is not None and out.frame_features is not None
-        evidence_embeds = None
-        for _ in range(max_new_tokens):
-            in_text, in_number = (
-                state_B == TEXT,
-                (state_B == START) | (state_B == END) | (state_B == SCORE),
-            )
-            # the grammar's mask over [text V | time U | score U]
-            text_allow_BV = (in_text & (caption_B < cfg.max_caption_tokens))[:, None] & text_ok_V
-            text_allow_BV[:, switch] = in_text & (events_B < max_events_B)
-            text_allow_BV[:, eos] = in_text | (state_B == DONE)
-            number_nonempty = (num_len_B > 0) & ~last_dot_B
-            num_allow_BU = torch.zeros(B, U, dtype=torch.bool, device=device)
-            num_allow_BU |= digit_U & (num_len_B < cap)[:, None]
-            num_allow_BU[:, DOT_ID] = ~has_dot_B & (num_len_B > 0) & (num_len_B < cap - 1)
-            num_allow_BU[:, SEP_ID] = number_nonempty & (state_B == START)
-            num_allow_BU[:, SYNC_ID] = number_nonempty & ((state_B == END) | (state_B == SCORE))
-            time_allow = num_allow_BU & ((state_B == START) | (state_B == END))[:, None]
-            score_allow = num_allow_BU & (state_B == SCORE)[:, None]
-            allow = torch.cat([text_allow_BV, time_allow, score_allow], dim=1)
-            logits = torch.cat(
-                [self.lm_head(h_BD), self.time_head(h_BD), self.score_head(h_BD)], dim=1
-            )
-            choice_B = logits.float().masked_fill(~allow, float("-inf")).argmax(-1)
-            kind_B = torch.where(
-                choice_B < V,
-                int(TokenType.TEXT),
-                torch.where(choice_B < V + U, int(TokenType.TIME), int(TokenType.SCORE)),
-            )
-            local_B = torch.where(
-                choice_B < V,
-                choice_B,
-                torch.where(choice_B < V + U, choice_B - V, choice_B - V - U),
-            )
-            was_alive = state_B != DONE
-            tokens.append(local_B)
-            kinds.append(kind_B)
-            alive.append(was_alive)
-            # state transitions
-            is_number = in_number
-            is_term = is_number & ((local_B == SEP_ID) | (local_B == SYNC_ID))
-            num_len_B = torch.where(is_term, 0, num_len_B + is_number.long())
-            has_dot_B = torch.where(is_term, False, has_dot_B | (is_number & (local_B == DOT_ID)))
-            last_dot_B = is_number & (local_B == DOT_ID)
-            is_switch = in_text & (local_B == switch)
-            is_eos = in_text & (local_B == eos)
-            caption_B = torch.where(
-                is_switch, 0, caption_B + (in_text & ~is_switch & ~is_eos).long()
-            )
-            events_B = events_B + (is_term & (state_B == SCORE)).long()
-            new_state = state_B.clone()
-            new_state[is_switch] = START
-            new_state[is_eos] = DONE
-            new_state[is_term & (state_B == START)] = END
-            new_state[is_term & (state_B == END)] = SCORE
-            new_state[is_term & (state_B == SCORE)] = TEXT
-            state_B = new_state
-            if not bool((state_B != DONE).any()):
-                break
-            if evidence_on:  # D2VLM: ground each new <evi> and pool its salient frames into it
-                is_evi_B = in_text & was_alive & (local_B == cfg.evidence_token_id)
-                if bool(is_evi_B.any()):
-                    rows = is_evi_B.nonzero().flatten()
-                    frames_ETD, mask_ET = out.frame_features[rows], out.frame_mask[rows]
-                    prob_ET = self.evidence_head(h_BD[rows], frames_ETD, mask_ET)
-                    salient_ET = self.evidence_head.salient(prob_ET, mask_ET)
-                    evidence_embeds = h_BD.new_zeros(B, 1, h_BD.shape[-1])
-                    evidence_embeds[rows, 0] = aggregate_frames(frames_ETD, salient_ET).to(
-                        h_BD.dtype
-                    )
-                    for r, p_T, m_T in zip(rows.tolist(), prob_ET, mask_ET):
-                        evidence[r].append(p_T[m_T].tolist())
-            # one decoder step; finished sequences are masked (no expert compute, no statistics)
-            position_B = position_B + 1
-            attention_mask = torch.cat(
-                [attention_mask, was_alive.long()[:, None] & (state_B != DONE).long()[:, None]],
-                dim=1,
-            )
-            step = self(
-                local_B[:, None],
-                kind_B[:, None],
-                attention_mask=attention_mask,
-                position_ids=position_B[:, None],
-                past_key_values=cache,
-                use_cache=True,
-                return_logits=False,
-                evidence_embeds=evidence_embeds,
-            )
-            h_BD, cache = step.hidden_states[:, -1], step.past_key_values
-            evidence_embeds = None
-        tokens_BS = torch.stack(tokens, 1).tolist()
-        kinds_BS = torch.stack(kinds, 1).tolist()
-        alive_BS = torch.stack(alive, 1).tolist()
-        answers = [
-            (
-                [t for t, a in zip(tokens_BS[b], alive_BS[b]) if a],
-                [k for k, a in zip(kinds_BS[b], alive_BS[b]) if a],
-            )
-            for b in range(B)
-        ]
-        extras = {"token_density": out.token_density, "evidence": evidence,
-                  "frame_relevance": relevance}
-        return (answers, extras) if return_extras else answers
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -1002,10 +831,9 @@ class TimeExpertForGrounding(PreTrainedModel):
         return (model, info) if want_info else model
 
 
-TimeExpertModel = TimeExpertForGrounding  # the name the issue uses
-
 AutoConfig.register(TimeExpertConfig.model_type, TimeExpertConfig, exist_ok=True)
 AutoModel.register(TimeExpertConfig, TimeExpertForGrounding, exist_ok=True)
+AutoProcessor.register(TimeExpertConfig, TimeExpertProcessor, exist_ok=True)
 
 
 # --- a fresh model with its pretrained parts ----------------------------------------------------
@@ -1014,8 +842,6 @@ AutoModel.register(TimeExpertConfig, TimeExpertForGrounding, exist_ok=True)
 def create_model(config: TimeExpertConfig, ep_group=None) -> TimeExpertForGrounding:
     """A new model: random init, then the SigLIP weights from `config.vision_path` and the dense
     decoder from `config.upcycle_from` (sparse upcycling) when those are given."""
-    from timeexpert.models.upcycle import upcycle_decoder
-
     model = TimeExpertForGrounding(config, ep_group=ep_group)
     if config.vision_encoder == "siglip" and config.vision_path:
         model.frame_encoder.load_pretrained(config.vision_path)

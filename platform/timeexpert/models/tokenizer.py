@@ -3,7 +3,7 @@
 The text tokenizer is any local Hugging Face tokenizer directory, or a byte-level BPE trained
 in-process with `tokenizers` on the dataset's text. The answer's special pieces (SWITCH, EOS) and
 a pad token are added through the tokenizer API. Number pieces (time / score) are not text: they
-take ids in the 13-symbol number vocabulary (`temporal.py`).
+take ids in the 13-symbol number vocabulary (`timeexpert.events`).
 
 A sequence is two aligned lists: `ids` (each id local to its token type's vocabulary: text ids for
 TEXT and QUERY, number ids for TIME and SCORE, a placeholder 0 for VISUAL) and `types`
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from timeexpert.events import (
     EOS,
@@ -36,10 +38,11 @@ from timeexpert.events import (
     Event,
     Task,
     TokenType,
+    number_symbol_id,
     parse_pieces,
     serialize_events,
+    timestamp_ids,
 )
-from timeexpert.models.temporal import number_symbol_id, timestamp_ids
 
 PAD = "<pad>"
 TEMPLATES_FILE = "grounding_templates.json"
@@ -66,9 +69,6 @@ class Encoded:
 
 def train_text_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000):
     """A byte-level BPE trained in-process on `texts` (exact decode of any string)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be >= 300 (256 bytes + merges), got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -108,8 +108,6 @@ class GroundingTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "GroundingTokenizer":
-        from transformers import AutoTokenizer
-
         path = str(path)
         if not os.path.isdir(path):
             raise ValueError(f"tokenizer directory {path!r} does not exist")

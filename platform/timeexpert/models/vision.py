@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, SiglipVisionConfig, SiglipVisionModel
 
 
 class FrameProcessor:
@@ -34,9 +35,7 @@ class FrameProcessor:
             raise ValueError(f"need 3 channel means and 3 positive stds, got {mean} and {std}")
 
     def __call__(self, frames_THWC: np.ndarray | torch.Tensor) -> torch.Tensor:
-        frames = torch.as_tensor(
-            np.asarray(frames_THWC) if not torch.is_tensor(frames_THWC) else frames_THWC
-        )
+        frames = frames_THWC if torch.is_tensor(frames_THWC) else _as_tensor(frames_THWC)
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(
                 f"frames must have shape (T, H, W, 3) (RGB, channels last), got {tuple(frames.shape)}"
@@ -62,6 +61,16 @@ class FrameProcessor:
         mean_C = torch.tensor(self.mean).view(1, 3, 1, 1)
         std_C = torch.tensor(self.std).view(1, 3, 1, 1)
         return (pixels_MCHW - mean_C) / std_C
+
+
+def _as_tensor(frames: np.ndarray) -> torch.Tensor:
+    """Frames as a tensor without a copy where torch allows one: a read-only array (decoded
+    frames handed over by Ray's object store or Arrow) cannot share memory with a tensor, which
+    `torch.as_tensor` would only warn about, so it is copied, once, in the uint8 it came in."""
+    frames = np.asarray(frames)
+    if not frames.flags.writeable:
+        frames = frames.copy()
+    return torch.from_numpy(frames)
 
 
 class PatchViT(nn.Module):
@@ -104,8 +113,6 @@ class SiglipFrameEncoder(nn.Module):
 
     def __init__(self, siglip_config: dict[str, Any]) -> None:
         super().__init__()
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-
         cfg = SiglipVisionConfig(**{**siglip_config, "vision_use_head": False})
         self.tower = SiglipVisionModel(cfg)
 
@@ -114,8 +121,6 @@ class SiglipFrameEncoder(nn.Module):
 
     def load_pretrained(self, path: str) -> None:
         """Copy the weights of a local SigLIP checkpoint (a vision model or a full SigLIP)."""
-        from transformers import SiglipVisionModel
-
         source = SiglipVisionModel.from_pretrained(path).state_dict()
         target = self.tower.state_dict()
         wanted = {k: v for k, v in source.items() if k in target}
@@ -131,8 +136,6 @@ class SiglipFrameEncoder(nn.Module):
 
 def siglip_config_from_path(path: str) -> dict[str, Any]:
     """The vision config dict of a local SigLIP checkpoint (vision model or full SigLIP)."""
-    from transformers import AutoConfig
-
     cfg = AutoConfig.from_pretrained(path)
     cfg = getattr(cfg, "vision_config", cfg)
     if cfg.model_type not in ("siglip_vision_model", "siglip2_vision_model"):

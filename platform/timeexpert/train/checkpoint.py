@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from timeexpert.models.processor import TimeExpertProcessor
+
 
 TRAIN_STATE = "train_state.json"
 ROUTING = "routing.json"
@@ -42,7 +44,7 @@ def write_checkpoint(directory: str, *, rank: int, model, full_state: dict[str, 
     """Write this rank's part of a checkpoint into `directory` (collective under ZeRO)."""
     if rank == 0:
         model.save_pretrained(directory, state_dict=full_state, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
+        TimeExpertProcessor.from_config(model.config, tokenizer).save_pretrained(directory)
         with open(os.path.join(directory, TRAIN_STATE), "w") as f:
             json.dump(train_state, f, indent=1)
         with open(os.path.join(directory, ROUTING), "w") as f:
