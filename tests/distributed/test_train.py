@@ -58,6 +58,8 @@ def test_ep2_zero2_on_s3_matches_ep1(ray_cluster, tiny_s3_data, s3_server):
     for key in ("loss_time", "loss_text", "aux_loss"):
         assert ep2.metrics[key] == pytest.approx(ep1.metrics[key], rel=5e-3, abs=1e-4), key
     assert ep2.metrics["experts/num_active"] == ep1.metrics["experts/num_active"]
+    # each EP=2 rank held half of the expert weights through the run (built and read sharded)
+    assert ep2.metrics["experts/params_on_rank"] * 2 == ep1.metrics["experts/params_on_rank"] > 0
     # the checkpoint is a whole model: experts gathered from both EP ranks, loadable as is
     files = storage.list_files(ep2.checkpoint_uri)
     names = {f.rsplit("/", 1)[-1] for f in files}

@@ -252,6 +252,7 @@ def test_train_job_passes_the_curriculum_flags(tmp_path, monkeypatch):
     finally:
         sys.path.remove("jobs")
     monkeypatch.setattr(stages, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(train, "run_pipeline", fake_pipeline, raising=False)  # imported by name
     monkeypatch.setattr(_common, "connect_ray", lambda num_cpus: False)
     assert train.main(["--data-root", str(tmp_path), "--curriculum", "a,b",
                        "--curriculum-steps", "4"]) == 0

@@ -74,21 +74,35 @@ def dispatch_compute_combine(
     return all_to_all(y_QD, send_splits, recv_splits, group)
 
 
+def expert_rows(name: str, num_slots: int, rank: int, ep_size: int) -> slice | None:
+    """The rows of EP rank `rank` in the EP=1 tensor `name` of `num_slots` rows (its slice of
+    expert slots), or None for a tensor every rank holds whole."""
+    if name.rsplit(".", 1)[-1] not in EXPERT_PARAM_NAMES:
+        return None
+    if num_slots % ep_size:
+        raise ValueError(f"{name}: {num_slots} slots not divisible by {ep_size}")
+    L = num_slots // ep_size
+    return slice(rank * L, (rank + 1) * L)
+
+
 def shard_state_dict(state_dict: dict[str, Tensor], rank: int, ep_size: int) -> dict[str, Tensor]:
-    """An EP=1 MoELayer state dict -> the one of EP rank `rank` (its slice of expert slots)."""
+    """An EP=1 state dict (a MoELayer's or a model's) -> the one of EP rank `rank`."""
     out = {}
     for name, value in state_dict.items():
-        if name.rsplit(".", 1)[-1] in EXPERT_PARAM_NAMES:
-            if value.shape[0] % ep_size:
-                raise ValueError(f"{name}: {value.shape[0]} slots not divisible by {ep_size}")
-            L = value.shape[0] // ep_size
-            value = value[rank * L : (rank + 1) * L]
-        out[name] = value
+        rows = expert_rows(name, value.shape[0] if value.dim() else 0, rank, ep_size)
+        out[name] = value if rows is None else value[rows]
     return out
 
 
-def gather_experts(local_LX: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """Concatenate every rank's expert-sharded tensor (a weight or its gradient) along dim 0."""
-    parts = [torch.empty_like(local_LX) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local_LX.contiguous(), group=group)
-    return torch.cat(parts)
+def gather_experts(local_LX: Tensor, group: dist.ProcessGroup, dst: int | None = None) -> Tensor | None:
+    """Concatenate every rank's expert-sharded tensor (a weight or its gradient) along dim 0: on
+    every rank, or with `dst` only on the group's rank `dst` (None elsewhere)."""
+    R = dist.get_world_size(group)
+    if dst is None:
+        parts = [torch.empty_like(local_LX) for _ in range(R)]
+        dist.all_gather(parts, local_LX.contiguous(), group=group)
+        return torch.cat(parts)
+    mine = dist.get_rank(group) == dst
+    parts = [torch.empty_like(local_LX) for _ in range(R)] if mine else None
+    dist.gather(local_LX.contiguous(), parts, group=group, group_dst=dst)
+    return torch.cat(parts) if mine else None

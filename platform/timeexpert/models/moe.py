@@ -246,8 +246,13 @@ class MoELayer(nn.Module):
             for w, fan_in in ((self.w1_FD, D), (self.w3_FD, D), (self.w2_DF, F_)):
                 nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)
             return
-        for w, fan_in in ((self.w1_LFD, D), (self.w3_LFD, D), (self.w2_LDF, F_)):
-            nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)
+        # every expert slot from its own seed (one draw of the global RNG, and the slot's global
+        # id): a slot's weights do not depend on the EP rank that builds it, and the global RNG
+        # advances alike at every EP degree, so an EP=2 build holds the slices of the EP=1 one
+        base = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
+        if not self.w1_LFD.is_meta:  # a meta build gets its weights when materialised
+            for local in range(self.num_local_experts):
+                self._set_expert(local, self._draw_expert(base * 4099 + self.expert_offset + local))
         if self.cfg.gating == "topk":
             nn.init.normal_(self.w_gate_ED, std=D**-0.5)
         else:
@@ -449,21 +454,27 @@ class MoELayer(nn.Module):
         self.num_updates += 1
         return ExpertUpdate(added=added, pruned=pruned)
 
-    def _reinit_expert(self, slot: int) -> None:
-        """Fresh weights for an added expert, drawn identically on every rank (seeded)."""
+    def _draw_expert(self, seed: int) -> list[Tensor]:
+        """Fresh (w1, w3, w2) of one expert slot, uniform in +-1/sqrt(fan_in), from a CPU
+        generator seeded by `seed`: the same values on every rank and device."""
         D, F_ = self.cfg.dim, self.cfg.hidden_dim
-        gen = torch.Generator().manual_seed(
-            int(self.init_seed) * 1_000_003 + int(self.num_updates) * 1009 + slot
-        )
-        fresh = [
+        gen = torch.Generator().manual_seed(seed)
+        return [
             (torch.rand(F_, D, generator=gen) * 2 - 1) * D**-0.5,
             (torch.rand(F_, D, generator=gen) * 2 - 1) * D**-0.5,
             (torch.rand(D, F_, generator=gen) * 2 - 1) * F_**-0.5,
         ]
+
+    def _set_expert(self, local: int, weights: list[Tensor]) -> None:
+        for w, value in zip((self.w1_LFD, self.w3_LFD, self.w2_LDF), weights):
+            w[local] = value.to(w)
+
+    def _reinit_expert(self, slot: int) -> None:
+        """Fresh weights for an added expert, drawn identically on every rank (seeded)."""
         local = slot - self.expert_offset
         if 0 <= local < self.num_local_experts:
-            for w, value in zip((self.w1_LFD, self.w3_LFD, self.w2_LDF), fresh):
-                w[local] = value.to(w)
+            seed = int(self.init_seed) * 1_000_003 + int(self.num_updates) * 1009 + slot
+            self._set_expert(local, self._draw_expert(seed))
 
     def _reset_statistics(self) -> None:
         for name in ("fired_count_E", "unrouted_sum_D", "unrouted_count", "token_count"):

@@ -14,24 +14,31 @@ into one checkpoint directory under the storage root, local or `s3://`)::
     zero/                                   DeepSpeed ZeRO optimizer partitions (ZeRO-1/2 only)
 
 Resuming needs the same world size and EP degree (optimizer state is per rank); starting a new
-stage from a checkpoint (`init_from`) only reads the weights, on any layout.
+stage from a checkpoint (`init_from`) only reads the weights, on any layout. A rank reads only
+its own slice of the expert weights (`load_weights(d, ep_rank, ep_size)`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
+import pyarrow.fs
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
+from timeexpert.models.expert_parallel import expert_rows
 from timeexpert.models.processor import TimeExpertProcessor
 
 
 TRAIN_STATE = "train_state.json"
 ROUTING = "routing.json"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's index of a sharded save
 ZERO_DIR = "zero"
 
 
@@ -59,14 +66,41 @@ def read_train_state(directory: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def load_weights(directory: str) -> dict[str, Tensor]:
-    """The full (EP=1) state dict of a checkpoint directory."""
-    from safetensors.torch import load_file
+def read_routing(directory: str) -> dict[str, Any]:
+    with open(os.path.join(directory, ROUTING)) as f:
+        return json.load(f)
 
-    path = os.path.join(directory, WEIGHTS)
-    if not os.path.isfile(path):
+
+def copy_zero_state(directory: str) -> str:
+    """A local copy of the checkpoint's ZeRO partitions (empty without ZeRO): DeepSpeed loads
+    them after the checkpoint's own directory is gone."""
+    copy = tempfile.mkdtemp(prefix="te-zero-")
+    if os.path.isdir(os.path.join(directory, ZERO_DIR)):
+        shutil.copytree(os.path.join(directory, ZERO_DIR), copy, dirs_exist_ok=True)
+    return copy
+
+
+def load_weights(directory: str, ep_rank: int = 0, ep_size: int = 1) -> dict[str, Tensor]:
+    """The state dict of a checkpoint directory for EP rank `ep_rank` of `ep_size`: expert
+    weights read as this rank's slice only (safetensors reads the rows asked for), everything
+    else whole. `ep_size` 1: the full (EP=1) state dict."""
+    index = os.path.join(directory, WEIGHTS_INDEX)
+    if os.path.isfile(index):  # save_pretrained split a large model over several files
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, WEIGHTS)):
+        files = [WEIGHTS]
+    else:
         raise ValueError(f"{directory!r} holds no {WEIGHTS}: not a TimeExpert checkpoint")
-    return load_file(path)
+    out = {}
+    for file in files:
+        with safe_open(os.path.join(directory, file), framework="pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                shape = part.get_shape()
+                rows = expert_rows(name, shape[0] if shape else 0, ep_rank, ep_size)
+                out[name] = f.get_tensor(name) if rows is None else part[rows]
+    return out
 
 
 def load_optimizer_state(directory: str, rank: int) -> dict[str, Any]:
@@ -81,8 +115,6 @@ def load_optimizer_state(directory: str, rank: int) -> dict[str, Any]:
 
 def checkpoint_uri(checkpoint) -> str:
     """A `ray.train.Checkpoint` -> the URI our storage module opens (s3://... or a local path)."""
-    import pyarrow.fs
-
     if isinstance(checkpoint.filesystem, pyarrow.fs.S3FileSystem):
         return "s3://" + checkpoint.path.lstrip("/")
     return checkpoint.path

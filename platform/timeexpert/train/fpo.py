@@ -18,16 +18,31 @@ Shape letters: B batch, N tokens, E `<evi>` tokens, T frames, U number vocab, V 
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import os
+import random
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from timeexpert import devices
+from timeexpert import devices, storage
+from timeexpert.data.pipeline import build_dataset
+from timeexpert.data.preference import make_pairs
 from timeexpert.events import IGNORE_INDEX, TokenType
-from timeexpert.models.evidence import find_evidence, interval_log_prob, site_targets
+from timeexpert.inference import GroundingModel
+from timeexpert.models.evidence import (encode_evidence_example, find_evidence,
+                                        interval_log_prob, pad_targets, site_targets)
+from timeexpert.models.tokenizer import collate
+from timeexpert.tracking import StepLogger
+from timeexpert.train.loop import answer_events, data_config
+from timeexpert.train.recipes import set_trainable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -117,13 +132,6 @@ def encode_pairs(rows: list[dict[str, Any]], tokenizer, config, model, *, seed: 
     factor cycling over `data.preference.make_pairs`'s applicable factors; rows without any
     applicable factor are left out (None when none is left). With evidence tokens on, each side
     is the D2VLM answer with its own `evidence_frames`."""
-    import random
-
-    from timeexpert.data.preference import make_pairs
-    from timeexpert.models.evidence import encode_evidence_example, pad_targets
-    from timeexpert.models.tokenizer import collate
-    from timeexpert.train.loop import answer_events
-
     rng = random.Random(seed)
     sides: dict[str, list] = {"chosen": [], "rejected": []}
     targets: dict[str, list] = {"chosen": [], "rejected": []}
@@ -171,17 +179,6 @@ def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str =
     parallelism. Trains what the recipe's stage 3 trains (all but the vision encoder). Policy
     and reference both run in eval mode (deterministic top-K token sampling, no routing-rate
     updates), so at step 1 they agree and the margin starts at 0."""
-    import copy
-    import os
-    import tempfile
-
-    from timeexpert import storage
-    from timeexpert.data.pipeline import build_dataset
-    from timeexpert.inference import GroundingModel
-    from timeexpert.tracking import StepLogger
-    from timeexpert.train.loop import data_config
-    from timeexpert.train.recipes import set_trainable
-
     torch.manual_seed(cfg.seed)
     device = devices.default_device()
     gm = GroundingModel.load(checkpoint_uri, device=str(device))
@@ -224,9 +221,9 @@ def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str =
         first_margin = metrics["reward_margin"] if first_margin is None else first_margin
         metrics = {f"fpo/{k}": v for k, v in metrics.items()}
         if step % cfg.log_every == 0 or step == cfg.fpo_steps:
-            print(f"[fpo] step {step}/{cfg.fpo_steps} loss {metrics['fpo/fpo_loss']:.4f} margin "
-                  f"{metrics['fpo/reward_margin']:.3f} acc {metrics['fpo/reward_accuracy']:.2f}",
-                  flush=True)
+            log.info(f"[fpo] step {step}/{cfg.fpo_steps} loss {metrics['fpo/fpo_loss']:.4f} "
+                     f"margin {metrics['fpo/reward_margin']:.3f} acc "
+                     f"{metrics['fpo/reward_accuracy']:.2f}")
             logger.log(metrics, step)
     logger.close()
     with tempfile.TemporaryDirectory(prefix="te-fpo-") as d:

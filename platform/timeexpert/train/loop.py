@@ -15,8 +15,12 @@ D2VLM evidence tokens on, batches carry `evidence_frames`; with frame relevance,
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import os
+import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +28,31 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from timeexpert import devices, storage
 from timeexpert.checkpoints import local_copy
-from timeexpert.events import Event, Task, TokenType
+from timeexpert.config import DataConfig, VideoConfig
+from timeexpert.data.pipeline import build_dataset, draw_segment_frames
+from timeexpert.events import Event, Task, TokenType, saliency_events
+from timeexpert.models.evidence import encode_evidence_example, pad_targets
+from timeexpert.models.frame_relevance import IGNORE_FRAME, frame_labels, frame_word_labels
+from timeexpert.models.timeexpert import TimeExpertForGrounding
+from timeexpert.models.tokenizer import GroundingTokenizer, collate
+from timeexpert.models.upcycle import dense_tokenizer
+from timeexpert.presets import get_preset
+from timeexpert.tracking import StepLogger
+from timeexpert.train import checkpoint as ckpt
+from timeexpert.train import parallel
 from timeexpert.train.config import TrainConfig
 from timeexpert.train.recipes import apply_lora, set_stage_trainable, stage_loss, stage_spec
+
+log = logging.getLogger(__name__)
 
 TOKEN_TYPE_NAMES = [t.name.lower() for t in TokenType]
 
@@ -39,8 +62,6 @@ TOKEN_TYPE_NAMES = [t.name.lower() for t in TokenType]
 
 def model_config(cfg: TrainConfig, tokenizer):
     """The preset's TimeExpertConfig with the run's MoE / model overrides and the tokenizer's ids."""
-    from timeexpert.presets import get_preset
-
     config = get_preset(cfg.preset).model
     for key, value in cfg.model_overrides.items():
         if not hasattr(config, key):
@@ -57,10 +78,6 @@ def model_config(cfg: TrainConfig, tokenizer):
 def train_tokenizer(cfg: TrainConfig, records) -> Any:
     """A text tokenizer trained in-process on the training split's queries and captions; for a
     decoder upcycled from a dense LM, that LM's own tokenizer (its embeddings index its ids)."""
-    from timeexpert.models.tokenizer import GroundingTokenizer
-    from timeexpert.models.upcycle import dense_tokenizer
-    from timeexpert.presets import get_preset
-
     preset = get_preset(cfg.preset)
     upcycle_from = cfg.model_overrides.get("upcycle_from", preset.model.upcycle_from)
     if upcycle_from:
@@ -70,8 +87,6 @@ def train_tokenizer(cfg: TrainConfig, records) -> Any:
 
 
 def load_tokenizer(uri: str):
-    from timeexpert.models.tokenizer import GroundingTokenizer
-
     with local_copy(uri) as d:
         return GroundingTokenizer.from_pretrained(d)
 
@@ -98,8 +113,6 @@ def answer_events(row: dict[str, Any], max_events: int) -> list[Event]:
     saliency); otherwise the record's events."""
     saliency = json.loads(str(row["saliency"])) if "saliency" in row else None
     if str(row["task"]) == Task.VHD.value and saliency:
-        from timeexpert.inference import saliency_events
-
         return saliency_events(saliency, float(row["clip_len"]), float(row["duration"]),
                                max_events)
     return [Event.from_dict(e) for e in json.loads(str(row["events"]))]
@@ -110,8 +123,6 @@ def relevance_labels(row: dict[str, Any], times: list[float]) -> np.ndarray:
     windows; DVC ("describe every event"), 1 inside any event; VHD, the saliency (0-4) of the
     clip each frame falls in, over 4 (a near miss scores part: attribute-level supervision);
     IGNORE_FRAME where a row has no target."""
-    from timeexpert.models.frame_relevance import IGNORE_FRAME, frame_labels
-
     task = str(row["task"])
     if task in (Task.MR.value, Task.DVC.value):
         windows = [(e["start"], e["end"]) for e in json.loads(str(row["events"]))]
@@ -128,8 +139,6 @@ def word_labels(row: dict[str, Any], times: list[float], tokenizer) -> np.ndarra
     """(T, V) targets of the frame-words BCE: for a DVC row (every event captioned) each frame's
     multi-hot of the words of the captions of the events it falls in; IGNORE_FRAME rows for the
     other tasks (an MR / VHD row does not say what else happens in its video)."""
-    from timeexpert.models.frame_relevance import IGNORE_FRAME, frame_word_labels
-
     V = tokenizer.text_vocab_size
     if str(row["task"]) != Task.DVC.value:
         return np.full((len(times), V), IGNORE_FRAME, dtype=np.float32)
@@ -142,12 +151,6 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
     """A pipeline batch (frames, timestamps, task, query, events) -> model inputs. With evidence
     tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets; with frame
     relevance on, the (B, T) `frame_labels`."""
-    import torch
-
-    from timeexpert.models.evidence import encode_evidence_example, pad_targets
-    from timeexpert.models.frame_relevance import IGNORE_FRAME
-    from timeexpert.models.tokenizer import collate
-
     encoded, pixels, targets, labels, words = [], [], [], [], []
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
@@ -196,8 +199,6 @@ def _batches(shard, cfg: TrainConfig, epoch: int, skip: int, rank: int,
     data position (epoch, `skip` batches already consumed). `segments` > 0: the shard holds a
     decoded grid of frames and each batch draws one frame per segment (TSN jitter of a
     decode-once run), seeded by (seed, rank, epoch) so a resumed epoch draws alike."""
-    from timeexpert.data.pipeline import draw_segment_frames
-
     while True:
         n = 0
         kwargs = {}
@@ -284,8 +285,6 @@ def _time_line(cfg: TrainConfig, total: dict[str, float]) -> str:
 
 
 def _start_profiler():
-    import torch
-
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -298,9 +297,6 @@ def _save_profile(profiler, cfg: TrainConfig, first: int, last: int, logger) -> 
     """Stop the profiler; its Chrome trace (Perfetto or chrome://tracing open the .json.gz) and
     its op table go to the stage's MLflow run under profile/, without MLflow under the run's
     folder of the storage root."""
-    import gzip
-    import shutil
-
     profiler.stop()
     name = f"stage{cfg.stage}_steps{first}-{last}_rank0"
     with tempfile.TemporaryDirectory(prefix="te-profile-") as d:
@@ -318,108 +314,183 @@ def _save_profile(profiler, cfg: TrainConfig, first: int, last: int, logger) -> 
         else:
             where = storage.join_uri(_storage_root(cfg), cfg.run_name(), "profile")
             storage.upload_dir(d, where)
-    print(f"[stage {cfg.stage}] profiler trace of steps {first}..{last} (rank 0): {where}",
-          flush=True)
+    log.info(f"[stage {cfg.stage}] profiler trace of steps {first}..{last} (rank 0): {where}")
 
 
 # --- the loop ----------------------------------------------------------------------------------
 
+# Ray 2.60 logs every `ray.train.report` (all metrics, once per rank) at INFO from a logger named
+# by its file path (`logging.getLogger(__file__)` in this module of Ray's), not under `ray.train`,
+# so neither `RunConfig(logging_config=...)` nor `ray.train.LoggingConfig`
+# (ray-project/ray#61550, which filters `ray.train` records only) reaches it. Found by that name
+# and raised to WARNING in the worker; no private module is imported.
+_RAY_REPORT_LOGGER = os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
 
-def _quiet_report_lines() -> None:
-    """Ray Train logs every `report` (all metrics, once per rank) at INFO from a logger named by
-    its file path, outside `ray.train`, so `RunConfig.logging_config` does not reach it; our own
-    progress line already says what matters. Raised to WARNING here, in the worker."""
-    import logging
 
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a Ray without that module: nothing to quiet
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+def _worker_logging() -> None:
+    """A Train worker's own lines (rank 0's progress, resume notices) to its stdout, which Ray
+    keeps in the worker's log file; Ray's per-report INFO line silenced (above)."""
+    package = logging.getLogger("timeexpert")
+    if not package.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False  # once, whatever handlers Ray gave the root logger
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(_RAY_REPORT_LOGGER):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@dataclass
+class Start:
+    """Where a worker's stage starts."""
+
+    weights: dict[str, Any] | None  # this rank's shard of the weights (None: fresh weights)
+    state: dict[str, Any]  # stage, step, data position (epoch, batch in epoch), samples, restores
+    routing: dict[str, Any]  # routing telemetry of the stage so far (a resumed run's)
+    optim_state: dict[str, Any] | None = None  # this rank's local AdamW state (resumed run)
+    zero_dir: str = ""  # a copy of the checkpoint's ZeRO partitions (resumed ZeRO run)
+    resumed: bool = False  # a restarted worker group, from the run's last checkpoint
+
+
+@dataclass
+class Worker:
+    """What one worker built: its place, its data, its model shard and optimizers."""
+
+    cfg: TrainConfig
+    groups: parallel.ParallelGroups  # rank, EP / expert-DP groups, compute device
+    tokenizer: Any
+    mconfig: Any  # the model's TimeExpertConfig
+    model: Any  # this rank's TimeExpertForGrounding (its expert slots only)
+    optim: parallel.Optimizers
+    spec: Any  # the stage's StageSpec
+    logger: StepLogger | None  # rank 0 only
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker. `config`: {"train": TrainConfig dict, "tokenizer_uri": str}."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
-    from timeexpert.train import checkpoint as ckpt
-    from timeexpert.train import parallel
-    from timeexpert.train.parallel import Optimizers
-    from timeexpert.tracking import StepLogger
-
+    """One Ray Train worker: build, shard, loop, report.
+    `config`: {"train": TrainConfig dict, "tokenizer_uri": str}."""
     cfg = TrainConfig.from_dict(config["train"])
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()  # this worker's GPU, or the CPU
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and DeepSpeed use the current device
-    _quiet_report_lines()
+    _worker_logging()
     torch.manual_seed(cfg.seed)
     groups = parallel.init_groups(cfg.ep_size, device)
-
-    # --- build: tokenizer, config, weights (last checkpoint > previous stage > fresh) ----------
+    # build: the tokenizer, the model config, where the stage starts
     tokenizer = load_tokenizer(config["tokenizer_uri"])
     mconfig = model_config(cfg, tokenizer)
-    restored = ray.train.get_checkpoint()
-    state = {"stage": cfg.stage, "step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
-    routing_total: dict[str, Any] = {}
-    optim_state = None
-    if restored is not None:
-        with restored.as_directory() as d:
-            full = ckpt.load_weights(d)
-            state = ckpt.read_train_state(d)["state"]
-            optim_state = ckpt.load_optimizer_state(d, rank)
-            with open(os.path.join(d, ckpt.ROUTING)) as f:
-                routing_total = json.load(f)
-            zero_dir = tempfile.mkdtemp(prefix="te-zero-")
-            if os.path.isdir(os.path.join(d, ckpt.ZERO_DIR)):
-                import shutil
-
-                shutil.copytree(os.path.join(d, ckpt.ZERO_DIR), zero_dir, dirs_exist_ok=True)
-        state["restores"] = state.get("restores", 0) + 1
-        print(f"[rank {rank}] resumed from checkpoint at step {state['step']} (data position: "
-              f"epoch {state['epoch']}, batch {state['batch_in_epoch']})", flush=True)
-    elif cfg.init_from:
-        with local_copy(cfg.init_from) as d:
-            full = ckpt.load_weights(d)
-    else:
-        full = create_model(mconfig).state_dict()  # seeded: identical on every rank
-    # the shard's first batch (its split and iterator starting up, a second or two) is fetched
-    # in a thread while the model and the optimizers build
+    start = _start(cfg, groups)
     shard = ray.train.get_dataset_shard("train")
     segments = mconfig.num_frames if _draws_segments(cfg) else 0
-    batches = _batches(shard, cfg, state["epoch"], state["batch_in_epoch"], rank, segments)
-    prefetch = ThreadPoolExecutor(max_workers=1)
-    first_batch = prefetch.submit(next, batches)
-    prefetch.shutdown(wait=False)
-    model = parallel.build_sharded_model(TimeExpertForGrounding, mconfig, groups, full).to(device)
-    del full
+    batches = _prefetch_first(_batches(shard, cfg, start.state["epoch"],
+                                       start.state["batch_in_epoch"], rank, segments))
+    # shard: this rank's expert slots on its device, the stage's trainable set, the optimizers
+    model, optim, spec = _shard(cfg, mconfig, groups, start)
+    logger = StepLogger(cfg.tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
+    worker = Worker(cfg=cfg, groups=groups, tokenizer=tokenizer, mconfig=mconfig, model=model,
+                    optim=optim, spec=spec, logger=logger)
+    if rank == 0:
+        log.info(_start_line(worker, start))
+    # loop and report
+    timer = _loop(worker, batches, start)
+    if logger is not None:  # rank 0: the stage's breakdown, one line and MLflow
+        total = timer.summary()
+        log.info(_time_line(cfg, total))
+        logger.log(total, cfg.num_steps)
+        logger.close()
+
+
+def _start(cfg: TrainConfig, groups: parallel.ParallelGroups) -> Start:
+    """The run's last checkpoint (a restarted worker group), else `init_from`'s weights, else
+    fresh ones. Of a checkpoint's experts only this rank's slice is read."""
+    state = {"stage": cfg.stage, "step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            start = Start(weights=ckpt.load_weights(d, groups.ep_rank, groups.ep_size),
+                          state=ckpt.read_train_state(d)["state"], routing=ckpt.read_routing(d),
+                          optim_state=ckpt.load_optimizer_state(d, groups.rank),
+                          zero_dir=ckpt.copy_zero_state(d), resumed=True)
+        start.state["restores"] = start.state.get("restores", 0) + 1
+        log.info(f"[rank {groups.rank}] resumed from checkpoint at step {start.state['step']} "
+                 f"(data position: epoch {start.state['epoch']}, batch "
+                 f"{start.state['batch_in_epoch']})")
+        return start
+    if cfg.init_from:
+        with local_copy(cfg.init_from) as d:
+            return Start(weights=ckpt.load_weights(d, groups.ep_rank, groups.ep_size),
+                         state=state, routing={})
+    return Start(weights=None, state=state, routing={})
+
+
+def _prefetch_first(batches: Iterator) -> Iterator:
+    """`batches`, its first item fetched in a thread from now on: the shard's split and iterator
+    starting up (a second or two) overlap the model and optimizer build."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    first = pool.submit(next, batches)
+    pool.shutdown(wait=False)
+
+    def chained():
+        yield first.result()
+        yield from batches
+
+    return chained()
+
+
+def _shard(cfg: TrainConfig, mconfig, groups: parallel.ParallelGroups, start: Start):
+    """This rank's model on its device, built on the meta device with only its expert slots
+    materialised (`parallel.materialize` / `fresh_model`), the stage's trainable parameters (and
+    LoRA adapters), and the optimizers with a resumed run's state."""
+    if start.weights is None:
+        model = parallel.fresh_model(mconfig, groups)  # seeded: identical on every rank
+    else:
+        model = parallel.materialize(TimeExpertForGrounding, mconfig, groups, start.weights)
+        start.weights = None  # the model holds them now
     model.train()
     spec = stage_spec(cfg.recipe, cfg.stage, vision_pretrained=bool(mconfig.vision_path))
     if spec.lora:  # adapters start at B = 0: the model's function is unchanged
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-    trainable = set_stage_trainable(model, spec)
-    optim = Optimizers(model, groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                       grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage,
-                       batch_size=cfg.batch_size)
-    if optim_state is not None:
-        optim.load_state_dict(optim_state)
-        optim.load_engine(zero_dir)
-    logger = StepLogger(cfg.tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
-    if rank == 0:
-        n_train = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
-        print(f"[stage {cfg.stage}: {cfg.recipe} {spec.name}{' +LoRA' if spec.lora else ''}] "
-              f"{cfg.num_workers} workers, EP={cfg.ep_size}, "
-              f"ZeRO-{cfg.zero_stage}, {torch.get_num_threads()} torch threads per worker, "
-              f"{n_train} trainable parameters on rank 0, "
-              f"steps {state['step'] + 1}..{cfg.num_steps}", flush=True)
+    set_stage_trainable(model, spec)
+    optim = parallel.Optimizers(model, groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage,
+                                batch_size=cfg.batch_size)
+    if start.optim_state is not None:
+        optim.load_state_dict(start.optim_state)
+        optim.load_engine(start.zero_dir)
+    return model, optim, spec
 
-    # --- loop --------------------------------------------------------------------------------
+
+def _start_line(w: Worker, start: Start) -> str:
+    cfg, spec = w.cfg, w.spec
+    n_train = sum(p.numel() for p in w.model.parameters() if p.requires_grad)
+    n_expert = sum(p.numel() for n, p in w.model.named_parameters() if parallel.is_expert_param(n))
+    return (f"[stage {cfg.stage}: {cfg.recipe} {spec.name}{' +LoRA' if spec.lora else ''}] "
+            f"{cfg.num_workers} workers, EP={cfg.ep_size}, ZeRO-{cfg.zero_stage}, "
+            f"{w.groups.device}, {devices.compute_dtype(w.groups.device, cfg.precision)}, "
+            f"{torch.get_num_threads()} torch threads per worker, {n_train} trainable "
+            f"parameters on rank 0 ({n_expert} in its expert slots), "
+            f"steps {start.state['step'] + 1}..{cfg.num_steps}")
+
+
+@dataclass
+class StepResult:
+    out: Any  # the model's TimeExpertOutput
+    loss: torch.Tensor
+    lr: float
+    grad_norm: torch.Tensor
+    tokens: int  # real (unpadded) tokens of the batch
+    added: int = 0  # experts added by token-adaptive routing at this step
+    pruned: int = 0
+
+
+def _loop(w: Worker, batches: Iterator, start: Start) -> StepTimes:
+    """A step per batch; a report every `log_every` steps, a checkpoint every
+    `checkpoint_every` and at the last step. Returns rank's step times."""
+    cfg, state, rank = w.cfg, start.state, w.groups.rank
     window: dict[str, Any] = {}  # sums over the window; tensors until the report (no host sync)
-    window_tokens, window_time = 0, 0.0
-    forward = optim.forward_module()
     timer = StepTimes()
     profiler = None
     first_profiled = min(state["step"] + 2, cfg.num_steps)  # after one warm-up step
@@ -428,101 +499,124 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         if rank == 0 and cfg.profile_steps and step == first_profiled:
             profiler = _start_profiler()
-        batch, epoch, index = next(batches) if first_batch is None else first_batch.result()
-        first_batch = None
-        inputs = devices.to_device(tokenize_batch(batch, tokenizer, mconfig, model), device)
-        lr = cfg.learning_rate(step)
-        optim.set_lr(lr)
-        timer.lap("data")
-        with devices.autocast(device, cfg.precision):  # fp32 master weights, router in fp32
-            out = forward(**inputs, return_logits=False)  # the losses need no full-vocab logits
-            loss = stage_loss(out, cfg.stage, mconfig, cfg.recipe)
-        timer.lap("forward")
-        optim.backward(loss)
-        timer.lap("backward")
-        optim.sync()
-        timer.lap("grad_sync")
-        grad_norm = optim.update()
-        timer.lap("optimizer")
-        parallel.sync_routing_rates(model, groups)
-        added = pruned = 0
-        if cfg.expert_update_every and cfg.stage > 1 and step % cfg.expert_update_every == 0:
-            updates = parallel.update_experts(model, groups, optim.local)
-            added = sum(len(u.added) for u in updates)
-            pruned = sum(len(u.pruned) for u in updates)
-        timer.lap("experts")
+        batch, epoch, index = next(batches)
+        result = _step(w, batch, step, timer)
         state.update(step=step, epoch=epoch, batch_in_epoch=index,
                      samples=state["samples"] + len(batch["id"]))
-        if cfg.fail_at_step == step and rank == 1 and restored is None:
-            print(f"[rank {rank}] fail_at_step={step}: exiting to test fault tolerance", flush=True)
-            time.sleep(3)  # let the controller collect the last checkpoint report first
-            os._exit(1)
-        window_tokens += int(inputs["attention_mask"].sum())
-        window_time += time.perf_counter() - t0
-        for key, value in (("loss", loss), ("loss_time", out.loss_time),
-                           ("loss_score", out.loss_score), ("loss_text", out.loss_text),
-                           ("aux_loss", out.aux_loss), ("z_loss", out.z_loss)):
-            window[key] = window.get(key, 0.0) + value.detach()
-        if mconfig.frame_relevance:  # every rank has the key (all-reduced by name)
-            value = out.loss_frames
-            window["loss_frames"] = window.get("loss_frames", 0.0) + (
-                0.0 if value is None else value.detach())
-        if mconfig.evidence is not None:  # D2VLM; every rank has the key (all-reduced by name)
-            for key in ("loss_grounding", "loss_consistency"):
-                value = getattr(out, key)
-                window[key] = window.get(key, 0.0) + (0.0 if value is None else value.detach())
-        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
-        window["experts_added"] = window.get("experts_added", 0.0) + added
-        window["experts_pruned"] = window.get("experts_pruned", 0.0) + pruned
-        window["_steps"] = window.get("_steps", 0.0) + 1
+        if cfg.fail_at_step == step and rank == cfg.fail_rank and not start.resumed:
+            _inject_failure(step, rank)
+        _add_to_window(window, result, w.mconfig, time.perf_counter() - t0)
         timer.step_done()
         if profiler is not None and step == last_profiled:
             timer.lap("report")
-            _save_profile(profiler, cfg, first_profiled, last_profiled, logger)
+            _save_profile(profiler, cfg, first_profiled, last_profiled, w.logger)
             profiler = None
             timer.skip()
-
-        last = step == cfg.num_steps
-        if step % cfg.log_every and step % cfg.checkpoint_every and not last:
+        if step % cfg.log_every and step % cfg.checkpoint_every and step != cfg.num_steps:
             timer.lap("report")
             continue
-        # --- report: metrics averaged over ranks, routing telemetry summed over ranks ---------
-        metrics = _reduce_window(window, window_tokens, window_time, groups)
-        routing = _routing_telemetry(model, groups)
-        _accumulate(routing_total, routing)
-        metrics.update(_routing_metrics(routing))
-        metrics.update(step=step, stage=cfg.stage, lr=lr, epoch=epoch, samples=state["samples"] * groups.world_size)
-        model.reset_routing_telemetry()
-        window, window_tokens, window_time = {}, 0, 0.0
+        _report(w, step, result.lr, epoch, state, window, start.routing, timer)
+        window.clear()
+    return timer
+
+
+def _step(w: Worker, batch: dict, step: int, timer: StepTimes) -> StepResult:
+    """One optimizer step: the batch's tokens on the device, forward and the stage's loss under
+    the run's precision, backward, gradient sync, update, A_t sync and token-adaptive routing."""
+    cfg, optim = w.cfg, w.optim
+    inputs = devices.to_device(tokenize_batch(batch, w.tokenizer, w.mconfig, w.model),
+                               w.groups.device)
+    lr = cfg.learning_rate(step)
+    optim.set_lr(lr)
+    timer.lap("data")
+    with devices.autocast(w.groups.device, cfg.precision):  # fp32 master weights and router
+        out = optim.forward_module()(**inputs, return_logits=False)  # no full-vocab logits
+        loss = stage_loss(out, cfg.stage, w.mconfig, cfg.recipe)
+    timer.lap("forward")
+    optim.backward(loss)
+    timer.lap("backward")
+    optim.sync()
+    timer.lap("grad_sync")
+    grad_norm = optim.update()
+    timer.lap("optimizer")
+    parallel.sync_routing_rates(w.model, w.groups)
+    result = StepResult(out=out, loss=loss, lr=lr, grad_norm=grad_norm,
+                        tokens=int(inputs["attention_mask"].sum()))
+    if cfg.expert_update_every and cfg.stage > 1 and step % cfg.expert_update_every == 0:
+        updates = parallel.update_experts(w.model, w.groups, optim.local)
+        result.added = sum(len(u.added) for u in updates)
+        result.pruned = sum(len(u.pruned) for u in updates)
+    timer.lap("experts")
+    return result
+
+
+def _inject_failure(step: int, rank: int) -> None:
+    """Fault injection (`TrainConfig.fail_at_step` / `fail_rank`): this worker exits as a killed
+    process would, with no cleanup, so that Ray Train restarts the group from the last
+    checkpoint."""
+    log.warning(f"[rank {rank}] fail_at_step={step}: exiting to test fault tolerance")
+    time.sleep(3)  # let the controller collect the last checkpoint report first
+    os._exit(1)
+
+
+def _add_to_window(window: dict[str, Any], r: StepResult, mconfig, seconds: float) -> None:
+    """Add a step's losses and counts to the window's sums (every rank has every key: they are
+    all-reduced by name)."""
+    out = r.out
+    values = {"loss": r.loss, "loss_time": out.loss_time, "loss_score": out.loss_score,
+              "loss_text": out.loss_text, "aux_loss": out.aux_loss, "z_loss": out.z_loss,
+              "grad_norm": r.grad_norm, "experts_added": r.added, "experts_pruned": r.pruned,
+              "_steps": 1, "_tokens": r.tokens, "_seconds": seconds}
+    if mconfig.frame_relevance:
+        values["loss_frames"] = out.loss_frames
+    if mconfig.evidence is not None:  # D2VLM
+        values.update(loss_grounding=out.loss_grounding, loss_consistency=out.loss_consistency)
+    for key, value in values.items():
+        value = 0.0 if value is None else value
+        window[key] = window.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value)
+
+
+def _report(w: Worker, step: int, lr: float, epoch: int, state: dict, window: dict,
+            routing_total: dict, timer: StepTimes) -> None:
+    """Metrics averaged over ranks, routing telemetry summed over ranks, rank 0's progress line
+    and MLflow metrics, `ray.train.report` (with a checkpoint every `checkpoint_every` steps and
+    at the last step)."""
+    cfg, groups = w.cfg, w.groups
+    metrics = _reduce_window(window, groups)
+    routing = _routing_telemetry(w.model, groups)
+    _accumulate(routing_total, routing)
+    metrics.update(_routing_metrics(routing))
+    metrics.update(step=step, stage=cfg.stage, lr=lr, epoch=epoch,
+                   samples=state["samples"] * groups.world_size)
+    # expert parameters this rank holds: 1/EP of the model's (built and read sharded; only
+    # rank 0 receives the whole stack, one tensor at a time, to write a checkpoint)
+    metrics["experts/params_on_rank"] = float(sum(
+        p.numel() for n, p in w.model.named_parameters() if parallel.is_expert_param(n)))
+    w.model.reset_routing_telemetry()
+    timer.lap("report")
+    metrics.update(timer.window())  # this rank's; the result and MLflow keep rank 0's
+    if w.logger is not None:
+        log.info(_progress_line(cfg, metrics))
+        w.logger.log(metrics, step)
+    last = step == cfg.num_steps
+    if step % cfg.checkpoint_every and not last:
+        ray.train.report(metrics)
         timer.lap("report")
-        metrics.update(timer.window())  # this rank's; the result and MLflow keep rank 0's
-        if rank == 0:
-            print(_progress_line(cfg, metrics), flush=True)
-            logger.log(metrics, step)
-        if step % cfg.checkpoint_every == 0 or last:
-            timer.lap("report")
-            full_state = parallel.full_state_dict(model, groups)
-            if spec.lora:
-                full_state = merged_lora_state(model, full_state)
-            with tempfile.TemporaryDirectory(prefix="te-ckpt-") as d:
-                ckpt.write_checkpoint(
-                    d, rank=rank, model=model, full_state=full_state, tokenizer=tokenizer,
-                    optimizers=optim, train_state={"state": state, "config": cfg.to_dict()},
-                    routing=routing_total,
-                )
-                if last:  # the stage's breakdown, but for the report below
-                    timer.lap("checkpoint")
-                    metrics.update(timer.summary())
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        return
+    timer.lap("report")
+    full_state = parallel.full_state_dict(w.model, groups)
+    if w.spec.lora:
+        full_state = merged_lora_state(w.model, full_state)
+    with tempfile.TemporaryDirectory(prefix="te-ckpt-") as d:
+        ckpt.write_checkpoint(d, rank=groups.rank, model=w.model, full_state=full_state,
+                              tokenizer=w.tokenizer, optimizers=w.optim,
+                              train_state={"state": state, "config": cfg.to_dict()},
+                              routing=routing_total)
+        if last:  # the stage's breakdown, but for the report below
             timer.lap("checkpoint")
-        else:
-            ray.train.report(metrics)
-            timer.lap("report")
-    if logger is not None:  # rank 0: the stage's breakdown, one line and MLflow
-        total = timer.summary()
-        print(_time_line(cfg, total), flush=True)
-        logger.log(total, cfg.num_steps)
-        logger.close()
+            metrics.update(timer.summary())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    timer.lap("checkpoint")
 
 
 def _draws_segments(cfg: TrainConfig) -> bool:
@@ -530,14 +624,12 @@ def _draws_segments(cfg: TrainConfig) -> bool:
     return cfg.frame_jitter and cfg.decode_once and cfg.jitter_grid > 1
 
 
-def _reduce_window(window: dict[str, float], tokens: int, seconds: float, groups) -> dict[str, float]:
+def _reduce_window(window: dict[str, Any], groups) -> dict[str, float]:
     """Mean per step over the window, averaged over ranks; tokens/s over all ranks."""
-    import torch
-    import torch.distributed as dist
-
     keys = sorted(k for k in window if not k.startswith("_"))
     steps = window["_steps"]
-    values = torch.tensor([float(window[k]) / steps for k in keys] + [float(tokens), seconds],
+    values = torch.tensor([float(window[k]) / steps for k in keys]
+                          + [float(window["_tokens"]), window["_seconds"]],
                           dtype=torch.float64,  # float(): the window's one host sync
                           device=groups.device)  # NCCL reduces device tensors only
     if groups.world_size > 1:
@@ -553,9 +645,6 @@ def _reduce_window(window: dict[str, float], tokens: int, seconds: float, groups
 
 def _routing_telemetry(model, groups) -> dict[str, Any]:
     """Per layer: (type x expert) pair counts and tokens per type, summed over the world."""
-    import torch
-    import torch.distributed as dist
-
     layers = [layer.ffn for layer in model.layers]
     if layers[0].cfg.gating == "dense":
         return {"gating": "dense"}
@@ -660,8 +749,6 @@ def data_config(cfg: TrainConfig, mconfig, *, train: bool = False):
     for a decode-once run a grid of `jitter_grid` frames per segment the loop draws from. A
     decode-once run decodes before training, alone on the machine: a whole CPU per decode task
     (fractions only oversubscribe the cores with Python workers)."""
-    from timeexpert.config import DataConfig, VideoConfig
-
     jitter = train and cfg.frame_jitter
     grid = cfg.jitter_grid if jitter and cfg.decode_once else 1
     return DataConfig(
@@ -675,16 +762,9 @@ def data_config(cfg: TrainConfig, mconfig, *, train: bool = False):
 
 def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) -> FitResult:
     """Run one stage as a TorchTrainer job on the connected Ray cluster."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from timeexpert.data.pipeline import build_dataset
-    from timeexpert.train.checkpoint import checkpoint_uri
-
     notice = resume_notice(cfg)
     if notice:
-        print(notice, flush=True)
+        log.warning(notice)
     mconfig = model_config(cfg, load_tokenizer(tokenizer_uri))
     dataset = build_dataset(data_config(cfg, mconfig, train=True), split="train", shuffle=True,
                             preserve_order=True)
@@ -692,14 +772,14 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
     decode_s = 0.0
     if cfg.decode_once:  # before the workers start: decoding never competes with a step
         decode_s = dataset.materialize()
-        print(f"[stage {cfg.stage}] decoded the frames of {len(dataset.records)} training records "
-              f"once in {decode_s:.1f} s (Ray object store)", flush=True)
+        log.info(f"[stage {cfg.stage}] decoded the frames of {len(dataset.records)} training "
+                 f"records once in {decode_s:.1f} s (Ray object store)")
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # the same seed gives the same batches on every run
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "tokenizer_uri": tokenizer_uri},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),  # devices.backend
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
@@ -723,5 +803,5 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
     metrics = dict(result.metrics or {})
     metrics.update(dataset.metrics())
     metrics["data/decode_s"] = decode_s
-    return FitResult(checkpoint_uri=checkpoint_uri(result.checkpoint), metrics=metrics,
+    return FitResult(checkpoint_uri=ckpt.checkpoint_uri(result.checkpoint), metrics=metrics,
                      path=result.path)

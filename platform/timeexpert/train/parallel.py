@@ -17,6 +17,14 @@ Gradients (the objective is the mean over ranks of each rank's mean loss):
   their optimizer state (and with 2 their gradients) over the world. Expert parameters stay out of
   DeepSpeed: their optimizer state is already sharded by EP.
 
+Memory: a rank materialises only its expert slots. A fresh model is built with this rank's slots
+(`fresh_model`: each slot seeded by its global id, so the shards equal an EP=1 build); a
+checkpoint is read as this rank's slice (`checkpoint.load_weights(d, ep_rank, ep_size)`) into a
+model built on the meta device (`materialize`). Dense parameters stay replicated, ZeRO-1/2
+sharding their optimizer state (and with 2 their gradients): in paper_gpu they are 0.4 B of
+13.8 B parameters, 1.5 GiB in fp32 per GPU (`benchmarks.memory_plan`), while the experts are 97%.
+Only world rank 0, the checkpoint's writer, receives the whole expert stack, one tensor at a time.
+
 Token-adaptive routing under EP: before `update_experts`, each layer's statistics are summed over
 the expert-DP group (the layer itself sums over its EP group), so every rank takes the same
 add/prune decision; the optimizer state of a re-initialised slot is zeroed. The EMA rates A_t are
@@ -35,6 +43,7 @@ from torch import Tensor, nn
 from timeexpert import devices
 from timeexpert.models.expert_parallel import EXPERT_PARAM_NAMES, gather_experts, shard_state_dict
 from timeexpert.models.moe import ExpertUpdate, MoELayer
+from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
 
 ROUTING_STAT_BUFFERS = ("fired_count_E", "unrouted_sum_D", "unrouted_count", "token_count")
 GATE_PARAM_NAMES = ("w_gate_ED", "threshold_E")  # indexed by global expert slot, replicated
@@ -102,27 +111,58 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def build_sharded_model(model_cls, config, groups: ParallelGroups, full_state: dict[str, Tensor]):
-    """`model_cls(config, ep_group)` holding this rank's expert slice of `full_state` (EP=1 keys)."""
-    model = model_cls(config, ep_group=groups.ep_group)
-    sharded = shard_state_dict(full_state, groups.ep_rank, groups.ep_size)
-    missing, unexpected = model.load_state_dict(sharded, strict=False)
+def build_on_meta(model_cls, config, ep_group=None) -> nn.Module:
+    """`model_cls(config, ep_group)` on the meta device: every parameter and buffer with its
+    real shape (with `ep_group`, this rank's expert slots only), no storage."""
+    with torch.device("meta"):
+        return model_cls(config, ep_group=ep_group)
+
+
+def materialize(model_cls, config, groups: ParallelGroups, shard_state: dict[str, Tensor]):
+    """This rank's model on its device, holding `shard_state` (this rank's expert slice and
+    everything else whole, as `checkpoint.load_weights(d, ep_rank, ep_size)` reads it): built on
+    the meta device, then storage for this rank's part only."""
+    model = build_on_meta(model_cls, config, groups.ep_group).to_empty(device=groups.device)
+    missing, unexpected = model.load_state_dict(shard_state, strict=False)
     # telemetry buffers are not persistent; anything else missing is a real mismatch
     missing = [k for k in missing if ".tel_" not in k]
     if missing or unexpected:
         raise ValueError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    for layer in moe_layers(model):
+        layer.reset_telemetry()  # to_empty left them unset
     return model
+
+
+def build_sharded_model(model_cls, config, groups: ParallelGroups, full_state: dict[str, Tensor]):
+    """`materialize` from a full (EP=1) state dict: this rank's expert slice of it."""
+    return materialize(model_cls, config, groups,
+                       shard_state_dict(full_state, groups.ep_rank, groups.ep_size))
+
+
+def fresh_model(config, groups: ParallelGroups):
+    """A new model holding this rank's expert slots only, identical on every rank and equal to
+    the slices of an EP=1 build at the same seed (`MoELayer` seeds each slot). A decoder
+    upcycled from a dense LM perturbs its whole expert stack at once: built whole, then sliced."""
+    if config.upcycle_from:
+        return build_sharded_model(TimeExpertForGrounding, config, groups,
+                                   create_model(config).state_dict())
+    return create_model(config, ep_group=groups.ep_group).to(groups.device)
 
 
 @torch.no_grad()
 def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
-    """The EP=1 state dict on the CPU: expert slices gathered over the EP group (collective on
-    EP ranks)."""
+    """The EP=1 state dict on the CPU of world rank 0, the checkpoint's writer: the expert slices
+    of its EP group gathered to it one tensor at a time (collective on that group); the other
+    ranks get {} and never hold a whole expert stack. (Per-rank sharded checkpoints would spare
+    rank 0 too: not done yet.)"""
+    if groups.rank >= groups.ep_size:  # not in world rank 0's EP group: nothing to send
+        return {}
     out = {}
     for name, value in model.state_dict().items():
         if groups.ep_size > 1 and is_expert_param(name):
-            value = gather_experts(value, groups.ep_group)
-        out[name] = value.detach().to("cpu", copy=True)
+            value = gather_experts(value, groups.ep_group, dst=0)
+        if groups.rank == 0:
+            out[name] = value.detach().to("cpu", copy=True)
     return out
 
 

@@ -21,6 +21,7 @@ eval metrics and plots (loss curves, active experts, expert-assignment heatmap) 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -29,9 +30,16 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from timeexpert import devices, storage, tracking
+from timeexpert.data import formats
+from timeexpert.data.pipeline import record_from_row
+from timeexpert.eval.evaluate import distinct_windows, evaluate_predictions, predict_records
 from timeexpert.events import Task
+from timeexpert.inference import GroundingModel
 from timeexpert.train.config import CURRICULUM_STAGE, STAGES, TrainConfig
-from timeexpert.train.loop import FitResult, fit, prepare_tokenizer
+from timeexpert.train.fpo import train_fpo
+from timeexpert.train.loop import FitResult, _storage_root, data_config, fit, prepare_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,8 +147,6 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
     if start_from:
         tokenizer_uri = start_from  # a checkpoint holds its tokenizer
     else:
-        from timeexpert.data import formats
-
         train = formats.read_manifest(storage.join_uri(cfg.data_root, "manifests", "train.jsonl"))
         tokenizer_uri = prepare_tokenizer(cfg, train)
     result = PipelineResult(tokenizer_uri=tokenizer_uri)
@@ -169,8 +175,8 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
                                              parent_id=parent_run_id, tags=tags)
                 stage_cfg = stage_cfg.replace(mlflow_run_id=run_id)
                 tracking.log_params(uri, run_id, stage_cfg.to_dict())
-            print(f"== {label}: {stage_cfg.num_steps} steps from "
-                  f"{stage_cfg.init_from or 'fresh weights'}", flush=True)
+            log.info(f"== {label}: {stage_cfg.num_steps} steps from "
+                     f"{stage_cfg.init_from or 'fresh weights'}")
             try:
                 fitted: FitResult = fit(stage_cfg, tokenizer_uri=tokenizer_uri, callbacks=callbacks)
                 eval_metrics = _evaluate_and_plot(fitted.checkpoint_uri, stage_cfg, run_id)
@@ -186,9 +192,9 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
                 result.curriculum.append(sr)
             else:
                 result.stages[stage] = sr
-            print(f"== {label} done in {sr.seconds:.0f} s: checkpoint {sr.checkpoint_uri}; "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
-                              if k.endswith(("R1@0.5", "HIT@1-VeryGood", "F1", "mIoU"))), flush=True)
+            log.info(f"== {label} done in {sr.seconds:.0f} s: checkpoint {sr.checkpoint_uri}; "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
+                                 if k.endswith(("R1@0.5", "HIT@1-VeryGood", "F1", "mIoU"))))
             if uri:
                 _log_stage(uri, run_id, sr, parent_run_id,
                            f"curriculum{phase.curriculum}" if phase.curriculum else f"stage{stage}")
@@ -204,9 +210,6 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
 
 def _run_fpo(cfg: TrainConfig, start_from: str, parent_run_id: str) -> StageResult:
     """D2VLM FPO from `start_from` (driver process), evaluated like a stage."""
-    from timeexpert.train.fpo import train_fpo
-    from timeexpert.train.loop import _storage_root
-
     t0 = time.perf_counter()
     uri, run_id = cfg.tracking_uri, ""
     name = f"{cfg.name}-fpo"
@@ -214,7 +217,7 @@ def _run_fpo(cfg: TrainConfig, start_from: str, parent_run_id: str) -> StageResu
         run_id = tracking.create_run(uri, cfg.experiment, name, parent_id=parent_run_id,
                                      tags={**cfg.tags, "stage": "fpo"})
         tracking.log_params(uri, run_id, {**cfg.to_dict(), "init_from": start_from})
-    print(f"== fpo: {cfg.fpo_steps} steps from {start_from}", flush=True)
+    log.info(f"== fpo: {cfg.fpo_steps} steps from {start_from}")
     output_uri = storage.join_uri(_storage_root(cfg), name, "checkpoint")
     try:
         train_metrics = train_fpo(start_from, cfg, output_uri=output_uri, mlflow_run_id=run_id)
@@ -234,9 +237,9 @@ def _run_fpo(cfg: TrainConfig, start_from: str, parent_run_id: str) -> StageResu
         if parent_run_id:
             tracking.log_metrics(uri, parent_run_id,
                                  {f"fpo/eval/{k}": v for k, v in eval_metrics.items()})
-    print(f"== fpo done in {sr.seconds:.0f} s: checkpoint {output_uri}; margin "
-          f"{train_metrics.get('fpo/first_margin', 0):.3f} -> "
-          f"{train_metrics.get('fpo/reward_margin', 0):.3f}", flush=True)
+    log.info(f"== fpo done in {sr.seconds:.0f} s: checkpoint {output_uri}; margin "
+             f"{train_metrics.get('fpo/first_margin', 0):.3f} -> "
+             f"{train_metrics.get('fpo/reward_margin', 0):.3f}")
     return sr
 
 
@@ -278,11 +281,6 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
     `plot_dir`: where to write `token_density_{task}.png` (the per-frame density of kept visual
     tokens of each task's first video, GroundVTS) when the model samples tokens. `progress(answered,
     total)`: called after each batch (`predict_records`)."""
-    from timeexpert.data import formats
-    from timeexpert.data.pipeline import record_from_row
-    from timeexpert.eval.evaluate import distinct_windows, evaluate_predictions, predict_records
-    from timeexpert.inference import GroundingModel
-
     split = cfg.eval_split if split is None else split
     max_records = cfg.eval_max_records if max_records is None else max_records
     if not split or max_records <= 0:
@@ -293,15 +291,11 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
         return {}
     device = devices.default_device()
     gm = GroundingModel.load(checkpoint_uri, device=str(device))
-    from timeexpert.train.loop import data_config
-
     def plot_density(row, pred) -> None:
         record = record_from_row(row)
         plot = os.path.join(plot_dir, f"token_density_{record.task.value}.png") if plot_dir else ""
         if plot and pred.token_density is not None and not os.path.exists(plot):
-            from timeexpert.tracking import plot_token_density
-
-            plot_token_density(pred.token_density, row["timestamps"][row["frame_mask"]], plot,
+            tracking.plot_token_density(pred.token_density, row["timestamps"][row["frame_mask"]], plot,
                                intervals=[(e.start, e.end) for e in record.events],
                                title=f"{record.task.value}: {record.query[:60]}")
 
