@@ -205,6 +205,7 @@ class Meteor:
 
 def cider(pairs: Sequence[tuple[str, Sequence[str]]]) -> float:
     """pycocoevalcap `Cider().compute_score` over (hypothesis, references) pairs (IDF over them)."""
+    # deferred: pycocoevalcap is an optional dependency (see _pycocoevalcap_dir)
     from pycocoevalcap.cider.cider import Cider
 
     gts = {i: list(refs) for i, (_, refs) in enumerate(pairs)}
