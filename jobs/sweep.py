@@ -23,7 +23,7 @@ from ray.tune.search import BasicVariantGenerator
 from timeexpert import storage, tracking
 from timeexpert.data import formats
 from timeexpert.train.config import TrainConfig
-from timeexpert.train.loop import _storage_root, fit, prepare_tokenizer
+from timeexpert.train.loop import fit, prepare_tokenizer, storage_root
 
 
 def search_space(gating: str) -> dict:
@@ -81,7 +81,7 @@ def run_sweep(base, *, num_samples: int, max_concurrent: int = 1, seed: int = 0)
             # Tune ignores max_concurrent_trials beside an explicit BasicVariantGenerator.
             search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
         ),
-        run_config=tune.RunConfig(name=base.name, storage_path=os.path.join(_storage_root(base), "tune")
+        run_config=tune.RunConfig(name=base.name, storage_path=os.path.join(storage_root(base), "tune")
                                   if not base.storage_root.startswith("s3://") else
                                   storage.join_uri(base.storage_root, "tune")),
     )

@@ -312,7 +312,7 @@ def _save_profile(profiler, cfg: TrainConfig, first: int, last: int, logger) -> 
                 logger.log_artifact(os.path.join(d, file), "profile")
             where = f"MLflow run {cfg.mlflow_run_id}, artifacts profile/"
         else:
-            where = storage.join_uri(_storage_root(cfg), cfg.run_name(), "profile")
+            where = storage.join_uri(storage_root(cfg), cfg.run_name(), "profile")
             storage.upload_dir(d, where)
     log.info(f"[stage {cfg.stage}] profiler trace of steps {first}..{last} (rank 0): {where}")
 
@@ -721,14 +721,16 @@ class FitResult:
 def prepare_tokenizer(cfg: TrainConfig, train_records) -> str:
     """Train the text tokenizer once (driver) and save it under the storage root; returns URI."""
     tok = train_tokenizer(cfg, train_records)
-    uri = storage.join_uri(_storage_root(cfg), cfg.name, "tokenizer")
+    uri = storage.join_uri(storage_root(cfg), cfg.name, "tokenizer")
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
         storage.upload_dir(d, uri)
     return uri
 
 
-def _storage_root(cfg: TrainConfig) -> str:
+def storage_root(cfg: TrainConfig) -> str:
+    """The run's storage root as Ray Train and Tune take it: an s3:// URI as given, else an
+    absolute local path."""
     scheme, _ = storage.split_scheme(cfg.storage_root)
     return cfg.storage_root if scheme == "s3" else os.path.abspath(storage.split_scheme(cfg.storage_root)[1])
 
@@ -736,7 +738,7 @@ def _storage_root(cfg: TrainConfig) -> str:
 def resume_notice(cfg: TrainConfig) -> str | None:
     """What to tell a user whose run name already has a folder under the storage root: Ray Train
     continues that run from its last checkpoint (and step count) instead of starting afresh."""
-    run_dir = storage.join_uri(_storage_root(cfg), cfg.run_name())
+    run_dir = storage.join_uri(storage_root(cfg), cfg.run_name())
     if not storage.exists(run_dir):
         return None
     return (f"run {cfg.run_name()!r} already exists at {run_dir}: Ray Train resumes it from its "
@@ -788,7 +790,7 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
         dataset_config=ray.train.DataConfig(execution_options=options),
         run_config=ray.train.RunConfig(
             name=cfg.run_name(),
-            storage_path=_storage_root(cfg),
+            storage_path=storage_root(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_checkpoints_kept),
             callbacks=callbacks or None,

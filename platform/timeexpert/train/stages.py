@@ -37,7 +37,8 @@ from timeexpert.events import Task
 from timeexpert.inference import GroundingModel
 from timeexpert.train.config import CURRICULUM_STAGE, STAGES, TrainConfig
 from timeexpert.train.fpo import train_fpo
-from timeexpert.train.loop import FitResult, _storage_root, data_config, fit, prepare_tokenizer
+from timeexpert.train.loop import (FitResult, data_config, fit, prepare_tokenizer,
+                                  storage_root)
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def _run_fpo(cfg: TrainConfig, start_from: str, parent_run_id: str) -> StageResu
                                      tags={**cfg.tags, "stage": "fpo"})
         tracking.log_params(uri, run_id, {**cfg.to_dict(), "init_from": start_from})
     log.info(f"== fpo: {cfg.fpo_steps} steps from {start_from}")
-    output_uri = storage.join_uri(_storage_root(cfg), name, "checkpoint")
+    output_uri = storage.join_uri(storage_root(cfg), name, "checkpoint")
     try:
         train_metrics = train_fpo(start_from, cfg, output_uri=output_uri, mlflow_run_id=run_id)
         eval_metrics = _evaluate_and_plot(output_uri, cfg, run_id)
