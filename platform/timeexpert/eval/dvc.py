@@ -72,6 +72,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from timeexpert.eval.metrics import load_json
 from timeexpert.events import temporal_iou
 
 DVC_TIOUS: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
@@ -397,11 +398,6 @@ def _soda_c(vids, gts, preds, tokenized, meteor: Meteor) -> dict[str, float]:
         "SODA_c-precision": float(precision),
         "SODA_c-recall": float(recall),
     }
-
-
-def load_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,6 +70,7 @@ from timeexpert.eval.etbench_captions import (
     sentence_similarity,
 )
 from timeexpert.eval.etbench_parse import parse_choice, parse_highlight, parse_spans
+from timeexpert.eval.metrics import load_json
 from timeexpert.events import temporal_iou
 
 TASKS: tuple[str, ...] = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
@@ -353,14 +354,6 @@ def join_predictions(gt: Sequence[Mapping[str, Any]], pred: Sequence[Mapping[str
     return [{**s, "a": answers.get((s.get("task"), s.get("source"), s.get("idx")), "")} for s in gt]
 
 
-def _load_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="E.T. Bench scorer: the 12 tasks as the official kit scores them")
     parser.add_argument("--pred", required=True, help="the dumped json: annotation samples with the answer 'a'")
@@ -371,9 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=UNMATCHED_SEED, help="seed of the random strings (official)")
     args = parser.parse_args(argv)
     try:
-        samples = _load_json(args.pred)
+        samples = load_json(args.pred)
         if args.gt:
-            samples = join_predictions(_load_json(args.gt), samples)
+            samples = join_predictions(load_json(args.gt), samples)
         result = score_etbench(samples, mode=args.mode, seed=args.seed)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

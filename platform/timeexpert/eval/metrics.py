@@ -396,3 +396,12 @@ def load_jsonl(path: str) -> list[dict]:
     """Rows of a jsonl file (blank lines skipped)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def load_json(path: str) -> Any:
+    """A json file's content; invalid JSON is a ValueError naming the file."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None

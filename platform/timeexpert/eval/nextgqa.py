@@ -49,6 +49,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from timeexpert.eval.metrics import load_json
+
 MODES: tuple[str, ...] = ("official", "strict")
 QA_TYPE_NAMES: dict[str, str] = {  # eval_next.py `map_name`, in its print order
     "CW": "Why", "CH": "How", "TN": "Bef&Aft", "TC": "When", "DC": "Cnt", "DL": "Loc",
@@ -279,14 +281,6 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
 
 
-def _load_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="NExT-GQA scorer: Acc@QA, Acc@GQA, mIoP, IoP@k, mIoU, IoU@k")
     parser.add_argument("--gt", required=True, help="gsub_{split}.json {video_id: {duration, location}}")
@@ -300,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         metrics = score_nextgqa(
-            _load_json(args.gt), _load_json(args.pred),
-            _load_json(args.pred_qa) if args.pred_qa else None,
+            load_json(args.gt), load_json(args.pred),
+            load_json(args.pred_qa) if args.pred_qa else None,
             read_qa_csv(args.gt_qa) if args.gt_qa else None, gs=args.gs, mode=args.mode,
         )
     except (OSError, ValueError, KeyError) as e:
