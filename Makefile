@@ -11,7 +11,10 @@ export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
 export RAY_TMPDIR := $(shell d="$(CACHE)/ray"; [ $${#d} -le 48 ] && echo "$$d" || echo /tmp/te-ray-$$(id -u))
 export MPLCONFIGDIR := $(CACHE)/matplotlib
 export MLFLOW_DISABLE_TELEMETRY := true
+# DeepSpeed on the CPU only where there is no GPU (with one it detects CUDA itself)
+ifeq ($(shell command -v nvidia-smi),)
 export DS_ACCELERATOR := cpu
+endif
 export RAY_AUTH_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -18,7 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(CACHE / "torch_extensions"))
 os.environ.setdefault("MPLCONFIGDIR", str(CACHE / "matplotlib"))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not shutil.which("nvidia-smi"):  # with a GPU, DeepSpeed detects CUDA itself
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Ray's unix socket paths must stay under 107 bytes: the project folder unless it is too deep.
 _ray_tmp = str(CACHE / "ray")
 os.environ.setdefault("RAY_TMPDIR", _ray_tmp if len(_ray_tmp) <= 48 else f"/tmp/te-ray-{os.getuid()}")
