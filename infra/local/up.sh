@@ -59,7 +59,7 @@ echo $! >"$STATE/mlflow.pid"
   --temp-dir "$STATE/ray" --include-dashboard true \
   --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \
   --disable-usage-stats >"$STATE/ray.log" 2>&1
-wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 60
+wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 180  # the MLflow server starts in ~10 s idle, over 60 s on a loaded machine
 wait_http "http://127.0.0.1:$DASH_PORT/api/version" 60
 # The job server answers before the head's job agent has registered ("No available agent to
 # submit job"): ready means a (no-op) job is accepted.

@@ -206,14 +206,28 @@ def test_mlflow_checkpoint_uri(tmp_path, monkeypatch):
     through runs:/, models:/NAME/VERSION and models:/NAME/latest; the copies are removed."""
     import mlflow
 
-    from timeexpert import tracking
-    from timeexpert.checkpoints import local_checkpoint
-
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # an earlier test of the same process may have called mlflow.set_tracking_uri, which wins
+    # over the environment (a Serve replica is a fresh process: there the environment decides)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        _resolve_registered_checkpoints(tmp_path, uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _resolve_registered_checkpoints(tmp_path, uri: str) -> None:
+    import mlflow
+
+    from timeexpert import tracking
+    from timeexpert.checkpoints import local_checkpoint
+
+    ckpt = tmp_path / "ckpt"
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("serve-test", artifact_location=str(tmp_path / "artifacts"))
     run_id = client.create_run(exp).info.run_id
