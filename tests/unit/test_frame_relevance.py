@@ -114,6 +114,27 @@ def test_frame_logits_depend_on_the_query_only_when_it_comes_first(tok):
     torch.testing.assert_close(h[0, visual], h[1, visual])
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_bidirectional_frames_let_a_frame_see_the_frames_after_it(tok, bidirectional):
+    """Prefix-LM attention over the video: with `bidirectional_frames` the first frame's logit
+    moves when only the last frame changes; in the causal decoder it cannot. The query tokens
+    stay causal either way (they come first and see no frame)."""
+    cfg = relevance_config(tok, bidirectional_frames=bidirectional)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg).eval()
+    frames = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    changed = frames.copy()
+    changed[-1] = 255 - changed[-1]
+    pixels = torch.cat([model.preprocess_frames(frames), model.preprocess_frames(changed)])
+    batch = _prompts(tok, cfg, ["the red circle grows"] * 2)
+    out = model(**batch, pixel_values=pixels)
+    first_moved = not torch.allclose(out.frame_logits[0, 0], out.frame_logits[1, 0], atol=1e-6)
+    assert first_moved == bidirectional
+    assert not torch.allclose(out.frame_logits[0, -1], out.frame_logits[1, -1], atol=1e-6)
+    query = batch["token_types"][0] == TokenType.QUERY
+    torch.testing.assert_close(out.hidden_states[0, query], out.hidden_states[1, query])
+
+
 def test_frame_loss_joins_the_loss_and_a_batch_is_overfit(tok):
     """Two queries over the same frames, each relevant on other frames: the model must read the
     query to fit both (the answer prior cannot)."""
@@ -207,10 +228,11 @@ def test_training_rows_get_relevance_labels_per_task():
     np.testing.assert_array_equal(bare, [-1, -1, -1, -1])
 
 
-def test_frame_logits_of_a_padded_batch_equal_each_row_alone(tok):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_frame_logits_of_a_padded_batch_equal_each_row_alone(tok, bidirectional):
     """Rows of 4 and 2 frames, left-padded as in generation: each row's frame logits equal those
-    of the row run alone."""
-    cfg = relevance_config(tok)
+    of the row run alone (with bidirectional frames too: padding is never attended)."""
+    cfg = relevance_config(tok, bidirectional_frames=bidirectional)
     torch.manual_seed(0)
     model = TimeExpertForGrounding(cfg).eval()
     frames = np.random.default_rng(4).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)

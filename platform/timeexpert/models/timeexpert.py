@@ -90,6 +90,7 @@ ARCHITECTURE_FIELDS = (
     "query_first",
     "frame_relevance",
     "frame_words",
+    "bidirectional_frames",
 )
 
 
@@ -141,6 +142,11 @@ class TimeExpertConfig(PretrainedConfig):
     # MR / VHD windows are then read off the relevant frames
     query_first: bool = False  # prompt layout: [instruction + query] [frames] instead of the reverse
     frame_relevance: bool = False  # the per-frame relevance head and its BCE (needs query_first)
+    # prefix-LM attention over the video (as PaliGemma over its image): the visual tokens of one
+    # call attend to each other in both directions, so a frame's state knows the frames after it
+    # (whether an object is on screen the whole video, where it moves next); everything else stays
+    # causal. Off: the plain causal decoder
+    bidirectional_frames: bool = False
     frame_threshold: float = 0.6  # salient: this share of the most relevant frame's probability
     # or above (D2VLM's 60%)
     windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)
@@ -683,15 +689,19 @@ class TimeExpertForGrounding(PreTrainedModel):
                     past_key_values, use_cache: bool = False) -> TimeExpertOutput:
         """The decoder blocks over embedded tokens: the final hidden states, the router losses
         summed over layers and (with `use_cache`) the new KV cache. Causal mask over the cache +
-        new tokens; a token always sees itself (a padding row never has an empty softmax)."""
+        new tokens (with `bidirectional_frames`, the new visual tokens see each other); a token
+        always sees itself (a padding row never has an empty softmax)."""
         cfg = self.config
         L = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         N = x_BND.shape[1]
         q_pos_N = torch.arange(L, L + N, device=x_BND.device)
         k_pos_K = torch.arange(L + N, device=x_BND.device)
         causal_NK = k_pos_K[None, :] <= q_pos_N[:, None]
-        mask_B1NK = (causal_NK & key_valid_BK[:, None, :]) | (k_pos_K[None, :] == q_pos_N[:, None])
-        mask_B1NK = mask_B1NK[:, None]
+        mask_BNK = causal_NK & key_valid_BK[:, None, :]
+        if cfg.bidirectional_frames:  # the new call's visual tokens see each other
+            vis_BN = (types_BN == TokenType.VISUAL) & valid_BN
+            mask_BNK[:, :, L:] |= vis_BN[:, :, None] & vis_BN[:, None, :]
+        mask_B1NK = (mask_BNK | (k_pos_K[None, :] == q_pos_N[:, None]))[:, None]
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         cos, sin = rotary_cos_sin(position_ids_BN, head_dim, cfg.rope_theta, x_BND.dtype)
         aux = z = x_BND.new_zeros(())
