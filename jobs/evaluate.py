@@ -43,6 +43,7 @@ HEADLINE = {
     Task.MR: ["R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "mAP"],
     Task.VHD: ["HL-min-VeryGood-mAP", "HL-min-VeryGood-Hit1", "HL-min-Fair-mAP"],
     Task.DVC: ["F1", "SODA_c", "METEOR", "CIDEr"],
+    Task.GQA: ["Acc@QA", "Acc@GQA", "mIoP", "IoP@0.5", "mIoU", "IoU@0.5"],
 }
 
 
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     results = {}
     for task in sorted({r.task for r in records}, key=lambda t: t.value):
         task_records = [r for r in records if r.task == task]
-        suffix = "json" if task == Task.DVC else "jsonl"
+        suffix = "json" if task in (Task.DVC, Task.GQA) else "jsonl"
         write_predictions(task_records, predictions, task, out / f"{task.value}_predictions.{suffix}")
         results[task.value] = {
             "model": evaluate_predictions(task_records, predictions, task, captions=not args.no_captions),

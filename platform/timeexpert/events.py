@@ -48,11 +48,12 @@ SCORE_DECIMALS = 1  # saliency scores likewise
 
 
 class Task(str, enum.Enum):
-    """The three VTG tasks."""
+    """The four tasks: three VTG tasks and grounded QA."""
 
     MR = "mr"  # moment retrieval: query -> ranked windows
     VHD = "vhd"  # video highlight detection: query -> per-clip saliency (+ windows)
     DVC = "dvc"  # dense video captioning: video -> events with captions
+    GQA = "gqa"  # grounded QA: question + options -> the evidence span, then the chosen option
 
     @classmethod
     def parse(cls, value: "str | Task") -> "Task":
@@ -120,11 +121,23 @@ class Record:
     saliency: list[float] | None = None  # per-clip saliency (VHD), clip length `clip_len`
     clip_len: float = 2.0  # seconds per saliency clip (QVHighlights uses 2 s)
     split: str = "train"
+    # grounded QA (GQA): `query` is the question, `events` the evidence spans
+    options: list[str] | None = None  # the answer options (GQA only)
+    answer: int | None = None  # index of the right option (GQA; None when unknown)
 
     def __post_init__(self) -> None:
         self.task = Task.parse(self.task)
         if not self.duration > 0:
             raise ValueError(f"record {self.id!r}: duration must be > 0, got {self.duration}")
+        if self.task != Task.GQA:
+            if self.options is not None or self.answer is not None:
+                raise ValueError(f"record {self.id!r}: options and answer belong to task gqa, "
+                                 f"not {self.task.value}")
+            return
+        check_options(self.options, f"record {self.id!r}")
+        if self.answer is not None and not 0 <= self.answer < len(self.options):
+            raise ValueError(f"record {self.id!r}: answer {self.answer} is not an index of its "
+                             f"{len(self.options)} options")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -143,7 +156,63 @@ class Record:
             saliency=None if d.get("saliency") is None else [float(s) for s in d["saliency"]],
             clip_len=float(d.get("clip_len", 2.0)),
             split=str(d.get("split", "train")),
+            options=None if d.get("options") is None else [str(o) for o in d["options"]],
+            answer=None if d.get("answer") is None else int(d["answer"]),
         )
+
+
+# --- grounded QA: the prompt and the answer ---------------------------------------------------
+
+
+def check_options(options: Any, where: str = "request") -> None:
+    """ValueError unless `options` is a list of two or more distinct non-empty strings."""
+    if (not isinstance(options, (list, tuple)) or len(options) < 2
+            or not all(isinstance(o, str) and o.strip() for o in options)):
+        raise ValueError(f"{where}: task gqa needs two or more non-empty answer options, "
+                         f"got {options!r}")
+    if len({o.strip().lower() for o in options}) != len(options):
+        raise ValueError(f"{where}: answer options must differ, got {list(options)}")
+
+
+def prompt_query(task: "Task | str", query: str, options: Sequence[str] | None = None) -> str:
+    """The text a task's instruction template receives: the query itself, or for GQA the
+    question followed by its options ("... Options: red; blue; green.")."""
+    if Task.parse(task) != Task.GQA:
+        return query
+    check_options(options)
+    return f"{query.strip()} Options: {'; '.join(o.strip() for o in options)}."
+
+
+def gqa_answer_events(evidence: Sequence[Event], options: Sequence[str], answer: int) -> list[Event]:
+    """The GQA answer, grounding then answering: the evidence spans, the chosen option written as
+    the caption of the last one."""
+    if not evidence:
+        raise ValueError("a GQA answer needs at least one evidence span")
+    events = [Event(start=e.start, end=e.end, score=e.score) for e in evidence]
+    events[-1].caption = options[answer]
+    return events
+
+
+def read_gqa_answer(events: Sequence[Event], options: Sequence[str]) -> tuple[Event | None, int | None]:
+    """(the evidence span, the chosen option's index) of a GQA answer: the first event's span and
+    the option its last caption names: equal to it (case and surrounding space and punctuation
+    ignored), else the one option the caption holds as whole words ("the answer is red."); None
+    for what the answer does not give or leaves ambiguous."""
+    span = events[0] if events else None
+    captions = [_plain(e.caption) for e in events if _plain(e.caption)]
+    if not captions:
+        return span, None
+    wanted = [_plain(o) for o in options]
+    if captions[-1] in wanted:
+        return span, wanted.index(captions[-1])
+    said = f" {captions[-1]} "
+    inside = [i for i, o in enumerate(wanted) if f" {o} " in said]
+    return span, inside[0] if len(inside) == 1 else None
+
+
+def _plain(text: str) -> str:
+    """Lower case, punctuation as space, single spaces: how answers and options are compared."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
 
 # --- the one temporal IoU ------------------------------------------------------------------

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from timeexpert.checkpoints import local_checkpoint
-from timeexpert.events import EOS, SWITCH, Event, Task, TokenType, saliency_from_events
+from timeexpert.events import (EOS, SWITCH, Event, Task, TokenType, read_gqa_answer,
+                               saliency_from_events)
 from timeexpert.models.evidence import interval_from_salient
 from timeexpert.models.frame_relevance import RELEVANT, clip_saliency, windows_from_relevance
 from timeexpert.models.generation import generate_answer
@@ -41,6 +42,9 @@ class Prediction:
     evidence_intervals: list[tuple[float, float] | None] | None = None
     # frame relevance: per frame, the probability that it shows the queried moment
     frame_relevance: list[float] | None = None
+    # GQA: the index of the option the answer chose (None when it names none); its evidence span
+    # is events[0]
+    answer: int | None = None
 
 
 @dataclass
@@ -54,6 +58,7 @@ class PredictRequest:
     duration: float | None = None  # video length; default: last timestamp + one frame gap
     max_events: int | None = None  # default: the model config's cap
     clip_len: float = 2.0  # saliency clip length (VHD), QVHighlights uses 2 s
+    options: list[str] | None = None  # GQA: the answer options of the question in `query`
 
 
 def _default_duration(timestamps_T: np.ndarray) -> float:
@@ -105,6 +110,7 @@ class GroundingModel:
         duration: float | None = None,
         max_events: int | None = None,
         clip_len: float = 2.0,
+        options: list[str] | None = None,
     ) -> Prediction:
         request = PredictRequest(
             frames_THWC=frames_THWC,
@@ -114,6 +120,7 @@ class GroundingModel:
             duration=duration,
             max_events=max_events,
             clip_len=clip_len,
+            options=options,
         )
         return self.predict_batch([request])[0]
 
@@ -125,7 +132,7 @@ class GroundingModel:
         for i, r in enumerate(requests):
             try:
                 prompt, pixel_values = self.processor.encode_request(r.frames_THWC, r.timestamps_T,
-                                                                     r.task, r.query)
+                                                                     r.task, r.query, r.options)
                 ts = np.asarray(r.timestamps_T, dtype=np.float64).reshape(-1)
                 duration = _default_duration(ts) if r.duration is None else float(r.duration)
                 if not duration > 0:
@@ -167,6 +174,9 @@ class GroundingModel:
                 p.token_density = density[bounds[b]:bounds[b + 1]]
         if getattr(cfg, "evidence", None) is not None:
             self._read_evidence(requests, predictions, extras["evidence"], durations)
+        for r, p in zip(requests, predictions):
+            if Task.parse(r.task) == Task.GQA:
+                p.answer = read_gqa_answer(p.events, r.options)[1]
         return predictions
 
     def _read_evidence(self, requests, predictions, evidence, durations) -> None:
@@ -185,8 +195,9 @@ class GroundingModel:
 
     def _read_relevance(self, requests, predictions, relevance, durations, pixels, caps) -> None:
         """Frame relevance (config `frame_relevance`): MR / VHD windows read off the relevant
-        frames (and VHD's clip saliency from their probabilities); each generated DVC event
-        placed where its caption, asked as an MR query, is relevant (`locate_captions`)."""
+        frames (and VHD's clip saliency from their probabilities), and the GQA evidence span
+        (the chosen option stays the generated one); each generated DVC event placed where its
+        caption, asked as an MR query, is relevant (`locate_captions`)."""
         cfg = self.model.config
         threshold = cfg.frame_threshold
         dvc = []
@@ -199,6 +210,12 @@ class GroundingModel:
                 if task == Task.VHD:
                     p.saliency = clip_saliency(relevance[b], r.timestamps_T, durations[b],
                                                r.clip_len)
+            elif task == Task.GQA and cfg.windows_from_frames:
+                best = windows_from_relevance(relevance[b], r.timestamps_T, durations[b],
+                                              threshold)[0]
+                caption = p.events[-1].caption if p.events else ""
+                p.events = [Event(start=best.start, end=best.end, score=best.score,
+                                  caption=caption)]
             elif task == Task.DVC and cfg.locate_captions and any(e.caption for e in p.events):
                 dvc.append(b)
         if dvc:

@@ -188,10 +188,10 @@ def test_demo_on_the_local_stack(stack, tmp_path):
     assert "MR R1@0.5" in text and "DVC F1" in text  # the table against the baselines
     for label in ("MR R1@0.5", "DVC F1"):  # ... and the frame-grid ceiling, read off the checkpoint
         assert re.search(rf"^{re.escape(label)} .*x (met   |MISSED)\s+\d+\.\d\d$", text, re.M), text[-3000:]
-    for path in ("/v1/moments", "/v1/highlights", "/v1/captions"):
+    for path in ("/v1/moments", "/v1/highlights", "/v1/captions", "/v1/answers"):
         assert f"POST {path} (" in text, text[-3000:]
     table = json.loads(text.strip().splitlines()[-1])  # --json: the table, last line
-    for key in ("mr_ratio", "vhd_ratio", "dvc_ratio"):
+    for key in ("mr_ratio", "vhd_ratio", "dvc_ratio", "gqa_ratio"):
         assert isinstance(table[key], float), table
     assert 0.0 <= table["distinct_windows"] <= 1.0, table
     checkpoint = _line(text, "  checkpoint:  ")

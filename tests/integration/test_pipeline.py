@@ -171,7 +171,7 @@ def test_mix_tasks_follows_weights():
             for t, k in (("mr", 60), ("vhd", 30), ("dvc", 10)) for i in range(k)]
     mixed = mix_tasks(recs, {"mr": 1, "vhd": 1, "dvc": 2}, seed=0)
     counts = {t: sum(r.task == t for r in mixed) for t in Task}
-    assert counts == {Task.MR: 25, Task.VHD: 25, Task.DVC: 50}
+    assert counts == {Task.MR: 25, Task.VHD: 25, Task.DVC: 50, Task.GQA: 0}
     assert len({r.id for r in mixed if r.task == Task.DVC}) == 10  # upsampled with replacement
     assert mix_tasks(recs, {}, seed=0) == recs
     with pytest.raises(ValueError, match="no such records"):

@@ -332,8 +332,8 @@ def test_endpoints_answer_a_synthetic_video(service):
         r = c.get("/healthz")
         assert r.status_code == 200 and r.json() == {"status": "ok"} and r.headers["x-request-id"]
         spec = c.get("/openapi.json").json()
-        for path in ("/v1/moments", "/v1/highlights", "/v1/captions", "/v1/chat/completions",
-                     "/v1/models/{name}", "/healthz"):
+        for path in ("/v1/moments", "/v1/highlights", "/v1/captions", "/v1/answers",
+                     "/v1/chat/completions", "/v1/models/{name}", "/healthz"):
             assert path in spec["paths"], path
         info = c.get("/v1/models/timeexpert").json()
         assert info["checkpoint"] == f"models:/{REGISTERED}/1"  # from the MLflow server
@@ -366,6 +366,17 @@ def test_endpoints_answer_a_synthetic_video(service):
         assert dvc["events"] and all(isinstance(e["caption"], str) for e in dvc["events"])
         _check_windows(dvc["events"], dvc["duration"], ranked=False)
 
+        options = ["red", "blue", "green", "cyan"]
+        r = c.post("/v1/answers", json={"video": video, "question": "what colour is the circle "
+                                        "that grows?", "options": options})
+        assert r.status_code == 200, r.text
+        qa = r.json()  # an untrained model: any option or none, but the answer's shape holds
+        assert qa["task"] == "gqa" and qa["num_frames"] == 8
+        assert qa["answer_index"] is None or qa["answer"] == options[qa["answer_index"]]
+        if qa["evidence"] is not None:
+            _check_windows([qa["evidence"]], qa["duration"])
+        assert "gqa" in info["tasks"]
+
         r = c.post("/v1/chat/completions", json={
             "model": "timeexpert",
             "messages": [{"role": "user", "content": [
@@ -387,6 +398,16 @@ def test_endpoints_answer_a_synthetic_video(service):
             ]}],
         })
         assert r2.status_code == 200 and r2.json()["events"] == chat["events"]
+        r3 = c.post("/v1/chat/completions", json={
+            "model": "timeexpert", "task": "gqa", "options": options,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what colour is the circle that grows?"},
+                {"type": "video_url", "video_url": {"url": videos[0]}},
+            ]}],
+        })
+        assert r3.status_code == 200, r3.text
+        assert r3.json()["task"] == "gqa"
+        assert r3.json()["choices"][0]["message"]["content"].startswith("Evidence: ")
 
 
 @pytest.mark.slow
@@ -458,6 +479,12 @@ def _bad_inputs(videos, outside):
         ("http fetch", mr, {"video": {"uri": "http://127.0.0.1:1/v.mp4"}, "query": "q"}, 400, "unsupported_uri_scheme"),
         ("missing file", mr, {"video": {"uri": videos[0] + ".nope"}, "query": "q"}, 404, "video_not_found"),
         ("unknown model", mr, {"model": "gpt-4o", "video": good, "query": "q"}, 404, "model_not_found"),
+        ("one option", "/v1/answers", {"video": good, "question": "which?", "options": ["red"]}, 422, "invalid_request"),
+        ("equal options", "/v1/answers", {"video": good, "question": "which?", "options": ["red", "Red"]}, 422, "invalid_request"),
+        ("gqa chat without options", "/v1/chat/completions", {
+            "model": "timeexpert", "task": "gqa", "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "which?"}, {"type": "video_url", "video_url": {"url": videos[0]}}]}],
+        }, 422, "invalid_request"),
         ("unknown chat model", "/v1/chat/completions", {
             "model": "other", "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": videos[0]}}]}],
         }, 404, "model_not_found"),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from timeexpert.eval import dvc
+from timeexpert.eval import dvc, nextgqa
 from timeexpert.eval.baselines import mean_normalised_interval, mr_baselines, trivial_baselines
 from timeexpert.eval.evaluate import dvc_ground_truth, evaluate_predictions, write_predictions
 from timeexpert.eval.metrics import load_jsonl
@@ -116,3 +116,47 @@ def test_frame_grid_ceiling_snaps_to_segment_boundaries():
     assert d["Recall@0.5"] == 100.0 and d["Recall@0.9"] == 50.0
     with pytest.raises(ValueError, match="num_frames"):
         frame_grid_ceiling(test, num_frames=0)
+
+
+def _qa(id_, answer, options=("red", "blue", "green", "cyan"), span=(2.0, 6.0), split="test"):
+    return Record(id=id_, video=f"videos/{id_}.mp4", duration=20.0, task="gqa",
+                  query="what colour is the circle that grows?", events=[Event(*span)],
+                  options=list(options), answer=answer, split=split)
+
+
+def test_gqa_scores_hand_computed_and_the_baselines():
+    """Acc@QA, Acc@GQA (right option and IoP >= 0.5), IoU / IoP of the answer's first span;
+    an unparsed answer stays in every denominator."""
+    test = [_qa("q1", 0), _qa("q2", 1), _qa("q3", 2), _qa("q4", 3)]
+    preds = {
+        "q1": [Event(2.0, 6.0, caption="red")],  # right, exact span
+        "q2": [Event(3.0, 5.0, caption="The answer is blue.")],  # right, IoP 1, IoU 0.5
+        "q3": [Event(0.0, 20.0, caption="green")],  # right option, IoP 0.2: not grounded
+        "q4": "I do not know",  # no span, no option
+    }
+    m = evaluate_predictions(test, preds, "gqa")
+    assert m["Acc@QA"] == 75.0 and m["Acc@GQA"] == 50.0
+    assert m["mIoU"] == pytest.approx((100 + 50 + 20 + 0) / 4)
+    assert m["mIoP"] == pytest.approx((100 + 100 + 20 + 0) / 4)
+    assert m["IoU@0.5"] == 50.0 and m["parse_failure_rate"] == 25.0 and m["num_records"] == 4
+    train = [_qa("t1", 1, split="train"), _qa("t2", 1, split="train"), _qa("t3", 0, split="train")]
+    base = trivial_baselines(train, test)
+    # "blue" is the train split's most frequent answer: right on q2 only
+    assert base["gqa/most_frequent_option"]["Acc@QA"] == 25.0
+    assert base["gqa/whole_video"]["Acc@QA"] == 25.0
+    assert base["gqa/whole_video"]["mIoP"] == pytest.approx(100 * 4 / 20)
+    assert 0.0 <= base["gqa/random_option"]["Acc@QA"] <= 100.0
+
+
+def test_gqa_predictions_written_for_the_nextgqa_scorer(tmp_path):
+    test = [_qa("q1", 0), _qa("q2", 1)]
+    preds = {"q1": [Event(2.0, 6.0, caption="red")], "q2": [Event(10.0, 12.0, caption="red")]}
+    path = write_predictions(test, preds, "gqa", tmp_path / "ground.json")
+    spans = json.loads(path.read_text())
+    answers = json.loads((tmp_path / "ground_qa.json").read_text())
+    assert spans == {"q1_0": [2.0, 6.0], "q2_0": [10.0, 12.0]}
+    assert answers == {"q1_0": {"prediction": 0, "answer": 0}, "q2_0": {"prediction": 0, "answer": 1}}
+    gt = {r.id: {"duration": r.duration, "location": {"0": [[2.0, 6.0]]}} for r in test}
+    official = nextgqa.score_nextgqa(gt, spans, answers)
+    ours = evaluate_predictions(test, preds, "gqa")
+    assert official["Acc@GQA"] == ours["Acc@GQA"] == 50.0 and official["mIoU"] == ours["mIoU"]

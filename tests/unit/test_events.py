@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from timeexpert.events import (
-    EOS, SEP, SWITCH, SYNC, Event, Record, Task, TokenType, parse_pieces, serialize_events,
-    temporal_iou,
+    EOS, SEP, SWITCH, SYNC, Event, Record, Task, TokenType, gqa_answer_events, parse_pieces,
+    prompt_query, read_gqa_answer, serialize_events, temporal_iou,
 )
 
 CASES = {
@@ -88,3 +88,36 @@ def test_temporal_iou_values_and_shapes():
     iou = temporal_iou([[0, 10], [0, 5]], [[0, 10], [5, 10], [20, 30]])
     assert iou.shape == (2, 3)
     assert iou.tolist() == [[1.0, 0.5, 0.0], [0.5, 0.0, 0.0]]
+
+
+def test_gqa_record_prompt_and_answer():
+    r = Record(id="v_qa", video="v.mp4", duration=20.0, task=Task.GQA,
+               query="what colour is the circle that grows?", events=[Event(start=2.0, end=6.5)],
+               options=["red", "blue", "dark blue"], answer=2)
+    assert Record.from_dict(r.to_dict()) == r
+    assert prompt_query(Task.GQA, r.query, r.options) == (
+        "what colour is the circle that grows? Options: red; blue; dark blue.")
+    assert prompt_query(Task.MR, "the red circle", None) == "the red circle"
+    answer = gqa_answer_events(r.events, r.options, r.answer)  # grounding, then answering
+    assert [(e.start, e.end, e.caption) for e in answer] == [(2.0, 6.5, "dark blue")]
+    assert read_gqa_answer(answer, r.options) == (answer[0], 2)
+    said = [Event(1.0, 5.0, caption="The answer is Blue.")]  # free text, case and punctuation
+    assert read_gqa_answer(said, r.options)[1] == 1
+    assert read_gqa_answer([Event(1.0, 5.0, caption="green")], r.options)[1] is None
+    assert read_gqa_answer([], r.options) == (None, None)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(options=["red"], answer=0), "two or more non-empty answer options"),
+    (dict(options=["red", "Red"], answer=0), "answer options must differ"),
+    (dict(options=["red", "blue"], answer=2), "answer 2 is not an index of its 2 options"),
+    (dict(options=None, answer=None), "two or more non-empty answer options"),
+])
+def test_gqa_record_refuses_bad_options(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Record(id="q", video="v.mp4", duration=10.0, task=Task.GQA, query="which?", **fields)
+
+
+def test_options_belong_to_gqa_only():
+    with pytest.raises(ValueError, match="options and answer belong to task gqa, not mr"):
+        Record(id="q", video="v.mp4", duration=10.0, task=Task.MR, query="x", options=["a", "b"])

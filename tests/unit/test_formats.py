@@ -111,6 +111,7 @@ def test_activitynet_and_youcook2_roundtrip(records):
 
 
 def test_sharegpt_roundtrip(records):
+    records = _by_task(records, Task.MR, Task.VHD, Task.DVC)
     text = formats.dump_sharegpt(records)
     items = json.loads(text)
     mr = next(i for i in items if i["task"] == "mr")
@@ -153,3 +154,51 @@ def test_event_text_survives_json_escaping():
                events=[Event(start=0, end=1, caption='it\'s "quoted"')])
     back = formats.parse_activitynet(formats.dump_activitynet([r]))
     assert back[0].events[0].caption == 'it\'s "quoted"'
+
+
+def test_sharegpt_refuses_gqa_records_by_name(records):
+    gqa = _by_task(records, Task.GQA)
+    with pytest.raises(ValueError, match="write GQA records with write_nextgqa"):
+        formats.dump_sharegpt(gqa[:1])
+
+
+def test_nextgqa_roundtrip_and_the_official_layout(records, tmp_path):
+    gqa = _by_task(records, Task.GQA)
+    assert len(gqa) >= 10  # nearly every synthetic video has a question
+    qa_text, ground_text = formats.dump_nextgqa(gqa)
+    header = qa_text.splitlines()[0].split(",")
+    assert header == ["video_id", "frame_count", "width", "height", "question", "answer", "qid",
+                      "type", "a0", "a1", "a2", "a3", "a4"]
+    ground = json.loads(ground_text)
+    r = gqa[0]
+    vid = formats.video_id(r)
+    assert ground[vid]["location"]["qa"] == [[e.start, e.end] for e in r.events]
+    formats.write_nextgqa(gqa, str(tmp_path / "test.csv"), str(tmp_path / "gsub.json"))
+    back = formats.read_nextgqa(str(tmp_path / "test.csv"), str(tmp_path / "gsub.json"),
+                                split="train")
+    assert [_key(a) for a in back] == [_key(b) for b in gqa]
+
+
+def test_nextgqa_reads_the_official_fixture_files(shared_fixtures):
+    """The NExT-GQA fixture's csv + gsub (official layout): only grounded questions become
+    records, with five options and the answer's index."""
+    root = shared_fixtures / "nextgqa"
+    recs = formats.read_nextgqa(str(root / "gt_qa.csv"), str(root / "gt_gsub.json"))
+    ground = json.loads((root / "gt_gsub.json").read_text())
+    assert len(recs) == sum(len(v["location"]) for v in ground.values())
+    first = next(r for r in recs if r.id == "2574374001_0")
+    assert first.options[first.answer] == "to play with the dog" and len(first.options) == 5
+    assert [(e.start, e.end) for e in first.events] == [(0.5, 12.6)]
+    assert first.duration == 35 and first.video == "videos/2574374001.mp4"
+
+
+def test_nextgqa_bad_input_says_what_is_wrong():
+    good = "video_id,frame_count,width,height,question,answer,qid,type,a0,a1\nv,0,0,0,q?,x,0,DO,x,y\n"
+    ground = json.dumps({"v": {"duration": 10, "location": {"0": [[1, 2]]}}})
+    assert formats.parse_nextgqa(good, ground)[0].answer == 0
+    with pytest.raises(ValueError, match="answer 'z' is none of its options"):
+        formats.parse_nextgqa(good.replace("q?,x", "q?,z"), ground)
+    with pytest.raises(ValueError, match="lacks columns"):
+        formats.parse_nextgqa("video_id,question\nv,q\n", ground)
+    with pytest.raises(ValueError, match="v_0: .*start <= end"):
+        formats.parse_nextgqa(good, json.dumps({"v": {"duration": 10, "location": {"0": [[3, 2]]}}}))

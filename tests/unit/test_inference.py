@@ -15,6 +15,7 @@ from timeexpert.events import (
     SYNC_ID,
     Event,
     Task,
+    gqa_answer_events,
     saliency_events,
     saliency_from_events,
 )
@@ -265,19 +266,25 @@ def test_checkpoint_round_trip_local_and_s3(tok, tmp_path, s3_server):
 
 @pytest.mark.slow
 def test_model_overfit_on_examples_reproduces_their_events(tok):
-    """One example per task; after overfitting, prediction returns exactly the target events."""
+    """One example per task; after overfitting, prediction returns exactly the target events
+    (GQA: the evidence span, then the chosen option, read back as its index)."""
     torch.manual_seed(0)
     model = tiny_model(tok, "dynamic")
     cfg = model.config
+    options = ["the cat", "a door", "red ball"]
     targets = {
         Task.MR: ("the cat", [Event(4.0, 9.5, 1.0)]),
         Task.VHD: ("red ball", [Event(2.0, 6.0, 3.5), Event(10.0, 14.0, 1.5)]),
         Task.DVC: ("", [Event(0.0, 6.0, 0.0, CAPTIONS[0]), Event(6.0, 16.0, 0.0, CAPTIONS[1])]),
+        Task.GQA: ("what jumps on the sofa?",
+                   gqa_answer_events([Event(8.0, 12.0, 0.0)], options, answer=0)),
     }
+    asked = {task: options if task == Task.GQA else None for task in targets}
     videos = {task: video(seed=i) for i, task in enumerate(targets)}
     examples = [
         tok.encode_example(
-            task, q, videos[task][1].tolist(), ev, tokens_per_frame=cfg.tokens_per_frame
+            task, q, videos[task][1].tolist(), ev, tokens_per_frame=cfg.tokens_per_frame,
+            options=asked[task],
         )
         for task, (q, ev) in targets.items()
     ]
@@ -295,14 +302,17 @@ def test_model_overfit_on_examples_reproduces_their_events(tok):
     gm = GroundingModel.from_model(model, tok)
     preds = gm.predict_batch(
         [
-            PredictRequest(videos[t][0], videos[t][1], t, q, duration=16.0)
+            PredictRequest(videos[t][0], videos[t][1], t, q, duration=16.0, options=asked[t])
             for t, (q, _) in targets.items()
         ]
     )
     for (task, (_, events)), pred in zip(targets.items(), preds):
-        expected = sorted(events, key=lambda e: -e.score) if task != Task.DVC else events
+        expected = sorted(events, key=lambda e: -e.score) if task in (Task.MR, Task.VHD) else events
         assert pred.events == expected, (task, pred.text)
     assert preds[1].saliency == [0.0, 3.5, 3.5, 0.0, 0.0, 1.5, 1.5, 0.0]
+    assert preds[3].answer == 0 and preds[0].answer is None
+    with pytest.raises(ValueError, match="task gqa needs two or more non-empty answer options"):
+        gm.predict(*videos[Task.GQA], Task.GQA, "what jumps on the sofa?")
 
 
 @pytest.mark.gpu

@@ -103,7 +103,10 @@ def test_public_format_files_agree_with_the_manifest(mini):
             "qvhighlights", f"{ann}/qvhighlights.jsonl", split=split)] == by_task[Task.VHD]
         assert [r.to_dict() for r in formats.read_format(
             "activitynet", f"{ann}/activitynet.json", split=split)] == by_task[Task.DVC]
-        assert len(formats.read_format("sharegpt", f"{ann}/sharegpt.json")) == len(records)
+        assert len(formats.read_format("sharegpt", f"{ann}/sharegpt.json")) == len(
+            records) - len(by_task[Task.GQA])
+        assert [r.to_dict() for r in formats.read_nextgqa(
+            f"{ann}/nextgqa.csv", f"{ann}/gsub.json", split=split)] == by_task[Task.GQA]
         assert len(formats.read_format("evidence", f"{ann}/evidence.json")) == len(
             by_task[Task.MR]) + len(by_task[Task.DVC])
 

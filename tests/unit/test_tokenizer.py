@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from timeexpert.events import (
     EOS,
@@ -15,7 +17,7 @@ from timeexpert.events import (
     serialize_events,
     timestamp_ids,
 )
-from timeexpert.models.tokenizer import GroundingTokenizer, collate
+from timeexpert.models.tokenizer import TEMPLATES_FILE, GroundingTokenizer, collate
 
 CORPUS = [
     "a person opens the door.",
@@ -161,3 +163,20 @@ def test_any_local_hf_tokenizer_dir_works(tmp_path):
     assert tok.decode_answer(enc.ids, enc.types) == [Event(1.0, 2.0, 0.5, "hello cat")]
     with pytest.raises(ValueError, match="does not exist"):
         GroundingTokenizer.from_pretrained(tmp_path / "missing")
+
+
+def test_gqa_prompt_holds_the_question_and_its_options_and_old_templates_load(tmp_path):
+    tok = GroundingTokenizer.train(["what colour is the circle that grows?", "red", "blue"],
+                                   vocab_size=300)
+    prompt = tok.encode_prompt(Task.GQA, "what colour is the circle that grows?", [0.5, 1.5],
+                               tokens_per_frame=2, options=["red", "blue"])
+    text = tok.decode_text([i for i, t in zip(prompt.ids, prompt.types) if t == TokenType.QUERY])
+    assert text.endswith("what colour is the circle that grows? Options: red; blue.")
+    with pytest.raises(ValueError, match="task gqa needs two or more non-empty answer options"):
+        tok.encode_prompt(Task.GQA, "which colour?", [0.5], tokens_per_frame=2)
+    # a tokenizer saved before the gqa task existed gets its default template
+    tok.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / TEMPLATES_FILE).read_text())
+    del saved["gqa"]
+    (tmp_path / TEMPLATES_FILE).write_text(json.dumps(saved))
+    assert GroundingTokenizer.from_pretrained(tmp_path).templates["gqa"] == tok.templates["gqa"]

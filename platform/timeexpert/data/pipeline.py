@@ -14,6 +14,8 @@ Output columns, one row per record (what `iter_batches` / `iter_torch_batches` y
     duration, clip_len                float64
     events                            str: JSON list of Event dicts (`record_from_row` parses)
     saliency                          str: JSON list of per-clip scores, or "null"
+    options                           str: JSON list of GQA answer options, or "null"
+    answer                            int64: index of the right GQA option, -1 when none
     frames                            uint8 (T, H, W, 3), RGB, T = VideoConfig.frames_per_sample
     timestamps                        float32 (T,), seconds (0 where padded)
     frame_mask                        bool (T,): False for padding (fps sampling of short videos)
@@ -93,7 +95,14 @@ def record_from_row(row: dict[str, Any]) -> Record:
         saliency=saliency,
         clip_len=float(row["clip_len"]),
         split=str(row["split"]),
+        options=row_options(row),
+        answer=None if int(row.get("answer", -1)) < 0 else int(row["answer"]),
     )
+
+
+def row_options(row: dict[str, Any]) -> list[str] | None:
+    """The GQA answer options of a pipeline row (None for the other tasks)."""
+    return json.loads(str(row["options"])) if "options" in row else None
 
 
 def _row(r: Record, video: str) -> dict[str, Any]:
@@ -107,6 +116,8 @@ def _row(r: Record, video: str) -> dict[str, Any]:
         "clip_len": float(r.clip_len),
         "events": json.dumps([e.to_dict() for e in r.events]),
         "saliency": json.dumps(r.saliency),
+        "options": json.dumps(r.options),
+        "answer": -1 if r.answer is None else int(r.answer),
     }
 
 

@@ -1,4 +1,4 @@
-"""Synthetic VTG benchmark: real mp4 files of shapes that act at known times, with MR / VHD / DVC
+"""Synthetic VTG benchmark: real mp4 files of shapes that act at known times, with MR / VHD / DVC / GQA
 annotations in the public formats and our canonical manifest, deterministic by seed.
 
 What makes it hard enough that a model must read both the query and the frames:
@@ -23,6 +23,7 @@ Layout written under `out_root` (a local folder or an `s3://` prefix)::
     annotations/{split}/activitynet.json  DVC    (+ youcook2.json, the same in YouCook2 layout)
     annotations/{split}/sharegpt.json     Grounding-FT instructions (MR, HD, DVC)
     annotations/{split}/evidence.json     D2VLM evidence format (MR, DVC)
+    annotations/{split}/nextgqa.csv       GQA    (+ gsub.json, the evidence spans: NExT-GQA)
     scenes/{split}.jsonl                  what was drawn: every object, its lane and interval
     info.json                             the spec, the seed and the counts
 """
@@ -363,7 +364,8 @@ def saliency(scene: Scene, query: SceneObject, clip_len: float) -> list[float]:
 
 
 def scene_records(scene: Scene, spec: SynthSpec) -> list[Record]:
-    """The canonical records of one video: MR queries, one VHD query, one DVC record."""
+    """The canonical records of one video: MR queries, one VHD query, one DVC record, one GQA
+    question (when the video has an event to ask about)."""
     video = formats.DEFAULT_VIDEO_PATTERN.format(vid=scene.vid)
     events = scene.events
     common = dict(video=video, duration=scene.duration, split=scene.split, clip_len=spec.clip_len)
@@ -382,7 +384,34 @@ def scene_records(scene: Scene, spec: SynthSpec) -> list[Record]:
         Record(id=scene.vid, task=Task.DVC, query="",
                events=[Event(start=e.start, end=e.end, caption=e.caption) for e in events], **common)
     )
-    return records
+    qa = gqa_record(scene, common)
+    return records + ([qa] if qa is not None else [])
+
+
+NUM_OPTIONS = 4  # answer options of a synthetic GQA question
+
+
+def gqa_record(scene: Scene, common: dict) -> Record | None:
+    """The video's grounded question: "what colour is the {shape} that {motion}?" about an event
+    whose shape and motion no other event of the video shares (the frames decide the colour, the
+    event's span is the evidence), with the right colour among NUM_OPTIONS palette colours. None
+    when every event shares its shape and motion with another. Drawn from a generator of its own
+    (seeded by the video id), so the other tasks' records do not move."""
+    events = scene.events
+    pairs = [(e.shape, e.motion) for e in events]
+    unique = [e for e, pair in zip(events, pairs) if pairs.count(pair) == 1]
+    if not unique:
+        return None
+    rng = np.random.default_rng([7, *scene.vid.encode()])
+    event = unique[int(rng.integers(len(unique)))]
+    others = [c for c in COLOURS if c != event.colour]
+    options = [event.colour] + [str(c) for c in rng.choice(others, NUM_OPTIONS - 1, replace=False)]
+    order = rng.permutation(NUM_OPTIONS)
+    return Record(id=f"{scene.vid}_qa", task=Task.GQA,
+                  query=f"what colour is the {event.shape} that {event.motion}?",
+                  events=[Event(start=event.start, end=event.end)],
+                  options=[options[i] for i in order], answer=int(np.flatnonzero(order == 0)[0]),
+                  **common)
 
 
 # --- generation -----------------------------------------------------------------------------
@@ -485,7 +514,10 @@ def generate(
         formats.write_format("qvhighlights", by_task[Task.VHD], f"{ann}/qvhighlights.jsonl", storage_options=opts)
         formats.write_format("activitynet", by_task[Task.DVC], f"{ann}/activitynet.json", storage_options=opts)
         formats.write_format("youcook2", by_task[Task.DVC], f"{ann}/youcook2.json", storage_options=opts)
-        formats.write_format("sharegpt", records, f"{ann}/sharegpt.json", storage_options=opts)
+        formats.write_format("sharegpt", by_task[Task.MR] + by_task[Task.VHD] + by_task[Task.DVC],
+                             f"{ann}/sharegpt.json", storage_options=opts)
+        formats.write_nextgqa(by_task[Task.GQA], f"{ann}/nextgqa.csv", f"{ann}/gsub.json",
+                              storage_options=opts)
         formats.write_format(
             "evidence", by_task[Task.MR] + by_task[Task.DVC], f"{ann}/evidence.json", storage_options=opts
         )

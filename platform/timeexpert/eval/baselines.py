@@ -13,6 +13,10 @@ present, through the same `evaluate_predictions` as the model:
 - DVC `single_event`: one event covering the whole video; `uniform_k`: k equal consecutive events,
   k = the train split's mean event count (rounded, at least 1). Captions: the train split's most
   frequent caption (empty when it has none).
+- GQA `most_frequent_option`: of each question's options, the one the train split answers most
+  often (the first on a tie), with MR's `mean_interval` as its span; `random_option`: a uniform
+  option and a `random_interval` span (seeded); `whole_video`: the most frequent option with the
+  whole video as its span (IoP is then the evidence's share of the video).
 
 And the ceiling above them, `frame_grid_ceiling(test_records, num_frames)`: the ground truth with
 every start and end snapped to the nearest boundary of `num_frames` equal segments, the frames a
@@ -75,6 +79,24 @@ def dvc_baselines(train_records, test_records) -> dict[str, dict[str, list[Event
     }
 
 
+def gqa_baselines(train_records, test_records, seed: int = 0) -> dict[str, dict[str, list[Event]]]:
+    """Baseline name -> {record id: [the span, captioned with the chosen option]} (GQA)."""
+    answered = collections.Counter(r.options[r.answer] for r in train_records
+                                   if r.answer is not None)
+    rng = np.random.default_rng(seed)
+    prior = mr_baselines(train_records, test_records, seed)
+    out: dict[str, dict[str, list[Event]]] = {"most_frequent_option": {}, "random_option": {},
+                                               "whole_video": {}}
+    for r in test_records:
+        frequent = max(r.options, key=lambda o: (answered[o], -r.options.index(o)))
+        mean_span, random_span = prior["mean_interval"][r.id][0], prior["random_interval"][r.id][0]
+        out["most_frequent_option"][r.id] = [Event(mean_span.start, mean_span.end, caption=frequent)]
+        out["random_option"][r.id] = [Event(random_span.start, random_span.end,
+                                            caption=r.options[int(rng.integers(len(r.options)))])]
+        out["whole_video"][r.id] = [Event(0.0, r.duration, caption=frequent)]
+    return out
+
+
 def frame_grid_ceiling(
     test_records: Sequence[Record], num_frames: int, captions: bool = False
 ) -> dict[str, dict[str, Any]]:
@@ -124,6 +146,9 @@ def trivial_baselines(
         if task == Task.MR:
             for name, preds in mr_baselines(train, test, seed).items():
                 out[f"mr/{name}"] = evaluate_predictions(test, preds, task)
+        elif task == Task.GQA:
+            for name, preds in gqa_baselines(train, test, seed).items():
+                out[f"gqa/{name}"] = evaluate_predictions(test, preds, task)
         elif task == Task.VHD:
             uniform = {
                 r.id: _Saliency([1.0] * len(r.saliency or [0.0])) for r in test

@@ -16,6 +16,9 @@ by task:
   metrics of its windows are reported too when the records have windows.
 - DVC: `timeexpert.eval.dvc.eval_dvc` under its default `timechat` protocol (P/R/F1 at tIoU
   0.3-0.9, F1 per video then averaged, METEOR, CIDEr, SODA_c), the one the papers report.
+- GQA: the NExT-GQA figures (`timeexpert.eval.nextgqa`, strict mode: a missing span or answer
+  scores 0 and stays in every denominator): Acc@QA, Acc@GQA (right option and IoP >= 0.5), mIoP,
+  IoP@0.3/0.5, mIoU, IoU@0.3/0.5, the evidence span being the answer's first window.
 
 Every result carries `parse_failure_rate` (percent of records whose prediction was missing or
 could not be parsed) and `num_records`.
@@ -29,8 +32,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from timeexpert.data.pipeline import build_dataset
+from timeexpert.data.pipeline import build_dataset, row_options
 from timeexpert.eval import dvc as dvc_metrics
+from timeexpert.eval import nextgqa
 from timeexpert.eval.metrics import (
     QVH_IOU_THRESHOLDS,
     QVH_SALIENCY_MIN,
@@ -40,7 +44,7 @@ from timeexpert.eval.metrics import (
 )
 from timeexpert.eval.parse import ParseResult, as_parse_result
 from timeexpert.eval.qvhighlights import prediction_row, write_jsonl
-from timeexpert.events import Event, Record, Task, saliency_from_events
+from timeexpert.events import Event, Record, Task, read_gqa_answer, saliency_from_events
 from timeexpert.inference import PredictRequest
 
 
@@ -136,6 +140,31 @@ def dvc_results(records: Sequence[Record], parsed: Sequence[ParseResult]) -> dic
     }
 
 
+def gqa_files(records: Sequence[Record], parsed: Sequence[ParseResult]
+              ) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, dict[str, int]]]:
+    """GQA records and parsed answers -> the three NExT-GQA files: the GT spans
+    (`{video: {"duration", "location": {qid: [[s, e]]}}}`, one "video" per record id, qid "0"),
+    the predicted spans `{key: [s, e]}` and the answers `{key: {"prediction", "answer"}}`
+    (prediction -1 when the answer names no option)."""
+    gt, spans, answers = {}, {}, {}
+    for r, p in zip(records, parsed):
+        if r.answer is None:
+            raise ValueError(f"GQA record {r.id!r} has no answer to score against")
+        key = f"{r.id}_0"
+        gt[r.id] = {"duration": r.duration, "location": {"0": [[e.start, e.end] for e in r.events]}}
+        span, choice = read_gqa_answer(p.events, r.options) if p.ok else (None, None)
+        if span is not None:
+            spans[key] = [span.start, span.end]
+        answers[key] = {"prediction": -1 if choice is None else choice, "answer": r.answer}
+    return gt, spans, answers
+
+
+def _gqa_metrics(records: Sequence[Record], parsed: Sequence[ParseResult]) -> dict[str, float]:
+    gt, spans, answers = gqa_files(records, parsed)
+    out = nextgqa.score_nextgqa(gt, spans, answers, mode="strict")
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def predict_records(
     gm, records: Sequence[Record], data, *, batch_size: int = 8, on_prediction=None,
     progress: Callable[[int, int], None] | None = None,
@@ -156,7 +185,7 @@ def predict_records(
             PredictRequest(frames_THWC=row["frames"][row["frame_mask"]],
                            timestamps_T=row["timestamps"][row["frame_mask"]], task=str(row["task"]),
                            query=str(row["query"]), duration=float(row["duration"]),
-                           clip_len=float(row["clip_len"]))
+                           clip_len=float(row["clip_len"]), options=row_options(row))
             for row in rows
         ]
         for row, prediction in zip(rows, gm.predict_batch(requests)):
@@ -186,6 +215,8 @@ def evaluate_predictions(
         out = _mr_metrics(records, parsed)
     elif task == Task.VHD:
         out = _vhd_metrics(records, parsed)
+    elif task == Task.GQA:
+        out = _gqa_metrics(records, parsed)
     else:
         out = dvc_metrics.eval_dvc(
             dvc_ground_truth(records), dvc_results(records, parsed), captions=captions
@@ -223,12 +254,20 @@ def write_predictions(
 
     MR / VHD: QVHighlights submission jsonl (qid, query, vid, pred_relevant_windows,
     pred_saliency_scores); the same rows are our Charades-STA prediction format. DVC: the
-    ActivityNet challenge json {"results": {id: [{"timestamp", "sentence"}]}}. Unparseable
-    predictions are written as empty (MR/VHD rows with no windows; DVC videos left out).
+    ActivityNet challenge json {"results": {id: [{"timestamp", "sentence"}]}}. GQA: NExT-GQA's
+    span file `{"<id>_0": [start, end]}` at `path` and its answer file beside it
+    (`<stem>_qa.json`), for `python -m timeexpert.eval.nextgqa`. Unparseable predictions are
+    written as empty (MR/VHD rows with no windows; DVC videos and GQA spans left out).
     """
     records, task = _select(records, task)
     parsed = parse_all(records, predictions, task)
     path = pathlib.Path(path)
+    if task == Task.GQA:
+        _, spans, answers = gqa_files(records, parsed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(spans))
+        path.with_name(f"{path.stem}_qa.json").write_text(json.dumps(answers))
+        return path
     if task == Task.DVC:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dvc_results(records, parsed)))

@@ -114,7 +114,8 @@ def parse_answer(
     """A free-text answer -> events (+ saliency for highlights); forms in the module docstring.
 
     MR: the windows in answer order (the first is the top-1). VHD: highlight timestamp/score lists,
-    or windows when the answer gives windows. DVC: windows with their captions.
+    or windows when the answer gives windows. DVC: windows with their captions. GQA: the evidence
+    window(s) with the answer as the caption ("From 3s to 7.5s. The answer is red.")
     """
     if not isinstance(text, str):
         raise TypeError(f"answer must be a str, got {type(text).__name__}")
@@ -134,7 +135,7 @@ def parse_answer(
     except ValueError as e:
         return ParseResult(ok=False, error=str(e))
     captions = [""] * len(matches)
-    if task == Task.DVC:
+    if task in (Task.DVC, Task.GQA):  # GQA: the answer is the text after its evidence span
         bounds = [0] + [x for m in matches for x in (m.start(), m.end())] + [len(text)]
         before = [text[bounds[2 * i] : bounds[2 * i + 1]] for i in range(len(matches))]
         after = [text[bounds[2 * i + 2] : bounds[2 * i + 3]] for i in range(len(matches))]

@@ -273,13 +273,15 @@ def evidence_answer_pieces(events) -> list:
 
 def encode_evidence_example(tokenizer, task, query: str, timestamps: Sequence[float], events, *,
                             tokens_per_frame: int, duration: float | None = None,
-                            max_length: int | None = None, query_first: bool = False):
-    """Prompt + D2VLM answer (labels on the answer) and the (K, T) frame targets of its events."""
+                            max_length: int | None = None, query_first: bool = False,
+                            options: Sequence[str] | None = None):
+    """Prompt + D2VLM answer (labels on the answer) and the (K, T) frame targets of its events
+    (GQA: the question's `options` go into the prompt)."""
     ids_pair = evidence_token_ids(tokenizer)
     if ids_pair is None:
         raise ValueError("the tokenizer has no <evi> tokens; call add_evidence_tokens(tokenizer)")
     prompt = tokenizer.encode_prompt(task, query, timestamps, tokens_per_frame=tokens_per_frame,
-                                     query_first=query_first)
+                                     query_first=query_first, options=options)
     special = {EVI: ids_pair[0], EVI_END: ids_pair[1], SWITCH: tokenizer.switch_id, EOS: tokenizer.eos_id}
     ids, types = [], []
     for kind, piece in evidence_answer_pieces(events):

@@ -86,9 +86,10 @@ class TimeExpertProcessor:
         """uint8 (T, H, W, 3) frames -> normalised pixels (T, 3, image_size, image_size)."""
         return self.frame_processor(frames_THWC)
 
-    def encode_request(self, frames_THWC, timestamps_T, task: Task | str, query: str = ""):
+    def encode_request(self, frames_THWC, timestamps_T, task: Task | str, query: str = "",
+                       options: Sequence[str] | None = None):
         """One request -> (its prompt `Encoded`, its pixels (T, 3, H, W)); ValueError on bad
-        frames, timestamps or query."""
+        frames, timestamps, query or (GQA) answer options."""
         task = Task.parse(task)
         pixels_TCHW = self.preprocess_frames(frames_THWC)
         ts = np.asarray(timestamps_T, dtype=np.float64).reshape(-1)
@@ -99,21 +100,25 @@ class TimeExpertProcessor:
         prompt = self.tokenizer.encode_prompt(
             task, query, ts.tolist(), tokens_per_frame=self.tokens_per_frame,
             max_length=self.max_length - 1,  # room for at least one answer token
-            query_first=self.query_first)
+            query_first=self.query_first, options=options)
         return prompt, pixels_TCHW
 
     def __call__(self, frames: Sequence, timestamps: Sequence, tasks: Sequence[Task | str] | Task | str,
-                 queries: Sequence[str] | str = "") -> dict[str, torch.Tensor]:
+                 queries: Sequence[str] | str = "",
+                 options: Sequence[Sequence[str] | None] | None = None) -> dict[str, torch.Tensor]:
         """A batch of videos (each (T, H, W, 3) uint8 with its (T,) timestamps in seconds), one
-        task and one query per video (or one for all) -> the model's inputs, left-padded."""
+        task and one query per video (or one for all), and for GQA each video's answer options
+        -> the model's inputs, left-padded."""
         B = len(frames)
         tasks = [tasks] * B if isinstance(tasks, (str, Task)) else list(tasks)
         queries = [queries] * B if isinstance(queries, str) else list(queries)
-        if not (B >= 1 and len(timestamps) == len(tasks) == len(queries) == B):
+        options = [None] * B if options is None else list(options)
+        if not (B >= 1 and len(timestamps) == len(tasks) == len(queries) == len(options) == B):
             raise ValueError(f"need one or more videos with one timestamps array, task and query "
                              f"each: got {B} videos, {len(timestamps)} timestamps, {len(tasks)} "
-                             f"tasks, {len(queries)} queries")
-        prompts, pixels = zip(*(self.encode_request(*r) for r in zip(frames, timestamps, tasks, queries)))
+                             f"tasks, {len(queries)} queries, {len(options)} option lists")
+        prompts, pixels = zip(*(self.encode_request(*r)
+                                for r in zip(frames, timestamps, tasks, queries, options)))
         batch = collate(prompts, padding_side="left")
         return {"input_ids": batch["input_ids"], "token_types": batch["token_types"],
                 "attention_mask": batch["attention_mask"], "pixel_values": torch.cat(pixels)}

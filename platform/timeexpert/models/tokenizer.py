@@ -40,6 +40,7 @@ from timeexpert.events import (
     TokenType,
     number_symbol_id,
     parse_pieces,
+    prompt_query,
     serialize_events,
     timestamp_ids,
 )
@@ -52,6 +53,8 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     Task.MR.value: "Find the moments that match the query: {query}",
     Task.VHD.value: "Find the highlights for the query and rate their saliency: {query}",
     Task.DVC.value: "Describe every event of the video with its start and end time. {query}",
+    Task.GQA.value: "Answer the question: first the moment that shows the answer, then the "
+                    "option. {query}",
 }
 
 
@@ -115,7 +118,8 @@ class GroundingTokenizer:
         templates = None
         if os.path.exists(os.path.join(path, TEMPLATES_FILE)):
             with open(os.path.join(path, TEMPLATES_FILE)) as f:
-                templates = json.load(f)
+                # a task added after the tokenizer was saved (gqa) gets its default template
+                templates = {**DEFAULT_TEMPLATES, **json.load(f)}
         return cls(text, templates=templates)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -144,11 +148,12 @@ class GroundingTokenizer:
 
     # --- prompt -----------------------------------------------------------------------------
 
-    def instruction(self, task: Task | str, query: str) -> str:
+    def instruction(self, task: Task | str, query: str, options: Sequence[str] | None = None) -> str:
+        """The task's template filled with the query (GQA: the question and its `options`)."""
         task = Task.parse(task)
-        if task in (Task.MR, Task.VHD) and not query.strip():
+        if task in (Task.MR, Task.VHD, Task.GQA) and not query.strip():
             raise ValueError(f"task {task.value} needs a non-empty query")
-        return self.templates[task.value].format(query=query).strip()
+        return self.templates[task.value].format(query=prompt_query(task, query, options)).strip()
 
     def encode_prompt(
         self,
@@ -159,9 +164,11 @@ class GroundingTokenizer:
         tokens_per_frame: int,
         max_length: int | None = None,
         query_first: bool = False,
+        options: Sequence[str] | None = None,
     ) -> Encoded:
         """Frames (timestamp tokens + visual placeholders) then the instruction (QUERY), or with
-        `query_first` the instruction then the frames (every frame token sees the query)."""
+        `query_first` the instruction then the frames (every frame token sees the query). GQA
+        needs the question's `options`."""
         if len(timestamps) == 0:
             raise ValueError("got zero frames; a video needs at least one frame")
         ids: list[int] = []
@@ -172,7 +179,7 @@ class GroundingTokenizer:
             ts = timestamp_ids(float(t))
             ids += ts + [0] * tokens_per_frame
             types += [TokenType.TIME] * len(ts) + [TokenType.VISUAL] * tokens_per_frame
-        text_ids = self.encode_text(self.instruction(task, query))
+        text_ids = self.encode_text(self.instruction(task, query, options))
         if query_first:
             ids, types = text_ids + ids, [TokenType.QUERY] * len(text_ids) + types
         else:
@@ -254,10 +261,11 @@ class GroundingTokenizer:
         tokens_per_frame: int,
         max_length: int | None = None,
         query_first: bool = False,
+        options: Sequence[str] | None = None,
     ) -> Encoded:
         """Prompt + answer with labels on the answer only (teacher forcing)."""
         prompt = self.encode_prompt(task, query, timestamps, tokens_per_frame=tokens_per_frame,
-                                    query_first=query_first)
+                                    query_first=query_first, options=options)
         answer = self.encode_answer(events)
         total = len(prompt) + len(answer)
         if max_length is not None and total > max_length:

@@ -3,6 +3,7 @@
     POST /v1/moments           MR: video + query -> ranked windows
     POST /v1/highlights        VHD: video + query -> per-clip saliency + top windows
     POST /v1/captions          DVC: video -> events with captions
+    POST /v1/answers           GQA: video + question + options -> evidence span + chosen option
     POST /v1/chat/completions  OpenAI-style, a `video_url` content part; text + structured events
     GET  /v1/models, /v1/models/{name}   model list / model info (checkpoint, gating, experts)
     GET  /healthz              liveness (no auth)
@@ -37,7 +38,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from timeexpert import storage
-from timeexpert.events import Event, Task
+from timeexpert.events import Event, Task, check_options
 from timeexpert.serve import schemas as S
 from timeexpert.serve.deployments import (
     DecodedCache,
@@ -134,7 +135,12 @@ def _event(e: Event) -> S.EventOut:
 
 
 def _describe(events: list[Event], task: Task) -> str:
-    """The chat answer: one line per event, in the model's order."""
+    """The chat answer: one line per event, in the model's order (GQA: the evidence span, then
+    the answer)."""
+    if task == Task.GQA:
+        span = f"{events[0].start:.1f}-{events[0].end:.1f} s" if events else "none found"
+        said = events[-1].caption if events and events[-1].caption else "none of the options"
+        return f"Evidence: {span}. Answer: {said}."
     if not events:
         return "No matching moment found." if task != Task.DVC else "No events found."
     lines = []
@@ -202,6 +208,12 @@ class GroundingIngress:
         return await self._guarded(request, self._ground(request, body, Task.DVC))
 
     @fastapi_app.post(
+        f"/{API_VERSION}/answers", response_model=S.AnswersResponse, responses=_ERRORS
+    )
+    async def answers(self, body: S.AnswersRequest, request: Request):
+        return await self._guarded(request, self._ground(request, body, Task.GQA))
+
+    @fastapi_app.post(
         f"/{API_VERSION}/chat/completions", response_model=S.ChatCompletionResponse,
         responses=_ERRORS,
     )
@@ -255,7 +267,7 @@ class GroundingIngress:
     async def _answer(
         self, *, uri: str | None, data_url: str | None, task: Task, query: str,
         num_frames: int | None, fps: float | None, max_events: int | None = None,
-        clip_len: float = 2.0,
+        clip_len: float = 2.0, options: list[str] | None = None,
     ):
         """Video + task -> (Prediction, duration, number of frames sampled).
 
@@ -263,6 +275,11 @@ class GroundingIngress:
         the decoder's earlier response; a new one is decoded by the VideoDecoder first."""
         limits = self.config.video
         query = check_query(query, limits.max_query_chars)
+        if task == Task.GQA:
+            try:
+                check_options(options)
+            except ValueError as err:
+                raise RequestError(422, "invalid_request", str(err)) from None
         info = await self._model_meta()
         num_frames, fps = check_sampling(
             num_frames, fps, info.num_frames, limits.max_frames, limits.max_fps
@@ -278,7 +295,8 @@ class GroundingIngress:
             key,
             decode=lambda: self._decode(source, num_frames, fps, size),
             use=lambda decoded: self.model.predict.remote(
-                decoded, task=task, query=query, max_events=max_events, clip_len=clip_len
+                decoded, task=task, query=query, max_events=max_events, clip_len=clip_len,
+                options=options,
             ),
         )
         _raise_rejection(prediction)
@@ -306,10 +324,11 @@ class GroundingIngress:
         self._check_model(body.model)
         max_events = getattr(body, "max_windows", None) or getattr(body, "max_events", None)
         clip_len = getattr(body, "clip_len", 2.0)
+        query = body.question if task == Task.GQA else getattr(body, "query", "")
         prediction, duration, frames = await self._answer(
             uri=body.video.uri, data_url=body.video.data_url, task=task,
-            query=getattr(body, "query", ""), num_frames=body.num_frames, fps=body.fps,
-            max_events=max_events, clip_len=clip_len,
+            query=query, num_frames=body.num_frames, fps=body.fps,
+            max_events=max_events, clip_len=clip_len, options=getattr(body, "options", None),
         )
         events = [e for e in prediction.events if _overlaps(e, body.window)]
         common = dict(
@@ -318,6 +337,11 @@ class GroundingIngress:
         )
         if task == Task.MR:
             return S.MomentsResponse(**common, windows=[_window(e) for e in events])
+        if task == Task.GQA:  # the evidence is the answer's first span, whatever `window` says
+            chosen = prediction.answer
+            return S.AnswersResponse(
+                **common, evidence=_window(prediction.events[0]) if prediction.events else None,
+                answer_index=chosen, answer=None if chosen is None else body.options[chosen])
         if task == Task.VHD:
             return S.HighlightsResponse(
                 **common, clip_len=clip_len, saliency=list(prediction.saliency or []),
@@ -348,11 +372,15 @@ class GroundingIngress:
         task = Task.parse(body.task) if body.task else (Task.MR if text else Task.DVC)
         if task != Task.DVC and not text:
             raise RequestError(422, "invalid_request", f"task {task.value!r} needs a text part")
+        if (task == Task.GQA) != (body.options is not None):
+            raise RequestError(422, "invalid_request",
+                               "options go with task 'gqa' (the text part is the question), "
+                               "and task 'gqa' needs them")
         url = videos[0]
         is_data = url.lower().startswith("data:")
         prediction, *_ = await self._answer(
             uri=None if is_data else url, data_url=url if is_data else None, task=task,
-            query=text, num_frames=body.num_frames, fps=body.fps,
+            query=text, num_frames=body.num_frames, fps=body.fps, options=body.options,
         )
         events = prediction.events
         return S.ChatCompletionResponse(

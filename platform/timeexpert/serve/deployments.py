@@ -175,13 +175,14 @@ class GroundingModelServer:
         return self._info
 
     async def predict(
-        self, video: DecodedVideo, *, task, query: str, max_events: int | None, clip_len: float
+        self, video: DecodedVideo, *, task, query: str, max_events: int | None, clip_len: float,
+        options: list[str] | None = None,
     ) -> Prediction | Rejection:
         """One request on decoded frames (the ingress passes the decoder's object ref; Ray
         resolves it here, so the frames never travel through the ingress twice)."""
         return await self._batched(PredictRequest(
             frames_THWC=video.frames, timestamps_T=video.timestamps, task=task, query=query,
-            duration=video.duration, max_events=max_events, clip_len=clip_len,
+            duration=video.duration, max_events=max_events, clip_len=clip_len, options=options,
         ))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # set from the config in __init__

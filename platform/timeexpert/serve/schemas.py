@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TaskName = Literal["mr", "vhd", "dvc"]
+TaskName = Literal["mr", "vhd", "dvc", "gqa"]
 
 
 class _Strict(BaseModel):
@@ -99,6 +99,15 @@ class CaptionsRequest(_GroundingRequest):
     max_events: int | None = Field(default=None, ge=1, le=64)
 
 
+class AnswersRequest(_GroundingRequest):
+    """POST /v1/answers (GQA): a question with answer options -> the evidence span and the
+    chosen option (grounding, then answering)."""
+
+    question: str = Field(min_length=1, description="e.g. 'what colour is the circle that grows?'")
+    options: list[str] = Field(min_length=2, max_length=10,
+                               description="the answer options, two or more, all different")
+
+
 class ChatTextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -127,6 +136,10 @@ class ChatCompletionRequest(BaseModel):
     task: TaskName | None = Field(
         default=None,
         description="extension: the grounding task; default 'mr' with a text part, 'dvc' without",
+    )
+    options: list[str] | None = Field(
+        default=None, min_length=2, max_length=10,
+        description="extension: the answer options of task 'gqa' (the text part is the question)",
     )
     num_frames: int | None = Field(default=None, ge=1)
     fps: float | None = Field(default=None, gt=0)
@@ -172,6 +185,14 @@ class HighlightsResponse(_GroundingResponse):
 class CaptionsResponse(_GroundingResponse):
     task: Literal["dvc"] = "dvc"
     events: list[EventOut] = Field(description="in time order")
+
+
+class AnswersResponse(_GroundingResponse):
+    task: Literal["gqa"] = "gqa"
+    evidence: WindowOut | None = Field(description="where the video shows the answer")
+    answer_index: int | None = Field(description="index of the chosen option; null when the "
+                                                 "model's answer names none of them")
+    answer: str | None = Field(description="the chosen option")
 
 
 class ChatChoiceMessage(BaseModel):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from timeexpert import devices, storage
-from timeexpert.data.pipeline import build_dataset
+from timeexpert.data.pipeline import build_dataset, row_options
 from timeexpert.data.preference import make_pairs
 from timeexpert.events import IGNORE_INDEX, TokenType
 from timeexpert.inference import GroundingModel
@@ -150,13 +150,15 @@ def encode_pairs(rows: list[dict[str, Any]], tokenizer, config, model, *, seed: 
                 enc, target_KT = encode_evidence_example(
                     tokenizer, str(row["task"]), str(row["query"]), times, evs,
                     tokens_per_frame=config.tokens_per_frame, duration=duration,
-                    max_length=config.max_position_embeddings, query_first=config.query_first)
+                    max_length=config.max_position_embeddings, query_first=config.query_first,
+                    options=row_options(row))
                 targets[side].append(target_KT)
             else:
                 enc = tokenizer.encode_example(str(row["task"]), str(row["query"]), times, evs,
                                                tokens_per_frame=config.tokens_per_frame,
                                                max_length=config.max_position_embeddings,
-                                               query_first=config.query_first)
+                                               query_first=config.query_first,
+                                               options=row_options(row))
             sides[side].append(enc)
         pixels.append(model.preprocess_frames(row["frames"][mask]))
     if not pixels:

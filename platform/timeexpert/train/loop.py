@@ -38,8 +38,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from timeexpert import devices, storage
 from timeexpert.checkpoints import local_copy
 from timeexpert.config import DataConfig, VideoConfig
-from timeexpert.data.pipeline import build_dataset, draw_segment_frames
-from timeexpert.events import Event, Task, TokenType, saliency_events
+from timeexpert.data.pipeline import build_dataset, draw_segment_frames, row_options
+from timeexpert.events import Event, Task, TokenType, gqa_answer_events, saliency_events
 from timeexpert.models.evidence import encode_evidence_example, pad_targets
 from timeexpert.models.frame_relevance import IGNORE_FRAME, frame_labels, frame_word_labels
 from timeexpert.models.timeexpert import TimeExpertForGrounding
@@ -76,13 +76,15 @@ def model_config(cfg: TrainConfig, tokenizer):
 
 
 def train_tokenizer(cfg: TrainConfig, records) -> Any:
-    """A text tokenizer trained in-process on the training split's queries and captions; for a
-    decoder upcycled from a dense LM, that LM's own tokenizer (its embeddings index its ids)."""
+    """A text tokenizer trained in-process on the training split's queries, captions and answer
+    options; for a decoder upcycled from a dense LM, that LM's own tokenizer (its embeddings
+    index its ids)."""
     preset = get_preset(cfg.preset)
     upcycle_from = cfg.model_overrides.get("upcycle_from", preset.model.upcycle_from)
     if upcycle_from:
         return dense_tokenizer(upcycle_from)
-    texts = [r.query for r in records] + [e.caption for r in records for e in r.events]
+    texts = ([r.query for r in records] + [e.caption for r in records for e in r.events]
+             + [o for r in records for o in r.options or []])
     return GroundingTokenizer.train(texts, vocab_size=preset.tokenizer_vocab_size)
 
 
@@ -115,7 +117,10 @@ def answer_events(row: dict[str, Any], max_events: int) -> list[Event]:
     if str(row["task"]) == Task.VHD.value and saliency:
         return saliency_events(saliency, float(row["clip_len"]), float(row["duration"]),
                                max_events)
-    return [Event.from_dict(e) for e in json.loads(str(row["events"]))]
+    events = [Event.from_dict(e) for e in json.loads(str(row["events"]))]
+    if str(row["task"]) == Task.GQA.value:  # grounding then answering
+        return gqa_answer_events(events, row_options(row), int(row["answer"]))
+    return events
 
 
 def relevance_labels(row: dict[str, Any], times: list[float]) -> np.ndarray:
@@ -124,7 +129,7 @@ def relevance_labels(row: dict[str, Any], times: list[float]) -> np.ndarray:
     clip each frame falls in, over 4 (a near miss scores part: attribute-level supervision);
     IGNORE_FRAME where a row has no target."""
     task = str(row["task"])
-    if task in (Task.MR.value, Task.DVC.value):
+    if task in (Task.MR.value, Task.DVC.value, Task.GQA.value):
         windows = [(e["start"], e["end"]) for e in json.loads(str(row["events"]))]
         return frame_labels(windows, times)
     if task == Task.VHD.value and "saliency" in row:
@@ -162,13 +167,14 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
             enc, target_KT = encode_evidence_example(
                 tokenizer, task, query, times, events, tokens_per_frame=config.tokens_per_frame,
                 duration=duration, max_length=config.max_position_embeddings,
-                query_first=config.query_first)
+                query_first=config.query_first, options=row_options(row))
             targets.append(target_KT)
         else:
             enc = tokenizer.encode_example(task, query, times, events,
                                            tokens_per_frame=config.tokens_per_frame,
                                            max_length=config.max_position_embeddings,
-                                           query_first=config.query_first)
+                                           query_first=config.query_first,
+                                           options=row_options(row))
         if config.frame_relevance:
             labels.append(relevance_labels(row, times))
         if config.frame_words:
