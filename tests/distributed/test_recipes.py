@@ -43,7 +43,7 @@ def _config(**kw):
 
 
 def _weights(uri):
-    from timeexpert.train.checkpoint import load_weights
+    from timeexpert.models.expert_parallel import load_weights
 
     return load_weights(uri)
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
 from timeexpert.models.tokenizer import GroundingTokenizer
 from timeexpert.presets import get_preset
-from timeexpert.train import checkpoint as ckpt
+from timeexpert.models.expert_parallel import load_weights
 from timeexpert.train import parallel
 
 
@@ -41,7 +41,7 @@ def _worker(rank: int, store_path: str, config, ckpt_dir: str) -> None:
         if rank == 0:
             full.save_pretrained(ckpt_dir, safe_serialization=True)
         dist.barrier()
-        shard = ckpt.load_weights(ckpt_dir, groups.ep_rank, groups.ep_size)
+        shard = load_weights(ckpt_dir, groups.ep_rank, groups.ep_size)
         assert expert_numel(shard.items()) == total // 2  # read as this rank's slice only
         model = parallel.materialize(TimeExpertForGrounding, config, groups, shard)
         assert not any(p.is_meta for p in model.parameters())

@@ -55,13 +55,16 @@ def test_frame_labels_mark_timestamps_inside_windows():
 def test_windows_from_relevance_runs_relative_to_the_peak():
     p = [0.9, 0.7, 0.1, 0.6]
     windows = windows_from_relevance(p, TS, 8.0, threshold_ratio=0.6)  # salient >= 0.54
-    # two runs: frames 0-1 -> [0, 4] (mean 0.8), frame 3 -> [6, 8] (0.6); best first
+    # two runs: frames 0-1 -> [0, 4] (peak 0.9), frame 3 -> [6, 8] (0.6); best first
     assert [(w.start, w.end) for w in windows] == [(0.0, 4.0), (6.0, 8.0)]
-    assert windows[0].score == pytest.approx(0.8) and windows[1].score == pytest.approx(0.6)
+    assert windows[0].score == pytest.approx(0.9) and windows[1].score == pytest.approx(0.6)
+    # a long run of fairly relevant frames does not outrank the run of the peak
+    longer = windows_from_relevance([0.8, 0.8, 0.8, 0.1, 0.9, 0.55], TS + [9.0, 11.0], 12.0, 0.6)
+    assert [(w.start, w.end) for w in longer] == [(8.0, 12.0), (0.0, 6.0)]  # mean 0.725 < 0.8
     # an unsure model (peak 0.3) still answers around its peak: salient >= 0.18
     unsure = windows_from_relevance([0.1, 0.3, 0.2, 0.0], TS, 8.0, threshold_ratio=0.6)
     assert [(w.start, w.end) for w in unsure] == [(2.0, 6.0)]
-    assert unsure[0].score == pytest.approx(0.25)
+    assert unsure[0].score == pytest.approx(0.3)
 
 
 def test_clip_saliency_weights_frames_by_overlap():

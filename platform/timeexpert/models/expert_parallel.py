@@ -11,14 +11,26 @@ them; the expert outputs come back by the reverse all-to-all. Both directions ca
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch import Tensor
 
 # parameters sharded over EP ranks along dim 0; everything else in a MoELayer is replicated
 EXPERT_PARAM_NAMES = ("w1_LFD", "w3_LFD", "w2_LDF")
+# a checkpoint directory: the whole model in WEIGHTS (or the files WEIGHTS_INDEX names), or, when
+# written by EP ranks, everything but the expert weights there and each EP rank's expert slice in
+# EXPERTS_DIR/ep_{rank}-of-{ranks}.safetensors
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's index of a sharded save
+EXPERTS_DIR = "experts"
+_SHARD_RE = re.compile(r"ep_(\d{5})-of-(\d{5})\.safetensors")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -77,12 +89,70 @@ def dispatch_compute_combine(
 def expert_rows(name: str, num_slots: int, rank: int, ep_size: int) -> slice | None:
     """The rows of EP rank `rank` in the EP=1 tensor `name` of `num_slots` rows (its slice of
     expert slots), or None for a tensor every rank holds whole."""
-    if name.rsplit(".", 1)[-1] not in EXPERT_PARAM_NAMES:
+    if not is_expert_param(name):
         return None
     if num_slots % ep_size:
         raise ValueError(f"{name}: {num_slots} slots not divisible by {ep_size}")
     L = num_slots // ep_size
     return slice(rank * L, (rank + 1) * L)
+
+
+def is_expert_param(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in EXPERT_PARAM_NAMES
+
+
+def expert_shard_file(ep_rank: int, ep_size: int) -> str:
+    """Where EP rank `ep_rank` of `ep_size` writes its expert slice in a checkpoint directory."""
+    return os.path.join(EXPERTS_DIR, f"ep_{ep_rank:05d}-of-{ep_size:05d}.safetensors")
+
+
+def expert_shards(directory: str) -> list[str]:
+    """The expert shard files of a checkpoint directory in rank order ([] for a whole model);
+    ValueError when some rank's file is missing."""
+    folder = os.path.join(directory, EXPERTS_DIR)
+    if not os.path.isdir(folder):
+        return []
+    found = sorted(m.groups() for m in map(_SHARD_RE.fullmatch, os.listdir(folder)) if m)
+    sizes = {int(n) for _, n in found}
+    if len(sizes) != 1 or [int(r) for r, _ in found] != list(range(sizes.pop() if sizes else 0)):
+        raise ValueError(f"{folder!r} holds an incomplete set of expert shards: "
+                         f"{[f'ep_{r}-of-{n}' for r, n in found]}")
+    return [os.path.join(folder, f"ep_{r}-of-{n}.safetensors") for r, n in found]
+
+
+def load_weights(directory: str, ep_rank: int = 0, ep_size: int = 1) -> dict[str, Tensor]:
+    """The state dict of a checkpoint directory for EP rank `ep_rank` of `ep_size`: expert
+    weights read as this rank's slice only (safetensors reads the rows asked for, from the
+    whole model or from the expert shards that hold them, whatever EP degree wrote them),
+    everything else whole. `ep_size` 1: the full (EP=1) state dict."""
+    index = os.path.join(directory, WEIGHTS_INDEX)
+    if os.path.isfile(index):  # save_pretrained split a large model over several files
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, WEIGHTS)):
+        files = [WEIGHTS]
+    else:
+        raise ValueError(f"{directory!r} holds no {WEIGHTS}: not a TimeExpert checkpoint")
+    out = {}
+    for file in files:
+        with safe_open(os.path.join(directory, file), framework="pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                shape = part.get_shape()
+                rows = expert_rows(name, shape[0] if shape else 0, ep_rank, ep_size)
+                out[name] = f.get_tensor(name) if rows is None else part[rows]
+    shards = expert_shards(directory)
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(safe_open(path, framework="pt")) for path in shards]
+        for name in opened[0].keys() if opened else []:
+            per_shard = opened[0].get_slice(name).get_shape()[0]
+            rows = expert_rows(name, per_shard * len(opened), ep_rank, ep_size)
+            parts = [f.get_slice(name)[max(rows.start - k * per_shard, 0):
+                                      min(rows.stop - k * per_shard, per_shard)]
+                     for k, f in enumerate(opened)
+                     if rows.start < (k + 1) * per_shard and k * per_shard < rows.stop]
+            out[name] = torch.cat(parts)
+    return out
 
 
 def shard_state_dict(state_dict: dict[str, Tensor], rank: int, ep_size: int) -> dict[str, Tensor]:

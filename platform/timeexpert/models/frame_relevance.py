@@ -152,16 +152,17 @@ def frame_labels(windows: Sequence[tuple[float, float]], timestamps_T: Sequence[
 
 def windows_from_relevance(prob_T: Sequence[float], timestamps_T: Sequence[float], duration: float,
                            threshold_ratio: float) -> list[Event]:
-    """Runs of consecutive salient frames -> windows scored by their mean probability, best
-    first. A frame is salient at `threshold_ratio` x the most relevant frame's probability or
-    above (D2VLM sec. 4: 60% of the maximum), so an unsure model still answers around its peak."""
+    """Runs of consecutive salient frames -> windows scored by their peak probability, best
+    first (the top-1 window holds the most relevant frame). A frame is salient at
+    `threshold_ratio` x the most relevant frame's probability or above (D2VLM sec. 4: 60% of the
+    maximum), so an unsure model still answers around its peak."""
     p_T = np.asarray(prob_T, dtype=np.float64).reshape(-1)
     edges = segment_edges(timestamps_T, duration)
     on_T = p_T >= threshold_ratio * p_T.max()
     change = np.flatnonzero(np.diff(np.r_[0, on_T.astype(np.int8), 0]))
     starts, ends = change[0::2], change[1::2]  # runs [a, b) of relevant frames
     events = [
-        Event(start=float(edges[a]), end=float(edges[b]), score=float(p_T[a:b].mean()))
+        Event(start=float(edges[a]), end=float(edges[b]), score=float(p_T[a:b].max()))
         for a, b in zip(starts, ends)
     ]
     return sorted(events, key=lambda e: -(e.score or 0.0))

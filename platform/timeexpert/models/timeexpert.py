@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput
 
 from timeexpert.config import MoEConfig
 from timeexpert.events import IGNORE_INDEX, NUM_TOKEN_TYPES, TokenType
+from timeexpert.models.expert_parallel import expert_shards, load_weights
 from timeexpert.models.moe import MoELayer, ExpertUpdate
 from timeexpert.models.temporal import NumberEncoder, NumberHead
 from timeexpert.models.evidence import (
@@ -804,7 +805,8 @@ class TimeExpertForGrounding(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, refusing a checkpoint that does not match: a config
         given here that differs from the checkpoint's in an architecture field, or missing,
-        unexpected or mis-shaped weights -> ValueError naming them."""
+        unexpected or mis-shaped weights -> ValueError naming them. A checkpoint written by
+        expert-parallel ranks (its experts in per-rank shard files) is read whole."""
         path = str(pretrained_model_name_or_path)
         config = kwargs.get("config")
         config_file = os.path.join(path, "config.json")
@@ -827,8 +829,13 @@ class TimeExpertForGrounding(PreTrainedModel):
                     )
                 )
         want_info = kwargs.pop("output_loading_info", False)
+        source = path
+        if expert_shards(path):  # the shards stitched into the EP=1 state dict
+            kwargs.update(config=config if isinstance(config, TimeExpertConfig)
+                          else TimeExpertConfig.from_pretrained(path), state_dict=load_weights(path))
+            source = None
         try:
-            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+            model, info = super().from_pretrained(source, *args, output_loading_info=True, **kwargs)
         except RuntimeError as err:  # size mismatches surface here
             raise ValueError(f"checkpoint {path!r} does not match its config: {err}") from err
         problems = {

@@ -3,8 +3,12 @@
 Layout (every worker writes its part into its own local folder; `ray.train.report` merges them
 into one checkpoint directory under the storage root, local or `s3://`)::
 
-    config.json, model.safetensors          the full (EP=1, experts gathered) model, rank 0;
-                                            routing state (active mask, A_t, G, W_g) inside
+    config.json, model.safetensors          the model, rank 0: whole with EP=1; with EP > 1
+                                            everything but the expert weights; routing state
+                                            (active mask, A_t, G, W_g) inside
+    experts/ep_{r:05d}-of-{P:05d}.safetensors  with EP = P > 1: EP rank r's expert slice, written
+                                            by that rank of world rank 0's EP group (no rank
+                                            gathers the experts)
     tokenizer files, grounding_templates.json  the tokenizer, rank 0
     train_state.json                        stage, step, data position (epoch, batch in epoch,
                                             samples), the TrainConfig, rank 0
@@ -15,7 +19,9 @@ into one checkpoint directory under the storage root, local or `s3://`)::
 
 Resuming needs the same world size and EP degree (optimizer state is per rank); starting a new
 stage from a checkpoint (`init_from`) only reads the weights, on any layout. A rank reads only
-its own slice of the expert weights (`load_weights(d, ep_rank, ep_size)`).
+its own slice of the expert weights (`load_weights(d, ep_rank, ep_size)`, whatever EP degree
+wrote them). `GroundingModel.load` reads either layout; `jobs/export.py` writes a checkpoint as
+one plain model directory (what `from_pretrained` of other tools reads).
 """
 
 from __future__ import annotations
@@ -28,17 +34,14 @@ from typing import Any
 
 import pyarrow.fs
 import torch
-from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from timeexpert.models.expert_parallel import expert_rows
+from timeexpert.models.expert_parallel import expert_shard_file, is_expert_param
 from timeexpert.models.processor import TimeExpertProcessor
-
 
 TRAIN_STATE = "train_state.json"
 ROUTING = "routing.json"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's index of a sharded save
 ZERO_DIR = "zero"
 
 
@@ -46,11 +49,20 @@ def optim_file(rank: int) -> str:
     return os.path.join("optim", f"rank_{rank:05d}.pt")
 
 
-def write_checkpoint(directory: str, *, rank: int, model, full_state: dict[str, Tensor], tokenizer,
-                     optimizers, train_state: dict[str, Any], routing: dict[str, Any]) -> None:
-    """Write this rank's part of a checkpoint into `directory` (collective under ZeRO)."""
+def write_checkpoint(directory: str, *, rank: int, model, state: dict[str, Tensor], ep_rank: int,
+                     ep_size: int, tokenizer, optimizers, train_state: dict[str, Any],
+                     routing: dict[str, Any]) -> None:
+    """Write this rank's part of a checkpoint into `directory` (collective under ZeRO). `state`:
+    this rank's weights (`parallel.checkpoint_state`; {} on ranks that write none): with EP > 1
+    its expert slice goes to its shard file, and rank 0 writes the rest as the model."""
+    if state and ep_size > 1:
+        experts = {k: v.contiguous() for k, v in state.items() if is_expert_param(k)}
+        path = os.path.join(directory, expert_shard_file(ep_rank, ep_size))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(experts, path, metadata={"format": "pt"})
+        state = {k: v for k, v in state.items() if k not in experts}
     if rank == 0:
-        model.save_pretrained(directory, state_dict=full_state, safe_serialization=True)
+        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         TimeExpertProcessor.from_config(model.config, tokenizer).save_pretrained(directory)
         with open(os.path.join(directory, TRAIN_STATE), "w") as f:
             json.dump(train_state, f, indent=1)
@@ -78,29 +90,6 @@ def copy_zero_state(directory: str) -> str:
     if os.path.isdir(os.path.join(directory, ZERO_DIR)):
         shutil.copytree(os.path.join(directory, ZERO_DIR), copy, dirs_exist_ok=True)
     return copy
-
-
-def load_weights(directory: str, ep_rank: int = 0, ep_size: int = 1) -> dict[str, Tensor]:
-    """The state dict of a checkpoint directory for EP rank `ep_rank` of `ep_size`: expert
-    weights read as this rank's slice only (safetensors reads the rows asked for), everything
-    else whole. `ep_size` 1: the full (EP=1) state dict."""
-    index = os.path.join(directory, WEIGHTS_INDEX)
-    if os.path.isfile(index):  # save_pretrained split a large model over several files
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(directory, WEIGHTS)):
-        files = [WEIGHTS]
-    else:
-        raise ValueError(f"{directory!r} holds no {WEIGHTS}: not a TimeExpert checkpoint")
-    out = {}
-    for file in files:
-        with safe_open(os.path.join(directory, file), framework="pt") as f:
-            for name in f.keys():
-                part = f.get_slice(name)
-                shape = part.get_shape()
-                rows = expert_rows(name, shape[0] if shape else 0, ep_rank, ep_size)
-                out[name] = f.get_tensor(name) if rows is None else part[rows]
-    return out
 
 
 def load_optimizer_state(directory: str, rank: int) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from timeexpert.checkpoints import local_copy
 from timeexpert.config import DataConfig, VideoConfig
 from timeexpert.data.pipeline import build_dataset, draw_segment_frames, row_options
 from timeexpert.events import Event, Task, TokenType, gqa_answer_events, saliency_events
+from timeexpert.models.expert_parallel import load_weights
 from timeexpert.models.evidence import encode_evidence_example, pad_targets
 from timeexpert.models.frame_relevance import IGNORE_FRAME, frame_labels, frame_word_labels
 from timeexpert.models.timeexpert import TimeExpertForGrounding
@@ -93,11 +94,11 @@ def load_tokenizer(uri: str):
         return GroundingTokenizer.from_pretrained(d)
 
 
-def merged_lora_state(model, full_state: dict) -> dict:
+def merged_lora_state(model, state: dict) -> dict:
     """A state dict with every LoRA-wrapped layer folded back into its plain weight
     (W + scale B A), so the checkpoint loads into a model without adapters."""
     out = {}
-    for name, value in full_state.items():
+    for name, value in state.items():
         if ".lora_" in name:
             continue
         if ".base_layer." in name:
@@ -416,7 +417,7 @@ def _start(cfg: TrainConfig, groups: parallel.ParallelGroups) -> Start:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            start = Start(weights=ckpt.load_weights(d, groups.ep_rank, groups.ep_size),
+            start = Start(weights=load_weights(d, groups.ep_rank, groups.ep_size),
                           state=ckpt.read_train_state(d)["state"], routing=ckpt.read_routing(d),
                           optim_state=ckpt.load_optimizer_state(d, groups.rank),
                           zero_dir=ckpt.copy_zero_state(d), resumed=True)
@@ -427,7 +428,7 @@ def _start(cfg: TrainConfig, groups: parallel.ParallelGroups) -> Start:
         return start
     if cfg.init_from:
         with local_copy(cfg.init_from) as d:
-            return Start(weights=ckpt.load_weights(d, groups.ep_rank, groups.ep_size),
+            return Start(weights=load_weights(d, groups.ep_rank, groups.ep_size),
                          state=state, routing={})
     return Start(weights=None, state=state, routing={})
 
@@ -610,11 +611,12 @@ def _report(w: Worker, step: int, lr: float, epoch: int, state: dict, window: di
         timer.lap("report")
         return
     timer.lap("report")
-    full_state = parallel.full_state_dict(w.model, groups)
+    weights = parallel.checkpoint_state(w.model, groups)
     if w.spec.lora:
-        full_state = merged_lora_state(w.model, full_state)
+        weights = merged_lora_state(w.model, weights)
     with tempfile.TemporaryDirectory(prefix="te-ckpt-") as d:
-        ckpt.write_checkpoint(d, rank=groups.rank, model=w.model, full_state=full_state,
+        ckpt.write_checkpoint(d, rank=groups.rank, model=w.model, state=weights,
+                              ep_rank=groups.ep_rank, ep_size=groups.ep_size,
                               tokenizer=w.tokenizer, optimizers=w.optim,
                               train_state={"state": state, "config": cfg.to_dict()},
                               routing=routing_total)

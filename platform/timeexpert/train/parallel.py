@@ -19,11 +19,12 @@ Gradients (the objective is the mean over ranks of each rank's mean loss):
 
 Memory: a rank materialises only its expert slots. A fresh model is built with this rank's slots
 (`fresh_model`: each slot seeded by its global id, so the shards equal an EP=1 build); a
-checkpoint is read as this rank's slice (`checkpoint.load_weights(d, ep_rank, ep_size)`) into a
-model built on the meta device (`materialize`). Dense parameters stay replicated, ZeRO-1/2
+checkpoint is read as this rank's slice (`expert_parallel.load_weights(d, ep_rank, ep_size)`)
+into a model built on the meta device (`materialize`). Dense parameters stay replicated, ZeRO-1/2
 sharding their optimizer state (and with 2 their gradients): in paper_gpu they are 0.4 B of
 13.8 B parameters, 1.5 GiB in fp32 per GPU (`benchmarks.memory_plan`), while the experts are 97%.
-Only world rank 0, the checkpoint's writer, receives the whole expert stack, one tensor at a time.
+No rank ever holds the whole expert stack: a checkpoint is written by the ranks of world rank 0's
+EP group, each its own expert slice (`checkpoint_state`, `checkpoint.write_checkpoint`).
 
 Token-adaptive routing under EP: before `update_experts`, each layer's statistics are summed over
 the expert-DP group (the layer itself sums over its EP group), so every rank takes the same
@@ -41,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from timeexpert import devices
-from timeexpert.models.expert_parallel import EXPERT_PARAM_NAMES, gather_experts, shard_state_dict
+from timeexpert.models.expert_parallel import EXPERT_PARAM_NAMES, is_expert_param, shard_state_dict
 from timeexpert.models.moe import ExpertUpdate, MoELayer
 from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
 
@@ -97,10 +98,6 @@ def init_groups(ep_size: int, device: torch.device | None = None) -> ParallelGro
 # --- the sharded model -------------------------------------------------------------------------
 
 
-def is_expert_param(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in EXPERT_PARAM_NAMES
-
-
 def is_routed_param(name: str, module: nn.Module) -> bool:
     """Parameters of a MoE layer (experts and gates): synced and stepped outside DeepSpeed."""
     owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
@@ -120,7 +117,7 @@ def build_on_meta(model_cls, config, ep_group=None) -> nn.Module:
 
 def materialize(model_cls, config, groups: ParallelGroups, shard_state: dict[str, Tensor]):
     """This rank's model on its device, holding `shard_state` (this rank's expert slice and
-    everything else whole, as `checkpoint.load_weights(d, ep_rank, ep_size)` reads it): built on
+    everything else whole, as `expert_parallel.load_weights(d, ep_rank, ep_size)` reads it): built on
     the meta device, then storage for this rank's part only."""
     model = build_on_meta(model_cls, config, groups.ep_group).to_empty(device=groups.device)
     missing, unexpected = model.load_state_dict(shard_state, strict=False)
@@ -150,20 +147,13 @@ def fresh_model(config, groups: ParallelGroups):
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
-    """The EP=1 state dict on the CPU of world rank 0, the checkpoint's writer: the expert slices
-    of its EP group gathered to it one tensor at a time (collective on that group); the other
-    ranks get {} and never hold a whole expert stack. (Per-rank sharded checkpoints would spare
-    rank 0 too: not done yet.)"""
-    if groups.rank >= groups.ep_size:  # not in world rank 0's EP group: nothing to send
+def checkpoint_state(model: nn.Module, groups: ParallelGroups) -> dict[str, Tensor]:
+    """What this rank writes into a checkpoint, on the CPU: for the ranks of world rank 0's EP
+    group their state dict (their own expert slice, everything else whole: the same on every
+    rank); {} for the other data replicas. No collective, no rank gathers the experts."""
+    if groups.rank >= groups.ep_size:  # another replica of the same weights
         return {}
-    out = {}
-    for name, value in model.state_dict().items():
-        if groups.ep_size > 1 and is_expert_param(name):
-            value = gather_experts(value, groups.ep_group, dst=0)
-        if groups.rank == 0:
-            out[name] = value.detach().to("cpu", copy=True)
-    return out
+    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
 
 
 # --- gradient and routing-state sync -----------------------------------------------------------
