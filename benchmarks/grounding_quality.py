@@ -72,6 +72,8 @@ def _extra(parser) -> None:
     parser.add_argument("--jitter", type=int, default=1,
                         help="K > 1: training frames decoded on a K x denser uniform grid, each "
                              "step drawing one of the K frames of every segment (TSN jitter)")
+    parser.add_argument("--paired", action="store_true",
+                        help="batches hold the records of a video together (both MR queries)")
     parser.add_argument("--eval-root", default="",
                         help="data root of the held-out split (default --data-root), e.g. train "
                              "on medium and score on small")
@@ -130,6 +132,19 @@ def load_split(root: str, split: str, tasks: list[str], limit: int | None = None
     return out
 
 
+def epoch_order(records, rng: np.random.Generator, paired: bool) -> list[int]:
+    """One epoch of record indices, shuffled; `paired`: the records of a video next to each other
+    (videos shuffled), so a batch holds both MR queries of its videos: the same frames with two
+    targets, the contrast that only reading the query can fit."""
+    if not paired:
+        return rng.permutation(len(records)).tolist()
+    by_video: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_video.setdefault(r.video, []).append(i)
+    groups = list(by_video.values())
+    return [i for g in rng.permutation(len(groups)) for i in groups[g]]
+
+
 def train_variant(name: str, args, train_phases, seed: int):
     """Train one variant; returns (model, tokenizer, training seconds)."""
     import torch
@@ -168,7 +183,7 @@ def train_variant(name: str, args, train_phases, seed: int):
         order: list[int] = []
         for _ in range(steps):
             if len(order) < args.batch_size:
-                order += rng.permutation(len(records)).tolist()
+                order += epoch_order(records, rng, args.paired)
             chosen, order = order[: args.batch_size], order[args.batch_size:]
             step += 1
             batch = as_batch([records[i] for i in chosen], frames, mconfig.num_frames, jitter_rng)
