@@ -44,6 +44,7 @@ from serve_apps.grounding import app
 from timeexpert import storage, tracking
 from timeexpert.data import formats, synth
 from timeexpert.eval.baselines import frame_grid_ceiling, trivial_baselines
+from timeexpert.events import Task
 from timeexpert.presets import get_preset
 from timeexpert.serve.settings import ServiceConfig
 from timeexpert.train.config import TrainConfig
@@ -135,6 +136,8 @@ def serve_and_query(checkpoint: str, data_root: str, records: dict) -> None:
     try:
         for path, record in (("/v1/moments", records["mr"]), ("/v1/highlights", records["vhd"]),
                              ("/v1/captions", records["dvc"]), ("/v1/answers", records["gqa"])):
+            if record is None:  # no test record of that task
+                continue
             body = {"video": {"uri": record.video}, "query": record.query}
             if path == "/v1/captions":
                 body.pop("query")
@@ -285,7 +288,7 @@ def run(args, stack: dict | None) -> int:
 
         if not args.no_serve:
             print("\n[4/5] serving the checkpoint with Ray Serve", flush=True)
-            first = {t: next(r for r in test if r.task.value == t) for t in ("mr", "vhd", "dvc", "gqa")}
+            first = {t.value: next((r for r in test if r.task == t), None) for t in Task}
             serve_and_query(checkpoint, data_root, first)
     finally:
         ray.shutdown()

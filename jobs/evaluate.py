@@ -4,7 +4,8 @@
         [--train-manifest train.jsonl] [--split test] [--task mr] [--tracking-uri URI]
 
 Writes under --out: predictions in the official formats (`{task}_predictions.jsonl` for MR/VHD,
-QVHighlights submission rows; `dvc_predictions.json`, ActivityNet challenge json), `metrics.json`
+QVHighlights submission rows; `dvc_predictions.json`, ActivityNet challenge json; GQA's NExT-GQA
+spans `gqa_predictions.json` and answers `gqa_predictions_qa.json`), `metrics.json`
 (model and baselines per task, decode skips) and `report.md`. Logs params, metrics and those
 files to MLflow when a tracking URI is given (or MLFLOW_TRACKING_URI is set).
 Videos are decoded by the Ray Data pipeline and prompts batched (`timeexpert.eval.evaluate.
