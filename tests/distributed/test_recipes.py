@@ -154,14 +154,15 @@ def test_d2vlm_stage_then_fpo_raises_the_margin(ray_cluster, mini_data, tmp_path
     from timeexpert.train.stages import run_pipeline
 
     cfg = _config(data_root=mini_data, storage_root=str(tmp_path / "runs"), name="d2vlm",
-                  model_overrides={"evidence": {"temperature": 0.2}}, fpo_steps=9, fpo_beta=0.5,
+                  model_overrides={"evidence": {"temperature": 0.2}}, fpo_steps=18, fpo_beta=0.5,
                   lr=1e-3, log_every=1)
     result = run_pipeline(cfg, stages=(1,))
     m = result.stages[1].train_metrics
     assert m["loss_grounding"] > 0 and "loss_consistency" in m, m
     fpo = result.fpo
     assert fpo is not None and result.checkpoint_uri == fpo.checkpoint_uri
-    # the first step: policy == reference, margin 0; 9 steps cycle the 2 batches of pairs
+    # the first step: policy == reference, margin 0; 18 steps cycle the 2 batches of pairs (9
+    # were enough before the GQA records joined the data: its batches now hold GQA pairs too)
     assert fpo.train_metrics["fpo/first_margin"] == pytest.approx(0.0, abs=1e-3)
     assert fpo.train_metrics["fpo/reward_margin"] > 0.1, fpo.train_metrics
     assert fpo.train_metrics["fpo/fpo_loss"] < 0.69
