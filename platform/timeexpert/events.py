@@ -170,7 +170,7 @@ def check_options(options: Any, where: str = "request") -> None:
             or not all(isinstance(o, str) and o.strip() for o in options)):
         raise ValueError(f"{where}: task gqa needs two or more non-empty answer options, "
                          f"got {options!r}")
-    if len({o.strip().lower() for o in options}) != len(options):
+    if len({_plain(o) for o in options}) != len(options):  # as `read_gqa_answer` compares them
         raise ValueError(f"{where}: answer options must differ, got {list(options)}")
 
 
@@ -188,6 +188,9 @@ def gqa_answer_events(evidence: Sequence[Event], options: Sequence[str], answer:
     the caption of the last one."""
     if not evidence:
         raise ValueError("a GQA answer needs at least one evidence span")
+    if not 0 <= answer < len(options):  # -1: a record without its answer cannot be a target
+        raise ValueError(f"a GQA answer needs the index of one of its {len(options)} options, "
+                         f"got {answer}")
     events = [Event(start=e.start, end=e.end, score=e.score) for e in evidence]
     events[-1].caption = options[answer]
     return events

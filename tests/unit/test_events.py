@@ -105,11 +105,14 @@ def test_gqa_record_prompt_and_answer():
     assert read_gqa_answer(said, r.options)[1] == 1
     assert read_gqa_answer([Event(1.0, 5.0, caption="green")], r.options)[1] is None
     assert read_gqa_answer([], r.options) == (None, None)
+    with pytest.raises(ValueError, match="index of one of its 3 options, got -1"):
+        gqa_answer_events(r.events, r.options, -1)  # a record without its answer
 
 
 @pytest.mark.parametrize("fields, message", [
     (dict(options=["red"], answer=0), "two or more non-empty answer options"),
     (dict(options=["red", "Red"], answer=0), "answer options must differ"),
+    (dict(options=["red", "red."], answer=0), "answer options must differ"),
     (dict(options=["red", "blue"], answer=2), "answer 2 is not an index of its 2 options"),
     (dict(options=None, answer=None), "two or more non-empty answer options"),
 ])

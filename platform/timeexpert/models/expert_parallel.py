@@ -164,15 +164,9 @@ def shard_state_dict(state_dict: dict[str, Tensor], rank: int, ep_size: int) -> 
     return out
 
 
-def gather_experts(local_LX: Tensor, group: dist.ProcessGroup, dst: int | None = None) -> Tensor | None:
-    """Concatenate every rank's expert-sharded tensor (a weight or its gradient) along dim 0: on
-    every rank, or with `dst` only on the group's rank `dst` (None elsewhere)."""
-    R = dist.get_world_size(group)
-    if dst is None:
-        parts = [torch.empty_like(local_LX) for _ in range(R)]
-        dist.all_gather(parts, local_LX.contiguous(), group=group)
-        return torch.cat(parts)
-    mine = dist.get_rank(group) == dst
-    parts = [torch.empty_like(local_LX) for _ in range(R)] if mine else None
-    dist.gather(local_LX.contiguous(), parts, group=group, group_dst=dst)
-    return torch.cat(parts) if mine else None
+def gather_experts(local_LX: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Every rank's expert-sharded tensor (a weight or its gradient) concatenated along dim 0, on
+    every rank (the EP-equals-EP=1 checks compare it with an unsharded layer)."""
+    parts = [torch.empty_like(local_LX) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local_LX.contiguous(), group=group)
+    return torch.cat(parts)
