@@ -16,11 +16,12 @@ samples/s of a stage-3 `fit` of `--ray-preset` (small_cpu) under Ray Train, 2 wo
 samples/s of a plain single-process loop of the same model, `stage_loss`, `Optimizers` (AdamW) and
 token-adaptive updates, batch 8, 2 torch threads, one after the other in this run on the same mp4s
 (the `tiny` synthetic benchmark rendered into a temp dir, or `--data-root`). Each side's time is
-its own data loading (decoding every training video once: Ray Data's materialize before the
-workers start / decord in the process) plus its training loop (rank 0's loop for Ray Train:
-batches from the object store, steps, reports, the final checkpoint); process start-up and model
-construction are left out of both (`ray_train_wall_s` is the whole `fit`, start-up included).
-`samples_per_s` gives both sides, `ray_train_breakdown` rank 0's seconds per step by phase.
+its own data loading (decoding every training video once: each Ray Train worker its half, in its
+own process, partly while its model is built / decord in the plain process) plus its training
+loop (rank 0's loop for Ray Train: steps, reports, the final checkpoint; rank 0's wait for its
+decode is counted once, in the decode); process start-up and model construction are left out of
+both (`ray_train_wall_s` is the whole `fit`, start-up included). `samples_per_s` gives both
+sides, `ray_train_breakdown` rank 0's seconds per step by phase.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def _plain_loop(cfg_dict: dict, out_q) -> None:
 
     from timeexpert import storage
     from timeexpert.data import formats
-    from timeexpert.data.pipeline import _row, decode_batch
+    from timeexpert.data.pipeline import _row, decode_rows
     from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
     from timeexpert.train import parallel
     from timeexpert.train.config import TrainConfig
@@ -180,9 +181,7 @@ def _plain_loop(cfg_dict: dict, out_q) -> None:
 
     t0 = time.perf_counter()
     rows = [_row(r, storage.resolve_under_root(r.video, cfg.data_root)) for r in records]
-    columns = {k: np.array([row[k] for row in rows]) for k in rows[0]}
-    data = decode_batch(columns, video=data_config(cfg, mconfig, train=True).video,
-                        storage_options={})
+    data = decode_rows(rows, data_config(cfg, mconfig, train=True))
     decode_s = time.perf_counter() - t0
     rng = np.random.default_rng(cfg.seed)
     order: list[int] = []

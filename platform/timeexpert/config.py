@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from timeexpert.events import Task
+
 GatingMode = Literal["dense", "topk", "dynamic"]
 
 
@@ -95,10 +97,11 @@ class DataConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # s3fs options (else AWS_* env)
 
     def __post_init__(self) -> None:
-        bad = {t: w for t, w in self.task_weights.items() if t not in ("mr", "vhd", "dvc") or w < 0}
+        tasks = [t.value for t in Task]
+        bad = {t: w for t, w in self.task_weights.items() if t not in tasks or w < 0}
         if bad:
             raise ValueError(
-                f"task_weights must map mr/vhd/dvc to weights >= 0, got {bad}"
+                f"task_weights must map tasks of {tasks} to weights >= 0, got {bad}"
             )
         if self.decode_batch_size < 1:
             raise ValueError(f"decode_batch_size must be >= 1, got {self.decode_batch_size}")

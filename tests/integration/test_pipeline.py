@@ -13,7 +13,14 @@ import pytest
 from timeexpert import storage
 from timeexpert.config import DataConfig, VideoConfig
 from timeexpert.data import formats, synth
-from timeexpert.data.pipeline import build_dataset, mix_tasks, record_from_row, torch_collate
+from timeexpert.data.collate import torch_collate
+from timeexpert.data.pipeline import (
+    build_dataset,
+    caption_queries,
+    decode_rows,
+    mix_tasks,
+    record_from_row,
+)
 from timeexpert.events import Event, Record, Task
 
 pytestmark = pytest.mark.slow
@@ -124,6 +131,47 @@ def test_a_materialized_dataset_decodes_once(ray_cluster, local_root, tmp_path):
     assert vds.skip_summary() == {}
 
 
+def test_a_decode_once_worker_decodes_its_rows_once_and_each_epoch_is_a_seeded_permutation(
+        ray_cluster, local_root):
+    """A decode-once training worker decodes its rows in its own process, once (the frames the
+    Ray Data pipeline would give); every epoch is a permutation of them seeded by (seed, rank,
+    epoch), so a resumed position yields the same batches."""
+    from timeexpert.train.config import TrainConfig
+    from timeexpert.train.loop import _batches
+
+    config = DataConfig(root=local_root, video=VIDEO)
+    vds = build_dataset(config, preserve_order=True)
+    decodes = []
+
+    def decode():
+        decodes.append(1)
+        return decode_rows(vds.rows, config, vds.counter)
+
+    rows = decode_rows(vds.rows, config)
+    piped = _collect(vds)
+    assert sorted(rows["id"]) == sorted(piped)
+    for i, rid in enumerate(rows["id"]):
+        np.testing.assert_array_equal(rows["frames"][i], piped[rid]["frames"])
+    cfg = TrainConfig(data_root=local_root, batch_size=3, decode_once=True, seed=5)
+    per_epoch = len(rows["id"]) // 3
+    stream = _batches(decode, cfg, epoch=0, skip=0, rank=0)
+    seen = [next(stream) for _ in range(3 * per_epoch)]
+    assert len(decodes) == 1
+    epochs = [[list(b["id"]) for b, e, _ in seen if e == k] for k in range(3)]
+    for batches in epochs:
+        flat = [i for b in batches for i in b]
+        assert len(batches) == per_epoch and len(set(flat)) == len(flat) == 3 * per_epoch
+        assert set(flat) <= set(rows["id"])
+    assert all(b["frames"].shape == (3, 4, 48, 64, 3) for b, _, _ in seen)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    batch, epoch, index = next(_batches(lambda: rows, cfg, epoch=1, skip=2, rank=0))
+    assert (epoch, index) == (1, 3) and list(batch["id"]) == epochs[1][2]
+    assert list(next(_batches(lambda: rows, cfg, epoch=0, skip=0, rank=1))[0]["id"]) != epochs[0][0]
+    in_order = cfg.replace(shuffle_buffer=0)
+    assert list(next(_batches(lambda: rows, in_order, epoch=0, skip=0, rank=0))[0]["id"]) == \
+        list(rows["id"][:3])
+
+
 @pytest.mark.parametrize(
     "video", ["../outside.mp4", "/etc/passwd", "s3://other-bucket/v.mp4", "videos/../../x.mp4"]
 )
@@ -176,3 +224,23 @@ def test_mix_tasks_follows_weights():
     assert mix_tasks(recs, {}, seed=0) == recs
     with pytest.raises(ValueError, match="no such records"):
         mix_tasks(recs[:5], {"dvc": 1}, seed=0)
+
+
+def test_caption_queries_ask_every_captioned_event_not_yet_asked():
+    events = [Event(1, 3, caption="the red circle grows"), Event(4, 6, caption="a blue square"),
+              Event(7, 9, caption="")]
+    recs = [Record(id="v", video="v.mp4", duration=10, task="dvc", query="", events=events),
+            Record(id="v_0", video="v.mp4", duration=10, task="mr", query="The red circle grows",
+                   events=[Event(1, 3)]),
+            Record(id="w", video="w.mp4", duration=10, task="dvc", query="", events=events[:1])]
+    made = caption_queries(recs)
+    assert [(r.id, r.video, r.query, r.events[0].start, r.events[0].end, r.task) for r in made] == [
+        ("v_cap1", "v.mp4", "a blue square", 4, 6, Task.MR),
+        ("w_cap0", "w.mp4", "the red circle grows", 1, 3, Task.MR)]
+
+
+def test_task_weights_take_every_task_and_refuse_others():
+    assert DataConfig(task_weights={"gqa": 1, "mr": 2}).task_weights == {"gqa": 1, "mr": 2}
+    for bad in ({"qa": 1}, {"mr": -1}):
+        with pytest.raises(ValueError, match="task_weights must map tasks of"):
+            DataConfig(task_weights=bad)

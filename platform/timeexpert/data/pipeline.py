@@ -21,7 +21,8 @@ Output columns, one row per record (what `iter_batches` / `iter_torch_batches` y
     frame_mask                        bool (T,): False for padding (fps sampling of short videos)
 
 plus whatever columns the `tokenize` hook adds. For `iter_torch_batches` pass
-`collate_fn=torch_collate()` (text columns stay lists of str). Pixel normalisation belongs to the model's
+`collate_fn=torch_collate()` of `data.collate` (text columns stay lists of str). This module does
+not import torch: a decode task's worker process starts without it (2-3 s of a cold start). Pixel normalisation belongs to the model's
 preprocessor: pass it as `preprocess` to run it inside the pipeline, or apply it in the loop.
 """
 
@@ -36,8 +37,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import ray
 import ray.data
-import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from timeexpert import storage
 from timeexpert.config import DataConfig, VideoConfig
@@ -80,6 +79,28 @@ def mix_tasks(records: Sequence[Record], weights: dict[str, float], seed: int) -
         else:
             out += pool + [pool[i] for i in rng.integers(len(pool), size=n - len(pool))]
     return [out[i] for i in rng.permutation(len(out))]
+
+
+def caption_queries(records: Sequence[Record]) -> list[Record]:
+    """MR records made from the captioned events of the DVC records: every captioned event of a
+    video becomes a moment query (its caption the query, its span the target) unless the video
+    already has an MR record with that query. Each video's events then all serve as targets of
+    the same frames, the contrast that only reading the query can fit (the way dense-caption
+    datasets become moment-retrieval ones, e.g. ActivityNet Captions)."""
+    asked = {(r.video, r.query.strip().lower()) for r in records if r.task == Task.MR}
+    out: list[Record] = []
+    for r in records:
+        if r.task != Task.DVC:
+            continue
+        for k, e in enumerate(r.events):
+            key = (r.video, (e.caption or "").strip().lower())
+            if not key[1] or key in asked:
+                continue
+            asked.add(key)
+            out.append(Record(id=f"{r.id}_cap{k}", video=r.video, duration=r.duration,
+                              task=Task.MR, query=e.caption, events=[Event(e.start, e.end)],
+                              clip_len=r.clip_len, split=r.split))
+    return out
 
 
 def record_from_row(row: dict[str, Any]) -> Record:
@@ -199,6 +220,22 @@ def decode_batch(
     return out
 
 
+def decode_rows(rows: Sequence[dict[str, Any]], config: DataConfig,
+                counter: Any = None) -> dict[str, np.ndarray]:
+    """`decode_batch` in this process over pipeline rows (`VideoDataset.rows`), in chunks of
+    `decode_batch_size`: column -> array of the decoded rows (failures skipped and counted on
+    `counter`). What a training worker runs to hold its part of a decode-once run."""
+    parts = []
+    for i in range(0, len(rows), config.decode_batch_size):
+        chunk = rows[i: i + config.decode_batch_size]
+        columns = {k: np.array([row[k] for row in chunk]) for k in chunk[0]}
+        parts.append(decode_batch(columns, video=config.video,
+                                  storage_options=config.storage_options, counter=counter))
+    if not parts:
+        raise ValueError("no rows to decode")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def draw_segment_frames(batch: dict[str, np.ndarray], num_frames: int,
                         rng: np.random.Generator) -> dict[str, np.ndarray]:
     """TSN segment sampling from a decoded grid: a batch decoded at `num_frames` x K uniform
@@ -218,25 +255,6 @@ def draw_segment_frames(batch: dict[str, np.ndarray], num_frames: int,
     return out
 
 
-def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Numeric columns to tensors (copied: Ray hands out read-only arrays), text columns (id,
-    task, query, events JSON ...) to lists of str."""
-    return {
-        k: torch.from_numpy(np.array(v)) if v.dtype.kind in "biuf" else [str(x) for x in v]
-        for k, v in batch.items()
-    }
-
-
-def torch_collate():
-    """A collate for `iter_torch_batches(collate_fn=torch_collate())` (Ray's default collate
-    cannot convert string columns)."""
-    class TorchCollate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            return to_torch(batch)
-
-    return TorchCollate()
-
-
 @dataclass
 class VideoDataset:
     """A streaming Ray Dataset of decoded samples, with the skip accounting of its build."""
@@ -245,6 +263,7 @@ class VideoDataset:
     records: list[Record]  # the records fed to the pipeline (after checks and mixing)
     driver_skips: dict[str, int] = field(default_factory=dict)  # skipped before Ray (annotations)
     counter: Any = None  # SkipCounter actor handle
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the rows handed to Ray Data
 
     def materialize(self) -> float:
         """Decode every video now, once, into Ray's object store (spilled to local disk when it
@@ -336,4 +355,5 @@ def build_dataset(
             tokenize=tokenize,
         ),
     )
-    return VideoDataset(dataset=ds, records=kept, driver_skips=dict(driver_skips), counter=counter)
+    return VideoDataset(dataset=ds, records=kept, driver_skips=dict(driver_skips), counter=counter,
+                        rows=rows)

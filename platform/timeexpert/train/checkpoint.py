@@ -43,6 +43,7 @@ from timeexpert.models.processor import TimeExpertProcessor
 TRAIN_STATE = "train_state.json"
 ROUTING = "routing.json"
 ZERO_DIR = "zero"
+MODEL_WEIGHTS = "model.safetensors"
 
 
 def optim_file(rank: int) -> str:
@@ -62,7 +63,7 @@ def write_checkpoint(directory: str, *, rank: int, model, state: dict[str, Tenso
         save_file(experts, path, metadata={"format": "pt"})
         state = {k: v for k, v in state.items() if k not in experts}
     if rank == 0:
-        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        write_model(directory, model.config, state)
         TimeExpertProcessor.from_config(model.config, tokenizer).save_pretrained(directory)
         with open(os.path.join(directory, TRAIN_STATE), "w") as f:
             json.dump(train_state, f, indent=1)
@@ -71,6 +72,16 @@ def write_checkpoint(directory: str, *, rank: int, model, state: dict[str, Tenso
     os.makedirs(os.path.join(directory, "optim"), exist_ok=True)
     torch.save(optimizers.state_dict(), os.path.join(directory, optim_file(rank)))
     optimizers.save_engine(os.path.join(directory, ZERO_DIR))
+
+
+def write_model(directory: str, config, state: dict[str, Tensor]) -> None:
+    """config.json and model.safetensors, the files `from_pretrained` reads. Not through
+    `save_pretrained`: its first call in a process imports DeepSpeed (and with it MLflow) to
+    unwrap the model, 3-4 s that every stage's first checkpoint paid. `state` holds copies
+    (`parallel.checkpoint_state`): no two names share storage."""
+    config.save_pretrained(directory)
+    save_file({k: v.contiguous() for k, v in state.items()},
+              os.path.join(directory, MODEL_WEIGHTS), metadata={"format": "pt"})
 
 
 def read_train_state(directory: str) -> dict[str, Any]:

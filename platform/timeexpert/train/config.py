@@ -65,12 +65,13 @@ class TrainConfig:
     expert_update_every: int = 10  # steps between token-adaptive add/prune (0: adaptive off)
     task_weights: dict[str, float] = field(default_factory=dict)  # per-task mixing of the data
     init_from: str = ""  # checkpoint URI whose weights this stage starts from ("" = fresh)
-    shuffle_buffer: int = 16  # rows of the local shuffle buffer of each worker (0: off)
+    shuffle_buffer: int = 16  # streaming: rows of each worker's local shuffle buffer; decode
+    # once: any value > 0 shuffles each epoch's rows fully (0: off, rows in order)
     frame_jitter: bool = False  # training frames at random points of their segments (TSN), a
     # new draw each epoch; evaluation always takes the segment centres
-    decode_once: bool = True  # decode every training video once, before the first step, into
-    # Ray's object store (spilled to local disk when full); False: stream, decoding every epoch on
-    # the cores that train (for a dataset far beyond the object store)
+    decode_once: bool = True  # each worker decodes its part of the training videos once, in its
+    # own process before its first step, and keeps the frames in its memory; False: Ray Data
+    # streams them, decoding every epoch (for a dataset far beyond the workers' memory)
     jitter_grid: int = 4  # decode_once + frame_jitter: frames decoded per segment; each epoch
     # draws one of them per segment (`data.pipeline.draw_segment_frames`)
     fpo_steps: int = 0  # D2VLM FPO steps after the pipeline's last stage (0: off; driver process)

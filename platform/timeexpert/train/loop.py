@@ -6,7 +6,8 @@ tokens -> forward -> stage loss -> backward -> synced step -> token-adaptive add
 (progress line, MLflow step metrics from rank 0, checkpoints through `ray.train.report`). Rank 0
 times each phase of the step (`StepTimes`: MLflow `time/<phase>` per report, `time_total/<phase>`
 and one line at the end of the stage) and, with `profile_steps`, writes a torch profiler trace.
-`fit` decodes the training videos once, before the workers start (`TrainConfig.decode_once`).
+With `TrainConfig.decode_once` each worker decodes its part of the training videos once, before
+its first step, and draws every epoch from them; else Ray Data streams decoded frames each epoch.
 
 What each stage trains and which loss it counts: `train.recipes` (`TrainConfig.recipe`). With
 D2VLM evidence tokens on, batches carry `evidence_frames`; with frame relevance, `frame_labels`
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -38,7 +39,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from timeexpert import devices, storage
 from timeexpert.checkpoints import local_copy
 from timeexpert.config import DataConfig, VideoConfig
-from timeexpert.data.pipeline import build_dataset, draw_segment_frames, row_options
+from timeexpert.data.pipeline import build_dataset, decode_rows, draw_segment_frames, row_options
 from timeexpert.events import Event, Task, TokenType, gqa_answer_events, saliency_events
 from timeexpert.models.expert_parallel import load_weights
 from timeexpert.models.evidence import encode_evidence_example, pad_targets
@@ -200,33 +201,71 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
     return inputs
 
 
-def _batches(shard, cfg: TrainConfig, epoch: int, skip: int, rank: int,
+def _batches(source, cfg: TrainConfig, epoch: int, skip: int, rank: int,
              segments: int = 0) -> Iterator[tuple[dict, int, int]]:
-    """Endless (batch, epoch, index in epoch) from the worker's dataset shard, resuming at the
-    data position (epoch, `skip` batches already consumed). `segments` > 0: the shard holds a
+    """Endless (batch, epoch, index in epoch), resuming at the data position (epoch, `skip`
+    batches already consumed). `source`: a function that returns this rank's decoded rows
+    (decode once: called once, by the first `next`; each epoch is then a permutation of the rows
+    seeded by (seed, rank, epoch) with `shuffle_buffer` on, in order without), or the worker's
+    Ray Data shard (streaming: decoded afresh each epoch). `segments` > 0: the rows hold a
     decoded grid of frames and each batch draws one frame per segment (TSN jitter of a
     decode-once run), seeded by (seed, rank, epoch) so a resumed epoch draws alike."""
+    rows = source() if callable(source) else None
     while True:
         n = 0
-        kwargs = {}
-        if cfg.shuffle_buffer:
-            kwargs = dict(local_shuffle_buffer_size=cfg.shuffle_buffer,
-                          local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank)
         rng = np.random.default_rng([cfg.seed, rank, epoch]) if segments else None
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
-                                        drop_last=True, **kwargs):
+        if rows is not None:
+            batches = epoch_batches(rows, cfg.batch_size,
+                                    [cfg.seed, rank, epoch] if cfg.shuffle_buffer else None)
+        else:
+            kwargs = {}
+            if cfg.shuffle_buffer:
+                kwargs = dict(local_shuffle_buffer_size=cfg.shuffle_buffer,
+                              local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank)
+            batches = source.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+                                          drop_last=True, **kwargs)
+        for batch in batches:
             n += 1
-            if rng is not None:
+            if rng is not None:  # drawn for skipped batches too: a resumed epoch draws alike
                 batch = draw_segment_frames(batch, segments, rng)
             if n <= skip:
                 continue
             yield batch, epoch, n
         if n == 0:
             raise ValueError(
-                f"worker {rank} got no full batch of {cfg.batch_size} from its data shard; use a "
-                "smaller batch_size or fewer workers"
+                f"worker {rank} got no full batch of {cfg.batch_size} from its part of the data; "
+                "use a smaller batch_size or fewer workers"
             )
         epoch, skip = epoch + 1, 0
+
+
+def epoch_batches(rows: dict[str, np.ndarray], batch_size: int,
+                  seed: list[int] | None) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of full batches of `rows`, in a permutation seeded by `seed` (None: in order);
+    the last partial batch is dropped."""
+    n = len(next(iter(rows.values()))) if rows else 0
+    order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
+    for i in range(n // batch_size):
+        take = order[i * batch_size: (i + 1) * batch_size]
+        yield {k: v[take] for k, v in rows.items()}
+
+
+def _decode_part(config: dict[str, Any], cfg: TrainConfig, mconfig, rank: int,
+                 stats: dict[str, float]):
+    """A decode-once run: the function that decodes this rank's part of the training rows in
+    this process (no Ray Data task processes to start; the rank's cores are idle until its first
+    step) and records the seconds it took in `stats`."""
+    def decode() -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        rows = decode_rows(config["rows"][rank], data_config(cfg, mconfig, train=True),
+                           config.get("skip_counter"))
+        stats["decode_s"] = time.perf_counter() - t0
+        if rank == 0:
+            log.info(f"[stage {cfg.stage}] each worker decoded its part of the training records "
+                     f"once (rank 0: {len(rows['id'])} in {stats['decode_s']:.1f} s)")
+        return rows
+
+    return decode
 
 
 # --- where the time goes -------------------------------------------------------------------------
@@ -373,11 +412,14 @@ class Worker:
     optim: parallel.Optimizers
     spec: Any  # the stage's StageSpec
     logger: StepLogger | None  # rank 0 only
+    data_stats: dict[str, float] = field(default_factory=dict)  # decode_s: this rank's decode
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build, shard, loop, report.
-    `config`: {"train": TrainConfig dict, "tokenizer_uri": str}."""
+    `config`: {"train": TrainConfig dict, "tokenizer_uri": str; for a decode-once run "rows":
+    the pipeline rows of each rank, which the rank decodes itself, and "skip_counter": the
+    pipeline's skip counter (else the rank reads Ray Train's "train" dataset shard)}."""
     cfg = TrainConfig.from_dict(config["train"])
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()  # this worker's GPU, or the CPU
@@ -390,15 +432,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(config["tokenizer_uri"])
     mconfig = model_config(cfg, tokenizer)
     start = _start(cfg, groups)
-    shard = ray.train.get_dataset_shard("train")
+    stats: dict[str, float] = {}
+    source = (_decode_part(config, cfg, mconfig, rank, stats) if "rows" in config
+              else ray.train.get_dataset_shard("train"))
     segments = mconfig.num_frames if _draws_segments(cfg) else 0
-    batches = _prefetch_first(_batches(shard, cfg, start.state["epoch"],
+    batches = _prefetch_first(_batches(source, cfg, start.state["epoch"],
                                        start.state["batch_in_epoch"], rank, segments))
     # shard: this rank's expert slots on its device, the stage's trainable set, the optimizers
     model, optim, spec = _shard(cfg, mconfig, groups, start)
     logger = StepLogger(cfg.tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
     worker = Worker(cfg=cfg, groups=groups, tokenizer=tokenizer, mconfig=mconfig, model=model,
-                    optim=optim, spec=spec, logger=logger)
+                    optim=optim, spec=spec, logger=logger, data_stats=stats)
     if rank == 0:
         log.info(_start_line(worker, start))
     # loop and report
@@ -507,6 +551,8 @@ def _loop(w: Worker, batches: Iterator, start: Start) -> StepTimes:
         if rank == 0 and cfg.profile_steps and step == first_profiled:
             profiler = _start_profiler()
         batch, epoch, index = next(batches)
+        if step == state["step"] + 1 and "decode_s" in w.data_stats:
+            timer.skip()  # waiting for this rank's decode: data/decode_s holds it, not the loop
         result = _step(w, batch, step, timer)
         state.update(step=step, epoch=epoch, batch_in_epoch=index,
                      samples=state["samples"] + len(batch["id"]))
@@ -595,6 +641,7 @@ def _report(w: Worker, step: int, lr: float, epoch: int, state: dict, window: di
     metrics.update(_routing_metrics(routing))
     metrics.update(step=step, stage=cfg.stage, lr=lr, epoch=epoch,
                    samples=state["samples"] * groups.world_size)
+    metrics["data/decode_s"] = _decode_seconds(w)
     # expert parameters this rank holds: 1/EP of the model's (built and read sharded; only
     # rank 0 receives the whole stack, one tensor at a time, to write a checkpoint)
     metrics["experts/params_on_rank"] = float(sum(
@@ -630,6 +677,18 @@ def _report(w: Worker, step: int, lr: float, epoch: int, state: dict, window: di
 def _draws_segments(cfg: TrainConfig) -> bool:
     """A decode-once run with frame jitter decodes a grid and draws each epoch's frames from it."""
     return cfg.frame_jitter and cfg.decode_once and cfg.jitter_grid > 1
+
+
+def _decode_seconds(w: Worker) -> float:
+    """The slowest rank's decode-once seconds (0 when streaming), reduced over the ranks at the
+    first report (every rank decoded its part before its first step) and kept."""
+    if "decode_s_max" not in w.data_stats:
+        value = torch.tensor([w.data_stats.get("decode_s", 0.0)], dtype=torch.float64,
+                             device=w.groups.device)
+        if w.groups.world_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        w.data_stats["decode_s_max"] = float(value)
+    return w.data_stats["decode_s_max"]
 
 
 def _reduce_window(window: dict[str, Any], groups) -> dict[str, float]:
@@ -756,17 +815,15 @@ def resume_notice(cfg: TrainConfig) -> str | None:
 def data_config(cfg: TrainConfig, mconfig, *, train: bool = False):
     """The Ray Data config of a run: the model's frames and size; `train` adds the run's frame
     jitter (evaluation always decodes the segment centres): drawn at decode when streaming, and
-    for a decode-once run a grid of `jitter_grid` frames per segment the loop draws from. A
-    decode-once run decodes before training, alone on the machine: a whole CPU per decode task
-    (fractions only oversubscribe the cores with Python workers)."""
+    for a decode-once run a grid of `jitter_grid` frames per segment the loop draws from (each
+    worker decodes its part itself, `decode_rows`; Ray Data streams the other runs)."""
     jitter = train and cfg.frame_jitter
     grid = cfg.jitter_grid if jitter and cfg.decode_once else 1
     return DataConfig(
         root=cfg.data_root,
         video=VideoConfig(num_frames=mconfig.num_frames * grid, height=mconfig.image_size,
                           width=mconfig.image_size, jitter=jitter and not cfg.decode_once),
-        task_weights=dict(cfg.task_weights), seed=cfg.seed,
-        decode_num_cpus=1.0 if train and cfg.decode_once else 0.25,
+        task_weights=dict(cfg.task_weights), seed=cfg.seed, decode_num_cpus=0.25,
     )
 
 
@@ -779,22 +836,25 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
     dataset = build_dataset(data_config(cfg, mconfig, train=True), split="train", shuffle=True,
                             preserve_order=True)
     dataset.dataset.context.enable_progress_bars = False  # progress lines come from rank 0
-    decode_s = 0.0
-    if cfg.decode_once:  # before the workers start: decoding never competes with a step
-        decode_s = dataset.materialize()
-        log.info(f"[stage {cfg.stage}] decoded the frames of {len(dataset.records)} training "
-                 f"records once in {decode_s:.1f} s (Ray object store)")
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # the same seed gives the same batches on every run
+    loop_config: dict[str, Any] = {"train": cfg.to_dict(), "tokenizer_uri": tokenizer_uri}
+    datasets = {"train": dataset.dataset}
+    if cfg.decode_once:  # each rank decodes an equal part of the (shuffled) rows itself, once,
+        # before its first step: no decode processes to start, no object-store round trip
+        per_rank = len(dataset.rows) // cfg.num_workers
+        loop_config.update(skip_counter=dataset.counter, rows=[
+            dataset.rows[r * per_rank: (r + 1) * per_rank] for r in range(cfg.num_workers)])
+        datasets = {}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "tokenizer_uri": tokenizer_uri},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),  # devices.backend
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
-        datasets={"train": dataset.dataset},
+        datasets=datasets or None,
         dataset_config=ray.train.DataConfig(execution_options=options),
         run_config=ray.train.RunConfig(
             name=cfg.run_name(),
@@ -812,6 +872,6 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
         raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint: {result.error}")
     metrics = dict(result.metrics or {})
     metrics.update(dataset.metrics())
-    metrics["data/decode_s"] = decode_s
+    metrics.setdefault("data/decode_s", 0.0)
     return FitResult(checkpoint_uri=ckpt.checkpoint_uri(result.checkpoint), metrics=metrics,
                      path=result.path)

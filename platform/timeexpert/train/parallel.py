@@ -246,10 +246,10 @@ class Optimizers:
         self.engine = None
         local = self.routed if zero_stage else self.routed + self.dense
         self.local_params = local
-        # foreach: one multi-tensor kernel per moment instead of a Python loop over parameters
-        # (the default only on CUDA; on CPU about a third less optimizer time)
+        # fused: one kernel per parameter for the whole update (CPU and CUDA); on CPU about 6x
+        # less optimizer time than foreach, itself a third less than the per-parameter loop
         self.local = torch.optim.AdamW([p for _, p in local] or [nn.Parameter(torch.zeros(1))],
-                                       lr=lr, weight_decay=weight_decay, foreach=True)
+                                       lr=lr, weight_decay=weight_decay, fused=True)
         if zero_stage and self.dense:
             self.engine = _deepspeed_engine(model, [p for _, p in self.dense], groups, lr=lr,
                                             weight_decay=weight_decay, grad_clip=grad_clip,
@@ -284,11 +284,9 @@ class Optimizers:
     def update(self) -> Tensor:
         """Clip the synced gradients and step; the clip factor stays a tensor (no host sync)."""
         norm = _global_grad_norm(self.local_params, self.groups)
-        if self.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_'s factor, clamped at 1
-            factor = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for _, p in self.local_params:
-                if p.grad is not None:
-                    p.grad.mul_(factor.to(p.grad.dtype))
+        if self.grad_clip > 0:  # clip_grad_norm_'s factor, clamped at 1, on the global norm
+            torch.nn.utils.clip_grads_with_norm_([p for _, p in self.local_params], self.grad_clip,
+                                                 norm, foreach=True)
         self.local.step()
         self.local.zero_grad(set_to_none=True)
         if self.engine is not None:
@@ -314,12 +312,16 @@ class Optimizers:
 
 def _global_grad_norm(named_params, groups: ParallelGroups) -> Tensor:
     """Norm of the synced gradients: replicated ones counted once, expert slices once per EP rank.
-    A float64 0-d tensor, computed without a host sync."""
+    A 0-d tensor, computed without a host sync (one multi-tensor norm per kind)."""
     zero = torch.zeros((), dtype=torch.float64, device=groups.device)
-    rep = sum((p.grad.double().pow(2).sum() for n, p in named_params
-               if p.grad is not None and not is_expert_param(n)), zero)
-    exp = sum((p.grad.double().pow(2).sum() for n, p in named_params
-               if p.grad is not None and is_expert_param(n)), zero)
+
+    def squared(expert: bool) -> Tensor:
+        grads = [p.grad for n, p in named_params if p.grad is not None and is_expert_param(n) == expert]
+        if not grads:
+            return zero
+        return torch.nn.utils.get_total_norm(grads, foreach=True).double().pow(2)
+
+    rep, exp = squared(False), squared(True)
     if groups.ep_group is not None:
         exp = exp.reshape(1)
         dist.all_reduce(exp, group=groups.ep_group)
