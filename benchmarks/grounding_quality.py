@@ -74,6 +74,9 @@ def _extra(parser) -> None:
                              "step drawing one of the K frames of every segment (TSN jitter)")
     parser.add_argument("--paired", action="store_true",
                         help="batches hold the records of a video together (both MR queries)")
+    parser.add_argument("--caption-queries", action="store_true",
+                        help="MR training records also from every captioned event of the DVC "
+                             "records (`pipeline.caption_queries`)")
     parser.add_argument("--eval-root", default="",
                         help="data root of the held-out split (default --data-root), e.g. train "
                              "on medium and score on small")
@@ -120,12 +123,14 @@ def as_batch(records, frames: dict[str, tuple], num_frames: int | None = None,
     return batch if rng is None else draw_segment_frames(batch, num_frames, rng)
 
 
-def load_split(root: str, split: str, tasks: list[str], limit: int | None = None):
+def load_split(root: str, split: str, tasks: list[str], limit: int | None = None,
+               caption_queries: bool = False):
     from timeexpert import storage
+    from timeexpert.data import pipeline
     from timeexpert.data.formats import read_manifest
 
     records = read_manifest(storage.join_uri(root, "manifests", f"{split}.jsonl"))
-    out = []
+    out = pipeline.caption_queries(records) if caption_queries and "mr" in tasks else []
     for task in tasks:
         chosen = [r for r in records if r.task.value == task]
         out += chosen[:limit] if limit else chosen
@@ -274,12 +279,12 @@ def main() -> None:
     frames = decode_all(eval_root, held_out, num_frames, size)
     phases = []  # (training records, their decoded frames, steps), easiest first
     for root in [] if loaded else [r for r in args.curriculum.split(",") if r] + [args.data_root]:
-        records = load_split(root, "train", tasks) if root != args.data_root else train
+        records = load_split(root, "train", tasks, caption_queries=args.caption_queries)
         steps = args.steps if root == args.data_root else args.curriculum_steps
         phases.append((records, decode_all(root, records, num_frames * args.jitter, size), steps))
     print(f"decoded {len(frames) + sum(len(f) for _, f, _ in phases)} videos in "
           f"{time.perf_counter() - t0:.0f} s; "
-          f"{len(train)} training records, {len(held_out)} {args.split} records", flush=True)
+          f"{len(phases[-1][0]) if phases else len(train)} training records, {len(held_out)} {args.split} records", flush=True)
     trivial = best_trivial(train, held_out)
     result: dict = {"data_root": args.data_root, "eval_root": eval_root, "split": args.split,
                     "steps": args.steps, "jitter": args.jitter, "tasks": tasks,

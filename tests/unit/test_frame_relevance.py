@@ -10,6 +10,7 @@ import torch
 from timeexpert.events import Event, Task, TokenType
 from timeexpert.inference import GroundingModel, PredictRequest
 from timeexpert.models.frame_relevance import (
+    FrameRelevanceHead,
     clip_saliency,
     frame_labels,
     frame_word_labels,
@@ -138,10 +139,12 @@ def test_bidirectional_frames_let_a_frame_see_the_frames_after_it(tok, bidirecti
     torch.testing.assert_close(out.hidden_states[0, query], out.hidden_states[1, query])
 
 
-def test_frame_loss_joins_the_loss_and_a_batch_is_overfit(tok):
+@pytest.mark.parametrize("token_max", [False, True])
+def test_frame_loss_joins_the_loss_and_a_batch_is_overfit(tok, token_max):
     """Two queries over the same frames, each relevant on other frames: the model must read the
-    query to fit both (the answer prior cannot)."""
-    cfg = relevance_config(tok, loss_weight_frames=2.0)
+    query to fit both (the answer prior cannot); with the similarity maximised over a frame's
+    tokens too."""
+    cfg = relevance_config(tok, loss_weight_frames=2.0, relevance_token_max=token_max)
     torch.manual_seed(0)
     model = TimeExpertForGrounding(cfg)
     frames = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -231,11 +234,30 @@ def test_training_rows_get_relevance_labels_per_task():
     np.testing.assert_array_equal(bare, [-1, -1, -1, -1])
 
 
+def test_relevance_head_takes_the_best_token_of_a_frame():
+    """With token states, the query-frame similarity is the best of the frame's tokens: a frame
+    whose one token matches the query scores that token's similarity, however its other tokens
+    pull the frame's mean away."""
+    torch.manual_seed(0)
+    head = FrameRelevanceHead(8, rank=4)
+    tokens_BTSD = torch.randn(2, 3, 4, 8)
+    query_BD = torch.randn(2, 8)
+    frames_BTD = tokens_BTSD.mean(2)
+    linear_BT = head.proj(head.norm(frames_BTD)).squeeze(-1)
+    sim_BTS = torch.einsum("btsr,br->bts", head.frame_proj(head.norm(tokens_BTSD)),
+                           head.query_proj(head.norm(query_BD))) / 2.0
+    torch.testing.assert_close(head(frames_BTD, query_BD, tokens_BTSD),
+                               linear_BT + sim_BTS.amax(-1))
+    assert not torch.allclose(head(frames_BTD, query_BD), linear_BT + sim_BTS.amax(-1))
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_frame_logits_of_a_padded_batch_equal_each_row_alone(tok, bidirectional):
     """Rows of 4 and 2 frames, left-padded as in generation: each row's frame logits equal those
-    of the row run alone (with bidirectional frames too: padding is never attended)."""
-    cfg = relevance_config(tok, bidirectional_frames=bidirectional)
+    of the row run alone (with bidirectional frames and the token-max similarity too: padding is
+    never attended nor maximised over)."""
+    cfg = relevance_config(tok, bidirectional_frames=bidirectional,
+                           relevance_token_max=bidirectional)
     torch.manual_seed(0)
     model = TimeExpertForGrounding(cfg).eval()
     frames = np.random.default_rng(4).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)

@@ -38,7 +38,9 @@ class FrameRelevanceHead(nn.Module):
     logit_t = w . f_t + b + (W_q q) . (W_f f_t) / sqrt(r): a linear read of the frame state (the
     decoder has already mixed the query in through attention) plus a low-rank query-frame
     similarity, the direct multiplicative path of GroundVTS's query-guided token scoring (low-rank
-    projections of query and visual tokens) and of D2VLM's evidence-frame similarity.
+    projections of query and visual tokens) and of D2VLM's evidence-frame similarity. With
+    `relevance_token_max` the similarity is taken per visual token and maximised over the frame's
+    tokens (late interaction), so that the one token showing the queried object decides.
     """
 
     def __init__(self, dim: int, rank: int = 64) -> None:
@@ -48,9 +50,17 @@ class FrameRelevanceHead(nn.Module):
         self.query_proj = nn.Linear(dim, rank, bias=False)
         self.frame_proj = nn.Linear(dim, rank, bias=False)
 
-    def forward(self, frames_BTD: torch.Tensor, query_BD: torch.Tensor) -> torch.Tensor:
+    def forward(self, frames_BTD: torch.Tensor, query_BD: torch.Tensor,
+                tokens_BTSD: torch.Tensor | None = None) -> torch.Tensor:
+        """With `tokens_BTSD` (each frame's S token states), the similarity is taken per token
+        and maximised over the frame's tokens; else on the frame's mean state."""
         f_BTD, q_BD = self.norm(frames_BTD), self.norm(query_BD)
-        sim_BT = torch.einsum("btr,br->bt", self.frame_proj(f_BTD), self.query_proj(q_BD))
+        q_BR = self.query_proj(q_BD)
+        if tokens_BTSD is None:
+            sim_BT = torch.einsum("btr,br->bt", self.frame_proj(f_BTD), q_BR)
+        else:
+            sim_BTS = torch.einsum("btsr,br->bts", self.frame_proj(self.norm(tokens_BTSD)), q_BR)
+            sim_BT = sim_BTS.amax(-1)
         return self.proj(f_BTD).squeeze(-1) + sim_BT / self.query_proj.out_features ** 0.5
 
 
@@ -61,12 +71,16 @@ def pool_query(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tens
 
 
 def pool_frames(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tensor,
-                tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each frame's S visual hidden states averaged -> (B, T, D), and the (B, T) mask of real
-    frames. Rows hold their frames in order, S visual tokens each (the prompt layout)."""
+                tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each frame's S visual hidden states averaged -> (B, T, D), the (B, T) mask of real frames
+    and the states themselves, (B, T, S, D) (zeros for padding frames). Rows hold their frames in
+    order, S visual tokens each (the prompt layout)."""
     is_visual_BN = (types_BN == TokenType.VISUAL) & valid_BN
     visual_MSD = h_BND[is_visual_BN].view(-1, tokens_per_frame, h_BND.shape[-1])
-    return frame_features(visual_MSD, types_BN, valid_BN, tokens_per_frame)
+    frames_BTD, mask_BT = frame_features(visual_MSD, types_BN, valid_BN, tokens_per_frame)
+    tokens_BTSD = visual_MSD.new_zeros(*mask_BT.shape, *visual_MSD.shape[1:])
+    tokens_BTSD[mask_BT] = visual_MSD
+    return frames_BTD, mask_BT, tokens_BTSD
 
 
 def relevance_loss(logits_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

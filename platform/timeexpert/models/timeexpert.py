@@ -92,6 +92,7 @@ ARCHITECTURE_FIELDS = (
     "frame_relevance",
     "frame_words",
     "bidirectional_frames",
+    "relevance_token_max",
 )
 
 
@@ -148,6 +149,10 @@ class TimeExpertConfig(PretrainedConfig):
     # (whether an object is on screen the whole video, where it moves next); everything else stays
     # causal. Off: the plain causal decoder
     bidirectional_frames: bool = False
+    # the relevance head's query-frame similarity taken per visual token and maximised over the
+    # frame's tokens (late interaction: one token showing the queried object is enough), instead
+    # of on the frame's mean state (where the object is one of several things averaged)
+    relevance_token_max: bool = False
     frame_threshold: float = 0.6  # salient: this share of the most relevant frame's probability
     # or above (D2VLM's 60%)
     windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)
@@ -737,10 +742,11 @@ class TimeExpertForGrounding(PreTrainedModel):
         not the vision features): out.frame_logits, and with targets the per-frame BCE and the
         frame-words BCE."""
         h_BND = out.hidden_states
-        states_BTD, frame_mask_BT = pool_frames(h_BND, types_BN, valid_BN,
-                                                self.config.tokens_per_frame)
+        states_BTD, frame_mask_BT, tokens_BTSD = pool_frames(h_BND, types_BN, valid_BN,
+                                                             self.config.tokens_per_frame)
         query_BD = pool_query(h_BND, types_BN, valid_BN)
-        out.frame_logits = self.frame_head(states_BTD, query_BD)
+        out.frame_logits = self.frame_head(
+            states_BTD, query_BD, tokens_BTSD if self.config.relevance_token_max else None)
         out.frame_mask = frame_mask_BT
         if frame_labels_BT is not None:
             labels_BT = frame_labels_BT.to(h_BND.device)
