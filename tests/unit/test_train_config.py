@@ -257,3 +257,12 @@ def test_train_job_passes_the_curriculum_flags(tmp_path, monkeypatch):
     assert train.main(["--data-root", str(tmp_path), "--curriculum", "a,b",
                        "--curriculum-steps", "4"]) == 0
     assert seen["cfg"].curriculum == ["a", "b"] and seen["cfg"].curriculum_steps == 4
+
+
+def test_decode_once_ranks_get_equal_parts_of_at_least_a_batch():
+    from timeexpert.train.loop import rank_rows
+
+    assert rank_rows(list(range(7)), 2, 3) == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match="7 training records give each of the 3 workers 2, "
+                                         "fewer than one batch of 3"):
+        rank_rows(list(range(7)), 3, 3)

@@ -250,6 +250,17 @@ def epoch_batches(rows: dict[str, np.ndarray], batch_size: int,
         yield {k: v[take] for k, v in rows.items()}
 
 
+def rank_rows(rows: list, num_workers: int, batch_size: int) -> list[list]:
+    """Equal contiguous parts of the (shuffled) rows, one per rank (the remainder dropped);
+    refuses parts too small for one batch."""
+    per_rank = len(rows) // num_workers
+    if per_rank < batch_size:
+        raise ValueError(f"{len(rows)} training records give each of the {num_workers} workers "
+                         f"{per_rank}, fewer than one batch of {batch_size}; use a smaller "
+                         "batch_size or fewer workers")
+    return [rows[r * per_rank: (r + 1) * per_rank] for r in range(num_workers)]
+
+
 def _decode_part(config: dict[str, Any], cfg: TrainConfig, mconfig, rank: int,
                  stats: dict[str, float]):
     """A decode-once run: the function that decodes this rank's part of the training rows in
@@ -842,9 +853,8 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
     datasets = {"train": dataset.dataset}
     if cfg.decode_once:  # each rank decodes an equal part of the (shuffled) rows itself, once,
         # before its first step: no decode processes to start, no object-store round trip
-        per_rank = len(dataset.rows) // cfg.num_workers
-        loop_config.update(skip_counter=dataset.counter, rows=[
-            dataset.rows[r * per_rank: (r + 1) * per_rank] for r in range(cfg.num_workers)])
+        loop_config.update(skip_counter=dataset.counter,
+                           rows=rank_rows(dataset.rows, cfg.num_workers, cfg.batch_size))
         datasets = {}
     trainer = TorchTrainer(
         train_loop_per_worker,
