@@ -284,7 +284,8 @@ def main() -> None:
         phases.append((records, decode_all(root, records, num_frames * args.jitter, size), steps))
     print(f"decoded {len(frames) + sum(len(f) for _, f, _ in phases)} videos in "
           f"{time.perf_counter() - t0:.0f} s; "
-          f"{len(phases[-1][0]) if phases else len(train)} training records, {len(held_out)} {args.split} records", flush=True)
+          f"{len(phases[-1][0]) if phases else len(train)} training records, "
+          f"{len(held_out)} {args.split} records", flush=True)
     trivial = best_trivial(train, held_out)
     result: dict = {"data_root": args.data_root, "eval_root": eval_root, "split": args.split,
                     "steps": args.steps, "jitter": args.jitter, "tasks": tasks,

@@ -5,8 +5,9 @@ The driver reads the (small) manifest, refuses any video outside the storage roo
 per-task mixing and hands the rows to Ray Data; the videos are fetched and decoded in
 `map_batches` tasks, streamed, so memory stays bounded whatever the number of videos. A bad
 video or annotation is skipped and counted by reason (`VideoDataset.skip_summary()`), never a
-crash. Training decodes once per run: `VideoDataset.materialize()` keeps the decoded samples in
-Ray's object store, and `draw_segment_frames` draws each epoch's TSN frames from a denser grid.
+crash. A decode-once training run does not stream: each worker decodes its rows
+(`VideoDataset.rows`) in its own process with `decode_rows`, and `draw_segment_frames` draws each
+epoch's TSN frames from a denser grid.
 
 Output columns, one row per record (what `iter_batches` / `iter_torch_batches` yield, batched):
 
@@ -22,15 +23,15 @@ Output columns, one row per record (what `iter_batches` / `iter_torch_batches` y
 
 plus whatever columns the `tokenize` hook adds. For `iter_torch_batches` pass
 `collate_fn=torch_collate()` of `data.collate` (text columns stay lists of str). This module does
-not import torch: a decode task's worker process starts without it (2-3 s of a cold start). Pixel normalisation belongs to the model's
-preprocessor: pass it as `preprocess` to run it inside the pipeline, or apply it in the loop.
+not import torch: a decode task's worker process starts without it (2-3 s of a cold start). Pixel
+normalisation belongs to the model's preprocessor: pass it as `preprocess` to run it inside the
+pipeline, or apply it in the loop.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -257,21 +258,14 @@ def draw_segment_frames(batch: dict[str, np.ndarray], num_frames: int,
 
 @dataclass
 class VideoDataset:
-    """A streaming Ray Dataset of decoded samples, with the skip accounting of its build."""
+    """A streaming Ray Dataset of decoded samples and the rows it decodes, with the skip
+    accounting of its build."""
 
     dataset: Any  # ray.data.Dataset
     records: list[Record]  # the records fed to the pipeline (after checks and mixing)
     driver_skips: dict[str, int] = field(default_factory=dict)  # skipped before Ray (annotations)
     counter: Any = None  # SkipCounter actor handle
     rows: list[dict[str, Any]] = field(default_factory=list)  # the rows handed to Ray Data
-
-    def materialize(self) -> float:
-        """Decode every video now, once, into Ray's object store (spilled to local disk when it
-        fills); later epochs read the decoded frames instead of decoding again. Returns the
-        seconds it took. Bounded by the store: a dataset much larger than it should stream."""
-        t0 = time.perf_counter()
-        self.dataset = self.dataset.materialize()
-        return time.perf_counter() - t0
 
     def skip_summary(self) -> dict[str, int]:
         """Records skipped so far, by reason. Complete once the dataset has been consumed."""

@@ -71,15 +71,18 @@ def pool_query(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tens
 
 
 def pool_frames(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tensor,
-                tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                tokens_per_frame: int, *, with_tokens: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Each frame's S visual hidden states averaged -> (B, T, D), the (B, T) mask of real frames
-    and the states themselves, (B, T, S, D) (zeros for padding frames). Rows hold their frames in
-    order, S visual tokens each (the prompt layout)."""
+    and, `with_tokens`, the states themselves, (B, T, S, D) (zeros for padding frames; else
+    None). Rows hold their frames in order, S visual tokens each (the prompt layout)."""
     is_visual_BN = (types_BN == TokenType.VISUAL) & valid_BN
     visual_MSD = h_BND[is_visual_BN].view(-1, tokens_per_frame, h_BND.shape[-1])
     frames_BTD, mask_BT = frame_features(visual_MSD, types_BN, valid_BN, tokens_per_frame)
-    tokens_BTSD = visual_MSD.new_zeros(*mask_BT.shape, *visual_MSD.shape[1:])
-    tokens_BTSD[mask_BT] = visual_MSD
+    tokens_BTSD = None
+    if with_tokens:
+        tokens_BTSD = visual_MSD.new_zeros(*mask_BT.shape, *visual_MSD.shape[1:])
+        tokens_BTSD[mask_BT] = visual_MSD
     return frames_BTD, mask_BT, tokens_BTSD
 
 

@@ -742,11 +742,11 @@ class TimeExpertForGrounding(PreTrainedModel):
         not the vision features): out.frame_logits, and with targets the per-frame BCE and the
         frame-words BCE."""
         h_BND = out.hidden_states
-        states_BTD, frame_mask_BT, tokens_BTSD = pool_frames(h_BND, types_BN, valid_BN,
-                                                             self.config.tokens_per_frame)
+        states_BTD, frame_mask_BT, tokens_BTSD = pool_frames(
+            h_BND, types_BN, valid_BN, self.config.tokens_per_frame,
+            with_tokens=self.config.relevance_token_max)
         query_BD = pool_query(h_BND, types_BN, valid_BN)
-        out.frame_logits = self.frame_head(
-            states_BTD, query_BD, tokens_BTSD if self.config.relevance_token_max else None)
+        out.frame_logits = self.frame_head(states_BTD, query_BD, tokens_BTSD)
         out.frame_mask = frame_mask_BT
         if frame_labels_BT is not None:
             labels_BT = frame_labels_BT.to(h_BND.device)

@@ -37,13 +37,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from timeexpert.models.expert_parallel import expert_shard_file, is_expert_param
+from timeexpert.models.expert_parallel import WEIGHTS, expert_shard_file, is_expert_param
 from timeexpert.models.processor import TimeExpertProcessor
 
 TRAIN_STATE = "train_state.json"
 ROUTING = "routing.json"
 ZERO_DIR = "zero"
-MODEL_WEIGHTS = "model.safetensors"
 
 
 def optim_file(rank: int) -> str:
@@ -81,7 +80,7 @@ def write_model(directory: str, config, state: dict[str, Tensor]) -> None:
     (`parallel.checkpoint_state`): no two names share storage."""
     config.save_pretrained(directory)
     save_file({k: v.contiguous() for k, v in state.items()},
-              os.path.join(directory, MODEL_WEIGHTS), metadata={"format": "pt"})
+              os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
 
 
 def read_train_state(directory: str) -> dict[str, Any]:

@@ -316,7 +316,8 @@ def _global_grad_norm(named_params, groups: ParallelGroups) -> Tensor:
     zero = torch.zeros((), dtype=torch.float64, device=groups.device)
 
     def squared(expert: bool) -> Tensor:
-        grads = [p.grad for n, p in named_params if p.grad is not None and is_expert_param(n) == expert]
+        grads = [p.grad for n, p in named_params
+                 if p.grad is not None and is_expert_param(n) == expert]
         if not grads:
             return zero
         return torch.nn.utils.get_total_norm(grads, foreach=True).double().pow(2)
