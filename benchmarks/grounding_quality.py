@@ -65,7 +65,8 @@ def _extra(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model-set", action="append", default=[], metavar="KEY=JSON",
-                        help="a TimeExpertConfig override for every variant (repeatable)")
+                        help="a TimeExpertConfig override for every variant, and the "
+                        "inference-time keys of --checkpoints models (repeatable)")
     parser.add_argument("--curriculum", default="",
                         help="easier data roots trained first, each for --curriculum-steps")
     parser.add_argument("--curriculum-steps", type=int, default=0)
@@ -260,6 +261,9 @@ def main() -> None:
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoints.split(",") if item)
     loaded = {name: GroundingModel.load(uri) for name, uri in checkpoints.items()}
+    for grounding in loaded.values():  # inference-time keys (frame_threshold, dvc_from_frames)
+        for key, value in model_set(args.model_set).items():
+            setattr(grounding.model.config, key, value)
     if loaded:  # the frames the saved models were trained on
         probe = next(iter(loaded.values())).model.config
     else:

@@ -8,8 +8,9 @@ QVHighlights submission rows; `dvc_predictions.json`, ActivityNet challenge json
 spans `gqa_predictions.json` and answers `gqa_predictions_qa.json`), `metrics.json`
 (model and baselines per task, decode skips) and `report.md`. Logs params, metrics and those
 files to MLflow when a tracking URI is given (or MLFLOW_TRACKING_URI is set).
-Videos are decoded by the Ray Data pipeline and prompts batched (`timeexpert.eval.evaluate.
-predict_records`, as at the end of a training stage), on the cluster of RAY_ADDRESS or a local Ray.
+Videos are decoded by the Ray Data pipeline and answered by an actor pool of `--replicas` model
+replicas (`timeexpert.eval.evaluate.predict_records`, as at the end of a training stage; one GPU
+each with `--gpu`), on the cluster of RAY_ADDRESS or a local Ray.
 A video that cannot be decoded is skipped, counted by reason, and scored as a miss.
 """
 
@@ -28,6 +29,7 @@ from _common import connect_ray  # noqa: E402  (sys.path and environment default
 import mlflow  # noqa: E402
 import ray  # noqa: E402
 
+from timeexpert.checkpoints import read_config  # noqa: E402
 from timeexpert.config import DataConfig, VideoConfig  # noqa: E402
 from timeexpert.data.formats import read_manifest  # noqa: E402
 from timeexpert.eval.baselines import trivial_baselines  # noqa: E402
@@ -37,7 +39,6 @@ from timeexpert.eval.evaluate import (  # noqa: E402
     write_predictions,
 )
 from timeexpert.events import Task  # noqa: E402
-from timeexpert.inference import GroundingModel  # noqa: E402
 from timeexpert.tracking import metric_key  # noqa: E402
 
 HEADLINE = {
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, help="frame height = width (default: the model's)")
     parser.add_argument("--limit", type=int, help="evaluate the first N records only")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas answering in parallel")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument("--gpu", action="store_true", help="one GPU per replica (bf16 autocast)")
     parser.add_argument("--seed", type=int, default=0, help="random baseline seed")
     parser.add_argument("--no-captions", action="store_true", help="skip METEOR/CIDEr/SODA_c (java)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
@@ -96,16 +100,20 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    model = GroundingModel.load(args.checkpoint)
+    try:
+        config = read_config(args.checkpoint)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read the checkpoint {args.checkpoint!r}: {err}", file=sys.stderr)
+        return 2
     # Decode as the model was trained: its frame count and image size unless overridden.
-    size = args.size or model.model.config.image_size
-    video = VideoConfig(num_frames=args.num_frames or model.model.config.num_frames,
-                        height=size, width=size)
+    size = args.size or config["image_size"]
+    video = VideoConfig(num_frames=args.num_frames or config["num_frames"], height=size, width=size)
     started = connect_ray(num_cpus=2)
     try:
         predictions, _, skipped = predict_records(
-            model, records, DataConfig(root=root, video=video, decode_num_cpus=0.25),
-            batch_size=args.batch_size,
+            args.checkpoint, records, DataConfig(root=root, video=video, decode_num_cpus=0.25),
+            replicas=args.replicas, num_cpus=args.cpus_per_replica,
+            num_gpus=1.0 if args.gpu else 0.0, batch_size=args.batch_size,
         )
     finally:
         if started:

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", choices=["timeexpert", "groundvts"],
                    help="what the stages train (default: the preset's, else timeexpert)")
     p.add_argument("--fpo-steps", type=int, default=None,
-                   help="D2VLM FPO steps after the last stage, in the driver (0 = off)")
+                   help="D2VLM FPO steps after the last stage, on the Ray Train "
+                        "workers (0 = off)")
     p.add_argument("--curriculum", metavar="ROOT[,ROOT...]",
                    help="dataset roots easier than --data-root, easiest first (e.g. rendered "
                         "synthetic ladder levels): stage 3 trains on each before --data-root")

@@ -9,12 +9,14 @@ the `with` block ends, so a reader loads what it needs inside the block.
 `local_copy(uri)` yields that folder as it is (a tokenizer, a training checkpoint);
 `local_checkpoint(uri)` yields the TimeExpert checkpoint in it: the folder itself when it holds
 config.json, else its one sub-folder (at most three levels down) that does, so a run's artifact
-root with one `checkpoint/` inside can be served as is.
+root with one `checkpoint/` inside can be served as is. `read_config(uri)` reads only its
+config.json (in place where the storage allows).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from typing import Iterator
@@ -52,6 +54,18 @@ def local_checkpoint(uri: str) -> Iterator[str]:
     """The local folder of the TimeExpert checkpoint (config.json) at `uri`; see the module."""
     with local_copy(uri) as root:
         yield find_checkpoint_dir(root, uri)
+
+
+def read_config(uri: str) -> dict:
+    """The config.json of the checkpoint at `uri`, as a dict: read in place from local or s3://
+    storage when the folder holds it, else from a copy (MLflow URIs, a checkpoint deeper down)."""
+    if not uri.startswith(MLFLOW_PREFIXES):
+        try:
+            return json.loads(storage.read_text(storage.join_uri(uri, CONFIG)))
+        except FileNotFoundError:
+            pass  # a folder holding the checkpoint further down
+    with local_checkpoint(uri) as d, open(os.path.join(d, CONFIG)) as f:
+        return json.load(f)
 
 
 def find_checkpoint_dir(root: str, uri: str) -> str:

@@ -11,7 +11,8 @@ truncation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -20,7 +21,9 @@ from timeexpert.checkpoints import local_checkpoint
 from timeexpert.events import (EOS, SWITCH, Event, Task, TokenType, read_gqa_answer,
                                saliency_from_events)
 from timeexpert.models.evidence import interval_from_salient
-from timeexpert.models.frame_relevance import RELEVANT, clip_saliency, windows_from_relevance
+from timeexpert.models.frame_relevance import (
+    RELEVANT, clip_saliency, dense_events_from_relevance, windows_from_relevance,
+)
 from timeexpert.models.generation import generate_answer
 from timeexpert.models.processor import TimeExpertProcessor
 from timeexpert.models.timeexpert import TimeExpertForGrounding
@@ -45,6 +48,18 @@ class Prediction:
     # GQA: the index of the option the answer chose (None when it names none); its evidence span
     # is events[0]
     answer: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Prediction":
+        fields = json.loads(text)
+        fields["events"] = [Event(**e) for e in fields["events"]]
+        if fields.get("evidence_intervals") is not None:
+            fields["evidence_intervals"] = [None if i is None else tuple(i)
+                                            for i in fields["evidence_intervals"]]
+        return cls(**fields)
 
 
 @dataclass
@@ -216,6 +231,9 @@ class GroundingModel:
                 caption = p.events[-1].caption if p.events else ""
                 p.events = [Event(start=best.start, end=best.end, score=best.score,
                                   caption=caption)]
+            elif task == Task.DVC and cfg.dvc_from_frames:
+                p.events = dense_events_from_relevance(relevance[b], r.timestamps_T,
+                                                       durations[b], p.events, caps[b])
             elif task == Task.DVC and cfg.locate_captions and any(e.caption for e in p.events):
                 dvc.append(b)
         if dvc:

@@ -1,10 +1,12 @@
 """Recipes through the real pipeline: GroundVTS's progressive stages train what they say (sampler
 alone, then LoRA on attention, then all but vision) and plot token density into MLflow; D2VLM
 batches carry evidence targets so L_gnd trains the evidence head; FPO after a stage raises the
-chosen-vs-rejected margin against the frozen reference."""
+chosen-vs-rejected margin against the frozen reference; FPO on two Ray Train workers equals a
+single-process loop that averages the two ranks' gradients."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -168,3 +170,74 @@ def test_d2vlm_stage_then_fpo_raises_the_margin(ray_cluster, mini_data, tmp_path
     assert fpo.train_metrics["fpo/fpo_loss"] < 0.69
     gm = GroundingModel.load(fpo.checkpoint_uri)  # a loadable checkpoint
     assert gm.model.config.evidence is not None
+
+
+@pytest.mark.slow
+def test_fpo_on_two_workers_equals_averaging_the_ranks_gradients(ray_cluster, mini_data, tmp_path,
+                                                                one_torch_thread):
+    """FPO under Ray Train, 2 gloo workers: rank r takes the batches r, r + 2, ... of the train
+    rows, and the run equals one process stepping on the mean of the two ranks' gradients, with
+    the ranks' mean metrics; its checkpoint at output_uri loads."""
+    from timeexpert import storage
+    from timeexpert.data import formats
+    from timeexpert.data.pipeline import build_dataset, decode_rows
+    from timeexpert.inference import GroundingModel
+    from timeexpert.models.timeexpert import create_model
+    from timeexpert.train.fpo import FPOConfig, encode_pairs, fpo_step, train_fpo
+    from timeexpert.train.loop import data_config, model_config, train_tokenizer
+    from timeexpert.train.recipes import set_trainable
+
+    cfg = _config(data_root=mini_data, storage_root=str(tmp_path / "runs"), name="fpo2",
+                  num_workers=2, model_overrides={"evidence": {"temperature": 0.2}},
+                  fpo_steps=2, fpo_beta=0.5, lr=1e-3)
+    records = formats.read_manifest(storage.join_uri(mini_data, "manifests", "train.jsonl"))
+    tokenizer = train_tokenizer(cfg, records)
+    mconfig = model_config(cfg, tokenizer)
+    torch.manual_seed(0)
+    start = str(tmp_path / "start")
+    GroundingModel(create_model(mconfig), tokenizer).save(start)
+    output_uri = str(tmp_path / "runs" / "fpo2-fpo" / "checkpoint")
+
+    metrics = train_fpo(start, cfg, output_uri=output_uri)
+
+    # the reference: one process, the ranks' batches of each step in turn, their gradients averaged
+    policy = GroundingModel.load(start).model.eval()
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    set_trainable(policy, 3, cfg.recipe)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data = data_config(cfg, mconfig)
+    rows = build_dataset(data, split="train", shuffle=False, preserve_order=True).rows
+    B, W = cfg.batch_size, cfg.num_workers
+    for step in range(cfg.fpo_steps):
+        grads, ranks = [torch.zeros_like(p) for p in params], []
+        for n in range(step * W, step * W + W):  # batch n is rank n % W's
+            batch = decode_rows(rows[n * B: (n + 1) * B], data)
+            batch_rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))]
+            pairs = encode_pairs(batch_rows, tokenizer, mconfig, policy, seed=cfg.seed + n)
+            assert pairs is not None
+            optim.zero_grad(set_to_none=True)
+            loss, m = fpo_step(policy, reference, *pairs, FPOConfig(beta=cfg.fpo_beta))
+            loss.backward()
+            for g, p in zip(grads, params):  # no gradient counts as zeros (sync_gradients)
+                g += 0 if p.grad is None else p.grad
+            ranks.append(m)
+        for g, p in zip(grads, params):
+            p.grad = g / W
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optim.step()
+
+    for key in ("fpo_loss", "reward_margin", "reward_accuracy"):
+        assert metrics[f"fpo/{key}"] == pytest.approx(np.mean([m[key] for m in ranks]), abs=1e-6)
+    assert metrics["step"] == cfg.fpo_steps
+    assert metrics["fpo/first_margin"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
+    assert metrics["fpo/reward_margin"] > 0, metrics  # the margin moved up
+    trained = _weights(output_uri)
+    expected = policy.state_dict()
+    for name, p in policy.named_parameters():
+        if p.requires_grad:  # equal, bit for bit, with one torch thread as the workers have
+            torch.testing.assert_close(trained[name], expected[name])
+    gm = GroundingModel.load(output_uri)  # a loadable model directory
+    assert gm.model.config.evidence is not None
+    state = json.loads(storage.read_text(storage.join_uri(output_uri, "train_state.json")))
+    assert state["state"] == {"stage": "fpo", "step": cfg.fpo_steps}

@@ -1,11 +1,13 @@
 """Ray Train runs of the tiny model on tiny synthetic data: EP=2 + ZeRO-2 from and to S3 equals
-EP=1, a killed worker resumes from the last checkpoint, and Ray Data streams frames from S3 into
-the workers when the run does not decode once."""
+EP=1, a killed worker resumes from the last checkpoint, a run resumes at another world size and
+EP degree, and Ray Data streams frames from S3 into the workers when the run does not decode
+once."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -96,6 +98,35 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_s3_data, t
     # rank 1 died after step 3; the group restarted from the step-2 checkpoint, not from zero
     assert state["restores"] == 1
     assert state["step"] == 5 and state["samples"] == 5 * 2
+
+
+def test_a_run_resumes_at_another_world_size(ray_cluster, tiny_s3_data, tmp_path):
+    """Two workers at EP=2 with ZeRO-2 write step 4; the same run resumed on one worker at EP=1
+    goes on to step 6 with the optimizer state carried over: the experts' moments resharded by
+    name, the dense ones (ZeRO partitions) gathered at the write and re-split at the read."""
+    from timeexpert.data import formats
+    from timeexpert.train.checkpoint import ZERO_DENSE, optim_file, read_train_state
+    from timeexpert.train.loop import fit, prepare_tokenizer
+
+    cfg = _config(data_root=tiny_s3_data, storage_root=str(tmp_path), name="ws", ep_size=2,
+                  zero_stage=2)
+    tok = prepare_tokenizer(cfg, formats.read_manifest(f"{tiny_s3_data}/manifests/train.jsonl"))
+    first = fit(cfg, tokenizer_uri=tok)
+    assert read_train_state(first.checkpoint_uri)["layout"] == {
+        "world_size": 2, "ep_size": 2, "zero_stage": 2}
+    second = fit(cfg.replace(num_workers=1, ep_size=1, num_steps=6), tokenizer_uri=tok)
+    written = read_train_state(second.checkpoint_uri)
+    assert written["layout"] == {"world_size": 1, "ep_size": 1, "zero_stage": 2}
+    state = written["state"]
+    assert state["step"] == 6 and state["restores"] == 1
+    assert state["samples"] == 4 * 2 * 2 + 2 * 2  # the run's total: 2 ranks x 4 steps, then 1 x 2
+    # the routed parameters' AdamW went on counting from step 4 (a fresh one would be at <= 2)
+    saved = torch.load(os.path.join(second.checkpoint_uri, optim_file(0)), weights_only=False)
+    steps = [float(v["step"]) for v in saved["local"]["state"].values()]
+    assert steps and max(steps) == 6 and min(steps) > 2, steps
+    # and the dense parameters' ZeRO moments, gathered by name, re-split onto one rank
+    dense = torch.load(os.path.join(second.checkpoint_uri, ZERO_DENSE), weights_only=False)
+    assert dense["step"] == 6 and dense["state"]
 
 
 def test_streamed_frames_from_s3_train_the_workers(ray_cluster, tiny_s3_data, tmp_path):

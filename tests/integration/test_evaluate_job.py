@@ -27,13 +27,20 @@ def _job():
     return module
 
 
-def test_evaluate_job_writes_predictions_metrics_report_and_mlflow(tmp_path):
+def _data_and_checkpoint(tmp_path):
+    """The tiny synthetic benchmark under tmp_path/data and a fresh tiny model saved in
+    tmp_path/ckpt."""
     data = synth.generate("tiny", str(tmp_path / "data"), seed=3)
-    records = data.records("test")
     tok = GroundingTokenizer.train([r.query for r in data.records("train")], vocab_size=400)
     torch.manual_seed(0)
     model = TimeExpertForGrounding(get_preset("tiny_cpu").model.with_tokenizer(tok))
     GroundingModel.from_model(model, tok).save(str(tmp_path / "ckpt"))
+    return data, model
+
+
+def test_evaluate_job_writes_predictions_metrics_report_and_mlflow(tmp_path):
+    data, _ = _data_and_checkpoint(tmp_path)
+    records = data.records("test")
     # one unreadable video: skipped, counted by reason, scored as a miss
     broken = next(r for r in records if r.task.value == "mr")
     (tmp_path / "data" / broken.video).write_bytes(b"not a video")
@@ -69,3 +76,37 @@ def test_evaluate_job_writes_predictions_metrics_report_and_mlflow(tmp_path):
     assert any(k.startswith("mr/model/") for k in runs[0].data.metrics)
     # one spelling with training's stage metrics (tracking.metric_key): "@" -> "_"
     assert "mr/model/R1_0.5" in runs[0].data.metrics
+
+
+def test_an_actor_pool_of_replicas_answers_as_the_model_in_process(tmp_path):
+    """`predict_records` streams the decoded rows (blocks of two) through two model replicas
+    (Ray Data actors, off the driver); their answers, back as JSON, equal the model's own in
+    this process."""
+    import ray
+
+    from timeexpert.config import DataConfig, VideoConfig
+    from timeexpert.data.pipeline import build_dataset
+    from timeexpert.eval.evaluate import Predictor, predict_records
+
+    data, model = _data_and_checkpoint(tmp_path)
+    records = data.records("test")
+    cfg = model.config
+    config = DataConfig(root=str(tmp_path / "data"), decode_num_cpus=0.25, decode_batch_size=2,
+                        video=VideoConfig(num_frames=cfg.num_frames, height=cfg.image_size,
+                                          width=cfg.image_size))
+    seen = []
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        pooled, scored, _ = predict_records(
+            str(tmp_path / "ckpt"), records, config, replicas=2, num_cpus=0.5, batch_size=4,
+            on_prediction=lambda record, times, p: seen.append((record.id, len(times))))
+        rows = next(iter(build_dataset(config, records=records, preserve_order=True)
+                         .dataset.iter_batches(batch_size=len(records), batch_format="numpy")))
+    finally:
+        ray.shutdown()
+    assert len(pooled) == len(scored) == len(records)
+    assert sorted(i for i, _ in seen) == sorted(r.id for r in records)
+    assert all(n == cfg.num_frames for _, n in seen)
+    local = Predictor(str(tmp_path / "ckpt"))(rows)  # the same replica, in this process
+    for rid, text in zip(local["id"], local["prediction"]):
+        assert pooled[str(rid)].to_json() == text, rid

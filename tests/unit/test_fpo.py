@@ -1,5 +1,6 @@
 """FPO (D2VLM): the loss equals its DPO form by hand, log pi includes the <evi> interval term,
-and a few steps on a toy pair make the policy prefer the clean response over the reference."""
+a few steps on a toy pair make the policy prefer the clean response over the reference, and the
+Ray Train run persists its checkpoint at the output URI it is given."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from timeexpert.models.evidence import add_evidence_tokens, encode_evidence_exam
 from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 from timeexpert.presets import get_preset
-from timeexpert.train.fpo import FPOConfig, fpo_loss, fpo_step, policy_log_prob
+from timeexpert.train.config import TrainConfig
+from timeexpert.train.fpo import (FPOConfig, fpo_loss, fpo_step, policy_log_prob, run_location,
+                                  train_fpo)
 
 
 def test_fpo_loss_is_the_dpo_form():
@@ -92,3 +95,23 @@ def test_a_few_fpo_steps_prefer_the_clean_response(setup):
         pc = policy_log_prob(policy, chosen, pixels, fpo)
         pr = policy_log_prob(policy, rejected, pixels, fpo)
     assert float(pc - pr) > 0  # the clean response is now the more likely one
+
+
+def test_the_fpo_run_persists_its_checkpoint_at_output_uri(tmp_path):
+    root = str(tmp_path / "runs")
+    assert run_location(f"{root}/d2vlm-fpo/checkpoint/") == (root, "d2vlm-fpo", "checkpoint")
+    assert run_location("s3://bucket/runs/d2vlm-fpo/checkpoint") == (
+        "s3://bucket/runs", "d2vlm-fpo", "checkpoint")
+    assert run_location("s3://bucket/d2vlm-fpo/checkpoint") == (
+        "s3://bucket", "d2vlm-fpo", "checkpoint")
+    with pytest.raises(ValueError, match="<storage path>/<run name>/<folder>"):
+        run_location("s3://bucket/checkpoint")
+
+
+def test_fpo_warns_that_it_ignores_expert_parallelism(tmp_path):
+    cfg = TrainConfig(preset="tiny_cpu", data_root=str(tmp_path / "data"), num_workers=2, ep_size=2,
+                      fpo_steps=1)
+    output_uri = str(tmp_path / "runs" / "x-fpo" / "checkpoint")
+    with pytest.warns(UserWarning, match="ignores ep_size=2"):
+        with pytest.raises(ValueError, match="does not exist"):  # past the warning: no checkpoint
+            train_fpo(str(tmp_path / "missing"), cfg, output_uri=output_uri)

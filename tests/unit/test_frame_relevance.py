@@ -12,6 +12,7 @@ from timeexpert.inference import GroundingModel, PredictRequest
 from timeexpert.models.frame_relevance import (
     FrameRelevanceHead,
     clip_saliency,
+    dense_events_from_relevance,
     frame_labels,
     frame_word_labels,
     segment_edges,
@@ -66,6 +67,26 @@ def test_windows_from_relevance_runs_relative_to_the_peak():
     unsure = windows_from_relevance([0.1, 0.3, 0.2, 0.0], TS, 8.0, threshold_ratio=0.6)
     assert [(w.start, w.end) for w in unsure] == [(2.0, 6.0)]
     assert unsure[0].score == pytest.approx(0.3)
+
+
+def test_dense_events_are_the_runs_of_relevant_frames_with_the_overlapping_captions():
+    generated = [Event(0.5, 1.5, 0.9, "the red circle grows"), Event(5.5, 8.0, 0.9, "the blue"),
+                 Event(2.0, 3.0, 0.9, "")]  # an uncaptioned event gives no caption
+    p = [0.9, 0.7, 0.1, 0.6]  # runs at 0.5: frames 0-1 -> [0, 4], frame 3 -> [6, 8]
+    events = dense_events_from_relevance(p, TS, 8.0, generated, max_events=5)
+    assert [(e.start, e.end, e.caption) for e in events] == [
+        (0.0, 4.0, "the red circle grows"), (6.0, 8.0, "the blue")]
+    assert [e.score for e in events] == pytest.approx([0.9, 0.6])
+    # past max_events the most relevant runs stay, in time order
+    assert [(e.start, e.end) for e in dense_events_from_relevance(
+        [0.6, 0.1, 0.9, 0.1], TS, 8.0, [], max_events=1)] == [(4.0, 6.0)]
+    # no overlap: the nearest generated event's caption; nothing generated: no caption
+    far = dense_events_from_relevance([0.1, 0.1, 0.1, 0.8], TS, 8.0,
+                                      [Event(0.0, 1.0, 1.0, "a"), Event(4.0, 5.0, 1.0, "b")], 3)
+    assert [(e.start, e.end, e.caption) for e in far] == [(6.0, 8.0, "b")]
+    # no frame at 0.5: the best run around the peak (60% of it), as MR answers
+    unsure = dense_events_from_relevance([0.1, 0.3, 0.2, 0.0], TS, 8.0, [], max_events=3)
+    assert [(e.start, e.end, e.caption) for e in unsure] == [(2.0, 6.0, "")]
 
 
 def test_clip_saliency_weights_frames_by_overlap():
@@ -188,6 +209,28 @@ def test_inference_reads_windows_off_the_frames(tok):
             : len(p.events)]
         assert p.events and all(e.start in (0, 2, 4, 6) and e.end in (2, 4, 6, 8) for e in p.events)
     assert vhd.saliency == pytest.approx(clip_saliency(vhd.frame_relevance, TS, 8.0, 2.0))
+
+
+def test_inference_reads_dense_events_off_the_frames(tok):
+    cfg = relevance_config(tok, dvc_from_frames=True)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg).eval()
+    with torch.no_grad():  # every frame's logit is the bias
+        for p in model.frame_head.parameters():
+            p.zero_()
+        model.frame_head.norm.weight.fill_(1.0)
+        model.frame_head.proj.bias.fill_(10.0)
+    gm = GroundingModel(model, tok)
+    frames = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    dvc = gm.predict_batch([PredictRequest(frames, np.array(TS), Task.DVC, "", duration=8.0,
+                                           max_events=2)])[0]
+    assert dvc.frame_relevance == pytest.approx([1.0] * 4, abs=1e-4)
+    assert [(e.start, e.end) for e in dvc.events] == [(0.0, 8.0)]  # one run of every frame
+    model.frame_head.proj.bias.data.fill_(-10.0)  # none relevant: the run around the peak
+    dvc = gm.predict_batch([PredictRequest(frames, np.array(TS), Task.DVC, "", duration=8.0,
+                                           max_events=2)])[0]
+    expected = windows_from_relevance(dvc.frame_relevance, TS, 8.0, 0.6)[:1]
+    assert [(e.start, e.end) for e in dvc.events] == [(e.start, e.end) for e in expected]
 
 
 @pytest.mark.parametrize("bias, expected", [(10.0, (0.0, 8.0)), (-10.0, (1.0, 2.5))])

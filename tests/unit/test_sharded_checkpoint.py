@@ -95,3 +95,50 @@ def test_a_missing_shard_is_a_clear_error(written, tmp_path):
     (broken / expert_shard_file(1, 2)).write_bytes(open(os.path.join(d, expert_shard_file(1, 2)), "rb").read())
     with pytest.raises(ValueError, match="incomplete set of expert shards"):
         load_weights(str(broken))
+
+
+def _adam_state(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], steps: int = 2):
+    """`Optimizers.state_dict()` of a local AdamW over `params` after `steps` steps on `grads`."""
+    named = [(n, torch.nn.Parameter(v.clone())) for n, v in params.items()]
+    opt = torch.optim.AdamW([p for _, p in named], lr=0.1)
+    for _ in range(steps):
+        for n, p in named:
+            p.grad = grads[n].clone()
+        opt.step()
+    return {"local": opt.state_dict(), "names": [n for n, _ in named]}, named
+
+
+def test_optimizer_state_reshards_to_another_ep_degree():
+    """A run resumed at another EP degree: the moments of each expert slot follow the slot,
+    replicated parameters keep theirs (`parallel.resharded_local_state`)."""
+    from timeexpert.train.parallel import resharded_local_state
+
+    g = torch.Generator().manual_seed(0)
+    expert, dense = "layers.0.ffn.w1_LFD", "embed.weight"
+    params = {expert: torch.randn(4, 3, 2, generator=g), dense: torch.randn(5, 2, generator=g)}
+    grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+    whole, _ = _adam_state(params, grads)  # what an EP=1 rank wrote
+    halves = [_adam_state({expert: params[expert][2 * r: 2 * r + 2], dense: params[dense]},
+                          {expert: grads[expert][2 * r: 2 * r + 2], dense: grads[dense]})[0]
+              for r in range(2)]  # what the two ranks of an EP=2 group wrote
+    # EP=2 -> EP=1: the slices stitched
+    target = [(expert, torch.nn.Parameter(params[expert].clone())),
+              (dense, torch.nn.Parameter(params[dense].clone()))]
+    stitched = resharded_local_state(halves, target, ep_rank=0)
+    for i in range(2):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(stitched["state"][i][key], whole["local"]["state"][i][key])
+    opt = torch.optim.AdamW([p for _, p in target], lr=0.1)
+    opt.load_state_dict(stitched)  # and a fresh optimizer takes it
+    # EP=1 -> EP=2, rank 1: its two slots' moments; the parameter order of the new rank may differ
+    target = [(dense, torch.nn.Parameter(params[dense].clone())),
+              (expert, torch.nn.Parameter(params[expert][2:].clone()))]
+    cut = resharded_local_state([whole], target, ep_rank=1)
+    torch.testing.assert_close(cut["state"][1]["exp_avg"], whole["local"]["state"][0]["exp_avg"][2:])
+    torch.testing.assert_close(cut["state"][0]["exp_avg_sq"],
+                               whole["local"]["state"][1]["exp_avg_sq"])
+    # a slice that does not fit, and a state without names, are clear errors
+    with pytest.raises(ValueError, match="does not fit"):
+        resharded_local_state(halves, [(expert, torch.nn.Parameter(params[expert][:3]))], 1)
+    with pytest.raises(ValueError, match="no parameter names"):
+        resharded_local_state([{"local": whole["local"]}], target, 0)

@@ -1,9 +1,9 @@
 """One call from canonical records + predictions to metrics, and writers to the official formats.
 
-`predict_records(gm, records, data)` generates a model's answers for records, streamed through the
-Ray Data pipeline and batched; `evaluate_predictions(records, predictions, task)` scores them. The
-training loop calls both at the end of a stage, `jobs/evaluate.py` on a split. Scoring dispatches
-by task:
+`predict_records(checkpoint_uri, records, data)` generates a model's answers for records: the Ray
+Data pipeline decodes the videos and streams them through an actor pool of model replicas.
+`evaluate_predictions(records, predictions, task)` scores them. The pipeline calls both at the
+end of a stage, `jobs/evaluate.py` on a split. Scoring dispatches by task:
 
 - MR: R@1 at IoU 0.3/0.5/0.7 and mIoU (every record counts; no or unparseable answer = miss), and
   the QVHighlights-style mAP over IoU 0.5:0.05:0.95 (`mAP`, `mAP@0.5`, `mAP@0.75`) of the ranked,
@@ -31,7 +31,9 @@ import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import ray.data
 
+from timeexpert import devices
 from timeexpert.data.pipeline import build_dataset, row_options
 from timeexpert.eval import dvc as dvc_metrics
 from timeexpert.eval import nextgqa
@@ -45,7 +47,7 @@ from timeexpert.eval.metrics import (
 from timeexpert.eval.parse import ParseResult, as_parse_result
 from timeexpert.eval.qvhighlights import prediction_row, write_jsonl
 from timeexpert.events import Event, Record, Task, read_gqa_answer, saliency_from_events
-from timeexpert.inference import PredictRequest
+from timeexpert.inference import GroundingModel, Prediction, PredictRequest
 
 
 def _select(records: Sequence[Record], task: Task | str | None) -> tuple[list[Record], Task]:
@@ -165,21 +167,18 @@ def _gqa_metrics(records: Sequence[Record], parsed: Sequence[ParseResult]) -> di
     return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def predict_records(
-    gm, records: Sequence[Record], data, *, batch_size: int = 8, on_prediction=None,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, Any], list[Record], dict[str, int]]:
-    """The answers of `gm` (a `GroundingModel`) for `records`: videos fetched and decoded by the
-    Ray Data pipeline (`data`: a DataConfig: storage root, frames and size), prompts batched
-    through `gm.predict_batch`. Returns (record id -> Prediction, the records that passed the
-    annotation checks, records skipped by reason); a record whose video was skipped has no
-    prediction (a miss when scored), one refused for its annotation is not scored.
-    `on_prediction(row, prediction)` sees each answer with its decoded row; `progress(answered,
-    total)` is called after each batch."""
-    dataset = build_dataset(data, records=records, preserve_order=True)
-    dataset.dataset.context.enable_progress_bars = False
-    predictions: dict[str, Any] = {}
-    for batch in dataset.dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+class Predictor:
+    """One model replica of the evaluation's actor pool (`predict_records`): loads the checkpoint
+    once, on the GPU Ray gave its actor (else the CPU), and answers batches of decoded rows with
+    `GroundingModel.predict_batch`; each answer leaves as JSON (`Prediction.to_json`) with the
+    timestamps of its frames."""
+
+    def __init__(self, checkpoint_uri: str, precision: str = "auto") -> None:
+        self.device = devices.default_device()
+        self.gm = GroundingModel.load(checkpoint_uri, device=str(self.device))
+        self.precision = precision
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))]
         requests = [
             PredictRequest(frames_THWC=row["frames"][row["frame_mask"]],
@@ -188,10 +187,48 @@ def predict_records(
                            clip_len=float(row["clip_len"]), options=row_options(row))
             for row in rows
         ]
-        for row, prediction in zip(rows, gm.predict_batch(requests)):
-            predictions[str(row["id"])] = prediction
+        with devices.autocast(self.device, self.precision):
+            answers = self.gm.predict_batch(requests)
+        return {
+            "id": batch["id"],
+            "prediction": np.array([p.to_json() for p in answers], dtype=object),
+            "timestamps": np.array([json.dumps(r.timestamps_T.tolist()) for r in requests],
+                                   dtype=object),
+        }
+
+
+def predict_records(
+    checkpoint_uri: str, records: Sequence[Record], data, *, replicas: int = 1,
+    num_cpus: float = 1.0, num_gpus: float = 0.0, precision: str = "auto", batch_size: int = 8,
+    on_prediction: Callable[[Record, list[float], Any], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, Any], list[Record], dict[str, int]]:
+    """The answers of the model at `checkpoint_uri` for `records`, off the driver: the Ray Data
+    pipeline fetches and decodes the videos (`data`: a DataConfig: storage root, frames and
+    size) and `map_batches` streams the decoded rows through an actor pool of `replicas` model
+    replicas (`Predictor`; each reserving `num_cpus` CPUs and `num_gpus` GPUs, bf16 autocast on
+    CUDA per `precision`), `batch_size` prompts at a time. Returns (record id -> Prediction, the
+    records that passed the annotation checks, records skipped by reason); a record whose video
+    was skipped has no prediction (a miss when scored), one refused for its annotation is not
+    scored. `on_prediction(record, frame timestamps, prediction)` sees each answer;
+    `progress(answered, total)` is called after each batch."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    dataset = build_dataset(data, records=records, preserve_order=True)
+    dataset.dataset.context.enable_progress_bars = False
+    answered = dataset.dataset.map_batches(
+        Predictor, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "precision": precision},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=num_cpus, num_gpus=num_gpus,
+    )
+    by_id = {r.id: r for r in dataset.records}
+    predictions: dict[str, Any] = {}
+    for batch in answered.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for rid, text, times in zip(batch["id"], batch["prediction"], batch["timestamps"]):
+            prediction = Prediction.from_json(str(text))
+            predictions[str(rid)] = prediction
             if on_prediction is not None:
-                on_prediction(row, prediction)
+                on_prediction(by_id[str(rid)], json.loads(str(times)), prediction)
         if progress is not None:
             progress(len(predictions), len(records))
     return predictions, list(dataset.records), dataset.skip_summary()

@@ -174,15 +174,44 @@ def windows_from_relevance(prob_T: Sequence[float], timestamps_T: Sequence[float
     `threshold_ratio` x the most relevant frame's probability or above (D2VLM sec. 4: 60% of the
     maximum), so an unsure model still answers around its peak."""
     p_T = np.asarray(prob_T, dtype=np.float64).reshape(-1)
-    edges = segment_edges(timestamps_T, duration)
-    on_T = p_T >= threshold_ratio * p_T.max()
-    change = np.flatnonzero(np.diff(np.r_[0, on_T.astype(np.int8), 0]))
-    starts, ends = change[0::2], change[1::2]  # runs [a, b) of relevant frames
-    events = [
-        Event(start=float(edges[a]), end=float(edges[b]), score=float(p_T[a:b].max()))
-        for a, b in zip(starts, ends)
-    ]
+    events = _runs(p_T >= threshold_ratio * p_T.max(), p_T, segment_edges(timestamps_T, duration))
     return sorted(events, key=lambda e: -(e.score or 0.0))
+
+
+def dense_events_from_relevance(prob_T: Sequence[float], timestamps_T: Sequence[float],
+                                duration: float, generated: Sequence[Event],
+                                max_events: int) -> list[Event]:
+    """Dense captioning read off the frames (config `dvc_from_frames`): each run of frames the
+    model finds relevant (at `RELEVANT` or above; trained against "inside some event") is one
+    event, in time order; an unsure model still answers its best run (`windows_from_relevance`
+    at 60% of the peak). Past `max_events` runs, the most relevant ones (by peak) are kept. Each
+    event takes the caption of the generated event overlapping it most
+    (the nearest one by centre when none overlaps; empty when nothing was generated)."""
+    p_T = np.asarray(prob_T, dtype=np.float64).reshape(-1)
+    events = _runs(p_T >= RELEVANT, p_T, segment_edges(timestamps_T, duration))
+    if not events:
+        events = windows_from_relevance(p_T, timestamps_T, duration, 0.6)[:1]
+    events = sorted(events, key=lambda e: -(e.score or 0.0))[:max_events]
+    captioned = [g for g in generated if g.caption]
+    if captioned:
+        g_start = np.array([g.start for g in captioned])
+        g_end = np.array([g.end for g in captioned])
+        for e in events:
+            overlap = np.minimum(g_end, e.end) - np.maximum(g_start, e.start)
+            gap = np.abs((g_start + g_end) / 2 - (e.start + e.end) / 2)
+            best = int(overlap.argmax()) if overlap.max() > 0 else int(gap.argmin())
+            e.caption = captioned[best].caption
+    return sorted(events, key=lambda e: (e.start, e.end))
+
+
+def _runs(on_T: np.ndarray, p_T: np.ndarray, edges: np.ndarray) -> list[Event]:
+    """Each run [a, b) of consecutive frames that are on -> one window from frame a's segment
+    start to frame b - 1's segment end, scored by its peak probability; in time order."""
+    change = np.flatnonzero(np.diff(np.r_[0, on_T.astype(np.int8), 0]))
+    return [
+        Event(start=float(edges[a]), end=float(edges[b]), score=float(p_T[a:b].max()))
+        for a, b in zip(change[0::2], change[1::2])
+    ]
 
 
 def clip_saliency(prob_T: Sequence[float], timestamps_T: Sequence[float], duration: float,

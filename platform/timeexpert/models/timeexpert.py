@@ -158,6 +158,8 @@ class TimeExpertConfig(PretrainedConfig):
     windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)
     locate_captions: bool = False  # DVC events moved to where their caption, asked as an MR
     # query, is relevant (a frame at 0.5 or above); off: the generated times
+    dvc_from_frames: bool = False  # DVC events are the runs of relevant frames (at 0.5 or
+    # above), each with the caption of the generated event it overlaps most; off: generated times
     loss_weight_frames: float = 1.0  # weight of the per-frame BCE in the loss
     frame_words: bool = False  # an auxiliary head: each frame's decoder state names the words of
     # the captions of the events it shows (multi-label BCE; needs frame_relevance)

@@ -11,14 +11,23 @@ into one checkpoint directory under the storage root, local or `s3://`)::
                                             gathers the experts)
     tokenizer files, grounding_templates.json  the tokenizer, rank 0
     train_state.json                        stage, step, data position (epoch, batch in epoch,
-                                            samples), the TrainConfig, rank 0
+                                            samples), the TrainConfig, the layout (world size,
+                                            EP degree, ZeRO stage), rank 0
     routing.json                            routing telemetry of the stage so far (plots), rank 0
     optim/rank_{r:05d}.pt                   each rank's local AdamW state (routed parameters, and
-                                            dense ones without ZeRO): expert slices differ by rank
-    zero/                                   DeepSpeed ZeRO optimizer partitions (ZeRO-1/2 only)
+                                            dense ones without ZeRO) with the parameters' names:
+                                            expert slices differ by rank
+    optim/zero_dense.pt                     ZeRO-1/2: the dense parameters' full AdamW moments by
+                                            name and the step, gathered from the partitions, rank 0
 
-Resuming needs the same world size and EP degree (optimizer state is per rank); starting a new
-stage from a checkpoint (`init_from`) only reads the weights, on any layout. A rank reads only
+A run resumes at its own layout (each rank reads its own optimizer file) or at another world
+size and EP degree with the same ZeRO stage (`read_optimizer_state`): the local AdamW state is
+read by parameter name from the files of world rank 0's EP group, expert moments stitched and
+re-cut to the new slices (`parallel.resharded_local_state`), and under ZeRO each rank takes its
+new partition of the full dense moments (`Optimizers.load_dense_state`). The data position
+(epoch, batch in epoch) is kept; at another world size each rank's share of an epoch differs, so
+the rest of that epoch is drawn anew. Starting a new stage from a checkpoint (`init_from`) only
+reads the weights, on any layout. A rank reads only
 its own slice of the expert weights (`load_weights(d, ep_rank, ep_size)`, whatever EP degree
 wrote them). `GroundingModel.load` reads either layout; `jobs/export.py` writes a checkpoint as
 one plain model directory (what `from_pretrained` of other tools reads).
@@ -28,8 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import pyarrow.fs
@@ -42,7 +49,7 @@ from timeexpert.models.processor import TimeExpertProcessor
 
 TRAIN_STATE = "train_state.json"
 ROUTING = "routing.json"
-ZERO_DIR = "zero"
+ZERO_DENSE = os.path.join("optim", "zero_dense.pt")  # ZeRO: the dense moments by name (rank 0)
 
 
 def optim_file(rank: int) -> str:
@@ -70,7 +77,9 @@ def write_checkpoint(directory: str, *, rank: int, model, state: dict[str, Tenso
             json.dump(routing, f)
     os.makedirs(os.path.join(directory, "optim"), exist_ok=True)
     torch.save(optimizers.state_dict(), os.path.join(directory, optim_file(rank)))
-    optimizers.save_engine(os.path.join(directory, ZERO_DIR))
+    dense = optimizers.dense_state()  # collective under ZeRO
+    if dense is not None and rank == 0:
+        torch.save(dense, os.path.join(directory, ZERO_DENSE))
 
 
 def write_model(directory: str, config, state: dict[str, Tensor]) -> None:
@@ -93,13 +102,32 @@ def read_routing(directory: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def copy_zero_state(directory: str) -> str:
-    """A local copy of the checkpoint's ZeRO partitions (empty without ZeRO): DeepSpeed loads
-    them after the checkpoint's own directory is gone."""
-    copy = tempfile.mkdtemp(prefix="te-zero-")
-    if os.path.isdir(os.path.join(directory, ZERO_DIR)):
-        shutil.copytree(os.path.join(directory, ZERO_DIR), copy, dirs_exist_ok=True)
-    return copy
+def layout(world_size: int, ep_size: int, zero_stage: int) -> dict[str, int]:
+    """The parallel layout a checkpoint is written with (train_state.json's "layout")."""
+    return {"world_size": world_size, "ep_size": ep_size, "zero_stage": zero_stage}
+
+
+def read_optimizer_state(directory: str, rank: int, current: dict[str, int]) -> dict[str, Any]:
+    """What rank `rank` of the `current` layout (`layout`) resumes its optimizers from: its own
+    file when the checkpoint was written with this layout (or before layouts were recorded);
+    else {"reshard": the states of world rank 0's EP group}, read by name
+    (`parallel.Optimizers.load_state_dict`). Another ZeRO stage is refused."""
+    written = read_train_state(directory).get("layout")
+    if written is not None and written["zero_stage"] != current["zero_stage"]:
+        raise ValueError(
+            f"checkpoint {directory!r} was written with zero_stage {written['zero_stage']}; resume "
+            f"it with that stage (got {current['zero_stage']}), or start a new stage from it "
+            "(init_from), which reads only the weights"
+        )
+    if written is None or written == current:
+        state = load_optimizer_state(directory, rank)
+    else:
+        state = {"reshard": [load_optimizer_state(directory, r)
+                             for r in range(written["ep_size"])]}
+    dense = os.path.join(directory, ZERO_DENSE)
+    if os.path.isfile(dense):
+        state["zero_dense"] = torch.load(dense, weights_only=False)
+    return state
 
 
 def load_optimizer_state(directory: str, rank: int) -> dict[str, Any]:

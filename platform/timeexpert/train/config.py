@@ -74,7 +74,7 @@ class TrainConfig:
     # streams them, decoding every epoch (for a dataset far beyond the workers' memory)
     jitter_grid: int = 4  # decode_once + frame_jitter: frames decoded per segment; each epoch
     # draws one of them per segment (`data.pipeline.draw_segment_frames`)
-    fpo_steps: int = 0  # D2VLM FPO steps after the pipeline's last stage (0: off; driver process)
+    fpo_steps: int = 0  # D2VLM FPO steps after the pipeline's last stage (0: off; a Ray Train run)
     fpo_beta: float = 0.1  # FPO / DPO inverse temperature beta
     curriculum: list[str] = field(default_factory=list)  # dataset roots easier than data_root,
     # easiest first (e.g. the synthetic LADDER's levels). The pipeline runs stage 3 on each of
@@ -91,6 +91,8 @@ class TrainConfig:
     log_every: int = 5  # steps between progress lines / Ray Train reports / MLflow metrics
     eval_split: str = "val"  # split evaluated at the end of the stage ("" = none)
     eval_max_records: int = 12  # records per task evaluated at the end of the stage (0 = none)
+    eval_replicas: int = 1  # model replicas of the stage evaluation's actor pool (Ray Data), each
+    # with cpus_per_worker CPUs and, with use_gpu, one GPU
     eval_captions: bool = False  # DVC caption metrics (METEOR/CIDEr/SODA_c, java) in stage evals
     tracking_uri: str = ""  # MLflow tracking URI ("" = no MLflow)
     experiment: str = "timeexpert"  # MLflow experiment name
@@ -143,6 +145,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.eval_replicas < 1:
+            raise ValueError(f"eval_replicas must be >= 1, got {self.eval_replicas}")
         if self.cpus_per_worker < 0:
             raise ValueError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
         if isinstance(self.curriculum, str) or not all(

@@ -22,24 +22,34 @@ import copy
 import json
 import logging
 import os
+import posixpath
 import random
 import tempfile
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from timeexpert import devices, storage
-from timeexpert.data.pipeline import build_dataset, row_options
+from timeexpert.checkpoints import read_config
+from timeexpert.data.pipeline import build_dataset, decode_rows, row_options
 from timeexpert.data.preference import make_pairs
 from timeexpert.events import IGNORE_INDEX, TokenType
 from timeexpert.inference import GroundingModel
 from timeexpert.models.evidence import (encode_evidence_example, find_evidence,
                                         interval_log_prob, pad_targets, site_targets)
+from timeexpert.models.timeexpert import TimeExpertConfig
 from timeexpert.models.tokenizer import collate
 from timeexpert.tracking import StepLogger
-from timeexpert.train.loop import answer_events, data_config
+from timeexpert.train import parallel
+from timeexpert.train.config import TrainConfig
+from timeexpert.train.loop import answer_events, data_config, torch_trainer, worker_logging
 from timeexpert.train.recipes import set_trainable
 
 log = logging.getLogger(__name__)
@@ -124,7 +134,7 @@ def fpo_step(model, ref_model, chosen: dict[str, torch.Tensor], rejected: dict[s
     return loss, metrics
 
 
-# --- FPO as a pipeline stage (driver process) ---------------------------------------------------
+# --- FPO as a pipeline stage (a Ray Train run) ---------------------------------------------------
 
 
 def encode_pairs(rows: list[dict[str, Any]], tokenizer, config, model, *, seed: int):
@@ -172,43 +182,65 @@ def encode_pairs(rows: list[dict[str, Any]], tokenizer, config, model, *, seed: 
     return batches[0], batches[1], torch.cat(pixels)
 
 
-def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str = "") -> dict[str, float]:
-    """`cfg.fpo_steps` FPO steps from the checkpoint at `checkpoint_uri` against a frozen copy of
-    it (the reference policy), on pairs made from `cfg.data_root`'s train split; writes a loadable
-    checkpoint to `output_uri` and returns the last step's metrics (+ "fpo/first_margin").
+def rank_pairs(rows: list[dict[str, Any]], cfg, mconfig, tokenizer, model, *, rank: int,
+               world_size: int) -> Iterator[tuple[dict, dict, torch.Tensor]]:
+    """Endless (chosen, rejected, pixel_values) of this rank's share of the train rows: the rows,
+    in order, cut into batches of `cfg.batch_size` (the last one may be short), batch n going to
+    rank n % world_size and decoded once, here. Every epoch a batch gives the same pairs
+    (`encode_pairs` seeded by cfg.seed + n, whichever the world size); a batch without any pair
+    is passed over."""
+    data = data_config(cfg, mconfig)
+    starts = range(rank * cfg.batch_size, len(rows), world_size * cfg.batch_size)
+    mine = [(start // cfg.batch_size, decode_rows(rows[start: start + cfg.batch_size], data))
+            for start in starts]
+    if not mine:
+        raise ValueError(f"{len(rows)} train records under {cfg.data_root!r} make fewer than "
+                         f"{world_size} batches of {cfg.batch_size}, one per FPO worker; use a "
+                         "smaller batch_size or fewer workers")
+    while True:
+        pairs = 0
+        for n, batch in mine:
+            batch_rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))]
+            encoded = encode_pairs(batch_rows, tokenizer, mconfig, model, seed=cfg.seed + n)
+            if encoded is not None:
+                pairs += 1
+                yield encoded
+        if not pairs:
+            raise ValueError(f"worker {rank}: none of its {len(mine)} batches of train records "
+                             f"under {cfg.data_root!r} gives a preference pair "
+                             "(data.preference.make_pairs); use fewer workers or more data")
 
-    Runs in the calling process (the driver), not under Ray Train: one worker, no expert
-    parallelism. Trains what the recipe's stage 3 trains (all but the vision encoder). Policy
-    and reference both run in eval mode (deterministic top-K token sampling, no routing-rate
-    updates), so at step 1 they agree and the margin starts at 0."""
+
+def fpo_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of FPO: build, shard, loop, report.
+    `config`: {"train": TrainConfig dict, "checkpoint_uri": the policy to start from, "rows": the
+    train split's pipeline rows in order, "mlflow_run_id": rank 0's MLflow run,
+    "checkpoint_dir_name": where Ray Train persists the result under the run's folder}."""
+    cfg = TrainConfig.from_dict(config["train"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()  # this worker's GPU, or the CPU
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    worker_logging()
     torch.manual_seed(cfg.seed)
-    device = devices.default_device()
-    gm = GroundingModel.load(checkpoint_uri, device=str(device))
-    policy, tokenizer, config = gm.model.eval(), gm.tokenizer, gm.model.config
+    groups = parallel.init_groups(1, device)  # plain data parallel: every rank holds every expert
+    # build: the policy, its frozen copy (the reference), what stage 3 trains, AdamW
+    gm = GroundingModel.load(config["checkpoint_uri"], device=str(device))
+    policy, tokenizer, mconfig = gm.model.eval(), gm.tokenizer, gm.model.config
     reference = copy.deepcopy(policy).requires_grad_(False)
     set_trainable(policy, 3, cfg.recipe)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     fpo = FPOConfig(beta=cfg.fpo_beta)
-    dataset = build_dataset(data_config(cfg, config), split="train", shuffle=False, preserve_order=True)
-    dataset.dataset.context.enable_progress_bars = False
-    logger = StepLogger(cfg.tracking_uri, mlflow_run_id)
-
-    def pair_batches():  # endless; the same pairs every epoch (seeded by batch position)
-        while True:
-            n = 0
-            for batch in dataset.dataset.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-                rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))]
-                encoded = encode_pairs(rows, tokenizer, config, policy, seed=cfg.seed + n)
-                n += 1
-                if encoded is not None:
-                    yield encoded
-            if n == 0:
-                raise ValueError(f"no training rows under {cfg.data_root!r} for FPO")
-
-    batches = pair_batches()
+    # shard: this rank's batches of the train rows
+    batches = rank_pairs(config["rows"], cfg, mconfig, tokenizer, policy, rank=rank,
+                         world_size=world_size)
+    logger = StepLogger(cfg.tracking_uri, config["mlflow_run_id"]) if rank == 0 else None
+    # loop: the objective is the mean over ranks of each rank's mean loss over its pairs
     metrics: dict[str, float] = {}
-    first_margin = None
+    first_margin = 0.0
     for step in range(1, cfg.fpo_steps + 1):
         chosen, rejected, pixel_values = next(batches)
         chosen, rejected = devices.to_device(chosen, device), devices.to_device(rejected, device)
@@ -217,20 +249,87 @@ def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str =
                                      pixel_values.to(device), fpo)
         optim.zero_grad(set_to_none=True)
         loss.backward()
+        parallel.sync_gradients(named, groups)  # averaged over ranks (none to average on one)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optim.step()
-        first_margin = metrics["reward_margin"] if first_margin is None else first_margin
+        if world_size > 1:  # the step's metrics over all ranks' pairs: mean of the ranks' means
+            keys = sorted(metrics)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+            dist.all_reduce(values)
+            metrics = {k: float(v) / world_size for k, v in zip(keys, values)}
+        if step == 1:  # policy == reference: 0 up to rounding
+            first_margin = metrics["reward_margin"]
         metrics = {f"fpo/{k}": v for k, v in metrics.items()}
-        if step % cfg.log_every == 0 or step == cfg.fpo_steps:
+        if logger is not None and (step % cfg.log_every == 0 or step == cfg.fpo_steps):
             log.info(f"[fpo] step {step}/{cfg.fpo_steps} loss {metrics['fpo/fpo_loss']:.4f} "
                      f"margin {metrics['fpo/reward_margin']:.3f} acc "
                      f"{metrics['fpo/reward_accuracy']:.2f}")
             logger.log(metrics, step)
-    logger.close()
+    # report: rank 0's model directory is the run's one checkpoint
+    result = {**metrics, "fpo/first_margin": first_margin, "step": cfg.fpo_steps}
     with tempfile.TemporaryDirectory(prefix="te-fpo-") as d:
-        gm.save(d)
-        with open(os.path.join(d, "train_state.json"), "w") as f:
-            json.dump({"state": {"stage": "fpo", "step": cfg.fpo_steps}, "config": cfg.to_dict()}, f)
-        storage.upload_dir(d, output_uri)
-    return {**metrics, "fpo/first_margin": float(first_margin or 0.0), "step": cfg.fpo_steps}
+        checkpoint = None
+        if logger is not None:
+            logger.close()
+            gm.save(d)
+            with open(os.path.join(d, "train_state.json"), "w") as f:
+                json.dump({"state": {"stage": "fpo", "step": cfg.fpo_steps},
+                           "config": cfg.to_dict()}, f)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(result, checkpoint=checkpoint,
+                         checkpoint_dir_name=config["checkpoint_dir_name"])
+
+
+def run_location(output_uri: str) -> tuple[str, str, str]:
+    """Ray Train's (storage path, run name, checkpoint folder) for a run that persists its
+    checkpoint at `output_uri`: the URI's grandparent, parent and last part. The pipeline's
+    `{storage root}/{name}-fpo/checkpoint` is the run `{name}-fpo` under the storage root, as a
+    stage's run is."""
+    scheme, _ = storage.split_scheme(output_uri)
+    path = storage.filesystem(output_uri)[1].rstrip("/")  # absolute, or bucket/key on S3
+    parent, folder = posixpath.split(path)
+    root, name = posixpath.split(parent)
+    if not (root and name and folder):
+        raise ValueError(f"output_uri must be <storage path>/<run name>/<folder> (an s3 bucket "
+                         f"counts as the storage path), got {output_uri!r}")
+    return (f"s3://{root}" if scheme == "s3" else root), name, folder
+
+
+def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str = "") -> dict[str, float]:
+    """`cfg.fpo_steps` FPO steps from the checkpoint at `checkpoint_uri` against a frozen copy of
+    it (the reference policy), on pairs made from `cfg.data_root`'s train split; writes a loadable
+    checkpoint (the model, its tokenizer, train_state.json of stage "fpo") to `output_uri` and
+    returns the last step's metrics (+ "fpo/first_margin", "step").
+
+    A Ray Train run on the connected cluster, as a stage's (`train.loop.fit`): `cfg.num_workers`
+    workers (gloo on CPU, NCCL with `cfg.use_gpu`), each with the whole policy and reference on
+    its device. Plain data parallel, no expert parallelism: `cfg.ep_size` is ignored (a warning).
+    The train rows are cut in order into batches of `cfg.batch_size`, batch n going to rank
+    n % num_workers (`rank_pairs`): a step takes one batch per rank, so num_workers x batch_size
+    records (each giving at most one pair), and its gradient, averaged over the ranks
+    (`parallel.sync_gradients`), is that of the mean over ranks of each rank's mean loss; the
+    metrics are the ranks' mean. One worker takes the batches as the single-process FPO did,
+    with the same pairs. Trains what the recipe's stage 3 trains (all but the vision encoder).
+    Policy and reference both run in eval mode (deterministic top-K token sampling, no
+    routing-rate updates), so at step 1 they agree and the margin starts at 0. Rank 0 logs the
+    metrics to `mlflow_run_id` and reports its model directory as the run's one checkpoint,
+    which Ray Train persists at `output_uri` (`run_location`); no optimizer state is kept, and a
+    restarted worker group (`cfg.max_failures`) starts FPO afresh."""
+    if cfg.ep_size > 1:
+        warnings.warn(f"FPO ignores ep_size={cfg.ep_size}: it runs plain data parallel, every "
+                      "worker holding the whole model", stacklevel=2)
+    storage_path, name, folder = run_location(output_uri)
+    mconfig = TimeExpertConfig.from_dict(read_config(checkpoint_uri))  # its frames and size
+    dataset = build_dataset(data_config(cfg, mconfig), split="train", shuffle=False,
+                            preserve_order=True)  # its rows, decoded by the workers
+    trainer = torch_trainer(
+        fpo_loop_per_worker,
+        {"train": cfg.to_dict(), "checkpoint_uri": checkpoint_uri, "rows": dataset.rows,
+         "mlflow_run_id": mlflow_run_id, "checkpoint_dir_name": folder},
+        cfg, name=name, storage_path=storage_path,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"FPO finished without a checkpoint: {result.error}")
+    return dict(result.metrics)

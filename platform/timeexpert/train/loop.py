@@ -384,7 +384,7 @@ def _save_profile(profiler, cfg: TrainConfig, first: int, last: int, logger) -> 
 _RAY_REPORT_LOGGER = os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
 
 
-def _worker_logging() -> None:
+def worker_logging() -> None:
     """A Train worker's own lines (rank 0's progress, resume notices) to its stdout, which Ray
     keeps in the worker's log file; Ray's per-report INFO line silenced (above)."""
     package = logging.getLogger("timeexpert")
@@ -406,8 +406,8 @@ class Start:
     weights: dict[str, Any] | None  # this rank's shard of the weights (None: fresh weights)
     state: dict[str, Any]  # stage, step, data position (epoch, batch in epoch), samples, restores
     routing: dict[str, Any]  # routing telemetry of the stage so far (a resumed run's)
-    optim_state: dict[str, Any] | None = None  # this rank's local AdamW state (resumed run)
-    zero_dir: str = ""  # a copy of the checkpoint's ZeRO partitions (resumed ZeRO run)
+    optim_state: dict[str, Any] | None = None  # the optimizers' state (resumed run,
+    # `checkpoint.read_optimizer_state`)
     resumed: bool = False  # a restarted worker group, from the run's last checkpoint
 
 
@@ -436,7 +436,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()  # this worker's GPU, or the CPU
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and DeepSpeed use the current device
-    _worker_logging()
+    worker_logging()
     torch.manual_seed(cfg.seed)
     groups = parallel.init_groups(cfg.ep_size, device)
     # build: the tokenizer, the model config, where the stage starts
@@ -472,20 +472,33 @@ def _start(cfg: TrainConfig, groups: parallel.ParallelGroups) -> Start:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
+            train_state = ckpt.read_train_state(d)
             start = Start(weights=load_weights(d, groups.ep_rank, groups.ep_size),
-                          state=ckpt.read_train_state(d)["state"], routing=ckpt.read_routing(d),
-                          optim_state=ckpt.load_optimizer_state(d, groups.rank),
-                          zero_dir=ckpt.copy_zero_state(d), resumed=True)
+                          state=train_state["state"], routing=ckpt.read_routing(d),
+                          optim_state=ckpt.read_optimizer_state(
+                              d, groups.rank, _layout(cfg, groups)),
+                          resumed=True)
         start.state["restores"] = start.state.get("restores", 0) + 1
+        written = train_state.get("layout") or _layout(cfg, groups)
+        other = ""
+        if written != _layout(cfg, groups):  # samples are counted per rank: keep the run's total
+            start.state["samples"] = (start.state["samples"] * written["world_size"]
+                                      // groups.world_size)
+            other = (f"; written by {written['world_size']} workers at EP {written['ep_size']}, "
+                     "optimizer state resharded")
         log.info(f"[rank {groups.rank}] resumed from checkpoint at step {start.state['step']} "
                  f"(data position: epoch {start.state['epoch']}, batch "
-                 f"{start.state['batch_in_epoch']})")
+                 f"{start.state['batch_in_epoch']}{other})")
         return start
     if cfg.init_from:
         with local_copy(cfg.init_from) as d:
             return Start(weights=load_weights(d, groups.ep_rank, groups.ep_size),
                          state=state, routing={})
     return Start(weights=None, state=state, routing={})
+
+
+def _layout(cfg: TrainConfig, groups: parallel.ParallelGroups) -> dict[str, int]:
+    return ckpt.layout(groups.world_size, groups.ep_size, cfg.zero_stage)
 
 
 def _prefetch_first(batches: Iterator) -> Iterator:
@@ -521,7 +534,6 @@ def _shard(cfg: TrainConfig, mconfig, groups: parallel.ParallelGroups, start: St
                                 batch_size=cfg.batch_size)
     if start.optim_state is not None:
         optim.load_state_dict(start.optim_state)
-        optim.load_engine(start.zero_dir)
     return model, optim, spec
 
 
@@ -676,7 +688,8 @@ def _report(w: Worker, step: int, lr: float, epoch: int, state: dict, window: di
         ckpt.write_checkpoint(d, rank=groups.rank, model=w.model, state=weights,
                               ep_rank=groups.ep_rank, ep_size=groups.ep_size,
                               tokenizer=w.tokenizer, optimizers=w.optim,
-                              train_state={"state": state, "config": cfg.to_dict()},
+                              train_state={"state": state, "config": cfg.to_dict(),
+                                           "layout": _layout(cfg, groups)},
                               routing=routing_total)
         if last:  # the stage's breakdown, but for the report below
             timer.lap("checkpoint")
@@ -838,6 +851,35 @@ def data_config(cfg: TrainConfig, mconfig, *, train: bool = False):
     )
 
 
+def torch_trainer(loop, loop_config: dict[str, Any], cfg: TrainConfig, *, name: str,
+                  storage_path: str, datasets: dict | None = None, dataset_config=None,
+                  checkpoint_config=None, callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer of `cfg.num_workers` workers running `loop(loop_config)` (NCCL with
+    `cfg.use_gpu`, else gloo), persisting into `storage_path`/`name`: a stage's run (`fit`) and
+    FPO's (`train.fpo.train_fpo`)."""
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),  # devices.backend
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        datasets=datasets,
+        dataset_config=dataset_config,
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's INFO lines (every report's full metrics, once per rank) stay in its log
+            # files; the console gets warnings and our own progress line per `log_every` steps
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+            checkpoint_config=checkpoint_config,
+            callbacks=callbacks,
+        ),
+    )
+
+
 def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) -> FitResult:
     """Run one stage as a TorchTrainer job on the connected Ray cluster."""
     notice = resume_notice(cfg)
@@ -856,26 +898,12 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
         loop_config.update(skip_counter=dataset.counter,
                            rows=rank_rows(dataset.rows, cfg.num_workers, cfg.batch_size))
         datasets = {}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),  # devices.backend
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
-        datasets=datasets or None,
+    trainer = torch_trainer(
+        train_loop_per_worker, loop_config, cfg, name=cfg.run_name(),
+        storage_path=storage_root(cfg), datasets=datasets or None,
         dataset_config=ray.train.DataConfig(execution_options=options),
-        run_config=ray.train.RunConfig(
-            name=cfg.run_name(),
-            storage_path=storage_root(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_checkpoints_kept),
-            callbacks=callbacks or None,
-            # Ray Train's INFO lines (every report's full metrics, once per rank) stay in its log
-            # files; the console gets warnings and our own progress line per `log_every` steps
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
-        ),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_checkpoints_kept),
+        callbacks=callbacks or None,
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -48,6 +48,7 @@ from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
 
 ROUTING_STAT_BUFFERS = ("fired_count_E", "unrouted_sum_D", "unrouted_count", "token_count")
 GATE_PARAM_NAMES = ("w_gate_ED", "threshold_E")  # indexed by global expert slot, replicated
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state besides its step count
 
 
 @dataclass
@@ -225,7 +226,7 @@ def reset_slot_optimizer_state(layer: MoELayer, slot: int, optimizer) -> None:
         targets += [(getattr(layer, n), local) for n in EXPERT_PARAM_NAMES]
     for p, index in targets:
         state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in MOMENTS:
             if key in state:
                 state[key][index].zero_()
 
@@ -294,20 +295,98 @@ class Optimizers:
         return norm
 
     def state_dict(self) -> dict[str, Any]:
-        return {"local": self.local.state_dict()}
+        """The local AdamW's state, with the names of its parameters in order (so that another
+        layout can read it by name: `resharded_local_state`)."""
+        return {"local": self.local.state_dict(), "names": [n for n, _ in self.local_params]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.local.load_state_dict(state["local"])
-
-    def save_engine(self, directory: str) -> None:
+        """The local AdamW from this rank's own state (`state_dict`, same rank and layout) or
+        from {"reshard": the states of world rank 0's EP group of another layout, in EP-rank
+        order}; under ZeRO, the dense moments from "zero_dense" (`dense_state`, any layout).
+        Collective under ZeRO."""
+        if "reshard" not in state:
+            self.local.load_state_dict(state["local"])
+        elif self.local_params:  # (none when no routed parameter trains in this stage)
+            self.local.load_state_dict({"local": resharded_local_state(
+                state["reshard"], self.local_params, self.groups.ep_rank)}["local"])
         if self.engine is not None:
-            self.engine.save_checkpoint(directory, tag="zero", save_latest=False)
+            if state.get("zero_dense") is None:
+                raise ValueError("this checkpoint holds no ZeRO optimizer state: resume it with "
+                                 "the zero_stage it was written with")
+            self.load_dense_state(state["zero_dense"])
 
-    def load_engine(self, directory: str) -> None:
-        if self.engine is not None:
-            # module weights come from the safetensors; only ZeRO's optimizer partitions here
-            self.engine.load_checkpoint(directory, tag="zero", load_module_strict=False,
-                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+    def dense_state(self) -> dict[str, Any] | None:
+        """Under ZeRO, every dense parameter's full AdamW moments by name, and the step count;
+        None without ZeRO (the local AdamW holds them). Collective: every rank calls it, and the
+        moments are gathered one parameter at a time (DeepSpeed's tensor-fragment API), so any
+        world size can read them back (`load_dense_state`)."""
+        if self.engine is None:
+            return None
+        from deepspeed.utils import safe_get_full_optimizer_state  # deferred: heavy, ZeRO only
+
+        state = {n: {k: safe_get_full_optimizer_state(p, k).detach().to("cpu", copy=True)
+                     for k in MOMENTS} for n, p in self.dense}
+        return {"state": state, "step": self._zero_step()}
+
+    def load_dense_state(self, saved: dict[str, Any]) -> None:
+        """Set this rank's ZeRO partition of the dense moments from `dense_state`'s full ones
+        (written at any world size) and the step count. Collective, as `dense_state`."""
+        from deepspeed.utils import safe_set_full_optimizer_state  # deferred: heavy, ZeRO only
+
+        missing = [n for n, _ in self.dense if n not in saved["state"]]
+        if missing:
+            raise ValueError(f"the checkpoint's ZeRO optimizer state lacks {missing[:3]}")
+        # AdamW makes its state at its first step: make it now, as AdamW lays it out, over
+        # this rank's fp32 partitions, and link every parameter's fragment of it (DeepSpeed
+        # links lazily, at the first step)
+        zero = self.engine.optimizer
+        base = zero.optimizer
+        for q in (q for g in base.param_groups for q in g["params"]):
+            base.state[q] = {"step": torch.tensor(float(saved["step"])),
+                             "exp_avg": torch.zeros_like(q), "exp_avg_sq": torch.zeros_like(q)}
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+        for n, p in self.dense:
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(p, saved["state"][n][k].to(p.device), k)
+
+    def _zero_step(self) -> float:
+        base = self.engine.optimizer.optimizer
+        steps = [float(st["step"]) for st in base.state.values() if "step" in st]
+        return max(steps, default=0.0)
+
+
+def resharded_local_state(saved: list[dict[str, Any]], named_params: list[tuple[str, nn.Parameter]],
+                          ep_rank: int) -> dict[str, Any]:
+    """The local AdamW state of `named_params` (this rank's, in order) from the states that the
+    ranks of world rank 0's EP group wrote under another layout (`saved`, in EP-rank order; each
+    `Optimizers.state_dict()`). Those ranks hold every expert slice once and the replicated
+    parameters alike: an expert weight's moments are stitched along the slot axis and this rank's
+    slots cut out (slot offset `ep_rank` x its local slot count); every other parameter takes EP
+    rank 0's. A parameter no saved rank has a state for (never stepped) starts without one."""
+    if not saved or any("names" not in s for s in saved):
+        raise ValueError("this checkpoint's optimizer state has no parameter names (written before "
+                         "resharding was supported): resume it with the world size and EP degree "
+                         "it was written with")
+    by_name = [dict(zip(s["names"], (s["local"]["state"].get(i) for i in range(len(s["names"])))))
+               for s in saved]
+    out: dict[int, dict[str, Any]] = {}
+    for i, (name, p) in enumerate(named_params):
+        if is_expert_param(name):
+            parts = [b.get(name) for b in by_name]
+            if any(part is None for part in parts):
+                continue
+            rows = slice(ep_rank * p.shape[0], (ep_rank + 1) * p.shape[0])
+            out[i] = {k: (torch.cat([part[k] for part in parts])[rows] if k != "step" else v)
+                      for k, v in parts[0].items()}
+            if out[i]["exp_avg"].shape != p.shape:
+                raise ValueError(f"optimizer state of {name}: {tuple(out[i]['exp_avg'].shape)} "
+                                 f"does not fit this rank's slice {tuple(p.shape)}")
+        elif by_name[0].get(name) is not None:
+            out[i] = dict(by_name[0][name])
+    groups = [{**g, "params": list(range(len(named_params)))}
+              for g in saved[0]["local"]["param_groups"][:1]]
+    return {"state": out, "param_groups": groups}
 
 
 def _global_grad_norm(named_params, groups: ParallelGroups) -> Tensor:

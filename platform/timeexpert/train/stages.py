@@ -7,7 +7,7 @@
 
 Any stage runs alone from a checkpoint: `run_pipeline(cfg, stages=(3,), resume_from=uri)`.
 `cfg.recipe` picks what the stages train ("timeexpert" or "groundvts", `train.recipes.RECIPES`);
-`cfg.fpo_steps > 0` adds D2VLM's FPO after the last stage (`result.fpo`, run in the driver by
+`cfg.fpo_steps > 0` adds D2VLM's FPO after the last stage (`result.fpo`, a Ray Train run of
 `train.fpo.train_fpo`); `run_pipeline(cfg, stages=(), resume_from=uri)` runs FPO alone.
 `cfg.curriculum` (dataset roots, easiest first) runs stage 3 on each of them before stage 3 on
 `cfg.data_root` (`result.curriculum`); `plan_phases` says which `fit` runs on what, in order.
@@ -29,12 +29,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from timeexpert import devices, storage, tracking
+from timeexpert import storage, tracking
+from timeexpert.checkpoints import read_config
 from timeexpert.data import formats
-from timeexpert.data.pipeline import record_from_row
 from timeexpert.eval.evaluate import distinct_windows, evaluate_predictions, predict_records
 from timeexpert.events import Task
-from timeexpert.inference import GroundingModel
+from timeexpert.models.timeexpert import TimeExpertConfig
 from timeexpert.train.config import CURRICULUM_STAGE, STAGES, TrainConfig
 from timeexpert.train.fpo import train_fpo
 from timeexpert.train.loop import (FitResult, data_config, fit, prepare_tokenizer,
@@ -210,7 +210,8 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
 
 
 def _run_fpo(cfg: TrainConfig, start_from: str, parent_run_id: str) -> StageResult:
-    """D2VLM FPO from `start_from` (driver process), evaluated like a stage."""
+    """D2VLM FPO from `start_from` (a Ray Train run, `train_fpo`), evaluated like a stage; its
+    checkpoint lands in the run `{cfg.name}-fpo` under the storage root, as a stage's does."""
     t0 = time.perf_counter()
     uri, run_id = cfg.tracking_uri, ""
     name = f"{cfg.name}-fpo"
@@ -290,21 +291,21 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
     chosen = [r for t in Task for r in [r for r in records if r.task == t][:max_records]]
     if not chosen:
         return {}
-    device = devices.default_device()
-    gm = GroundingModel.load(checkpoint_uri, device=str(device))
-    def plot_density(row, pred) -> None:
-        record = record_from_row(row)
+    mconfig = TimeExpertConfig.from_dict(read_config(checkpoint_uri))  # its frames and size
+
+    def plot_density(record, timestamps_T, pred) -> None:
         plot = os.path.join(plot_dir, f"token_density_{record.task.value}.png") if plot_dir else ""
         if plot and pred.token_density is not None and not os.path.exists(plot):
-            tracking.plot_token_density(pred.token_density, row["timestamps"][row["frame_mask"]], plot,
-                               intervals=[(e.start, e.end) for e in record.events],
-                               title=f"{record.task.value}: {record.query[:60]}")
+            tracking.plot_token_density(pred.token_density, timestamps_T, plot,
+                                        intervals=[(e.start, e.end) for e in record.events],
+                                        title=f"{record.task.value}: {record.query[:60]}")
 
-    with devices.autocast(device, cfg.precision):
-        predictions, scored, _ = predict_records(
-            gm, chosen, data_config(cfg, gm.model.config), batch_size=batch_size,
-            on_prediction=plot_density, progress=progress,
-        )
+    predictions, scored, _ = predict_records(
+        checkpoint_uri, chosen, data_config(cfg, mconfig), replicas=cfg.eval_replicas,
+        num_cpus=max(cfg.cpus_per_worker, 0.25), num_gpus=1.0 if cfg.use_gpu else 0.0,
+        precision=cfg.precision, batch_size=batch_size, on_prediction=plot_density,
+        progress=progress,
+    )
     out: dict[str, float] = {}
     for task in Task:
         task_records = [r for r in scored if r.task == task]
