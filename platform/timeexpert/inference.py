@@ -11,8 +11,7 @@ truncation.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,18 +47,6 @@ class Prediction:
     # GQA: the index of the option the answer chose (None when it names none); its evidence span
     # is events[0]
     answer: int | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "Prediction":
-        fields = json.loads(text)
-        fields["events"] = [Event(**e) for e in fields["events"]]
-        if fields.get("evidence_intervals") is not None:
-            fields["evidence_intervals"] = [None if i is None else tuple(i)
-                                            for i in fields["evidence_intervals"]]
-        return cls(**fields)
 
 
 @dataclass
@@ -233,7 +220,7 @@ class GroundingModel:
                                   caption=caption)]
             elif task == Task.DVC and cfg.dvc_from_frames:
                 p.events = dense_events_from_relevance(relevance[b], r.timestamps_T,
-                                                       durations[b], p.events, caps[b])
+                                                       durations[b], p.events, caps[b], threshold)
             elif task == Task.DVC and cfg.locate_captions and any(e.caption for e in p.events):
                 dvc.append(b)
         if dvc:

@@ -73,20 +73,25 @@ def test_dense_events_are_the_runs_of_relevant_frames_with_the_overlapping_capti
     generated = [Event(0.5, 1.5, 0.9, "the red circle grows"), Event(5.5, 8.0, 0.9, "the blue"),
                  Event(2.0, 3.0, 0.9, "")]  # an uncaptioned event gives no caption
     p = [0.9, 0.7, 0.1, 0.6]  # runs at 0.5: frames 0-1 -> [0, 4], frame 3 -> [6, 8]
-    events = dense_events_from_relevance(p, TS, 8.0, generated, max_events=5)
+    events = dense_events_from_relevance(p, TS, 8.0, generated, max_events=5,
+                                         threshold_ratio=0.6)
     assert [(e.start, e.end, e.caption) for e in events] == [
         (0.0, 4.0, "the red circle grows"), (6.0, 8.0, "the blue")]
     assert [e.score for e in events] == pytest.approx([0.9, 0.6])
     # past max_events the most relevant runs stay, in time order
     assert [(e.start, e.end) for e in dense_events_from_relevance(
-        [0.6, 0.1, 0.9, 0.1], TS, 8.0, [], max_events=1)] == [(4.0, 6.0)]
+        [0.6, 0.1, 0.9, 0.1], TS, 8.0, [], max_events=1, threshold_ratio=0.6)] == [(4.0, 6.0)]
     # no overlap: the nearest generated event's caption; nothing generated: no caption
     far = dense_events_from_relevance([0.1, 0.1, 0.1, 0.8], TS, 8.0,
-                                      [Event(0.0, 1.0, 1.0, "a"), Event(4.0, 5.0, 1.0, "b")], 3)
+                                      [Event(0.0, 1.0, 1.0, "a"), Event(4.0, 5.0, 1.0, "b")], 3,
+                                      threshold_ratio=0.6)
     assert [(e.start, e.end, e.caption) for e in far] == [(6.0, 8.0, "b")]
-    # no frame at 0.5: the best run around the peak (60% of it), as MR answers
-    unsure = dense_events_from_relevance([0.1, 0.3, 0.2, 0.0], TS, 8.0, [], max_events=3)
+    # no frame at 0.5: the best run around the peak (at threshold_ratio of it), as MR answers
+    unsure = dense_events_from_relevance([0.1, 0.3, 0.2, 0.0], TS, 8.0, [], max_events=3,
+                                         threshold_ratio=0.6)
     assert [(e.start, e.end, e.caption) for e in unsure] == [(2.0, 6.0, "")]
+    assert [(e.start, e.end) for e in dense_events_from_relevance(
+        [0.1, 0.3, 0.2, 0.0], TS, 8.0, [], max_events=3, threshold_ratio=0.9)] == [(2.0, 4.0)]
 
 
 def test_clip_saliency_weights_frames_by_overlap():
@@ -229,7 +234,7 @@ def test_inference_reads_dense_events_off_the_frames(tok):
     model.frame_head.proj.bias.data.fill_(-10.0)  # none relevant: the run around the peak
     dvc = gm.predict_batch([PredictRequest(frames, np.array(TS), Task.DVC, "", duration=8.0,
                                            max_events=2)])[0]
-    expected = windows_from_relevance(dvc.frame_relevance, TS, 8.0, 0.6)[:1]
+    expected = windows_from_relevance(dvc.frame_relevance, TS, 8.0, cfg.frame_threshold)[:1]
     assert [(e.start, e.end) for e in dvc.events] == [(e.start, e.end) for e in expected]
 
 

@@ -47,7 +47,7 @@ from timeexpert.eval.metrics import (
 from timeexpert.eval.parse import ParseResult, as_parse_result
 from timeexpert.eval.qvhighlights import prediction_row, write_jsonl
 from timeexpert.events import Event, Record, Task, read_gqa_answer, saliency_from_events
-from timeexpert.inference import GroundingModel, Prediction, PredictRequest
+from timeexpert.inference import GroundingModel, PredictRequest
 
 
 def _select(records: Sequence[Record], task: Task | str | None) -> tuple[list[Record], Task]:
@@ -170,8 +170,8 @@ def _gqa_metrics(records: Sequence[Record], parsed: Sequence[ParseResult]) -> di
 class Predictor:
     """One model replica of the evaluation's actor pool (`predict_records`): loads the checkpoint
     once, on the GPU Ray gave its actor (else the CPU), and answers batches of decoded rows with
-    `GroundingModel.predict_batch`; each answer leaves as JSON (`Prediction.to_json`) with the
-    timestamps of its frames."""
+    `GroundingModel.predict_batch`; each answer (a `Prediction`, pickled by Ray Data) leaves with
+    the timestamps of its frames."""
 
     def __init__(self, checkpoint_uri: str, precision: str = "auto") -> None:
         self.device = devices.default_device()
@@ -191,10 +191,16 @@ class Predictor:
             answers = self.gm.predict_batch(requests)
         return {
             "id": batch["id"],
-            "prediction": np.array([p.to_json() for p in answers], dtype=object),
-            "timestamps": np.array([json.dumps(r.timestamps_T.tolist()) for r in requests],
-                                   dtype=object),
+            "prediction": _objects(answers),
+            "timestamps": _objects([r.timestamps_T.tolist() for r in requests]),
         }
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-d object column of `values` (numpy would make a list of equal-length lists 2-d)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 def predict_records(
@@ -224,11 +230,10 @@ def predict_records(
     by_id = {r.id: r for r in dataset.records}
     predictions: dict[str, Any] = {}
     for batch in answered.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        for rid, text, times in zip(batch["id"], batch["prediction"], batch["timestamps"]):
-            prediction = Prediction.from_json(str(text))
+        for rid, prediction, times in zip(batch["id"], batch["prediction"], batch["timestamps"]):
             predictions[str(rid)] = prediction
             if on_prediction is not None:
-                on_prediction(by_id[str(rid)], json.loads(str(times)), prediction)
+                on_prediction(by_id[str(rid)], list(times), prediction)
         if progress is not None:
             progress(len(predictions), len(records))
     return predictions, list(dataset.records), dataset.skip_summary()

@@ -180,17 +180,17 @@ def windows_from_relevance(prob_T: Sequence[float], timestamps_T: Sequence[float
 
 def dense_events_from_relevance(prob_T: Sequence[float], timestamps_T: Sequence[float],
                                 duration: float, generated: Sequence[Event],
-                                max_events: int) -> list[Event]:
+                                max_events: int, threshold_ratio: float) -> list[Event]:
     """Dense captioning read off the frames (config `dvc_from_frames`): each run of frames the
     model finds relevant (at `RELEVANT` or above; trained against "inside some event") is one
     event, in time order; an unsure model still answers its best run (`windows_from_relevance`
-    at 60% of the peak). Past `max_events` runs, the most relevant ones (by peak) are kept. Each
+    at `threshold_ratio` of the peak, as MR answers). Past `max_events` runs, the most relevant ones (by peak) are kept. Each
     event takes the caption of the generated event overlapping it most
     (the nearest one by centre when none overlaps; empty when nothing was generated)."""
     p_T = np.asarray(prob_T, dtype=np.float64).reshape(-1)
     events = _runs(p_T >= RELEVANT, p_T, segment_edges(timestamps_T, duration))
     if not events:
-        events = windows_from_relevance(p_T, timestamps_T, duration, 0.6)[:1]
+        events = windows_from_relevance(p_T, timestamps_T, duration, threshold_ratio)[:1]
     events = sorted(events, key=lambda e: -(e.score or 0.0))[:max_events]
     captioned = [g for g in generated if g.caption]
     if captioned:

@@ -77,8 +77,8 @@ def write_checkpoint(directory: str, *, rank: int, model, state: dict[str, Tenso
             json.dump(routing, f)
     os.makedirs(os.path.join(directory, "optim"), exist_ok=True)
     torch.save(optimizers.state_dict(), os.path.join(directory, optim_file(rank)))
-    dense = optimizers.dense_state()  # collective under ZeRO
-    if dense is not None and rank == 0:
+    dense = optimizers.dense_state()  # collective under ZeRO; rank 0's, None elsewhere
+    if dense is not None:
         torch.save(dense, os.path.join(directory, ZERO_DENSE))
 
 

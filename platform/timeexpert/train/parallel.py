@@ -307,8 +307,8 @@ class Optimizers:
         if "reshard" not in state:
             self.local.load_state_dict(state["local"])
         elif self.local_params:  # (none when no routed parameter trains in this stage)
-            self.local.load_state_dict({"local": resharded_local_state(
-                state["reshard"], self.local_params, self.groups.ep_rank)}["local"])
+            self.local.load_state_dict(resharded_local_state(state["reshard"], self.local_params,
+                                                             self.groups.ep_rank))
         if self.engine is not None:
             if state.get("zero_dense") is None:
                 raise ValueError("this checkpoint holds no ZeRO optimizer state: resume it with "
@@ -316,17 +316,23 @@ class Optimizers:
             self.load_dense_state(state["zero_dense"])
 
     def dense_state(self) -> dict[str, Any] | None:
-        """Under ZeRO, every dense parameter's full AdamW moments by name, and the step count;
-        None without ZeRO (the local AdamW holds them). Collective: every rank calls it, and the
-        moments are gathered one parameter at a time (DeepSpeed's tensor-fragment API), so any
-        world size can read them back (`load_dense_state`)."""
+        """Under ZeRO, on world rank 0 (the writer), every dense parameter's full AdamW moments
+        by name and the step count; None on the other ranks and without ZeRO (the local AdamW
+        holds them). Collective: every rank calls it, the moments gathered one parameter at a time
+        (DeepSpeed's tensor-fragment API) and kept by rank 0 only, so any world size can read
+        them back (`load_dense_state`)."""
         if self.engine is None:
             return None
         from deepspeed.utils import safe_get_full_optimizer_state  # deferred: heavy, ZeRO only
 
-        state = {n: {k: safe_get_full_optimizer_state(p, k).detach().to("cpu", copy=True)
-                     for k in MOMENTS} for n, p in self.dense}
-        return {"state": state, "step": self._zero_step()}
+        keep = self.groups.rank == 0
+        state: dict[str, dict[str, Tensor]] = {}
+        for n, p in self.dense:
+            for k in MOMENTS:
+                full = safe_get_full_optimizer_state(p, k)  # on every rank: an all-reduce
+                if keep:
+                    state.setdefault(n, {})[k] = full.detach().to("cpu", copy=True)
+        return {"state": state, "step": self._zero_step()} if keep else None
 
     def load_dense_state(self, saved: dict[str, Any]) -> None:
         """Set this rank's ZeRO partition of the dense moments from `dense_state`'s full ones
