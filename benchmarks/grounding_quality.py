@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "scratch_relevance": ("small_cpu", _RELEVANCE, {}),
     # + each frame's state names the words of the captions of its events (DVC rows)
     "scratch_words": ("small_cpu", {**_RELEVANCE, "frame_words": True}, {}),
+    # the measured recipe as a preset (bidirectional frames, 96x96, lr 5e-4, ...)
+    "grounding": ("grounding_cpu", {}, {}),
     "smollm": ("smollm_cpu", _GENERATED, {}),
     "smollm_query_first": ("smollm_cpu", _QUERY_FIRST, {}),
     "smollm_relevance": ("smollm_cpu", _RELEVANCE, {}),

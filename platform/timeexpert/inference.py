@@ -235,9 +235,10 @@ class GroundingModel:
         cfg = self.model.config
         dev = self.device
         prompts, visual, where = [], [], []
+        per_prompt = cfg.query_slots  # the frames' tokens depend on the query: encode per caption
         with torch.inference_mode():
             for r, p, px, duration in zip(requests, predictions, pixels, durations):
-                visual_MSD = self.model.encode_frames(px.to(dev))  # once per video
+                video = px.to(dev) if per_prompt else self.model.encode_frames(px.to(dev))
                 for e in p.events:
                     if not e.caption:
                         continue
@@ -249,14 +250,15 @@ class GroundingModel:
                     except ValueError:  # a caption too long to ask: its generated times stand
                         continue
                     prompts.append(prompt)
-                    visual.append(visual_MSD)
+                    visual.append(video)
                     where.append((e, r.timestamps_T, duration))
             if not prompts:
                 return
             batch = collate(prompts, padding_side="right")
+            frames = {"pixel_values" if per_prompt else "visual_embeds": torch.cat(visual)}
             out = self.model(batch["input_ids"].to(dev), batch["token_types"].to(dev),
-                             attention_mask=batch["attention_mask"].to(dev),
-                             visual_embeds=torch.cat(visual), return_logits=False)
+                             attention_mask=batch["attention_mask"].to(dev), **frames,
+                             return_logits=False)
         prob_BT = torch.sigmoid(out.frame_logits.float())
         for (e, timestamps_T, duration), p_T, m_T in zip(where, prob_BT, out.frame_mask):
             if float(p_T[m_T].max()) < RELEVANT:

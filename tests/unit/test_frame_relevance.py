@@ -144,6 +144,31 @@ def test_frame_logits_depend_on_the_query_only_when_it_comes_first(tok):
     torch.testing.assert_close(h[0, visual], h[1, visual])
 
 
+def test_query_slots_pool_each_frame_by_the_query(tok):
+    """Instruction-aware compression: with `query_slots` the frame tokens the decoder gets depend
+    on the query even when it comes after the frames (the slots that pool the patches are
+    shifted by it); a prompt without QUERY tokens gets the plain slots."""
+    cfg = relevance_config(tok, query_slots=True, query_first=False, frame_relevance=False)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg).eval()
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    pixels = model.preprocess_frames(frames)
+    batch = _prompts(tok, cfg, ["the red circle grows", "the blue square blinks"],
+                     query_first=False)
+    shift_MV = model.slot_shift(batch["input_ids"], batch["token_types"])
+    assert shift_MV.shape == (8, cfg.vision_width)  # 2 rows x 4 frames
+    h = model(**batch, pixel_values=torch.cat([pixels, pixels])).hidden_states
+    visual = batch["token_types"][0] == TokenType.VISUAL
+    assert not torch.allclose(h[0, visual], h[1, visual])
+    text_only = batch["token_types"].masked_fill(batch["token_types"] == TokenType.QUERY,
+                                                 int(TokenType.TEXT))
+    no_query = model.slot_shift(batch["input_ids"], text_only)[:4]
+    torch.testing.assert_close(model.encode_frames(pixels, no_query), model.encode_frames(pixels))
+    plain = TimeExpertForGrounding(relevance_config(tok, query_first=False))
+    assert plain.query_to_slots is None
+    assert plain.slot_shift(batch["input_ids"], batch["token_types"]) is None
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_bidirectional_frames_let_a_frame_see_the_frames_after_it(tok, bidirectional):
     """Prefix-LM attention over the video: with `bidirectional_frames` the first frame's logit
@@ -238,11 +263,13 @@ def test_inference_reads_dense_events_off_the_frames(tok):
     assert [(e.start, e.end) for e in dvc.events] == [(e.start, e.end) for e in expected]
 
 
+@pytest.mark.parametrize("query_slots", [False, True])
 @pytest.mark.parametrize("bias, expected", [(10.0, (0.0, 8.0)), (-10.0, (1.0, 2.5))])
-def test_dvc_events_are_placed_where_their_caption_is_relevant(tok, bias, expected):
+def test_dvc_events_are_placed_where_their_caption_is_relevant(tok, bias, expected, query_slots):
     """A head that finds every frame relevant (bias +10) moves a captioned event to the run of
-    all frames, [0, 8]; one that finds none (-10) leaves the generated times."""
-    cfg = relevance_config(tok, locate_captions=True)
+    all frames, [0, 8]; one that finds none (-10) leaves the generated times. With `query_slots`
+    the frames are encoded per caption."""
+    cfg = relevance_config(tok, locate_captions=True, query_slots=query_slots)
     torch.manual_seed(0)
     model = TimeExpertForGrounding(cfg).eval()
     with torch.no_grad():

@@ -395,6 +395,12 @@ def test_presets_registry():
         paper.moe["max_experts"],
         paper.vision_encoder,
     ) == (128, 8, 64, "siglip")
+    # the demo's model: frame relevance trained in one stage, its settings a valid config
+    grounding = get_preset("grounding_cpu")
+    assert grounding.stages == (3,) and get_preset("small_cpu").stages == (1, 2, 3)
+    cfg = TimeExpertConfig.from_dict(grounding.model.to_dict())
+    assert (cfg.frame_relevance, cfg.bidirectional_frames, cfg.dvc_from_frames,
+            cfg.image_size, cfg.loss_weight_time) == (True, True, True, 96, 0.0)
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
 

@@ -52,6 +52,8 @@ def test_demo_splits_the_step_budget_over_the_stages():
         sys.path.remove("jobs")
     assert stage_steps(450) == {1: 45, 2: 180, 3: 225}
     assert stage_steps(6) == {1: 1, 2: 2, 3: 3}
+    assert stage_steps(500, (3,)) == {3: 500}  # a preset that runs stage 3 alone
+    assert stage_steps(90, (2, 3)) == {2: 40, 3: 50}
     assert sum(STAGE_SHARE.values()) == pytest.approx(1.0)
 
 

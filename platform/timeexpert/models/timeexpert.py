@@ -93,6 +93,7 @@ ARCHITECTURE_FIELDS = (
     "frame_words",
     "bidirectional_frames",
     "relevance_token_max",
+    "query_slots",
 )
 
 
@@ -153,6 +154,11 @@ class TimeExpertConfig(PretrainedConfig):
     # frame's tokens (late interaction: one token showing the queried object is enough), instead
     # of on the frame's mean state (where the object is one of several things averaged)
     relevance_token_max: bool = False
+    # instruction-aware compression (InstructBLIP's Q-Former): the slot queries that pool each
+    # frame's patches are shifted by the mean embedding of the prompt's QUERY tokens (the
+    # instruction and the query), so that the few tokens a frame keeps describe the objects the
+    # query names. Frames are then encoded per prompt, not once per video
+    query_slots: bool = False
     frame_threshold: float = 0.6  # salient: this share of the most relevant frame's probability
     # or above (D2VLM's 60%)
     windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)
@@ -457,6 +463,10 @@ class TimeExpertForGrounding(PreTrainedModel):
             num_heads=config.compressor_num_heads,
         )
         self.projector = Projector(config.vision_width, D)
+        # (query slots) the prompt's mean query embedding -> a shift of the slot queries
+        self.query_to_slots = (
+            nn.Linear(D, config.vision_width, bias=False) if config.query_slots else None
+        )
         # (token sampling) GroundVTS: query-guided choice of the visual tokens the decoder sees
         self.token_sampler = (
             VisualTokenSampler(
@@ -515,8 +525,10 @@ class TimeExpertForGrounding(PreTrainedModel):
         """uint8 (T, H, W, 3) frames -> normalised pixels (T, 3, image_size, image_size)."""
         return self.frame_processor(frames_THWC)
 
-    def encode_frames(self, pixels_MCHW: torch.Tensor) -> torch.Tensor:
-        """Pixels of M frames -> (M, S, D) visual tokens for the decoder."""
+    def encode_frames(self, pixels_MCHW: torch.Tensor,
+                      slot_shift_MV: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels of M frames -> (M, S, D) visual tokens for the decoder; `slot_shift_MV` shifts
+        each frame's slot queries (`query_slots`, from `slot_shift`)."""
         expected = (3, self.config.image_size, self.config.image_size)
         if pixels_MCHW.ndim != 4 or tuple(pixels_MCHW.shape[1:]) != expected:
             raise ValueError(
@@ -525,7 +537,20 @@ class TimeExpertForGrounding(PreTrainedModel):
             )
         dtype = self.projector.net[0].weight.dtype
         patches_MPV = self.frame_encoder(pixels_MCHW.to(dtype))
-        return self.projector(self.compressor(patches_MPV))
+        return self.projector(self.compressor(patches_MPV, slot_shift_MV))
+
+    def slot_shift(self, input_ids_BN: torch.Tensor, types_BN: torch.Tensor) -> torch.Tensor | None:
+        """(M, V) per frame of the batch (rows in order, `tokens_per_frame` VISUAL tokens a
+        frame): its row's mean QUERY-token embedding (instruction and query) mapped to the vision
+        width, zero for a row without QUERY tokens; None unless `query_slots`."""
+        if self.query_to_slots is None:
+            return None
+        is_query_BN = types_BN == TokenType.QUERY
+        emb_BND = self.text_embed(input_ids_BN.masked_fill(~is_query_BN, 0))
+        count_B1 = is_query_BN.sum(-1, keepdim=True).clamp_min(1)
+        query_BD = (emb_BND * is_query_BN[..., None]).sum(1) / count_B1
+        frames_B = (types_BN == TokenType.VISUAL).sum(-1) // self.config.tokens_per_frame
+        return self.query_to_slots(query_BD).repeat_interleave(frames_B, dim=0)
 
     # --- embedding ---------------------------------------------------------------------------
 
@@ -590,7 +615,7 @@ class TimeExpertForGrounding(PreTrainedModel):
                                                            past_key_values)
         # frames -> vision -> compression -> projector; every token by its type's encoder
         if pixel_values is not None:
-            visual_embeds = self.encode_frames(pixel_values)
+            visual_embeds = self.encode_frames(pixel_values, self.slot_shift(input_ids, token_types))
         x_BND = self.embed_tokens(input_ids, token_types, visual_embeds)
         # evidence tokens (D2VLM): frame-level video tokens, pooled into the `<evi>` inputs
         x_BND, frames_BTD, frame_mask_BT = self._evidence_inputs(
