@@ -15,7 +15,9 @@ and Serve run). `--checkpoints` evaluates saved checkpoints instead of training.
 Per variant it prints MR R1@0.5 of the model, of the best trivial baseline (the trivial
 baselines of `eval.baselines`, on the same records) and their ratio, and `distinct_windows`: the
 fraction of videos with two or more MR queries whose queries got different top-1 windows (a
-model that learnt the answer prior gives every query of a video the same window). With VHD or
+model that learnt the answer prior gives every query of a video the same window), and on the
+synthetic benchmarks `attributes`: how often the event the top window lands on has the query's
+colour, shape, motion, all three (`attribute_agreement`). With VHD or
 DVC in `--tasks`, their HIT@1 (VeryGood) and F1 likewise. Choose on `val`, report on `test`.
 """
 
@@ -237,6 +239,56 @@ def evaluate(model, tokenizer, records, frames, batch_size: int = 16) -> dict:
     return out, predictions
 
 
+ATTRIBUTES = ("colour", "shape", "motion")
+
+
+def attribute_agreement(records, predictions, scenes) -> dict[str, float] | None:
+    """Does the model read the query or only find events? On a synthetic split (`scenes`: vid ->
+    its `synth.Scene`), for every MR query: the event its top window overlaps most (temporal IoU)
+    against the queried event (the scene's event at the ground-truth interval); the % of queries
+    where the two share the colour, the shape, the motion, and all three (the same event, or a
+    twin). `predictions` None: chance, the expected agreement of an event of the video drawn
+    uniformly (a model that finds events without reading the query). None without MR queries of
+    those scenes."""
+    from timeexpert.events import Task, temporal_iou
+
+    agree = dict.fromkeys((*ATTRIBUTES, "all"), 0.0)
+    count = 0
+    for r in records:
+        scene = scenes.get(os.path.splitext(os.path.basename(r.video))[0])
+        if r.task != Task.MR or scene is None or not scene.events:
+            continue
+        count += 1
+        truth = r.events[0]
+        queried = min(scene.events, key=lambda o: abs(o.start - truth.start) + abs(o.end - truth.end))
+        if predictions is None:  # chance: an event of the video drawn uniformly
+            hits = scene.events
+        elif predictions[r.id].events:
+            window = (predictions[r.id].events[0].start, predictions[r.id].events[0].end)
+            hits = [max(scene.events, key=lambda o: float(temporal_iou(window, (o.start, o.end))))]
+        else:
+            continue
+        for hit in hits:
+            same = {a: getattr(hit, a) == getattr(queried, a) for a in ATTRIBUTES}
+            for a, ok in same.items():
+                agree[a] += ok / len(hits)
+            agree["all"] += all(same.values()) / len(hits)
+    return {k: round(100.0 * v / count, 1) for k, v in agree.items()} if count else None
+
+
+def read_scenes(root: str, split: str) -> dict:
+    """vid -> `synth.Scene` of a synthetic dataset's split; {} for a dataset without scenes."""
+    from timeexpert import storage
+    from timeexpert.data.synth import Scene
+
+    uri = storage.join_uri(root, "scenes", f"{split}.jsonl")
+    if not storage.exists(uri):
+        return {}
+    scenes = [Scene.from_dict(json.loads(line)) for line in storage.read_text(uri).splitlines()
+              if line]
+    return {s.vid: s for s in scenes}
+
+
 def best_trivial(train, records) -> dict[str, float]:
     from timeexpert.eval.baselines import trivial_baselines
 
@@ -293,9 +345,11 @@ def main() -> None:
           f"{len(phases[-1][0]) if phases else len(train)} training records, "
           f"{len(held_out)} {args.split} records", flush=True)
     trivial = best_trivial(train, held_out)
+    scenes = read_scenes(eval_root, args.split)
+    chance = attribute_agreement(held_out, None, scenes)
     result: dict = {"data_root": args.data_root, "eval_root": eval_root, "split": args.split,
                     "steps": args.steps, "jitter": args.jitter, "tasks": tasks,
-                    "best_trivial": trivial, "variants": {}}
+                    "best_trivial": trivial, "attributes_by_chance": chance, "variants": {}}
     for name in loaded or variants:
         if loaded:
             model, tokenizer, seconds = loaded[name].model, loaded[name].tokenizer, 0.0
@@ -303,8 +357,9 @@ def main() -> None:
             model, tokenizer, seconds = train_variant(name, args, phases, args.seed)
             if args.save:
                 GroundingModel(model, tokenizer).save(os.path.join(args.save, name))
-        metrics, _ = evaluate(model, tokenizer, held_out, frames)
-        row = {"train_seconds": round(seconds, 1), "distinct_windows": metrics["distinct_windows"]}
+        metrics, predictions = evaluate(model, tokenizer, held_out, frames)
+        row = {"train_seconds": round(seconds, 1), "distinct_windows": metrics["distinct_windows"],
+               "attributes": attribute_agreement(held_out, predictions, scenes)}
         for task in tasks:
             key, label = METRICS[task]
             value = metrics[task][key]
@@ -314,7 +369,9 @@ def main() -> None:
         print(f"{name}: " + "; ".join(
             f"{METRICS[t][1]} {row[t]['model']:.1f} / {row[t]['best_trivial']:.1f} = "
             f"{row[t]['ratio']:.2f}x" for t in tasks)
-            + f"; distinct windows {row['distinct_windows']}; {seconds:.0f} s", flush=True)
+            + f"; distinct windows {row['distinct_windows']}; top window's event shares the "
+              f"query's {row['attributes']} % (an event by chance: {chance}); {seconds:.0f} s",
+            flush=True)
     emit(result, as_json=args.json)
 
 
