@@ -276,17 +276,14 @@ def attribute_agreement(records, predictions, scenes) -> dict[str, float] | None
     return {k: round(100.0 * v / count, 1) for k, v in agree.items()} if count else None
 
 
-def read_scenes(root: str, split: str) -> dict:
+def scenes_by_video(root: str, split: str) -> dict:
     """vid -> `synth.Scene` of a synthetic dataset's split; {} for a dataset without scenes."""
     from timeexpert import storage
-    from timeexpert.data.synth import Scene
+    from timeexpert.data.synth import read_scenes
 
-    uri = storage.join_uri(root, "scenes", f"{split}.jsonl")
-    if not storage.exists(uri):
+    if not storage.exists(storage.join_uri(root, "scenes", f"{split}.jsonl")):
         return {}
-    scenes = [Scene.from_dict(json.loads(line)) for line in storage.read_text(uri).splitlines()
-              if line]
-    return {s.vid: s for s in scenes}
+    return {s.vid: s for s in read_scenes(root, split)}
 
 
 def best_trivial(train, records) -> dict[str, float]:
@@ -345,7 +342,7 @@ def main() -> None:
           f"{len(phases[-1][0]) if phases else len(train)} training records, "
           f"{len(held_out)} {args.split} records", flush=True)
     trivial = best_trivial(train, held_out)
-    scenes = read_scenes(eval_root, args.split)
+    scenes = scenes_by_video(eval_root, args.split)
     chance = attribute_agreement(held_out, None, scenes)
     result: dict = {"data_root": args.data_root, "eval_root": eval_root, "split": args.split,
                     "steps": args.steps, "jitter": args.jitter, "tasks": tasks,

@@ -164,6 +164,8 @@ def test_query_slots_pool_each_frame_by_the_query(tok):
                                                  int(TokenType.TEXT))
     no_query = model.slot_shift(batch["input_ids"], text_only)[:4]
     torch.testing.assert_close(model.encode_frames(pixels, no_query), model.encode_frames(pixels))
+    with pytest.raises(ValueError, match="pass pixel_values, not visual_embeds"):
+        model(**batch, visual_embeds=model.encode_frames(torch.cat([pixels, pixels])))
     plain = TimeExpertForGrounding(relevance_config(tok, query_first=False))
     assert plain.query_to_slots is None
     assert plain.slot_shift(batch["input_ids"], batch["token_types"]) is None

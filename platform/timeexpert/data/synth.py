@@ -431,8 +431,14 @@ class SynthDataset:
         return formats.read_manifest(self.manifests[split])
 
     def scenes(self, split: str) -> list[Scene]:
-        text = storage.read_text(storage.join_uri(self.root, "scenes", f"{split}.jsonl"))
-        return [Scene.from_dict(json.loads(line)) for line in text.splitlines() if line]
+        return read_scenes(self.root, split)
+
+
+def read_scenes(root: str, split: str) -> list[Scene]:
+    """What was drawn in a rendered split: its `scenes/{split}.jsonl` (FileNotFoundError when the
+    dataset has none, e.g. a real benchmark)."""
+    text = storage.read_text(storage.join_uri(root, "scenes", f"{split}.jsonl"))
+    return [Scene.from_dict(json.loads(line)) for line in text.splitlines() if line]
 
 
 def _render_one(args: tuple[Scene, SynthSpec, int, str, dict]) -> None:

@@ -668,6 +668,9 @@ class TimeExpertForGrounding(PreTrainedModel):
             )
         if pixel_values is not None and visual_embeds is not None:
             raise ValueError("pass pixel_values or visual_embeds, not both")
+        if self.query_to_slots is not None and visual_embeds is not None:
+            raise ValueError("a query_slots model encodes the frames with each prompt's query: "
+                             "pass pixel_values, not visual_embeds")
         if (self.token_sampler is not None and past_key_values is not None
                 and bool((token_types == TokenType.VISUAL).any())):
             raise ValueError("token sampling needs the frames and the query in the first call")
