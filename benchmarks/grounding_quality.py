@@ -17,8 +17,8 @@ baselines of `eval.baselines`, on the same records) and their ratio, and `distin
 fraction of videos with two or more MR queries whose queries got different top-1 windows (a
 model that learnt the answer prior gives every query of a video the same window), and on the
 synthetic benchmarks `attributes`: how often the event the top window lands on has the query's
-colour, shape, motion, all three (`attribute_agreement`). With VHD or
-DVC in `--tasks`, their HIT@1 (VeryGood) and F1 likewise. Choose on `val`, report on `test`.
+colour, shape, motion, all three (`attribute_agreement`). With VHD, DVC or GQA in `--tasks`,
+their HIT@1 (VeryGood), F1 and answer accuracy (Acc@QA) likewise. Choose on `val`, report on `test`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "smollm_relevance": ("smollm_cpu", _RELEVANCE, {}),
 }
 METRICS = {"mr": ("R1@0.5", "MR R1@0.5"), "vhd": ("HL-min-VeryGood-Hit1", "VHD HIT@1 VeryGood"),
-           "dvc": ("F1", "DVC F1")}
+           "dvc": ("F1", "DVC F1"), "gqa": ("Acc@QA", "GQA Acc@QA")}
 
 
 def _extra(parser) -> None:
@@ -61,7 +61,7 @@ def _extra(parser) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.0, help="0: the preset's")
-    parser.add_argument("--tasks", default="mr", help="comma-separated: mr,vhd,dvc")
+    parser.add_argument("--tasks", default="mr", help="comma-separated: mr,vhd,dvc,gqa")
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--max-records", type=int, default=80, help="per task, evaluated")
     parser.add_argument("--checkpoints", default="", help="NAME=URI,...: evaluate, no training")
@@ -209,7 +209,8 @@ def train_variant(name: str, args, train_phases, seed: int):
             if step % 50 == 0 or step == total:
                 frames_loss = "".join(
                     f" {label} {float(value.detach()):.3f}"
-                    for label, value in (("frames", out.loss_frames), ("words", out.loss_words))
+                    for label, value in (("frames", out.loss_frames), ("words", out.loss_words),
+                                         ("captions", out.loss_captions))
                     if value is not None)
                 print(f"  [{name}] step {step}/{total} loss {float(loss.detach()):.3f} time "
                       f"{float(out.loss_time.detach()):.3f}{frames_loss} ({time.perf_counter() - t0:.0f} s)",
@@ -229,7 +230,7 @@ def evaluate(model, tokenizer, records, frames, batch_size: int = 16) -> dict:
         chunk = records[i: i + batch_size]
         requests = [PredictRequest(frames_THWC=frames[r.video][0], timestamps_T=frames[r.video][1],
                                    task=r.task, query=r.query, duration=r.duration,
-                                   clip_len=r.clip_len) for r in chunk]
+                                   clip_len=r.clip_len, options=r.options) for r in chunk]
         for r, p in zip(chunk, gm.predict_batch(requests)):
             predictions[r.id] = p
     out = {}

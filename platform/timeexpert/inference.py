@@ -198,11 +198,12 @@ class GroundingModel:
     def _read_relevance(self, requests, predictions, relevance, durations, pixels, caps) -> None:
         """Frame relevance (config `frame_relevance`): MR / VHD windows read off the relevant
         frames (and VHD's clip saliency from their probabilities), and the GQA evidence span
-        (the chosen option stays the generated one); each generated DVC event placed where its
+        (the chosen option stays the generated one, or with `answer_from_frames` the option
+        whose hypothesis is the most relevant); each generated DVC event placed where its
         caption, asked as an MR query, is relevant (`locate_captions`)."""
         cfg = self.model.config
         threshold = cfg.frame_threshold
-        dvc = []
+        dvc, gqa = [], []
         for b, (r, p) in enumerate(zip(requests, predictions)):
             p.frame_relevance = relevance[b]
             task = Task.parse(r.task)
@@ -212,6 +213,8 @@ class GroundingModel:
                 if task == Task.VHD:
                     p.saliency = clip_saliency(relevance[b], r.timestamps_T, durations[b],
                                                r.clip_len)
+            elif task == Task.GQA and cfg.answer_from_frames and r.options:
+                gqa.append(b)
             elif task == Task.GQA and cfg.windows_from_frames:
                 best = windows_from_relevance(relevance[b], r.timestamps_T, durations[b],
                                               threshold)[0]
@@ -226,48 +229,87 @@ class GroundingModel:
         if dvc:
             self.locate_captions([requests[b] for b in dvc], [predictions[b] for b in dvc],
                                  [pixels[b] for b in dvc], [durations[b] for b in dvc])
+        if gqa:
+            self.answer_from_frames([requests[b] for b in gqa], [predictions[b] for b in gqa],
+                                    [pixels[b] for b in gqa], [durations[b] for b in gqa])
+
+    def ask_frames(self, asks: list[tuple[PredictRequest, torch.Tensor, str]]
+                   ) -> list[np.ndarray | None]:
+        """Texts asked as MR queries over frames already preprocessed, in one batched prompt
+        pass: for each (request, its pixels, text) the (T,) frame probabilities, None for a text
+        too long to ask. The frames are encoded once per request, or per text where the model
+        reads pixels with each prompt (`query_slots`, `patch_relevance`)."""
+        cfg = self.model.config
+        dev = self.device
+        per_prompt = cfg.query_slots or cfg.patch_relevance
+        prompts, visual, where = [], [], []
+        encoded: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            for i, (r, px, text) in enumerate(asks):
+                try:
+                    prompt = self.tokenizer.encode_prompt(
+                        Task.MR, text, np.asarray(r.timestamps_T).tolist(),
+                        tokens_per_frame=cfg.tokens_per_frame, query_first=True,
+                        max_length=cfg.max_position_embeddings)
+                except ValueError:  # too long to ask
+                    continue
+                if not per_prompt and id(px) not in encoded:
+                    encoded[id(px)] = self.model.encode_frames(px.to(dev))
+                prompts.append(prompt)
+                visual.append(px.to(dev) if per_prompt else encoded[id(px)])
+                where.append(i)
+            out: list[np.ndarray | None] = [None] * len(asks)
+            if not prompts:
+                return out
+            batch = collate(prompts, padding_side="right")
+            frames = {"pixel_values" if per_prompt else "visual_embeds": torch.cat(visual)}
+            result = self.model(batch["input_ids"].to(dev), batch["token_types"].to(dev),
+                                attention_mask=batch["attention_mask"].to(dev), **frames,
+                                return_logits=False)
+        prob_BT = torch.sigmoid(result.frame_logits.float())
+        for i, p_T, m_T in zip(where, prob_BT, result.frame_mask):
+            out[i] = p_T[m_T].cpu().numpy()
+        return out
 
     def locate_captions(self, requests, predictions, pixels, durations) -> None:
         """Dense captioning with frame relevance: every generated event with a caption is asked
-        as an MR query over the same frames (one batched prompt pass), and takes the best window
-        of its relevant frames; events without a caption, or whose caption no frame is relevant
-        to, keep their generated times."""
-        cfg = self.model.config
-        dev = self.device
-        prompts, visual, where = [], [], []
-        per_prompt = cfg.query_slots  # the frames' tokens depend on the query: encode per caption
-        with torch.inference_mode():
-            for r, p, px, duration in zip(requests, predictions, pixels, durations):
-                video = px.to(dev) if per_prompt else self.model.encode_frames(px.to(dev))
-                for e in p.events:
-                    if not e.caption:
-                        continue
-                    try:
-                        prompt = self.tokenizer.encode_prompt(
-                            Task.MR, e.caption, np.asarray(r.timestamps_T).tolist(),
-                            tokens_per_frame=cfg.tokens_per_frame, query_first=True,
-                            max_length=cfg.max_position_embeddings)
-                    except ValueError:  # a caption too long to ask: its generated times stand
-                        continue
-                    prompts.append(prompt)
-                    visual.append(video)
+        as an MR query over the same frames (`ask_frames`), and takes the best window of its
+        relevant frames; events without a caption, or whose caption no frame is relevant to,
+        keep their generated times."""
+        asks, where = [], []
+        for r, p, px, duration in zip(requests, predictions, pixels, durations):
+            for e in p.events:
+                if e.caption:
+                    asks.append((r, px, e.caption))
                     where.append((e, r.timestamps_T, duration))
-            if not prompts:
-                return
-            batch = collate(prompts, padding_side="right")
-            frames = {"pixel_values" if per_prompt else "visual_embeds": torch.cat(visual)}
-            out = self.model(batch["input_ids"].to(dev), batch["token_types"].to(dev),
-                             attention_mask=batch["attention_mask"].to(dev), **frames,
-                             return_logits=False)
-        prob_BT = torch.sigmoid(out.frame_logits.float())
-        for (e, timestamps_T, duration), p_T, m_T in zip(where, prob_BT, out.frame_mask):
-            if float(p_T[m_T].max()) < RELEVANT:
-                continue  # no frame is relevant to the caption: its generated times stand
-            best = windows_from_relevance(p_T[m_T].tolist(), timestamps_T, duration,
-                                          cfg.frame_threshold)[0]
+        for (e, timestamps_T, duration), p_T in zip(where, self.ask_frames(asks)):
+            if p_T is None or float(p_T.max()) < RELEVANT:
+                continue  # not asked, or no frame is relevant: its generated times stand
+            best = windows_from_relevance(p_T.tolist(), timestamps_T, duration,
+                                          self.model.config.frame_threshold)[0]
             e.start, e.end = best.start, best.end
         for p in predictions:
             p.events.sort(key=lambda e: (e.start, e.end))
+
+    def answer_from_frames(self, requests, predictions, pixels, durations) -> None:
+        """Grounded QA by grounding each option (`answer_from_frames`): the question with an
+        option is one hypothesis ("what colour is the circle that grows? red"), asked as an MR
+        query over the frames (`ask_frames`); the answer is the option whose most relevant frame
+        is the most relevant, its best window the evidence. A question none of whose hypotheses
+        could be asked keeps its generated answer."""
+        asks = [(r, px, f"{r.query} {option}") for r, px in zip(requests, pixels)
+                for option in r.options]
+        probs = iter(self.ask_frames(asks))
+        for r, p, duration in zip(requests, predictions, durations):
+            per_option = [next(probs) for _ in r.options]
+            peaks = [-1.0 if p_T is None else float(p_T.max()) for p_T in per_option]
+            k = int(np.argmax(peaks))
+            if per_option[k] is None:
+                continue
+            best = windows_from_relevance(per_option[k].tolist(), r.timestamps_T, duration,
+                                          self.model.config.frame_threshold)[0]
+            p.events = [Event(start=best.start, end=best.end, score=peaks[k],
+                              caption=r.options[k])]
 
     def _prediction(self, ids, kinds, task: Task, duration: float, clip_len: float) -> Prediction:
         pieces = self.tokenizer.answer_pieces(ids, kinds)

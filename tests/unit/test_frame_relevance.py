@@ -11,6 +11,8 @@ from timeexpert.events import Event, Task, TokenType
 from timeexpert.inference import GroundingModel, PredictRequest
 from timeexpert.models.frame_relevance import (
     FrameRelevanceHead,
+    PatchQueryScore,
+    caption_contrast_loss,
     clip_saliency,
     dense_events_from_relevance,
     frame_labels,
@@ -265,13 +267,13 @@ def test_inference_reads_dense_events_off_the_frames(tok):
     assert [(e.start, e.end) for e in dvc.events] == [(e.start, e.end) for e in expected]
 
 
-@pytest.mark.parametrize("query_slots", [False, True])
+@pytest.mark.parametrize("per_prompt", [{}, {"query_slots": True}, {"patch_relevance": True}])
 @pytest.mark.parametrize("bias, expected", [(10.0, (0.0, 8.0)), (-10.0, (1.0, 2.5))])
-def test_dvc_events_are_placed_where_their_caption_is_relevant(tok, bias, expected, query_slots):
+def test_dvc_events_are_placed_where_their_caption_is_relevant(tok, bias, expected, per_prompt):
     """A head that finds every frame relevant (bias +10) moves a captioned event to the run of
     all frames, [0, 8]; one that finds none (-10) leaves the generated times. With `query_slots`
-    the frames are encoded per caption."""
-    cfg = relevance_config(tok, locate_captions=True, query_slots=query_slots)
+    or `patch_relevance` the frames go in as pixels per caption."""
+    cfg = relevance_config(tok, locate_captions=True, **per_prompt)
     torch.manual_seed(0)
     model = TimeExpertForGrounding(cfg).eval()
     with torch.no_grad():
@@ -424,3 +426,135 @@ def test_frame_words_train_on_dvc_rows_and_join_the_loss(tok):
     assert float(out.loss_words.detach()) < 0.2 * first
     with pytest.raises(ValueError, match="no frame-words head"):
         TimeExpertForGrounding(relevance_config(tok))(**batch, pixel_values=pixels, frame_words=words)
+
+
+def test_caption_contrast_counts_only_the_frames_where_captions_disagree():
+    """Per frame, a softmax over the video's captions with the positives pooled; frames every
+    caption (or none) covers and padding captions are left out; a per-frame shift of all
+    captions' scores (a query-independent "something happens here") changes nothing."""
+    scores_BKT = torch.tensor([[[2.0, 0.0, -1.0, 0.5], [0.0, 1.0, 1.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])
+    targets_BKT = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [-1.0] * 4]])
+    # frame 0: A only; frame 1: both (left out); frame 2: B only; frame 3: none (left out)
+    expected = (torch.logsumexp(torch.tensor([2.0, 0.0]), 0) - 2.0
+                + torch.logsumexp(torch.tensor([-1.0, 1.0]), 0) - 1.0) / 2
+    torch.testing.assert_close(caption_contrast_loss(scores_BKT, targets_BKT), expected)
+    shifted = scores_BKT + torch.tensor([5.0, -3.0, 7.0, 1.0])
+    torch.testing.assert_close(caption_contrast_loss(shifted, targets_BKT), expected)
+    agree = torch.ones(1, 2, 4)
+    zero = caption_contrast_loss(scores_BKT[:, :2].requires_grad_(), agree)
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+def test_patch_score_takes_the_best_patch_and_the_pooled_words():
+    """A frame's score is its best patch's match with the query: changing another patch of the
+    frame below the best leaves it; padding words do not enter the query."""
+    torch.manual_seed(0)
+    score = PatchQueryScore(text_dim=8, vision_dim=6, rank=4)
+    words_BLD = torch.randn(2, 3, 8)
+    mask_BL = torch.tensor([[True, True, False], [True, False, False]])
+    q_BR = score.embed_text(words_BLD, mask_BL)
+    moved = words_BLD.clone()
+    moved[0, 2], moved[1, 1:] = 100.0, -100.0  # padding words
+    torch.testing.assert_close(score.embed_text(moved, mask_BL), q_BR)
+    assert not torch.equal(q_BR[0], q_BR[1])
+    patches_BTPV = torch.randn(2, 3, 5, 6)
+    s_BT = score(q_BR, patches_BTPV)
+    keys_BTPR = score.patch_proj(score.patch_norm(patches_BTPV))
+    per_patch_BTP = torch.einsum("btpr,br->btp", keys_BTPR, q_BR) / 2.0
+    torch.testing.assert_close(s_BT, per_patch_BTP.amax(-1))
+    torch.testing.assert_close(score.captions(q_BR[:, None], patches_BTPV)[:, 0], s_BT)
+
+
+def test_patch_relevance_adds_the_patch_score_and_trains_the_caption_contrast(tok):
+    """`patch_relevance`: the frame logits are the head's plus the query's best patch match; a
+    DVC row's captions (`row_captions`, `pad_captions`) give the caption contrast, which joins
+    the loss and falls when one batch is fit; the model wants pixels, and the captions need the
+    option on."""
+    import json
+
+    from timeexpert.train.loop import pad_captions, row_captions
+    from timeexpert.train.recipes import stage_loss
+
+    with pytest.raises(ValueError, match="patch_relevance needs frame_relevance"):
+        TimeExpertConfig(patch_relevance=True)
+    events = json.dumps([{"start": 0.0, "end": 4.0, "caption": "the red circle grows"},
+                         {"start": 2.0, "end": 8.0, "caption": "the blue square blinks"}])
+    ids, covers_KT = row_captions({"task": "dvc", "events": events}, TS, tok)
+    assert ids == [tok.encode_text("the red circle grows"), tok.encode_text("the blue square blinks")]
+    np.testing.assert_array_equal(covers_KT, [[1, 1, 0, 0], [0, 1, 1, 1]])
+    assert row_captions({"task": "mr", "events": events}, TS, tok) is None
+    captions = pad_captions([(ids, covers_KT), None])
+    assert captions["caption_ids"].shape[:2] == (2, 2) and (captions["caption_ids"][1] == -1).all()
+    assert (captions["caption_frames"][1] == -1).all()
+    assert pad_captions([None, None]) is None
+
+    cfg = relevance_config(tok, patch_relevance=True, loss_weight_captions=0.5)
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg)
+    frames = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    example = tok.encode_example(Task.DVC, "", TS, [Event(0.0, 4.0, None, "the red circle grows")],
+                                 tokens_per_frame=cfg.tokens_per_frame, query_first=True)
+    batch = collate([example, example])
+    pixels = model.preprocess_frames(frames)
+    out = model(**batch, pixel_values=pixels, **captions)
+    expected = (out.loss_time + out.loss_score + out.loss_text + out.aux_loss + out.z_loss
+                + 0.5 * out.loss_captions)
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(stage_loss(out, 3, cfg), out.loss)
+    with torch.no_grad():  # the head silenced: the logits are the patch score alone
+        for p in model.frame_head.parameters():
+            p.zero_()
+        model.frame_head.norm.weight.fill_(1.0)
+        out = model(**batch, pixel_values=pixels)
+        query = _prompts(tok, cfg, ["the red circle grows"])
+        alone = model(**query, pixel_values=pixels[:4]).frame_logits
+    assert float(out.frame_logits.abs().max()) > 0
+    is_query = (query["token_types"] == TokenType.QUERY)
+    q_BR = model.patch_score.embed_text(model.text_embed(query["input_ids"]), is_query)
+    patches = model.encode_patches(pixels[:4])[None]
+    torch.testing.assert_close(alone, model.patch_score(q_BR, patches))
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = model(**batch, pixel_values=pixels, **captions)
+        first = float(out.loss_captions.detach()) if first is None else first
+        optim.zero_grad()
+        out.loss_captions.backward()
+        optim.step()
+    assert float(out.loss_captions.detach()) < 0.1 * first
+    with pytest.raises(ValueError, match="pass pixel_values, not visual_embeds"):
+        model(**batch, visual_embeds=model.encode_frames(pixels))
+    plain = TimeExpertForGrounding(relevance_config(tok))
+    with pytest.raises(ValueError, match="no patch score"):
+        plain(**batch, pixel_values=pixels, **captions)
+
+
+def test_gqa_answers_the_option_whose_hypothesis_is_most_relevant(tok, monkeypatch):
+    """`answer_from_frames`: each option is asked with the question as one MR query; the answer
+    is the option with the most relevant frame, the evidence its best window; a question none of
+    whose hypotheses could be asked keeps the generated answer."""
+    cfg = relevance_config(tok, answer_from_frames=True)
+    torch.manual_seed(0)
+    gm = GroundingModel(TimeExpertForGrounding(cfg).eval(), tok)
+    question, options = "what colour is the circle that grows?", ["red", "blue", "green"]
+    relevance = {"red": [0.1, 0.2, 0.1, 0.1], "blue": [0.1, 0.3, 0.9, 0.8],
+                 "green": [0.5, 0.4, 0.1, 0.1]}
+    asked = []
+
+    def ask_frames(asks):
+        asked.extend(text for _, _, text in asks)
+        return [np.asarray(relevance[text.rsplit(" ", 1)[1]]) for _, _, text in asks]
+
+    monkeypatch.setattr(gm, "ask_frames", ask_frames)
+    frames = np.random.default_rng(5).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    request = PredictRequest(frames, np.array(TS), Task.GQA, question, duration=8.0,
+                             options=options)
+    prediction = gm.predict_batch([request])[0]
+    assert asked == [f"{question} {o}" for o in options]
+    assert prediction.answer == 1
+    assert [(e.start, e.end, e.caption) for e in prediction.events] == [(4.0, 8.0, "blue")]
+    monkeypatch.setattr(gm, "ask_frames", lambda asks: [None] * len(asks))
+    kept = gm.predict_batch([request])[0]
+    gm.model.config.answer_from_frames = False  # the generated option
+    generated = gm.predict_batch([request])[0]
+    assert kept.answer == generated.answer

@@ -401,6 +401,7 @@ def test_presets_registry():
     cfg = TimeExpertConfig.from_dict(grounding.model.to_dict())
     assert (cfg.frame_relevance, cfg.bidirectional_frames, cfg.dvc_from_frames,
             cfg.image_size, cfg.loss_weight_time) == (True, True, True, 96, 0.0)
+    assert cfg.patch_relevance and cfg.answer_from_frames
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
 

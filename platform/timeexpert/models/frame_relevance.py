@@ -64,6 +64,68 @@ class FrameRelevanceHead(nn.Module):
         return self.proj(f_BTD).squeeze(-1) + sim_BT / self.query_proj.out_features ** 0.5
 
 
+class PatchQueryScore(nn.Module):
+    """GroundVTS's query-guided scoring of visual tokens, taken on the vision tower's patches:
+    s(q, t) = max over frame t's patches p of (W_q q) . (W_p p) / sqrt(r), with q an attention
+    pool of the query's word embeddings. It is query-dependent by construction (no frame term
+    of its own) and sees each object's own patches, before slot compression mixes the objects of
+    a frame: "is the red circle in this frame" is one patch's match. Added to the frame-relevance
+    logit; trained by the per-frame BCE and the caption contrast (`caption_contrast_loss`)."""
+
+    def __init__(self, text_dim: int, vision_dim: int, rank: int = 64) -> None:
+        super().__init__()
+        self.word_score = nn.Linear(text_dim, 1)
+        self.query_proj = nn.Linear(text_dim, rank, bias=False)
+        self.patch_norm = nn.LayerNorm(vision_dim)
+        self.patch_proj = nn.Linear(vision_dim, rank, bias=False)
+
+    def embed_text(self, emb_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) word embeddings and their (B, L) mask -> (B, r): attention-pooled words
+        (the pool learns which words name objects), projected. Rows without words give zeros."""
+        w_BL = self.word_score(emb_BLD).squeeze(-1).float().masked_fill(~mask_BL, float("-inf"))
+        w_BL = torch.nan_to_num(w_BL.softmax(-1), nan=0.0).to(emb_BLD.dtype)
+        return self.query_proj(torch.einsum("bl,bld->bd", w_BL, emb_BLD))
+
+    def forward(self, query_BR: torch.Tensor, patches_BTPV: torch.Tensor) -> torch.Tensor:
+        """(B, R) texts against (B, T, P, V) patches of the same rows -> (B, T) scores."""
+        keys_BTPR = self.patch_proj(self.patch_norm(patches_BTPV))
+        sim_BTP = torch.einsum("btpr,br->btp", keys_BTPR, query_BR)
+        return sim_BTP.amax(-1) / self.query_proj.out_features ** 0.5
+
+    def captions(self, captions_BKR: torch.Tensor, patches_BTPV: torch.Tensor) -> torch.Tensor:
+        """(B, K, R) captions of each row's video against its (B, T, P, V) patches -> (B, K, T)."""
+        keys_BTPR = self.patch_proj(self.patch_norm(patches_BTPV))
+        sim_BKTP = torch.einsum("btpr,bkr->bktp", keys_BTPR, captions_BKR)
+        return sim_BKTP.amax(-1) / self.query_proj.out_features ** 0.5
+
+
+def caption_contrast_loss(scores_BKT: torch.Tensor, targets_BKT: torch.Tensor) -> torch.Tensor:
+    """Each frame against every caption of its video: cross-entropy of a softmax over the K
+    captions, the frame's positives (the events it lies in) pooled (-log of their summed
+    probability). Only frames inside some event and outside another count: there the captions
+    disagree, and only reading the caption can tell them apart; a frame every caption (or none)
+    covers says nothing about the words. Targets 1 / 0, IGNORE_FRAME for padding captions or
+    frames. The query-independent "is something happening here" cancels in the softmax, so this
+    trains the binding of words to objects alone."""
+    valid_BKT = targets_BKT >= 0
+    pos_BKT = valid_BKT & (targets_BKT > 0.5)
+    informative_BT = pos_BKT.any(1) & (valid_BKT & ~pos_BKT).any(1)
+    if not bool(informative_BT.any()):
+        return scores_BKT.sum() * 0.0
+    s_BKT = scores_BKT.float()
+    all_BT = s_BKT.masked_fill(~valid_BKT, float("-inf")).logsumexp(1)
+    pos_BT = s_BKT.masked_fill(~pos_BKT, float("-inf")).logsumexp(1)
+    return (all_BT - pos_BT)[informative_BT].mean()
+
+
+def caption_targets(events: Sequence[tuple[float, float, Sequence[int]]],
+                    timestamps_T: Sequence[float]) -> tuple[list[list[int]], np.ndarray]:
+    """A video's captioned events [(start, end, word ids)] -> (word ids per caption, the (K, T)
+    0/1 frames each caption's event covers)."""
+    covers_KT = np.stack([frame_labels([(start, end)], timestamps_T) for start, end, _ in events])
+    return [list(ids) for _, _, ids in events], covers_KT
+
+
 def pool_query(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tensor) -> torch.Tensor:
     """(B, D) mean of each row's QUERY hidden states (the instruction and query)."""
     w_BN = ((types_BN == TokenType.QUERY) & valid_BN).to(h_BND.dtype)

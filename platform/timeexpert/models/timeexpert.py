@@ -51,6 +51,8 @@ from timeexpert.models.frame_relevance import (
     FrameRelevanceHead,
     FrameWordsHead,
     IGNORE_FRAME,
+    PatchQueryScore,
+    caption_contrast_loss,
     pool_frames,
     pool_query,
     relevance_loss,
@@ -94,6 +96,7 @@ ARCHITECTURE_FIELDS = (
     "bidirectional_frames",
     "relevance_token_max",
     "query_slots",
+    "patch_relevance",
 )
 
 
@@ -159,11 +162,22 @@ class TimeExpertConfig(PretrainedConfig):
     # instruction and the query), so that the few tokens a frame keeps describe the objects the
     # query names. Frames are then encoded per prompt, not once per video
     query_slots: bool = False
+    # GroundVTS's query-guided token scoring on the vision tower's patches (`PatchQueryScore`):
+    # the best match of the query's words among a frame's patches is added to its relevance logit,
+    # and every caption of a DVC row's video is contrasted against the others on each frame
+    # (`caption_contrast_loss`): the words bound to the objects before the slots mix them.
+    # Needs frame_relevance; frames are then passed as pixels (the patches are not in
+    # visual_embeds)
+    patch_relevance: bool = False
+    loss_weight_captions: float = 1.0  # weight of the caption contrast in the loss
     frame_threshold: float = 0.6  # salient: this share of the most relevant frame's probability
     # or above (D2VLM's 60%)
     windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)
     locate_captions: bool = False  # DVC events moved to where their caption, asked as an MR
     # query, is relevant (a frame at 0.5 or above); off: the generated times
+    answer_from_frames: bool = False  # GQA: each option asked with the question as an MR query;
+    # the answer is the option whose frames are the most relevant, its window the evidence; off:
+    # the generated option, the evidence read off the question's relevant frames
     dvc_from_frames: bool = False  # DVC events are the runs of relevant frames (at 0.5 or
     # above), each with the caption of the generated event it overlaps most; off: generated times
     loss_weight_frames: float = 1.0  # weight of the per-frame BCE in the loss
@@ -242,6 +256,9 @@ class TimeExpertConfig(PretrainedConfig):
         if self.frame_words and not self.frame_relevance:
             raise ValueError("frame_words needs frame_relevance=True (it reads the same pooled "
                              "frame states)")
+        if self.patch_relevance and not self.frame_relevance:
+            raise ValueError("patch_relevance needs frame_relevance=True (its score is added to "
+                             "the frame-relevance logit)")
         if self.frame_relevance and self.token_sampling is not None:
             raise ValueError("frame_relevance and token_sampling cannot be combined: the sampler "
                              "drops frame tokens the relevance head reads")
@@ -403,6 +420,8 @@ class TimeExpertOutput(ModelOutput):
     frame_logits: torch.Tensor | None = None  # (B, T), meaningful where frame_mask
     loss_frames: torch.Tensor | None = None  # per-frame BCE (with frame_labels)
     loss_words: torch.Tensor | None = None  # frame-words BCE (config frame_words, with frame_words)
+    loss_captions: torch.Tensor | None = None  # caption contrast (config patch_relevance, with
+    # caption_ids)
 
 
 HEAD_LOSSES = ("loss_time", "loss_score", "loss_text")  # the three heads' cross-entropies
@@ -414,7 +433,7 @@ def combine_losses(out: TimeExpertOutput, config: TimeExpertConfig,
     """The one loss combiner (the model's `loss` and every training stage's): the `terms` of
     `out`, the heads' CE weighted by `loss_weight_time / score / text` (aux and z-loss carry
     their weights from the MoE layer), plus the auxiliaries of the modules that are on, in every
-    stage: the frame-relevance BCE, the frame-words BCE and D2VLM's L_gnd + L_cons."""
+    stage: the frame-relevance BCE, the frame-words BCE, the caption contrast and D2VLM's L_gnd + L_cons."""
     weights = {"loss_time": config.loss_weight_time, "loss_score": config.loss_weight_score,
                "loss_text": config.loss_weight_text}
     loss = sum(weights.get(name, 1.0) * getattr(out, name) for name in terms)
@@ -422,6 +441,8 @@ def combine_losses(out: TimeExpertOutput, config: TimeExpertConfig,
         loss = loss + config.loss_weight_frames * out.loss_frames
     if out.loss_words is not None:
         loss = loss + config.loss_weight_words * out.loss_words
+    if out.loss_captions is not None:
+        loss = loss + config.loss_weight_captions * out.loss_captions
     if out.loss_grounding is not None:  # D2VLM: SFT + L_gnd + L_cons
         ecfg = EvidenceConfig.from_dict(config.evidence)
         loss = (loss + ecfg.loss_weight_grounding * out.loss_grounding
@@ -499,6 +520,8 @@ class TimeExpertForGrounding(PreTrainedModel):
         # query-conditioned frame relevance: pooled frame hidden states -> one logit per frame
         self.frame_head = FrameRelevanceHead(D) if config.frame_relevance else None
         self.words_head = FrameWordsHead(D, config.text_vocab_size) if config.frame_words else None
+        self.patch_score = (PatchQueryScore(D, config.vision_width) if config.patch_relevance
+                            else None)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -529,14 +552,21 @@ class TimeExpertForGrounding(PreTrainedModel):
                       slot_shift_MV: torch.Tensor | None = None) -> torch.Tensor:
         """Pixels of M frames -> (M, S, D) visual tokens for the decoder; `slot_shift_MV` shifts
         each frame's slot queries (`query_slots`, from `slot_shift`)."""
+        return self.project_patches(self.encode_patches(pixels_MCHW), slot_shift_MV)
+
+    def encode_patches(self, pixels_MCHW: torch.Tensor) -> torch.Tensor:
+        """Pixels of M frames -> the vision tower's (M, P, V) patch tokens."""
         expected = (3, self.config.image_size, self.config.image_size)
         if pixels_MCHW.ndim != 4 or tuple(pixels_MCHW.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values must be (M, {expected[0]}, {expected[1]}, {expected[2]}), got "
                 f"{tuple(pixels_MCHW.shape)}; use preprocess_frames on uint8 frames"
             )
-        dtype = self.projector.net[0].weight.dtype
-        patches_MPV = self.frame_encoder(pixels_MCHW.to(dtype))
+        return self.frame_encoder(pixels_MCHW.to(self.projector.net[0].weight.dtype))
+
+    def project_patches(self, patches_MPV: torch.Tensor,
+                        slot_shift_MV: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, P, V) patch tokens -> (M, S, D) visual tokens: slot compression, projector."""
         return self.projector(self.compressor(patches_MPV, slot_shift_MV))
 
     def slot_shift(self, input_ids_BN: torch.Tensor, types_BN: torch.Tensor) -> torch.Tensor | None:
@@ -594,7 +624,9 @@ class TimeExpertForGrounding(PreTrainedModel):
                 evidence_frames: torch.Tensor | None = None,
                 evidence_embeds: torch.Tensor | None = None,
                 frame_labels: torch.Tensor | None = None,
-                frame_words: torch.Tensor | None = None) -> TimeExpertOutput:
+                frame_words: torch.Tensor | None = None,
+                caption_ids: torch.Tensor | None = None,
+                caption_frames: torch.Tensor | None = None) -> TimeExpertOutput:
         """One decoder pass.
 
         input_ids, token_types (B, N): ids local to each token's TokenType vocabulary
@@ -607,15 +639,21 @@ class TimeExpertForGrounding(PreTrainedModel):
         stage under teacher forcing); evidence_embeds (B, N, D) added to the inputs (generation's
         pooled salient frames). Frame relevance (config `frame_relevance`): frame_labels (B, T)
         targets in [0, 1], IGNORE_FRAME (-1) where none; frame_words (B, T, V) the multi-hot words
-        of each frame's events (config `frame_words`).
+        of each frame's events (config `frame_words`). Caption contrast (config `patch_relevance`):
+        caption_ids (B, K, L) the text ids of the K captions of each row's video (-1 padding),
+        caption_frames (B, K, T) the 0/1 frames each caption's event covers (IGNORE_FRAME where
+        none).
         """
         self._check_inputs(input_ids, token_types, attention_mask, past_key_values, pixel_values,
-                           visual_embeds, frame_labels, frame_words)
+                           visual_embeds, frame_labels, frame_words, caption_ids, caption_frames)
         key_valid_BK, valid_BN, position_ids = self._masks(input_ids, attention_mask, position_ids,
                                                            past_key_values)
         # frames -> vision -> compression -> projector; every token by its type's encoder
+        patches_MPV = None
         if pixel_values is not None:
-            visual_embeds = self.encode_frames(pixel_values, self.slot_shift(input_ids, token_types))
+            patches_MPV = self.encode_patches(pixel_values)
+            visual_embeds = self.project_patches(patches_MPV,
+                                                 self.slot_shift(input_ids, token_types))
         x_BND = self.embed_tokens(input_ids, token_types, visual_embeds)
         # evidence tokens (D2VLM): frame-level video tokens, pooled into the `<evi>` inputs
         x_BND, frames_BTD, frame_mask_BT = self._evidence_inputs(
@@ -640,12 +678,14 @@ class TimeExpertForGrounding(PreTrainedModel):
             self._ground_evidence(out, input_ids, token_types, valid_BN, frames_BTD,
                                   frame_mask_BT, evidence_frames)
         if self.frame_head is not None and bool((token_types == TokenType.VISUAL).any()):
-            self._frame_relevance(out, token_types, valid_BN, frame_labels, frame_words)
+            self._frame_relevance(out, input_ids, token_types, valid_BN, frame_labels,
+                                  frame_words, patches_MPV, caption_ids, caption_frames)
         self._heads(out, token_types, labels, return_logits)
         return out
 
     def _check_inputs(self, input_ids, token_types, attention_mask, past_key_values, pixel_values,
-                      visual_embeds, frame_labels, frame_words) -> None:
+                      visual_embeds, frame_labels, frame_words, caption_ids,
+                      caption_frames) -> None:
         """ValueError naming what is wrong with the arguments of `forward`."""
         cfg = self.config
         if input_ids.shape != token_types.shape or input_ids.ndim != 2:
@@ -680,6 +720,18 @@ class TimeExpertForGrounding(PreTrainedModel):
         if frame_words is not None and self.words_head is None:
             raise ValueError("frame_words given, but the model has no frame-words head "
                              "(config frame_words=False)")
+        if self.patch_score is not None and visual_embeds is not None:
+            raise ValueError("a patch_relevance model scores the query against the frames' "
+                             "patches: pass pixel_values, not visual_embeds")
+        if (caption_ids is None) != (caption_frames is None):
+            raise ValueError("pass caption_ids and caption_frames together")
+        if caption_ids is not None and self.patch_score is None:
+            raise ValueError("caption_ids given, but the model has no patch score "
+                             "(config patch_relevance=False)")
+        if caption_ids is not None and caption_ids.shape != caption_frames.shape[:2] + (
+                caption_ids.shape[-1],):
+            raise ValueError(f"caption_ids (B, K, L) and caption_frames (B, K, T) disagree on "
+                             f"B, K: {tuple(caption_ids.shape)} and {tuple(caption_frames.shape)}")
 
     def _masks(self, input_ids_BN, attention_mask_BK, position_ids_BN, past_key_values):
         """(key_valid_BK, valid_BN, position_ids_BN): the real keys over the cache and the new
@@ -767,10 +819,12 @@ class TimeExpertForGrounding(PreTrainedModel):
             out.loss_grounding = grounding_loss(prob_ET, target_ET, mask_ET)
             out.loss_consistency = consistency_loss(prob_ET, sites, mask_ET)
 
-    def _frame_relevance(self, out, types_BN, valid_BN, frame_labels_BT, frame_words_BTV) -> None:
+    def _frame_relevance(self, out, input_ids_BN, types_BN, valid_BN, frame_labels_BT,
+                         frame_words_BTV, patches_MPV, caption_ids_BKL, caption_frames_BKT) -> None:
         """Query-conditioned frame relevance from the decoder's frame states (after the query,
-        not the vision features): out.frame_logits, and with targets the per-frame BCE and the
-        frame-words BCE."""
+        not the vision features), plus (`patch_relevance`) the query's match among each frame's
+        patches: out.frame_logits, and with targets the per-frame BCE, the frame-words BCE and
+        the caption contrast."""
         h_BND = out.hidden_states
         states_BTD, frame_mask_BT, tokens_BTSD = pool_frames(
             h_BND, types_BN, valid_BN, self.config.tokens_per_frame,
@@ -778,6 +832,24 @@ class TimeExpertForGrounding(PreTrainedModel):
         query_BD = pool_query(h_BND, types_BN, valid_BN)
         out.frame_logits = self.frame_head(states_BTD, query_BD, tokens_BTSD)
         out.frame_mask = frame_mask_BT
+        if self.patch_score is not None:
+            patches_BTPV = patches_MPV.new_zeros(*frame_mask_BT.shape, *patches_MPV.shape[1:])
+            patches_BTPV[frame_mask_BT] = patches_MPV
+            is_query_BN = (types_BN == TokenType.QUERY) & valid_BN
+            words_BND = self.text_embed(input_ids_BN.masked_fill(~is_query_BN, 0))
+            query_BR = self.patch_score.embed_text(words_BND, is_query_BN)
+            out.frame_logits = out.frame_logits + self.patch_score(query_BR, patches_BTPV)
+            if caption_ids_BKL is not None:
+                B, K, L = caption_ids_BKL.shape
+                ids_BKL = caption_ids_BKL.to(h_BND.device)
+                words_BKLD = self.text_embed(ids_BKL.clamp_min(0))
+                captions_BKR = self.patch_score.embed_text(
+                    words_BKLD.view(B * K, L, -1), (ids_BKL >= 0).view(B * K, L)).view(B, K, -1)
+                T = frame_mask_BT.shape[1]
+                targets_BKT = caption_frames_BKT.to(h_BND.device)[..., :T].masked_fill(
+                    ~frame_mask_BT[:, None, :], IGNORE_FRAME)
+                out.loss_captions = caption_contrast_loss(
+                    self.patch_score.captions(captions_BKR, patches_BTPV), targets_BKT)
         if frame_labels_BT is not None:
             labels_BT = frame_labels_BT.to(h_BND.device)
             if labels_BT.shape[1] < frame_mask_BT.shape[1]:

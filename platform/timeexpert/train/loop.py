@@ -43,7 +43,12 @@ from timeexpert.data.pipeline import build_dataset, decode_rows, draw_segment_fr
 from timeexpert.events import Event, Task, TokenType, gqa_answer_events, saliency_events
 from timeexpert.models.expert_parallel import load_weights
 from timeexpert.models.evidence import encode_evidence_example, pad_targets
-from timeexpert.models.frame_relevance import IGNORE_FRAME, frame_labels, frame_word_labels
+from timeexpert.models.frame_relevance import (
+    IGNORE_FRAME,
+    caption_targets,
+    frame_labels,
+    frame_word_labels,
+)
 from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 from timeexpert.models.upcycle import dense_tokenizer
@@ -154,11 +159,45 @@ def word_labels(row: dict[str, Any], times: list[float], tokenizer) -> np.ndarra
     return frame_word_labels(events, times, V)
 
 
+def row_captions(row: dict[str, Any], times: list[float], tokenizer
+                 ) -> tuple[list[list[int]], np.ndarray] | None:
+    """The caption contrast's targets of a DVC row (every event of its video captioned): the
+    word ids of each caption and the (K, T) frames each one's event covers; None for the other
+    tasks (an MR / VHD row names one event of its video) or a DVC row without captions."""
+    if str(row["task"]) != Task.DVC.value:
+        return None
+    events = [(e["start"], e["end"], tokenizer.encode_text(e["caption"]))
+              for e in json.loads(str(row["events"])) if e.get("caption")]
+    return caption_targets(events, times) if events else None
+
+
+def pad_captions(captions: list[tuple[list[list[int]], np.ndarray] | None]
+                 ) -> dict[str, torch.Tensor] | None:
+    """Rows' `row_captions` -> caption_ids (B, K, L), -1 padding, and caption_frames (B, K, T),
+    IGNORE_FRAME padding; None when no row has captions."""
+    present = [c for c in captions if c is not None]
+    if not present:
+        return None
+    K = max(len(ids) for ids, _ in present)
+    L = max(len(x) for ids, _ in present for x in ids)
+    T = max(covers.shape[1] for _, covers in present)
+    ids_BKL = torch.full((len(captions), K, L), -1, dtype=torch.long)
+    frames_BKT = torch.full((len(captions), K, T), IGNORE_FRAME)
+    for b, c in enumerate(captions):
+        if c is None:
+            continue
+        for k, x in enumerate(c[0]):
+            ids_BKL[b, k, : len(x)] = torch.tensor(x, dtype=torch.long)
+        frames_BKT[b, : c[1].shape[0], : c[1].shape[1]] = torch.from_numpy(c[1])
+    return {"caption_ids": ids_BKL, "caption_frames": frames_BKT}
+
+
 def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> dict[str, Any]:
     """A pipeline batch (frames, timestamps, task, query, events) -> model inputs. With evidence
     tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets; with frame
-    relevance on, the (B, T) `frame_labels`."""
-    encoded, pixels, targets, labels, words = [], [], [], [], []
+    relevance on, the (B, T) `frame_labels`; with `patch_relevance`, the DVC rows' captions
+    (`pad_captions`)."""
+    encoded, pixels, targets, labels, words, captions = [], [], [], [], [], []
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
         task, query, times = str(batch["task"][i]), str(batch["query"][i]), batch["timestamps"][i][mask].tolist()
@@ -181,6 +220,8 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
             labels.append(relevance_labels(row, times))
         if config.frame_words:
             words.append(word_labels(row, times, tokenizer))
+        if config.patch_relevance:
+            captions.append(row_captions(row, times, tokenizer))
         encoded.append(enc)
         pixels.append(model.preprocess_frames(batch["frames"][i][mask]))
     inputs = collate(encoded)
@@ -198,6 +239,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
         for b, x in enumerate(words):
             words_BTV[b, : len(x)] = torch.from_numpy(x)
         inputs["frame_words"] = words_BTV
+    inputs.update(pad_captions(captions) or {})
     return inputs
 
 
