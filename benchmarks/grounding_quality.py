@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "scratch_words": ("small_cpu", {**_RELEVANCE, "frame_words": True}, {}),
     # the measured recipe as a preset (bidirectional frames, 96x96, lr 5e-4, ...)
     "grounding": ("grounding_cpu", {}, {}),
+    # + the query matched against each frame's patches, the caption contrast, GQA by its options
+    "binding": ("binding_cpu", {}, {}),
     "smollm": ("smollm_cpu", _GENERATED, {}),
     "smollm_query_first": ("smollm_cpu", _QUERY_FIRST, {}),
     "smollm_relevance": ("smollm_cpu", _RELEVANCE, {}),

@@ -401,7 +401,11 @@ def test_presets_registry():
     cfg = TimeExpertConfig.from_dict(grounding.model.to_dict())
     assert (cfg.frame_relevance, cfg.bidirectional_frames, cfg.dvc_from_frames,
             cfg.image_size, cfg.loss_weight_time) == (True, True, True, 96, 0.0)
-    assert cfg.patch_relevance and cfg.answer_from_frames
+    assert not (cfg.patch_relevance or cfg.answer_from_frames)
+    binding = get_preset("binding_cpu")  # the same reading the query, for longer
+    cfg = TimeExpertConfig.from_dict(binding.model.to_dict())
+    assert cfg.patch_relevance and cfg.answer_from_frames and cfg.bidirectional_frames
+    assert binding.stages == (3,) and binding.train["num_steps"] == 3000
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
 
