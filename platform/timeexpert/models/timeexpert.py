@@ -433,7 +433,8 @@ def combine_losses(out: TimeExpertOutput, config: TimeExpertConfig,
     """The one loss combiner (the model's `loss` and every training stage's): the `terms` of
     `out`, the heads' CE weighted by `loss_weight_time / score / text` (aux and z-loss carry
     their weights from the MoE layer), plus the auxiliaries of the modules that are on, in every
-    stage: the frame-relevance BCE, the frame-words BCE, the caption contrast and D2VLM's L_gnd + L_cons."""
+    stage: the frame-relevance BCE, the frame-words BCE, the caption contrast and D2VLM's
+    L_gnd + L_cons."""
     weights = {"loss_time": config.loss_weight_time, "loss_score": config.loss_weight_score,
                "loss_text": config.loss_weight_text}
     loss = sum(weights.get(name, 1.0) * getattr(out, name) for name in terms)
