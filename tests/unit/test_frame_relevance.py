@@ -372,6 +372,17 @@ def test_frame_labels_need_the_head_and_old_configs_still_match(tok):
 
 
 
+def _dvc_pair(tok, cfg, seed: int):
+    """A fresh model of `cfg` and a batch of two DVC rows (one captioned event) over two
+    different random 4-frame videos: (model, batch, pixels)."""
+    torch.manual_seed(0)
+    model = TimeExpertForGrounding(cfg)
+    frames = np.random.default_rng(seed).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    example = tok.encode_example(Task.DVC, "", TS, [Event(0.0, 4.0, None, "the red circle grows")],
+                                 tokens_per_frame=cfg.tokens_per_frame, query_first=True)
+    return model, collate([example, example]), model.preprocess_frames(frames)
+
+
 def test_frame_word_labels_mark_the_words_of_the_events_a_frame_falls_in():
     # event A [0, 4) has words 1, 2; event B [3, 8) words 2, 3; frames at t = 1, 3, 5, 7
     out = frame_word_labels([(0.0, 4.0, [1, 2]), (3.0, 8.0, [2, 3])], TS, vocab_size=5)
@@ -403,13 +414,7 @@ def test_frame_words_train_on_dvc_rows_and_join_the_loss(tok):
     assert (mr == -1).all()
 
     cfg = relevance_config(tok, frame_words=True, loss_weight_words=0.5)
-    torch.manual_seed(0)
-    model = TimeExpertForGrounding(cfg)
-    frames = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    example = tok.encode_example(Task.DVC, "", TS, [Event(0.0, 4.0, None, "the red circle grows")],
-                                 tokens_per_frame=cfg.tokens_per_frame, query_first=True)
-    batch = collate([example, example])
-    pixels = model.preprocess_frames(np.concatenate([frames, frames]))
+    model, batch, pixels = _dvc_pair(tok, cfg, seed=2)
     words = torch.from_numpy(np.stack([dvc, mr]))  # the second row has no word targets
     out = model(**batch, pixel_values=pixels, frame_words=words)
     expected = (out.loss_time + out.loss_score + out.loss_text + out.aux_loss + out.z_loss
@@ -489,13 +494,7 @@ def test_patch_relevance_adds_the_patch_score_and_trains_the_caption_contrast(to
     assert pad_captions([None, None]) is None
 
     cfg = relevance_config(tok, patch_relevance=True, loss_weight_captions=0.5)
-    torch.manual_seed(0)
-    model = TimeExpertForGrounding(cfg)
-    frames = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    example = tok.encode_example(Task.DVC, "", TS, [Event(0.0, 4.0, None, "the red circle grows")],
-                                 tokens_per_frame=cfg.tokens_per_frame, query_first=True)
-    batch = collate([example, example])
-    pixels = model.preprocess_frames(frames)
+    model, batch, pixels = _dvc_pair(tok, cfg, seed=4)
     out = model(**batch, pixel_values=pixels, **captions)
     expected = (out.loss_time + out.loss_score + out.loss_text + out.aux_loss + out.z_loss
                 + 0.5 * out.loss_captions)

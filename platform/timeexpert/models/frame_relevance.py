@@ -88,9 +88,7 @@ class PatchQueryScore(nn.Module):
 
     def forward(self, query_BR: torch.Tensor, patches_BTPV: torch.Tensor) -> torch.Tensor:
         """(B, R) texts against (B, T, P, V) patches of the same rows -> (B, T) scores."""
-        keys_BTPR = self.patch_proj(self.patch_norm(patches_BTPV))
-        sim_BTP = torch.einsum("btpr,br->btp", keys_BTPR, query_BR)
-        return sim_BTP.amax(-1) / self.query_proj.out_features ** 0.5
+        return self.captions(query_BR[:, None], patches_BTPV)[:, 0]
 
     def captions(self, captions_BKR: torch.Tensor, patches_BTPV: torch.Tensor) -> torch.Tensor:
         """(B, K, R) captions of each row's video against its (B, T, P, V) patches -> (B, K, T)."""

@@ -152,22 +152,28 @@ def word_labels(row: dict[str, Any], times: list[float], tokenizer) -> np.ndarra
     multi-hot of the words of the captions of the events it falls in; IGNORE_FRAME rows for the
     other tasks (an MR / VHD row does not say what else happens in its video)."""
     V = tokenizer.text_vocab_size
-    if str(row["task"]) != Task.DVC.value:
+    events = captioned_events(row, tokenizer)
+    if events is None:
         return np.full((len(times), V), IGNORE_FRAME, dtype=np.float32)
-    events = [(e["start"], e["end"], tokenizer.encode_text(e["caption"]))
-              for e in json.loads(str(row["events"]))]
     return frame_word_labels(events, times, V)
+
+
+def captioned_events(row: dict[str, Any], tokenizer) -> list[tuple[float, float, list[int]]] | None:
+    """A DVC row's events as (start, end, the word ids of its caption), the captioned ones (every
+    event of the video: what frame words and the caption contrast learn from); None for the
+    other tasks (an MR / VHD row names one event of its video)."""
+    if str(row["task"]) != Task.DVC.value:
+        return None
+    return [(e["start"], e["end"], tokenizer.encode_text(e["caption"]))
+            for e in json.loads(str(row["events"])) if e.get("caption")]
 
 
 def row_captions(row: dict[str, Any], times: list[float], tokenizer
                  ) -> tuple[list[list[int]], np.ndarray] | None:
-    """The caption contrast's targets of a DVC row (every event of its video captioned): the
-    word ids of each caption and the (K, T) frames each one's event covers; None for the other
-    tasks (an MR / VHD row names one event of its video) or a DVC row without captions."""
-    if str(row["task"]) != Task.DVC.value:
-        return None
-    events = [(e["start"], e["end"], tokenizer.encode_text(e["caption"]))
-              for e in json.loads(str(row["events"])) if e.get("caption")]
+    """The caption contrast's targets of a DVC row (`captioned_events`): the word ids of each
+    caption and the (K, T) frames each one's event covers; None for the other tasks or a DVC row
+    without captions."""
+    events = captioned_events(row, tokenizer)
     return caption_targets(events, times) if events else None
 
 
