@@ -49,6 +49,9 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "grounding": ("grounding_cpu", {}, {}),
     # + the query matched against each frame's patches, the caption contrast, GQA by its options
     "binding": ("binding_cpu", {}, {}),
+    # + the caption contrast on every row (each row carries its video's captions), not the DVC
+    # rows alone
+    "binding_rows": ("binding_cpu", {"captions_every_row": True}, {}),
     "smollm": ("smollm_cpu", _GENERATED, {}),
     "smollm_query_first": ("smollm_cpu", _QUERY_FIRST, {}),
     "smollm_relevance": ("smollm_cpu", _RELEVANCE, {}),
@@ -64,7 +67,12 @@ def _extra(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.0, help="0: the preset's")
     parser.add_argument("--tasks", default="mr", help="comma-separated: mr,vhd,dvc,gqa")
-    parser.add_argument("--split", default="val", choices=("val", "test"))
+    parser.add_argument("--split", default="val", choices=("val", "test", "train"),
+                        help="train: score the training records (with --train-videos, the "
+                             "overfit check: can the model fit a few videos?)")
+    parser.add_argument("--train-videos", type=int, default=0,
+                        help="N > 0: train on the records of the training split's first N "
+                             "videos only (and score those with --split train)")
     parser.add_argument("--max-records", type=int, default=80, help="per task, evaluated")
     parser.add_argument("--checkpoints", default="", help="NAME=URI,...: evaluate, no training")
     parser.add_argument("--save", default="", help="folder to save each trained variant in")
@@ -116,13 +124,15 @@ def decode_all(root: str, records, num_frames: int, size: int) -> dict[str, tupl
 
 
 def as_batch(records, frames: dict[str, tuple], num_frames: int | None = None,
-             rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """Records -> a batch in the pipeline's row format (what `tokenize_batch` reads); with `rng`,
-    each row's `num_frames` frames are drawn from its denser decoded grid, as decode-once
-    training draws them (`pipeline.draw_segment_frames`)."""
+             rng: np.random.Generator | None = None, captions: dict | None = None
+             ) -> dict[str, np.ndarray]:
+    """Records -> a batch in the pipeline's row format (what `tokenize_batch` reads), each row
+    with its video's `captions` (`pipeline.video_captions`); with `rng`, each row's `num_frames`
+    frames are drawn from its denser decoded grid, as decode-once training draws them
+    (`pipeline.draw_segment_frames`)."""
     from timeexpert.data.pipeline import _row, draw_segment_frames
 
-    rows = [_row(r, r.video) for r in records]
+    rows = [_row(r, r.video, (captions or {}).get(r.video, ())) for r in records]
     batch = {k: np.array([row[k] for row in rows]) for k in rows[0]}
     batch["frames"] = np.stack([frames[r.video][0] for r in records])
     batch["timestamps"] = np.stack([frames[r.video][1] for r in records])
@@ -144,6 +154,17 @@ def load_split(root: str, split: str, tasks: list[str], limit: int | None = None
     return out
 
 
+def first_videos(records, n: int) -> list:
+    """The records of the first `n` distinct videos (in record order); all of them for n <= 0."""
+    if n <= 0:
+        return list(records)
+    videos: dict[str, None] = {}
+    for r in records:
+        if len(videos) < n:
+            videos.setdefault(r.video)
+    return [r for r in records if r.video in videos]
+
+
 def epoch_order(records, rng: np.random.Generator, paired: bool) -> list[int]:
     """One epoch of record indices, shuffled; `paired`: the records of a video next to each other
     (videos shuffled), so a batch holds both MR queries of its videos: the same frames with two
@@ -162,6 +183,7 @@ def train_variant(name: str, args, train_phases, seed: int):
     import torch
 
     from timeexpert.models.timeexpert import create_model
+    from timeexpert.data.pipeline import video_captions
     from timeexpert.presets import get_preset
     from timeexpert.train.config import TrainConfig
     from timeexpert.train.loop import model_config, tokenize_batch, train_tokenizer
@@ -192,14 +214,16 @@ def train_variant(name: str, args, train_phases, seed: int):
     jitter_rng = np.random.default_rng(seed + 1) if args.jitter > 1 else None
     for records, frames, steps in train_phases:
         rng = np.random.default_rng(seed)
+        captions = video_captions(records)
         order: list[int] = []
         for _ in range(steps):
             if len(order) < args.batch_size:
                 order += epoch_order(records, rng, args.paired)
             chosen, order = order[: args.batch_size], order[args.batch_size:]
             step += 1
-            batch = as_batch([records[i] for i in chosen], frames, mconfig.num_frames, jitter_rng)
-            inputs = tokenize_batch(batch, tokenizer, mconfig, model)
+            batch = as_batch([records[i] for i in chosen], frames, mconfig.num_frames, jitter_rng,
+                             captions)
+            inputs = tokenize_batch(batch, tokenizer, mconfig, model, step)
             for g in optim.param_groups:
                 g["lr"] = cfg.learning_rate(step)
             out = model(**inputs, return_logits=False)
@@ -333,11 +357,19 @@ def main() -> None:
         raise SystemExit(f"--jitter takes K >= 1, got {args.jitter}")
     eval_root = args.eval_root or args.data_root
     train = load_split(args.data_root, "train", tasks)
-    held_out = load_split(eval_root, args.split, tasks, args.max_records)
+    if args.split == "train" and eval_root != args.data_root:
+        raise SystemExit("--split train scores the training data: leave --eval-root out")
+    held_out = load_split(eval_root, args.split, tasks)
+    if args.split == "train":  # the records trained on, per task at most --max-records
+        held_out = first_videos(held_out, args.train_videos)
+    held_out = [r for task in tasks
+                for r in [x for x in held_out if x.task.value == task][: args.max_records]]
     frames = decode_all(eval_root, held_out, num_frames, size)
     phases = []  # (training records, their decoded frames, steps), easiest first
     for root in [] if loaded else [r for r in args.curriculum.split(",") if r] + [args.data_root]:
         records = load_split(root, "train", tasks, caption_queries=args.caption_queries)
+        if root == args.data_root:
+            records = first_videos(records, args.train_videos)
         steps = args.steps if root == args.data_root else args.curriculum_steps
         phases.append((records, decode_all(root, records, num_frames * args.jitter, size), steps))
     print(f"decoded {len(frames) + sum(len(f) for _, f, _ in phases)} videos in "

@@ -196,6 +196,12 @@ def gqa_answer_events(evidence: Sequence[Event], options: Sequence[str], answer:
     return events
 
 
+def gqa_hypothesis(question: str, option: str) -> str:
+    """A grounded question with one of its options, asked as one moment query ("what colour is
+    the square that blinks? red"): what `answer_from_frames` grounds per option and trains on."""
+    return f"{question} {option}"
+
+
 def read_gqa_answer(events: Sequence[Event], options: Sequence[str]) -> tuple[Event | None, int | None]:
     """(the evidence span, the chosen option's index) of a GQA answer: the first event's span and
     the option its last caption names: equal to it (case and surrounding space and punctuation

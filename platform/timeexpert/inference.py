@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from timeexpert.checkpoints import local_checkpoint
-from timeexpert.events import (EOS, SWITCH, Event, Task, TokenType, read_gqa_answer,
-                               saliency_from_events)
+from timeexpert.events import (EOS, SWITCH, Event, Task, TokenType, gqa_hypothesis,
+                               read_gqa_answer, saliency_from_events)
 from timeexpert.models.evidence import interval_from_salient
 from timeexpert.models.frame_relevance import (
     RELEVANT, clip_saliency, dense_events_from_relevance, windows_from_relevance,
@@ -77,6 +77,14 @@ class GroundingModel:
         self.device = device
         _check_compatible(model.config, tokenizer)
         self.processor = TimeExpertProcessor.from_config(model.config, tokenizer)
+        # the tokenizer's captions as (K, L) ids, -1 padding: the candidates of `ground_captions`
+        self.caption_ids = None
+        if getattr(model.config, "dvc_from_captions", False) and tokenizer.captions:
+            ids = [tokenizer.encode_text(c) for c in tokenizer.captions]
+            self.caption_ids = torch.full((len(ids), max(map(len, ids))), -1, dtype=torch.long)
+            for k, x in enumerate(ids):
+                self.caption_ids[k, : len(x)] = torch.tensor(x, dtype=torch.long)
+            self.caption_ids = self.caption_ids.to(device)
 
     @classmethod
     def from_model(cls, model, tokenizer) -> "GroundingModel":
@@ -199,11 +207,13 @@ class GroundingModel:
         """Frame relevance (config `frame_relevance`): MR / VHD windows read off the relevant
         frames (and VHD's clip saliency from their probabilities), and the GQA evidence span
         (the chosen option stays the generated one, or with `answer_from_frames` the option
-        whose hypothesis is the most relevant); each generated DVC event placed where its
-        caption, asked as an MR query, is relevant (`locate_captions`)."""
+        whose hypothesis is the most relevant); DVC events from the training captions grounded
+        (`ground_captions`), or the runs of relevant frames (`dvc_from_frames`), or each
+        generated DVC event placed where its caption, asked as an MR query, is relevant
+        (`locate_captions`)."""
         cfg = self.model.config
         threshold = cfg.frame_threshold
-        dvc, gqa = [], []
+        dvc, gqa, grounded = [], [], []
         for b, (r, p) in enumerate(zip(requests, predictions)):
             p.frame_relevance = relevance[b]
             task = Task.parse(r.task)
@@ -221,6 +231,8 @@ class GroundingModel:
                 caption = p.events[-1].caption if p.events else ""
                 p.events = [Event(start=best.start, end=best.end, score=best.score,
                                   caption=caption)]
+            elif task == Task.DVC and self.caption_ids is not None:
+                grounded.append(b)
             elif task == Task.DVC and cfg.dvc_from_frames:
                 p.events = dense_events_from_relevance(relevance[b], r.timestamps_T,
                                                        durations[b], p.events, caps[b], threshold)
@@ -229,6 +241,11 @@ class GroundingModel:
         if dvc:
             self.locate_captions([requests[b] for b in dvc], [predictions[b] for b in dvc],
                                  [pixels[b] for b in dvc], [durations[b] for b in dvc])
+        if grounded:
+            self.ground_captions([requests[b] for b in grounded],
+                                 [predictions[b] for b in grounded],
+                                 [pixels[b] for b in grounded], [durations[b] for b in grounded],
+                                 [caps[b] for b in grounded])
         if gqa:
             self.answer_from_frames([requests[b] for b in gqa], [predictions[b] for b in gqa],
                                     [pixels[b] for b in gqa], [durations[b] for b in gqa])
@@ -291,13 +308,48 @@ class GroundingModel:
         for p in predictions:
             p.events.sort(key=lambda e: (e.start, e.end))
 
+    def ground_captions(self, requests, predictions, pixels, durations, caps) -> None:
+        """Dense captioning by grounding the training captions (`dvc_from_captions`): per video,
+        the tokenizer's captions ranked by their best patch match over its frames
+        (`caption_scores`, no decoder pass), the top `dvc_candidates` asked as MR queries
+        (`ask_frames`); each gives its best window, scored by its peak relevance. The events are
+        the distinct windows of the most relevant candidates, up to the request's cap, each with
+        its caption, in time order. A video none of whose candidates could be asked keeps its
+        generated answer."""
+        captions = self.tokenizer.captions
+        M = min(self.model.config.dvc_candidates, len(captions))
+        asks, chosen = [], []
+        with torch.inference_mode():
+            for r, px in zip(requests, pixels):
+                best_K = self.model.caption_scores(px.to(self.device), self.caption_ids).amax(-1)
+                top = best_K.topk(M).indices.tolist()
+                chosen.append(top)
+                asks += [(r, px, captions[k]) for k in top]
+        probs = iter(self.ask_frames(asks))
+        for r, p, duration, cap, top in zip(requests, predictions, durations, caps, chosen):
+            found = []
+            for k, p_T in zip(top, [next(probs) for _ in top]):
+                if p_T is not None:
+                    best = windows_from_relevance(p_T.tolist(), r.timestamps_T, duration,
+                                                  self.model.config.frame_threshold)[0]
+                    found.append(Event(start=best.start, end=best.end, score=best.score,
+                                       caption=captions[k]))
+            if not found:
+                continue
+            events, seen = [], set()
+            for e in sorted(found, key=lambda e: -e.score):
+                if (e.start, e.end) not in seen and len(events) < cap:
+                    seen.add((e.start, e.end))
+                    events.append(e)
+            p.events = sorted(events, key=lambda e: (e.start, e.end))
+
     def answer_from_frames(self, requests, predictions, pixels, durations) -> None:
         """Grounded QA by grounding each option (`answer_from_frames`): the question with an
         option is one hypothesis ("what colour is the circle that grows? red"), asked as an MR
         query over the frames (`ask_frames`); the answer is the option whose most relevant frame
         is the most relevant, its best window the evidence. A question none of whose hypotheses
         could be asked keeps its generated answer."""
-        asks = [(r, px, f"{r.query} {option}") for r, px in zip(requests, pixels)
+        asks = [(r, px, gqa_hypothesis(r.query, option)) for r, px in zip(requests, pixels)
                 for option in r.options]
         probs = iter(self.ask_frames(asks))
         for r, p, duration in zip(requests, predictions, durations):

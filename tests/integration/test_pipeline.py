@@ -5,6 +5,7 @@ task mixing apply. One Ray instance for the module."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -114,13 +115,25 @@ def test_each_bad_file_is_skipped_and_counted(ray_cluster, local_root, tmp_path)
     assert vds.skipped_ids() == {f"bad_{k}": k for k in (*synth.CORRUPTIONS, "missing")}
     metrics = vds.metrics()
     assert metrics["data/skipped/moov_less"] == 1.0 and metrics["data/skipped_total"] == 8.0
+    # decoded once (a training worker): a bad video decoded once skips each of its records
+    from timeexpert.data.pipeline import _skip_counter_class
+
+    counter = _skip_counter_class().remote()
+    missing = next(row for row in vds.rows if row["id"] == "bad_missing")
+    rows = decode_rows([*vds.rows, {**missing, "id": "bad_missing_2"}],
+                       DataConfig(root=root, video=VIDEO), counter)
+    assert sorted(rows["id"]) == sorted(r.id for r in good)
+    assert ray_cluster.get(counter.summary.remote()) == (
+        {kind: 1 for kind in synth.CORRUPTIONS} | {"missing": 2})
 
 
 def test_a_decode_once_worker_decodes_its_rows_once_and_each_epoch_is_a_seeded_permutation(
-        ray_cluster, local_root, tmp_path):
-    """A decode-once training worker decodes its rows in its own process, once (the frames the
-    Ray Data pipeline gives; later epochs need no video); every epoch is a permutation of them
-    seeded by (seed, rank, epoch), so a resumed position yields the same batches."""
+        ray_cluster, local_root, tmp_path, monkeypatch):
+    """A decode-once training worker decodes its rows in its own process, once, each video once
+    for all its records (the frames the Ray Data pipeline gives; later epochs need no video);
+    every epoch is a permutation of them seeded by (seed, rank, epoch), so a resumed position
+    yields the same batches."""
+    from timeexpert.data import pipeline
     from timeexpert.train.config import TrainConfig
     from timeexpert.train.loop import _batches
 
@@ -134,7 +147,18 @@ def test_a_decode_once_worker_decodes_its_rows_once_and_each_epoch_is_a_seeded_p
         decodes.append(1)
         return decode_rows(vds.rows, config, vds.counter)
 
+    decoded_videos = []
+    decode_frames = pipeline.decode_frames
+
+    def counting(src, **kwargs):
+        decoded_videos.append(src)
+        return decode_frames(src, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_frames", counting)
     rows = decode_rows(vds.rows, config)
+    monkeypatch.undo()
+    videos = {row["video"] for row in vds.rows}
+    assert len(decoded_videos) == len(videos) < len(vds.rows)
     piped = _collect(vds)
     assert sorted(rows["id"]) == sorted(piped)
     for i, rid in enumerate(rows["id"]):
@@ -194,6 +218,10 @@ def test_hooks_fps_sampling_and_torch_batches(ray_cluster, local_root):
     for b in vds.dataset.iter_torch_batches(batch_size=4, collate_fn=torch_collate()):
         assert b["frames"].shape[1:] == (12, 32, 32, 3) and b["pixels"].dtype.is_floating_point
         assert isinstance(b["query"], list) and b["query_len"].tolist() == [len(q.split()) for q in b["query"]]
+        # the DVC records were mixed out, yet each row carries its video's captioned events (an
+        # MR query of the synthetic set is one of them)
+        for query, captions in zip(b["query"], b["video_captions"]):
+            assert query in [e["caption"] for e in json.loads(captions)]
         for mask, ts, dur in zip(b["frame_mask"], b["timestamps"], b["duration"]):
             valid = ts[mask].numpy()
             # 1 fps over an 8-20 s video, capped at 12: evenly spread, increasing, inside the video

@@ -4,6 +4,8 @@ batch, and answers read off the frames at inference."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -488,6 +490,12 @@ def test_patch_relevance_adds_the_patch_score_and_trains_the_caption_contrast(to
     assert ids == [tok.encode_text("the red circle grows"), tok.encode_text("the blue square blinks")]
     np.testing.assert_array_equal(covers_KT, [[1, 1, 0, 0], [0, 1, 1, 1]])
     assert row_captions({"task": "mr", "events": events}, TS, tok) is None
+    # `captions_every_row`: any row of the video carries its captions (the pipeline's column)
+    mr_row = {"task": "mr", "events": "[]", "video_captions": events}
+    every_ids, every_KT = row_captions(mr_row, TS, tok, every_row=True)
+    assert every_ids == ids and (every_KT == covers_KT).all()
+    assert row_captions(mr_row, TS, tok) is None
+    assert row_captions({**mr_row, "video_captions": "[]"}, TS, tok, every_row=True) is None
     captions = pad_captions([(ids, covers_KT), None])
     assert captions["caption_ids"].shape[:2] == (2, 2) and (captions["caption_ids"][1] == -1).all()
     assert (captions["caption_frames"][1] == -1).all()
@@ -557,3 +565,96 @@ def test_gqa_answers_the_option_whose_hypothesis_is_most_relevant(tok, monkeypat
     gm.model.config.answer_from_frames = False  # the generated option
     generated = gm.predict_batch([request])[0]
     assert kept.answer == generated.answer
+
+
+def test_dvc_grounds_the_training_captions_that_match_the_frames(tok, monkeypatch):
+    """`dvc_from_captions`: the tokenizer's captions are ranked by their patch match
+    (`caption_scores`), the top `dvc_candidates` asked as MR queries; the distinct windows of the
+    most relevant ones, up to the cap, are the events in time order with their captions; a video
+    none of whose candidates could be asked keeps its generated answer."""
+    captions = ["the red circle grows", "the blue square blinks", "the red square grows"]
+    bank_tok = GroundingTokenizer(tok.text, captions=captions)
+    cfg = relevance_config(tok, patch_relevance=True, dvc_from_captions=True, dvc_candidates=2)
+    torch.manual_seed(0)
+    gm = GroundingModel(TimeExpertForGrounding(cfg).eval(), bank_tok)
+    frames = np.random.default_rng(6).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    pixels = gm.model.preprocess_frames(frames)
+    # the patch scores of the real model: (K, T), a caption scores alike alone or in the bank
+    scores_KT = gm.model.caption_scores(pixels, gm.caption_ids)
+    assert scores_KT.shape == (3, 4)
+    torch.testing.assert_close(gm.model.caption_scores(pixels, gm.caption_ids[1:2, :4])[0],
+                               scores_KT[1])
+    with pytest.raises(ValueError, match="dvc_from_captions needs patch_relevance"):
+        TimeExpertConfig(dvc_from_captions=True)
+
+    # candidates: "blue square" and "red square" match the patches best, "red circle" least
+    monkeypatch.setattr(gm.model, "caption_scores",
+                        lambda px, ids: torch.tensor([[0.0] * 4, [1.0] * 4, [2.0] * 4]))
+    relevance = {"the blue square blinks": [0.1, 0.2, 0.9, 0.8],   # window [4, 8), peak 0.9
+                 "the red square grows": [0.7, 0.95, 0.1, 0.1],    # window [0, 4), peak 0.95
+                 "the red circle grows": [0.99, 0.1, 0.1, 0.1]}    # never a candidate
+    asked = []
+
+    def ask_frames(asks):
+        asked.extend(text for _, _, text in asks)
+        return [np.asarray(relevance[text]) for _, _, text in asks]
+
+    monkeypatch.setattr(gm, "ask_frames", ask_frames)
+    request = PredictRequest(frames, np.array(TS), Task.DVC, duration=8.0)
+    events = gm.predict_batch([request])[0].events
+    assert asked == ["the red square grows", "the blue square blinks"]
+    assert [(e.start, e.end, e.caption) for e in events] == [
+        (0.0, 4.0, "the red square grows"), (4.0, 8.0, "the blue square blinks")]
+    # a cap of one keeps the most relevant; the same window twice is one event
+    capped = gm.predict_batch([PredictRequest(frames, np.array(TS), Task.DVC, duration=8.0,
+                                              max_events=1)])[0].events
+    assert [(e.start, e.end, e.caption) for e in capped] == [(0.0, 4.0, "the red square grows")]
+    relevance["the blue square blinks"] = [0.6, 0.9, 0.1, 0.1]
+    same = gm.predict_batch([request])[0].events
+    assert [(e.start, e.end, e.caption) for e in same] == [(0.0, 4.0, "the red square grows")]
+    monkeypatch.setattr(gm, "ask_frames", lambda asks: [None] * len(asks))
+    kept = gm.predict_batch([request])[0]
+    gm.model.config.dvc_from_captions = False
+    gm.caption_ids = None  # the generated answer
+    generated = gm.predict_batch([request])[0]
+    assert [(e.start, e.end) for e in kept.events] == [(e.start, e.end) for e in generated.events]
+
+
+def test_gqa_rows_train_the_hypotheses_that_answer_from_frames_asks(tok):
+    """With `answer_from_frames` a GQA row trains as the hypothesis inference asks: the question
+    with one option as an MR query, the evidence frames relevant when the option is the answer
+    and none when it is not; the right option about half the time; the draw is fixed by the step
+    and the row (a rerun sees the same batches) and moves with the step."""
+    import json
+
+    from timeexpert.events import gqa_hypothesis
+    from timeexpert.train.loop import hypothesis_row, tokenize_batch
+
+    question, options = "what colour is the circle that grows?", ["red", "blue", "green"]
+    row = {"id": "v_qa", "task": "gqa", "query": question, "options": json.dumps(options),
+           "answer": 1, "events": json.dumps([{"start": 2.5, "end": 6.0}])}
+    drawn = [hypothesis_row(row, np.random.default_rng(s)) for s in range(200)]
+    assert all(h["task"] == "mr" and h["options"] == "null" for h in drawn)
+    right = [h for h in drawn if h["query"] == gqa_hypothesis(question, "blue")]
+    assert all(h["events"] == row["events"] for h in right) and 70 <= len(right) <= 130
+    wrong = {h["query"]: h["events"] for h in drawn if h not in right}
+    assert wrong == {gqa_hypothesis(question, "red"): "[]", gqa_hypothesis(question, "green"): "[]"}
+
+    cfg = relevance_config(tok, answer_from_frames=True)
+    model = TimeExpertForGrounding(cfg)
+    frames = np.random.default_rng(7).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
+    batch = {k: np.array([v]) for k, v in row.items()} | {
+        "timestamps": np.array([TS]), "frames": frames, "frame_mask": np.ones((1, 4), bool)}
+    labels = {}
+    for step in range(12):
+        inputs = tokenize_batch(batch, tok, cfg, model, step)
+        again = tokenize_batch(batch, tok, cfg, model, step)
+        assert torch.equal(inputs["input_ids"], again["input_ids"])
+        hypothesis = hypothesis_row(row, np.random.default_rng([step, zlib.crc32(b"v_qa")]))
+        expected = tok.encode_example(Task.MR, hypothesis["query"], TS, [],
+                                      tokens_per_frame=cfg.tokens_per_frame, query_first=True)
+        assert inputs["input_ids"][0, : len(expected.ids) - 1].tolist() == expected.ids[:-1]
+        labels[hypothesis["query"]] = inputs["frame_labels"][0].tolist()
+    assert labels[gqa_hypothesis(question, "blue")] == [0, 1, 1, 0]
+    assert len(labels) > 1 and all(v == [0, 0, 0, 0] for q, v in labels.items()
+                                   if q != gqa_hypothesis(question, "blue"))

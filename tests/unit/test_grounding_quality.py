@@ -52,3 +52,13 @@ def test_attribute_agreement_compares_the_hit_event_with_the_queried_one():
     # blinks, green triangle moves left)
     chance = attribute_agreement(records, None, {"v0": scene})
     assert chance == {"colour": 66.7, "shape": 33.3, "motion": 33.3, "all": 33.3}
+
+
+def test_first_videos_keep_every_record_of_the_first_n_videos():
+    """`--train-videos N` (the overfit check) trains and scores the records of N videos."""
+    from benchmarks.grounding_quality import first_videos
+
+    records = [Record(id=f"v{v}_{task}", video=f"videos/v{v}.mp4", duration=10.0, task=task,
+                      query="q", events=[Event(1.0, 2.0)]) for v in (3, 1, 2) for task in ("mr", "dvc")]
+    assert [r.id for r in first_videos(records, 2)] == ["v3_mr", "v3_dvc", "v1_mr", "v1_dvc"]
+    assert first_videos(records, 0) == records and first_videos(records, 9) == records

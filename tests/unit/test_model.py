@@ -402,10 +402,12 @@ def test_presets_registry():
     assert (cfg.frame_relevance, cfg.bidirectional_frames, cfg.dvc_from_frames,
             cfg.image_size, cfg.loss_weight_time) == (True, True, True, 96, 0.0)
     assert not (cfg.patch_relevance or cfg.answer_from_frames)
-    binding = get_preset("binding_cpu")  # the same reading the query, for longer
+    binding = get_preset("binding_cpu")  # the same reading the query
     cfg = TimeExpertConfig.from_dict(binding.model.to_dict())
-    assert cfg.patch_relevance and cfg.answer_from_frames and cfg.bidirectional_frames
-    assert binding.stages == (3,) and binding.train["num_steps"] == 3000
+    assert (cfg.patch_relevance, cfg.captions_every_row, cfg.answer_from_frames,
+            cfg.dvc_from_captions, cfg.dvc_candidates, cfg.bidirectional_frames) == (
+        True, True, True, True, 64, True)
+    assert binding.stages == (3,) and binding.train["num_steps"] == 2000
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
 

@@ -146,6 +146,28 @@ def test_save_and_reload_keeps_ids_and_templates(tok, tmp_path):
     assert again.templates[Task.MR.value] == "Custom MR instruction: {query}"
     events = ROUND_TRIP_CASES["dvc captions"]
     assert again.encode_answer(events).ids == tok.encode_answer(events).ids
+    assert again.captions == []  # a tokenizer without captions writes no captions file
+
+
+def test_training_captions_are_kept_most_frequent_first_and_saved(tmp_path):
+    """`train_tokenizer` keeps the training split's distinct captions (the candidates of DVC by
+    grounding), most frequent first, and they survive save / load."""
+    from timeexpert.events import Record
+    from timeexpert.train.config import TrainConfig
+    from timeexpert.train.loop import train_tokenizer
+
+    def dvc(vid, captions):
+        return Record(id=vid, video=f"{vid}.mp4", duration=10.0, task=Task.DVC, query="",
+                      events=[Event(0.0, 1.0, caption=c) for c in captions])
+
+    records = [dvc("a", ["the red circle grows", "the blue square blinks", ""]),
+               dvc("b", ["the blue square blinks ", "a green diamond shrinks"]),
+               dvc("c", ["the blue square blinks"])]
+    tok = train_tokenizer(TrainConfig(data_root="unused", preset="tiny_cpu"), records)
+    assert tok.captions == ["the blue square blinks", "the red circle grows",
+                            "a green diamond shrinks"]
+    tok.save_pretrained(tmp_path)
+    assert GroundingTokenizer.from_pretrained(tmp_path).captions == tok.captions
 
 
 def test_any_local_hf_tokenizer_dir_works(tmp_path):

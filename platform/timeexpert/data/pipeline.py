@@ -16,6 +16,8 @@ Output columns, one row per record (what `iter_batches` / `iter_torch_batches` y
     events                            str: JSON list of Event dicts (`record_from_row` parses)
     saliency                          str: JSON list of per-clip scores, or "null"
     options                           str: JSON list of GQA answer options, or "null"
+    video_captions                    str: JSON list of the video's captioned events (those of
+                                      its DVC record among the records given), "[]" when none
     answer                            int64: index of the right GQA option, -1 when none
     frames                            uint8 (T, H, W, 3), RGB, T = VideoConfig.frames_per_sample
     timestamps                        float32 (T,), seconds (0 where padded)
@@ -104,6 +106,13 @@ def caption_queries(records: Sequence[Record]) -> list[Record]:
     return out
 
 
+def video_captions(records: Sequence[Record]) -> dict[str, list[Event]]:
+    """video -> its captioned events, read off the DVC records: what happens in the video, which
+    every row of it can then carry (training targets that need the whole video, e.g. the caption
+    contrast of `TimeExpertConfig.captions_every_row`)."""
+    return {r.video: [e for e in r.events if e.caption] for r in records if r.task == Task.DVC}
+
+
 def record_from_row(row: dict[str, Any]) -> Record:
     """A pipeline row (or one row of a batch) back to a Record (frames left out)."""
     saliency = json.loads(row["saliency"])
@@ -127,7 +136,8 @@ def row_options(row: dict[str, Any]) -> list[str] | None:
     return json.loads(str(row["options"])) if "options" in row else None
 
 
-def _row(r: Record, video: str) -> dict[str, Any]:
+def _row(r: Record, video: str, captions: Sequence[Event] = ()) -> dict[str, Any]:
+    """A record as a pipeline row; `captions`: its video's captioned events (`video_captions`)."""
     return {
         "id": r.id,
         "task": r.task.value,
@@ -140,6 +150,7 @@ def _row(r: Record, video: str) -> dict[str, Any]:
         "saliency": json.dumps(r.saliency),
         "options": json.dumps(r.options),
         "answer": -1 if r.answer is None else int(r.answer),
+        "video_captions": json.dumps([e.to_dict() for e in captions]),
     }
 
 
@@ -164,6 +175,47 @@ def _skip_counter_class():
     return SkipCounter
 
 
+def _decode_video(uri: str, video: VideoConfig, storage_options: dict[str, Any],
+                  rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+    """One video's frames (T, H, W, 3), timestamps (T,) and mask (T,), zero-padded to
+    `frames_per_sample`; or the reason it was skipped."""
+    t, h, w = video.frames_per_sample, video.height, video.width
+    try:
+        if storage.split_scheme(uri)[0] == "s3":  # one GET; decord then seeks in memory
+            src: str | bytes = storage.read_bytes(uri, **storage_options)
+        else:  # a local file: decord reads only the GOPs it needs
+            src = storage.filesystem(uri)[1]
+        d = decode_frames(
+            src, num_frames=video.num_frames, fps=video.fps, max_frames=video.max_frames,
+            size=(h, w), rng=rng,
+        )
+    except VideoDecodeError as e:
+        return e.reason
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return UNREADABLE_REASON
+    n = len(d.timestamps)
+    f = np.zeros((t, h, w, 3), np.uint8)
+    f[:n] = d.frames
+    s = np.zeros((t,), np.float32)
+    s[:n] = d.timestamps
+    m = np.zeros((t,), bool)
+    m[:n] = True
+    return f, s, m
+
+
+def _gather(batch: dict[str, np.ndarray], keep: list[int], decoded: list[tuple],
+            video: VideoConfig) -> dict[str, np.ndarray]:
+    """The kept rows of `batch` with their decoded (frames, timestamps, mask) as columns."""
+    t, h, w = video.frames_per_sample, video.height, video.width
+    out = {k: v[keep] for k, v in batch.items()}
+    out["frames"] = np.stack([d[0] for d in decoded]) if decoded else np.zeros((0, t, h, w, 3), np.uint8)
+    out["timestamps"] = np.stack([d[1] for d in decoded]) if decoded else np.zeros((0, t), np.float32)
+    out["frame_mask"] = np.stack([d[2] for d in decoded]) if decoded else np.zeros((0, t), bool)
+    return out
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -174,46 +226,18 @@ def decode_batch(
     tokenize: BatchFn | None = None,
 ) -> dict[str, np.ndarray]:
     """The map_batches function: fetch and decode each row's video; drop and count failures."""
-    t, h, w = video.frames_per_sample, video.height, video.width
     rng = np.random.default_rng() if video.jitter else None
-    keep, frames, stamps, masks, skipped = [], [], [], [], []
+    keep, decoded, skipped = [], [], []
     for i, (rid, uri) in enumerate(zip(batch["id"], batch["video"])):
-        try:
-            uri = str(uri)
-            if storage.split_scheme(uri)[0] == "s3":  # one GET; decord then seeks in memory
-                src: str | bytes = storage.read_bytes(uri, **storage_options)
-            else:  # a local file: decord reads only the GOPs it needs
-                src = storage.filesystem(uri)[1]
-            d = decode_frames(
-                src, num_frames=video.num_frames, fps=video.fps, max_frames=video.max_frames,
-                size=(h, w), rng=rng,
-            )
-        except VideoDecodeError as e:
-            skipped.append((str(rid), e.reason))
+        got = _decode_video(str(uri), video, storage_options, rng)
+        if isinstance(got, str):
+            skipped.append((str(rid), got))
             continue
-        except FileNotFoundError:
-            skipped.append((str(rid), "missing"))
-            continue
-        except OSError:
-            skipped.append((str(rid), UNREADABLE_REASON))
-            continue
-        n = len(d.timestamps)
-        f = np.zeros((t, h, w, 3), np.uint8)
-        f[:n] = d.frames
-        s = np.zeros((t,), np.float32)
-        s[:n] = d.timestamps
-        m = np.zeros((t,), bool)
-        m[:n] = True
         keep.append(i)
-        frames.append(f)
-        stamps.append(s)
-        masks.append(m)
+        decoded.append(got)
     if skipped and counter is not None:
         ray.get(counter.add.remote(skipped))  # wait: the summary must be complete at the end
-    out = {k: v[keep] for k, v in batch.items()}
-    out["frames"] = np.stack(frames) if frames else np.zeros((0, t, h, w, 3), np.uint8)
-    out["timestamps"] = np.stack(stamps) if stamps else np.zeros((0, t), np.float32)
-    out["frame_mask"] = np.stack(masks) if masks else np.zeros((0, t), bool)
+    out = _gather(batch, keep, decoded, video)
     if preprocess is not None:
         out = preprocess(out)
     if tokenize is not None:
@@ -223,18 +247,29 @@ def decode_batch(
 
 def decode_rows(rows: Sequence[dict[str, Any]], config: DataConfig,
                 counter: Any = None) -> dict[str, np.ndarray]:
-    """`decode_batch` in this process over pipeline rows (`VideoDataset.rows`), in chunks of
-    `decode_batch_size`: column -> array of the decoded rows (failures skipped and counted on
-    `counter`). What a training worker runs to hold its part of a decode-once run."""
-    parts = []
-    for i in range(0, len(rows), config.decode_batch_size):
-        chunk = rows[i: i + config.decode_batch_size]
-        columns = {k: np.array([row[k] for row in chunk]) for k in chunk[0]}
-        parts.append(decode_batch(columns, video=config.video,
-                                  storage_options=config.storage_options, counter=counter))
-    if not parts:
+    """Pipeline rows (`VideoDataset.rows`) decoded in this process, as `decode_batch` decodes
+    them, each distinct video once (the records of a video, its MR queries, VHD, DVC and GQA
+    rows, share its frames): column -> array of the decoded rows, failures skipped and counted
+    on `counter` per row. What a training worker runs to hold its part of a decode-once run."""
+    if not rows:
         raise ValueError("no rows to decode")
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    rng = np.random.default_rng() if config.video.jitter else None
+    by_video: dict[str, tuple | str] = {}
+    keep, decoded, skipped = [], [], []
+    for i, row in enumerate(rows):
+        uri = str(row["video"])
+        if uri not in by_video:
+            by_video[uri] = _decode_video(uri, config.video, config.storage_options, rng)
+        got = by_video[uri]
+        if isinstance(got, str):
+            skipped.append((str(row["id"]), got))
+            continue
+        keep.append(i)
+        decoded.append(got)
+    if skipped and counter is not None:
+        ray.get(counter.add.remote(skipped))
+    columns = {k: np.array([row[k] for row in rows]) for k in rows[0]}
+    return _gather(columns, keep, decoded, config.video)
 
 
 def draw_segment_frames(batch: dict[str, np.ndarray], num_frames: int,
@@ -312,7 +347,7 @@ def build_dataset(
     if records is None:
         manifest = storage.resolve_under_root(config.manifest.format(split=split), config.root)
         records = formats.read_manifest(manifest, skipped=driver_skips, **config.storage_options)
-    rows, kept = [], []
+    rows, kept, captions = [], [], video_captions(records)
     for r in mix_tasks(list(records), config.task_weights, config.seed):
         try:
             video = storage.resolve_under_root(r.video, config.root)
@@ -323,7 +358,7 @@ def build_dataset(
         ):
             driver_skips[ANNOTATION_REASON] += 1
             continue
-        rows.append(_row(r, video))
+        rows.append(_row(r, video, captions.get(r.video, ())))
         kept.append(r)
     if shuffle:
         order = np.random.default_rng(config.seed).permutation(len(rows))

@@ -170,6 +170,9 @@ class TimeExpertConfig(PretrainedConfig):
     # visual_embeds)
     patch_relevance: bool = False
     loss_weight_captions: float = 1.0  # weight of the caption contrast in the loss
+    captions_every_row: bool = False  # the caption contrast (and frame words) on every row of a
+    # video, each row carrying its video's captioned events (the pipeline's `video_captions`);
+    # off: on the DVC rows alone
     frame_threshold: float = 0.6  # salient: this share of the most relevant frame's probability
     # or above (D2VLM's 60%)
     windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)
@@ -180,6 +183,12 @@ class TimeExpertConfig(PretrainedConfig):
     # the generated option, the evidence read off the question's relevant frames
     dvc_from_frames: bool = False  # DVC events are the runs of relevant frames (at 0.5 or
     # above), each with the caption of the generated event it overlaps most; off: generated times
+    dvc_from_captions: bool = False  # DVC by grounding the training captions (the tokenizer's
+    # `captions`): the `dvc_candidates` that best match the frames' patches are asked as MR
+    # queries, each gives its best window, the distinct windows of the most relevant are the
+    # events (needs patch_relevance; before dvc_from_frames, which answers when the tokenizer
+    # has no captions)
+    dvc_candidates: int = 16
     loss_weight_frames: float = 1.0  # weight of the per-frame BCE in the loss
     frame_words: bool = False  # an auxiliary head: each frame's decoder state names the words of
     # the captions of the events it shows (multi-label BCE; needs frame_relevance)
@@ -256,6 +265,11 @@ class TimeExpertConfig(PretrainedConfig):
         if self.frame_words and not self.frame_relevance:
             raise ValueError("frame_words needs frame_relevance=True (it reads the same pooled "
                              "frame states)")
+        if self.dvc_from_captions and not self.patch_relevance:
+            raise ValueError("dvc_from_captions needs patch_relevance=True (its candidates are "
+                             "ranked by the patch score)")
+        if self.dvc_candidates < 1:
+            raise ValueError(f"dvc_candidates must be >= 1, got {self.dvc_candidates}")
         if self.patch_relevance and not self.frame_relevance:
             raise ValueError("patch_relevance needs frame_relevance=True (its score is added to "
                              "the frame-relevance logit)")
@@ -570,6 +584,22 @@ class TimeExpertForGrounding(PreTrainedModel):
         """(M, P, V) patch tokens -> (M, S, D) visual tokens: slot compression, projector."""
         return self.projector(self.compressor(patches_MPV, slot_shift_MV))
 
+    def embed_captions(self, ids_BKL: torch.Tensor) -> torch.Tensor:
+        """(B, K, L) text ids of captions (-1 padding) -> (B, K, r): the patch score's pooled
+        projection of each caption's words (`patch_relevance`)."""
+        B, K, L = ids_BKL.shape
+        words_BKLD = self.text_embed(ids_BKL.clamp_min(0))
+        return self.patch_score.embed_text(words_BKLD.view(B * K, L, -1),
+                                           (ids_BKL >= 0).view(B * K, L)).view(B, K, -1)
+
+    def caption_scores(self, pixels_TCHW: torch.Tensor, ids_KL: torch.Tensor) -> torch.Tensor:
+        """One video's T frames against K captions (-1 padded ids) -> (K, T) patch scores: the
+        caption's best match among each frame's patches, no decoder pass (`patch_relevance`)."""
+        if self.patch_score is None:
+            raise ValueError("caption_scores needs patch_relevance=True")
+        patches_1TPV = self.encode_patches(pixels_TCHW)[None]
+        return self.patch_score.captions(self.embed_captions(ids_KL[None]), patches_1TPV)[0]
+
     def slot_shift(self, input_ids_BN: torch.Tensor, types_BN: torch.Tensor) -> torch.Tensor | None:
         """(M, V) per frame of the batch (rows in order, `tokens_per_frame` VISUAL tokens a
         frame): its row's mean QUERY-token embedding (instruction and query) mapped to the vision
@@ -841,11 +871,7 @@ class TimeExpertForGrounding(PreTrainedModel):
             query_BR = self.patch_score.embed_text(words_BND, is_query_BN)
             out.frame_logits = out.frame_logits + self.patch_score(query_BR, patches_BTPV)
             if caption_ids_BKL is not None:
-                B, K, L = caption_ids_BKL.shape
-                ids_BKL = caption_ids_BKL.to(h_BND.device)
-                words_BKLD = self.text_embed(ids_BKL.clamp_min(0))
-                captions_BKR = self.patch_score.embed_text(
-                    words_BKLD.view(B * K, L, -1), (ids_BKL >= 0).view(B * K, L)).view(B, K, -1)
+                captions_BKR = self.embed_captions(caption_ids_BKL.to(h_BND.device))
                 T = frame_mask_BT.shape[1]
                 targets_BKT = caption_frames_BKT.to(h_BND.device)[..., :T].masked_fill(
                     ~frame_mask_BT[:, None, :], IGNORE_FRAME)

@@ -47,6 +47,7 @@ from timeexpert.events import (
 
 PAD = "<pad>"
 TEMPLATES_FILE = "grounding_templates.json"
+CAPTIONS_FILE = "grounding_captions.json"  # `GroundingTokenizer.captions`
 
 # One instruction per task; `{query}` is replaced by the query (DVC: an optional instruction).
 DEFAULT_TEMPLATES: dict[str, str] = {
@@ -90,8 +91,12 @@ def train_text_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000):
 class GroundingTokenizer:
     """Text tokenizer + number vocab + task templates: events and prompts <-> ids."""
 
-    def __init__(self, text_tokenizer, *, templates: dict[str, str] | None = None) -> None:
+    def __init__(self, text_tokenizer, *, templates: dict[str, str] | None = None,
+                 captions: Sequence[str] = ()) -> None:
         self.text = text_tokenizer
+        # the distinct captions of the training split, most frequent first: the candidates of
+        # dense captioning by grounding (`TimeExpertConfig.dvc_from_captions`)
+        self.captions = list(captions)
         if self.text.pad_token is None:
             self.text.add_special_tokens({"pad_token": PAD})
         self.text.add_tokens([SWITCH, EOS], special_tokens=True)
@@ -106,8 +111,9 @@ class GroundingTokenizer:
     # --- construction and persistence ---------------------------------------------------------
 
     @classmethod
-    def train(cls, texts: Iterable[str], *, vocab_size: int = 1000) -> "GroundingTokenizer":
-        return cls(train_text_tokenizer(texts, vocab_size=vocab_size))
+    def train(cls, texts: Iterable[str], *, vocab_size: int = 1000,
+              captions: Sequence[str] = ()) -> "GroundingTokenizer":
+        return cls(train_text_tokenizer(texts, vocab_size=vocab_size), captions=captions)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "GroundingTokenizer":
@@ -120,12 +126,19 @@ class GroundingTokenizer:
             with open(os.path.join(path, TEMPLATES_FILE)) as f:
                 # a task added after the tokenizer was saved (gqa) gets its default template
                 templates = {**DEFAULT_TEMPLATES, **json.load(f)}
-        return cls(text, templates=templates)
+        captions = []
+        if os.path.exists(os.path.join(path, CAPTIONS_FILE)):
+            with open(os.path.join(path, CAPTIONS_FILE)) as f:
+                captions = json.load(f)
+        return cls(text, templates=templates, captions=captions)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.text.save_pretrained(str(path))
         with open(os.path.join(str(path), TEMPLATES_FILE), "w") as f:
             json.dump(self.templates, f, indent=2)
+        if self.captions:
+            with open(os.path.join(str(path), CAPTIONS_FILE), "w") as f:
+                json.dump(self.captions, f, indent=1)
 
     @property
     def text_vocab_size(self) -> int:

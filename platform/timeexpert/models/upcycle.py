@@ -19,7 +19,7 @@ import importlib.metadata
 import os
 import warnings
 from copy import deepcopy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -115,14 +115,14 @@ def decoder_fields_from_dense(path: str, num_layers: int | None = None) -> dict[
     return _decoder_fields(_dense_config(path), path, num_layers)
 
 
-def dense_tokenizer(path: str) -> GroundingTokenizer:
-    """The dense LM's own tokenizer with the grounding special tokens added: an upcycled decoder
-    needs the text ids its embeddings were trained on."""
+def dense_tokenizer(path: str, captions: Sequence[str] = ()) -> GroundingTokenizer:
+    """The dense LM's own tokenizer with the grounding special tokens added (and the training
+    split's `captions`): an upcycled decoder needs the text ids its embeddings were trained on."""
     directory, gguf_file = resolve_dense(path)
     text = AutoTokenizer.from_pretrained(
         directory, gguf_file=gguf_file, clean_up_tokenization_spaces=False
     )
-    return GroundingTokenizer(text)
+    return GroundingTokenizer(text, captions=captions)
 
 
 @torch.no_grad()

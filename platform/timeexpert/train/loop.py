@@ -16,6 +16,7 @@ D2VLM evidence tokens on, batches carry `evidence_frames`; with frame relevance,
 
 from __future__ import annotations
 
+import collections
 import gzip
 import json
 import logging
@@ -24,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -40,7 +42,8 @@ from timeexpert import devices, storage
 from timeexpert.checkpoints import local_copy
 from timeexpert.config import DataConfig, VideoConfig
 from timeexpert.data.pipeline import build_dataset, decode_rows, draw_segment_frames, row_options
-from timeexpert.events import Event, Task, TokenType, gqa_answer_events, saliency_events
+from timeexpert.events import (Event, Task, TokenType, gqa_answer_events, gqa_hypothesis,
+                               saliency_events)
 from timeexpert.models.expert_parallel import load_weights
 from timeexpert.models.evidence import encode_evidence_example, pad_targets
 from timeexpert.models.frame_relevance import (
@@ -62,6 +65,7 @@ from timeexpert.train.recipes import apply_lora, set_stage_trainable, stage_loss
 log = logging.getLogger(__name__)
 
 TOKEN_TYPE_NAMES = [t.name.lower() for t in TokenType]
+MAX_CAPTIONS = 4096  # candidates of dense captioning by grounding the tokenizer keeps
 
 
 # --- build helpers (driver and workers) --------------------------------------------------------
@@ -85,14 +89,19 @@ def model_config(cfg: TrainConfig, tokenizer):
 def train_tokenizer(cfg: TrainConfig, records) -> Any:
     """A text tokenizer trained in-process on the training split's queries, captions and answer
     options; for a decoder upcycled from a dense LM, that LM's own tokenizer (its embeddings
-    index its ids)."""
+    index its ids). Either carries the split's distinct captions, most frequent first
+    (`GroundingTokenizer.captions`)."""
     preset = get_preset(cfg.preset)
+    counts = collections.Counter(e.caption.strip() for r in records for e in r.events
+                                 if e.caption and e.caption.strip())
+    captions = [c for c, _ in counts.most_common(MAX_CAPTIONS)]
     upcycle_from = cfg.model_overrides.get("upcycle_from", preset.model.upcycle_from)
     if upcycle_from:
-        return dense_tokenizer(upcycle_from)
+        return dense_tokenizer(upcycle_from, captions)
     texts = ([r.query for r in records] + [e.caption for r in records for e in r.events]
              + [o for r in records for o in r.options or []])
-    return GroundingTokenizer.train(texts, vocab_size=preset.tokenizer_vocab_size)
+    return GroundingTokenizer.train(texts, vocab_size=preset.tokenizer_vocab_size,
+                                    captions=captions)
 
 
 def load_tokenizer(uri: str):
@@ -147,33 +156,40 @@ def relevance_labels(row: dict[str, Any], times: list[float]) -> np.ndarray:
     return np.full(len(times), IGNORE_FRAME, dtype=np.float32)
 
 
-def word_labels(row: dict[str, Any], times: list[float], tokenizer) -> np.ndarray:
-    """(T, V) targets of the frame-words BCE: for a DVC row (every event captioned) each frame's
-    multi-hot of the words of the captions of the events it falls in; IGNORE_FRAME rows for the
-    other tasks (an MR / VHD row does not say what else happens in its video)."""
+def word_labels(row: dict[str, Any], times: list[float], tokenizer,
+                every_row: bool = False) -> np.ndarray:
+    """(T, V) targets of the frame-words BCE: for a row with its video's captioned events
+    (`captioned_events`) each frame's multi-hot of the words of the captions of the events it
+    falls in; IGNORE_FRAME rows for the others."""
     V = tokenizer.text_vocab_size
-    events = captioned_events(row, tokenizer)
+    events = captioned_events(row, tokenizer, every_row)
     if events is None:
         return np.full((len(times), V), IGNORE_FRAME, dtype=np.float32)
     return frame_word_labels(events, times, V)
 
 
-def captioned_events(row: dict[str, Any], tokenizer) -> list[tuple[float, float, list[int]]] | None:
-    """A DVC row's events as (start, end, the word ids of its caption), the captioned ones (every
-    event of the video: what frame words and the caption contrast learn from); None for the
-    other tasks (an MR / VHD row names one event of its video)."""
-    if str(row["task"]) != Task.DVC.value:
+def captioned_events(row: dict[str, Any], tokenizer, every_row: bool = False
+                     ) -> list[tuple[float, float, list[int]]] | None:
+    """What happens in a row's video, as (start, end, the word ids of its caption) of each
+    captioned event (what frame words and the caption contrast learn from): a DVC row's own
+    events; with `every_row`, any row's `video_captions` (the pipeline's column: its video's DVC
+    events); None for a row that does not know them (an MR / VHD row names one event of its
+    video)."""
+    if str(row["task"]) == Task.DVC.value:
+        events = json.loads(str(row["events"]))
+    elif every_row and "video_captions" in row:
+        events = json.loads(str(row["video_captions"]))
+    else:
         return None
     return [(e["start"], e["end"], tokenizer.encode_text(e["caption"]))
-            for e in json.loads(str(row["events"])) if e.get("caption")]
+            for e in events if e.get("caption")] or None
 
 
-def row_captions(row: dict[str, Any], times: list[float], tokenizer
+def row_captions(row: dict[str, Any], times: list[float], tokenizer, every_row: bool = False
                  ) -> tuple[list[list[int]], np.ndarray] | None:
-    """The caption contrast's targets of a DVC row (`captioned_events`): the word ids of each
-    caption and the (K, T) frames each one's event covers; None for the other tasks or a DVC row
-    without captions."""
-    events = captioned_events(row, tokenizer)
+    """The caption contrast's targets of a row (`captioned_events`): the word ids of each caption
+    and the (K, T) frames each one's event covers; None for a row without captions."""
+    events = captioned_events(row, tokenizer, every_row)
     return caption_targets(events, times) if events else None
 
 
@@ -198,16 +214,35 @@ def pad_captions(captions: list[tuple[list[list[int]], np.ndarray] | None]
     return {"caption_ids": ids_BKL, "caption_frames": frames_BKT}
 
 
-def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> dict[str, Any]:
+def hypothesis_row(row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """A GQA row as the hypothesis `answer_from_frames` asks at inference (`gqa_hypothesis`):
+    the question with one of its options as a moment query, whose moment is the evidence when
+    the option is the answer and none when it is not. The right option half the time, else a
+    wrong one drawn uniformly."""
+    options, answer = row_options(row), int(row["answer"])
+    wrong = [k for k in range(len(options)) if k != answer]
+    k = answer if not wrong or rng.random() < 0.5 else int(rng.choice(wrong))
+    return {**row, "task": Task.MR.value, "query": gqa_hypothesis(str(row["query"]), options[k]),
+            "events": row["events"] if k == answer else "[]", "options": "null", "answer": -1}
+
+
+def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model,
+                   step: int = 0) -> dict[str, Any]:
     """A pipeline batch (frames, timestamps, task, query, events) -> model inputs. With evidence
     tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets; with frame
-    relevance on, the (B, T) `frame_labels`; with `patch_relevance`, the DVC rows' captions
-    (`pad_captions`)."""
+    relevance on, the (B, T) `frame_labels`; with `patch_relevance`, the rows' captions
+    (`pad_captions`); with `answer_from_frames`, each GQA row a hypothesis (`hypothesis_row`, its
+    option drawn from a generator seeded by the step and the row's id)."""
     encoded, pixels, targets, labels, words, captions = [], [], [], [], [], []
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
-        task, query, times = str(batch["task"][i]), str(batch["query"][i]), batch["timestamps"][i][mask].tolist()
+        times = batch["timestamps"][i][mask].tolist()
         row = {k: v[i] for k, v in batch.items()}
+        if (config.answer_from_frames and str(row["task"]) == Task.GQA.value
+                and row_options(row) and int(row.get("answer", -1)) >= 0):
+            seed = [step, zlib.crc32(str(row["id"]).encode())]
+            row = hypothesis_row(row, np.random.default_rng(seed))
+        task, query = str(row["task"]), str(row["query"])
         events = answer_events(row, config.max_events)
         if config.evidence is not None:
             duration = float(batch["duration"][i]) if "duration" in batch else None
@@ -225,9 +260,9 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model) -> di
         if config.frame_relevance:
             labels.append(relevance_labels(row, times))
         if config.frame_words:
-            words.append(word_labels(row, times, tokenizer))
+            words.append(word_labels(row, times, tokenizer, config.captions_every_row))
         if config.patch_relevance:
-            captions.append(row_captions(row, times, tokenizer))
+            captions.append(row_captions(row, times, tokenizer, config.captions_every_row))
         encoded.append(enc)
         pixels.append(model.preprocess_frames(batch["frames"][i][mask]))
     inputs = collate(encoded)
@@ -648,7 +683,7 @@ def _step(w: Worker, batch: dict, step: int, timer: StepTimes) -> StepResult:
     """One optimizer step: the batch's tokens on the device, forward and the stage's loss under
     the run's precision, backward, gradient sync, update, A_t sync and token-adaptive routing."""
     cfg, optim = w.cfg, w.optim
-    inputs = devices.to_device(tokenize_batch(batch, w.tokenizer, w.mconfig, w.model),
+    inputs = devices.to_device(tokenize_batch(batch, w.tokenizer, w.mconfig, w.model, step),
                                w.groups.device)
     lr = cfg.learning_rate(step)
     optim.set_lr(lr)
