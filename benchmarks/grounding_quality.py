@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     # + the caption contrast on every row (each row carries its video's captions), not the DVC
     # rows alone
     "binding_rows": ("binding_cpu", {"captions_every_row": True}, {}),
+    # + the patch score's keys see each patch's change between the neighbouring frames
+    "binding_motion": ("binding_cpu", {"patch_motion": True}, {}),
     "smollm": ("smollm_cpu", _GENERATED, {}),
     "smollm_query_first": ("smollm_cpu", _QUERY_FIRST, {}),
     "smollm_relevance": ("smollm_cpu", _RELEVANCE, {}),

@@ -658,3 +658,20 @@ def test_gqa_rows_train_the_hypotheses_that_answer_from_frames_asks(tok):
     assert labels[gqa_hypothesis(question, "blue")] == [0, 1, 1, 0]
     assert len(labels) > 1 and all(v == [0, 0, 0, 0] for q, v in labels.items()
                                    if q != gqa_hypothesis(question, "blue"))
+
+
+def test_patch_change_is_the_next_minus_the_previous_frame_within_the_real_frames():
+    """`patch_motion`'s input: zero for a still patch; at the first and the last real frame the
+    missing neighbour is the frame itself; padding frames are no neighbours."""
+    from timeexpert.models.frame_relevance import patch_change
+
+    p_BTPV = torch.tensor([1.0, 2.0, 4.0, 7.0, 0.0]).view(1, 5, 1, 1).repeat(1, 1, 2, 3)
+    mask_BT = torch.tensor([[True, True, True, True, False]])
+    got = patch_change(p_BTPV, mask_BT)[0, :, 0, 0].tolist()
+    assert got == [2.0 - 1.0, 4.0 - 1.0, 7.0 - 2.0, 7.0 - 4.0, 0.0 - 0.0]
+    assert not patch_change(torch.ones(2, 3, 4, 5)).any()
+    score = PatchQueryScore(text_dim=8, vision_dim=3, rank=4, motion=True)
+    q_BR, patches_BTPV = torch.randn(1, 4), torch.randn(1, 5, 2, 3)
+    moving = score(q_BR, patches_BTPV, mask_BT)
+    still = score(q_BR, patches_BTPV[:, :1].expand_as(patches_BTPV))
+    assert not torch.allclose(moving[0, :1], still[0, :1])  # same frame, other neighbours

@@ -72,12 +72,15 @@ class PatchQueryScore(nn.Module):
     a frame: "is the red circle in this frame" is one patch's match. Added to the frame-relevance
     logit; trained by the per-frame BCE and the caption contrast (`caption_contrast_loss`)."""
 
-    def __init__(self, text_dim: int, vision_dim: int, rank: int = 64) -> None:
+    def __init__(self, text_dim: int, vision_dim: int, rank: int = 64, motion: bool = False) -> None:
         super().__init__()
         self.word_score = nn.Linear(text_dim, 1)
         self.query_proj = nn.Linear(text_dim, rank, bias=False)
         self.patch_norm = nn.LayerNorm(vision_dim)
         self.patch_proj = nn.Linear(vision_dim, rank, bias=False)
+        # `patch_motion`: each patch's key also sees how it changes between the neighbouring
+        # frames (a frame alone shows what is there, not whether it grows, blinks or moves)
+        self.motion_proj = nn.Linear(vision_dim, rank, bias=False) if motion else None
 
     def embed_text(self, emb_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
         """(B, L, D) word embeddings and their (B, L) mask -> (B, r): attention-pooled words
@@ -86,15 +89,37 @@ class PatchQueryScore(nn.Module):
         w_BL = torch.nan_to_num(w_BL.softmax(-1), nan=0.0).to(emb_BLD.dtype)
         return self.query_proj(torch.einsum("bl,bld->bd", w_BL, emb_BLD))
 
-    def forward(self, query_BR: torch.Tensor, patches_BTPV: torch.Tensor) -> torch.Tensor:
+    def forward(self, query_BR: torch.Tensor, patches_BTPV: torch.Tensor,
+                mask_BT: torch.Tensor | None = None) -> torch.Tensor:
         """(B, R) texts against (B, T, P, V) patches of the same rows -> (B, T) scores."""
-        return self.captions(query_BR[:, None], patches_BTPV)[:, 0]
+        return self.captions(query_BR[:, None], patches_BTPV, mask_BT)[:, 0]
 
-    def captions(self, captions_BKR: torch.Tensor, patches_BTPV: torch.Tensor) -> torch.Tensor:
-        """(B, K, R) captions of each row's video against its (B, T, P, V) patches -> (B, K, T)."""
-        keys_BTPR = self.patch_proj(self.patch_norm(patches_BTPV))
+    def captions(self, captions_BKR: torch.Tensor, patches_BTPV: torch.Tensor,
+                 mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, R) captions of each row's video against its (B, T, P, V) patches -> (B, K, T);
+        `mask_BT` marks the real frames (default: all), whose neighbours the motion keys read."""
+        normed_BTPV = self.patch_norm(patches_BTPV)
+        keys_BTPR = self.patch_proj(normed_BTPV)
+        if self.motion_proj is not None:
+            keys_BTPR = keys_BTPR + self.motion_proj(patch_change(normed_BTPV, mask_BT))
         sim_BKTP = torch.einsum("btpr,bkr->bktp", keys_BTPR, captions_BKR)
         return sim_BKTP.amax(-1) / self.query_proj.out_features ** 0.5
+
+
+def patch_change(patches_BTPV: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Each patch's change across its frame, (B, T, P, V): the next frame's patch minus the
+    previous frame's, at the same position (a frame without a real neighbour on one side takes
+    its own patch there); zero where nothing changes and on padding frames."""
+    if mask_BT is None:
+        mask_BT = patches_BTPV.new_ones(patches_BTPV.shape[:2], dtype=torch.bool)
+    prev_BTPV = torch.cat([patches_BTPV[:, :1], patches_BTPV[:, :-1]], 1)
+    next_BTPV = torch.cat([patches_BTPV[:, 1:], patches_BTPV[:, -1:]], 1)
+    none_B1 = torch.zeros_like(mask_BT[:, :1])
+    has_prev_BT = torch.cat([none_B1, mask_BT[:, :-1]], 1)
+    has_next_BT = torch.cat([mask_BT[:, 1:], none_B1], 1)
+    prev_BTPV = torch.where(has_prev_BT[..., None, None], prev_BTPV, patches_BTPV)
+    next_BTPV = torch.where(has_next_BT[..., None, None], next_BTPV, patches_BTPV)
+    return (next_BTPV - prev_BTPV) * mask_BT[..., None, None]
 
 
 def caption_contrast_loss(scores_BKT: torch.Tensor, targets_BKT: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,7 @@ ARCHITECTURE_FIELDS = (
     "relevance_token_max",
     "query_slots",
     "patch_relevance",
+    "patch_motion",
 )
 
 
@@ -170,6 +171,8 @@ class TimeExpertConfig(PretrainedConfig):
     # visual_embeds)
     patch_relevance: bool = False
     loss_weight_captions: float = 1.0  # weight of the caption contrast in the loss
+    patch_motion: bool = False  # the patch score's keys also see each patch's change between
+    # the neighbouring frames (`patch_change`): motion, which one frame's patches cannot show
     captions_every_row: bool = False  # the caption contrast (and frame words) on every row of a
     # video, each row carrying its video's captioned events (the pipeline's `video_captions`);
     # off: on the DVC rows alone
@@ -535,7 +538,8 @@ class TimeExpertForGrounding(PreTrainedModel):
         # query-conditioned frame relevance: pooled frame hidden states -> one logit per frame
         self.frame_head = FrameRelevanceHead(D) if config.frame_relevance else None
         self.words_head = FrameWordsHead(D, config.text_vocab_size) if config.frame_words else None
-        self.patch_score = (PatchQueryScore(D, config.vision_width) if config.patch_relevance
+        self.patch_score = (PatchQueryScore(D, config.vision_width, motion=config.patch_motion)
+                            if config.patch_relevance
                             else None)
         self.post_init()
 
@@ -869,14 +873,16 @@ class TimeExpertForGrounding(PreTrainedModel):
             is_query_BN = (types_BN == TokenType.QUERY) & valid_BN
             words_BND = self.text_embed(input_ids_BN.masked_fill(~is_query_BN, 0))
             query_BR = self.patch_score.embed_text(words_BND, is_query_BN)
-            out.frame_logits = out.frame_logits + self.patch_score(query_BR, patches_BTPV)
+            out.frame_logits = out.frame_logits + self.patch_score(query_BR, patches_BTPV,
+                                                                   frame_mask_BT)
             if caption_ids_BKL is not None:
                 captions_BKR = self.embed_captions(caption_ids_BKL.to(h_BND.device))
                 T = frame_mask_BT.shape[1]
                 targets_BKT = caption_frames_BKT.to(h_BND.device)[..., :T].masked_fill(
                     ~frame_mask_BT[:, None, :], IGNORE_FRAME)
                 out.loss_captions = caption_contrast_loss(
-                    self.patch_score.captions(captions_BKR, patches_BTPV), targets_BKT)
+                    self.patch_score.captions(captions_BKR, patches_BTPV, frame_mask_BT),
+                    targets_BKT)
         if frame_labels_BT is not None:
             labels_BT = frame_labels_BT.to(h_BND.device)
             if labels_BT.shape[1] < frame_mask_BT.shape[1]:
