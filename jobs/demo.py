@@ -201,7 +201,7 @@ def local_stack(state_dir: str | None, keep: bool):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=".cache/demo", help="where data, runs and MLflow live")
-    p.add_argument("--preset", default="grounding_cpu")
+    p.add_argument("--preset", default="binding_cpu")
     p.add_argument("--size", default="small", choices=sorted(synth.SIZES),
                    help="the synthetic benchmark whose test split is scored")
     p.add_argument("--train-size", choices=sorted(synth.SIZES),
