@@ -11,6 +11,7 @@ truncation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,14 +78,18 @@ class GroundingModel:
         self.device = device
         _check_compatible(model.config, tokenizer)
         self.processor = TimeExpertProcessor.from_config(model.config, tokenizer)
-        # the tokenizer's captions as (K, L) ids, -1 padding: the candidates of `ground_captions`
-        self.caption_ids = None
-        if getattr(model.config, "dvc_from_captions", False) and tokenizer.captions:
-            ids = [tokenizer.encode_text(c) for c in tokenizer.captions]
-            self.caption_ids = torch.full((len(ids), max(map(len, ids))), -1, dtype=torch.long)
-            for k, x in enumerate(ids):
-                self.caption_ids[k, : len(x)] = torch.tensor(x, dtype=torch.long)
-            self.caption_ids = self.caption_ids.to(device)
+
+    @functools.cached_property
+    def caption_ids(self) -> torch.Tensor | None:
+        """The tokenizer's captions as (K, L) text ids, -1 padding, on the model's device: the
+        candidates of `ground_captions`; None when it has none."""
+        if not self.tokenizer.captions:
+            return None
+        ids = [self.tokenizer.encode_text(c) for c in self.tokenizer.captions]
+        ids_KL = torch.full((len(ids), max(map(len, ids))), -1, dtype=torch.long)
+        for k, x in enumerate(ids):
+            ids_KL[k, : len(x)] = torch.tensor(x, dtype=torch.long)
+        return ids_KL.to(self.device)
 
     @classmethod
     def from_model(cls, model, tokenizer) -> "GroundingModel":
@@ -231,7 +236,7 @@ class GroundingModel:
                 caption = p.events[-1].caption if p.events else ""
                 p.events = [Event(start=best.start, end=best.end, score=best.score,
                                   caption=caption)]
-            elif task == Task.DVC and self.caption_ids is not None:
+            elif task == Task.DVC and cfg.dvc_from_captions and self.caption_ids is not None:
                 grounded.append(b)
             elif task == Task.DVC and cfg.dvc_from_frames:
                 p.events = dense_events_from_relevance(relevance[b], r.timestamps_T,
