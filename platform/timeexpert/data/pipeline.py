@@ -16,9 +16,9 @@ Output columns, one row per record (what `iter_batches` / `iter_torch_batches` y
     events                            str: JSON list of Event dicts (`record_from_row` parses)
     saliency                          str: JSON list of per-clip scores, or "null"
     options                           str: JSON list of GQA answer options, or "null"
+    answer                            int64: index of the right GQA option, -1 when none
     video_captions                    str: JSON list of the video's captioned events (those of
                                       its DVC record among the records given), "[]" when none
-    answer                            int64: index of the right GQA option, -1 when none
     frames                            uint8 (T, H, W, 3), RGB, T = VideoConfig.frames_per_sample
     timestamps                        float32 (T,), seconds (0 where padded)
     frame_mask                        bool (T,): False for padding (fps sampling of short videos)
