@@ -143,12 +143,15 @@ def as_batch(records, frames: dict[str, tuple], num_frames: int | None = None,
 
 
 def load_split(root: str, split: str, tasks: list[str], limit: int | None = None,
-               caption_queries: bool = False):
+               caption_queries: bool = False, videos: int = 0):
+    """The `tasks`' records of a split, at most `limit` per task, of its first `videos` videos
+    only when > 0 (`first_videos`)."""
     from timeexpert import storage
     from timeexpert.data import pipeline
     from timeexpert.data.formats import read_manifest
 
     records = read_manifest(storage.join_uri(root, "manifests", f"{split}.jsonl"))
+    records = first_videos(records, videos)
     out = pipeline.caption_queries(records) if caption_queries and "mr" in tasks else []
     for task in tasks:
         chosen = [r for r in records if r.task.value == task]
@@ -361,17 +364,13 @@ def main() -> None:
     train = load_split(args.data_root, "train", tasks)
     if args.split == "train" and eval_root != args.data_root:
         raise SystemExit("--split train scores the training data: leave --eval-root out")
-    held_out = load_split(eval_root, args.split, tasks)
-    if args.split == "train":  # the records trained on, per task at most --max-records
-        held_out = first_videos(held_out, args.train_videos)
-    held_out = [r for task in tasks
-                for r in [x for x in held_out if x.task.value == task][: args.max_records]]
+    held_out = load_split(eval_root, args.split, tasks, args.max_records,
+                          videos=args.train_videos if args.split == "train" else 0)
     frames = decode_all(eval_root, held_out, num_frames, size)
     phases = []  # (training records, their decoded frames, steps), easiest first
     for root in [] if loaded else [r for r in args.curriculum.split(",") if r] + [args.data_root]:
-        records = load_split(root, "train", tasks, caption_queries=args.caption_queries)
-        if root == args.data_root:
-            records = first_videos(records, args.train_videos)
+        records = load_split(root, "train", tasks, caption_queries=args.caption_queries,
+                             videos=args.train_videos if root == args.data_root else 0)
         steps = args.steps if root == args.data_root else args.curriculum_steps
         phases.append((records, decode_all(root, records, num_frames * args.jitter, size), steps))
     print(f"decoded {len(frames) + sum(len(f) for _, f, _ in phases)} videos in "

@@ -22,7 +22,7 @@ from timeexpert.events import (EOS, SWITCH, Event, Task, TokenType, gqa_hypothes
                                read_gqa_answer, saliency_from_events)
 from timeexpert.models.evidence import interval_from_salient
 from timeexpert.models.frame_relevance import (
-    RELEVANT, clip_saliency, dense_events_from_relevance, windows_from_relevance,
+    RELEVANT, clip_saliency, dense_events_from_relevance, pad_caption_ids, windows_from_relevance,
 )
 from timeexpert.models.generation import generate_answer
 from timeexpert.models.processor import TimeExpertProcessor
@@ -86,10 +86,7 @@ class GroundingModel:
         if not self.tokenizer.captions:
             return None
         ids = [self.tokenizer.encode_text(c) for c in self.tokenizer.captions]
-        ids_KL = torch.full((len(ids), max(map(len, ids))), -1, dtype=torch.long)
-        for k, x in enumerate(ids):
-            ids_KL[k, : len(x)] = torch.tensor(x, dtype=torch.long)
-        return ids_KL.to(self.device)
+        return pad_caption_ids(ids).to(self.device)
 
     @classmethod
     def from_model(cls, model, tokenizer) -> "GroundingModel":

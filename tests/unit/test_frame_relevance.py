@@ -674,3 +674,26 @@ def test_patch_change_is_the_next_minus_the_previous_frame_within_the_real_frame
     moving = score(q_BR, patches_BTPV, mask_BT)
     still = score(q_BR, patches_BTPV[:, :1].expand_as(patches_BTPV))
     assert not torch.allclose(moving[0, :1], still[0, :1])  # same frame, other neighbours
+
+
+def test_dvc_by_grounding_captions_runs_through_the_real_model(tok):
+    """`dvc_from_captions` end to end on a fresh model (no stand-ins): the events are distinct
+    windows on the frames' segment grid, in time order, at most the cap, each captioned with one
+    of the `dvc_candidates` captions whose patch match is the best."""
+    captions = ["the red circle grows", "the blue square blinks", "the red square grows",
+                "the blue circle blinks"]
+    cfg = relevance_config(tok, patch_relevance=True, dvc_from_captions=True, dvc_candidates=3)
+    torch.manual_seed(0)
+    gm = GroundingModel(TimeExpertForGrounding(cfg).eval(), GroundingTokenizer(tok.text,
+                                                                               captions=captions))
+    frames = np.random.default_rng(8).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        best_K = gm.model.caption_scores(gm.model.preprocess_frames(frames), gm.caption_ids)
+    candidates = {captions[k] for k in best_K.amax(-1).topk(3).indices.tolist()}
+    for cap in (8, 1):
+        events = gm.predict_batch([PredictRequest(frames, np.array(TS), Task.DVC, duration=8.0,
+                                                  max_events=cap)])[0].events
+        spans = [(e.start, e.end) for e in events]
+        assert 1 <= len(events) <= min(cap, 3) and len(set(spans)) == len(spans)
+        assert spans == sorted(spans) and {e.caption for e in events} <= candidates
+        assert all(a in (0.0, 2.0, 4.0, 6.0) and b in (2.0, 4.0, 6.0, 8.0) for a, b in spans)

@@ -141,6 +141,15 @@ def caption_contrast_loss(scores_BKT: torch.Tensor, targets_BKT: torch.Tensor) -
     return (all_BT - pos_BT)[informative_BT].mean()
 
 
+def pad_caption_ids(ids: Sequence[Sequence[int]], length: int | None = None) -> torch.Tensor:
+    """K captions' text ids -> (K, L) ids, -1 padding (what `embed_captions` reads); L is the
+    longest caption's, or `length`."""
+    ids_KL = torch.full((len(ids), length or max(map(len, ids), default=0)), -1, dtype=torch.long)
+    for k, x in enumerate(ids):
+        ids_KL[k, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return ids_KL
+
+
 def caption_targets(events: Sequence[tuple[float, float, Sequence[int]]],
                     timestamps_T: Sequence[float]) -> tuple[list[list[int]], np.ndarray]:
     """A video's captioned events [(start, end, word ids)] -> (word ids per caption, the (K, T)

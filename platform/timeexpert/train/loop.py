@@ -51,6 +51,7 @@ from timeexpert.models.frame_relevance import (
     caption_targets,
     frame_labels,
     frame_word_labels,
+    pad_caption_ids,
 )
 from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
@@ -208,8 +209,7 @@ def pad_captions(captions: list[tuple[list[list[int]], np.ndarray] | None]
     for b, c in enumerate(captions):
         if c is None:
             continue
-        for k, x in enumerate(c[0]):
-            ids_BKL[b, k, : len(x)] = torch.tensor(x, dtype=torch.long)
+        ids_BKL[b, : len(c[0])] = pad_caption_ids(c[0], L)
         frames_BKT[b, : c[1].shape[0], : c[1].shape[1]] = torch.from_numpy(c[1])
     return {"caption_ids": ids_BKL, "caption_frames": frames_BKT}
 
