@@ -54,6 +54,9 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "binding_rows": ("binding_cpu", {"captions_every_row": True}, {}),
     # + the patch score's keys see each patch's change between the neighbouring frames
     "binding_motion": ("binding_cpu", {"patch_motion": True}, {}),
+    # + hard negatives in the caption contrast: training captions one word away from the video's
+    "binding_negatives": ("binding_cpu", {"caption_negatives": 8}, {}),
+    "binding_negatives_motion": ("binding_cpu", {"caption_negatives": 8, "patch_motion": True}, {}),
     "smollm": ("smollm_cpu", _GENERATED, {}),
     "smollm_query_first": ("smollm_cpu", _QUERY_FIRST, {}),
     "smollm_relevance": ("smollm_cpu", _RELEVANCE, {}),

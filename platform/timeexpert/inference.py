@@ -256,11 +256,12 @@ class GroundingModel:
                    ) -> list[np.ndarray | None]:
         """Texts asked as MR queries over frames already preprocessed, in one batched prompt
         pass: for each (request, its pixels, text) the (T,) frame probabilities, None for a text
-        too long to ask. The frames are encoded once per request, or per text where the model
-        reads pixels with each prompt (`query_slots`, `patch_relevance`)."""
+        too long to ask. The vision tower runs once per request: its visual tokens, or its
+        patches where each prompt reads them with its own text (`patch_relevance`: the patch
+        score; `query_slots`: the slot compression)."""
         cfg = self.model.config
         dev = self.device
-        per_prompt = cfg.query_slots or cfg.patch_relevance
+        kind = "patches" if cfg.query_slots or cfg.patch_relevance else "visual_embeds"
         prompts, visual, where = [], [], []
         encoded: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
@@ -272,16 +273,17 @@ class GroundingModel:
                         max_length=cfg.max_position_embeddings)
                 except ValueError:  # too long to ask
                     continue
-                if not per_prompt and id(px) not in encoded:
-                    encoded[id(px)] = self.model.encode_frames(px.to(dev))
+                if id(px) not in encoded:
+                    encoded[id(px)] = (self.model.encode_patches(px.to(dev)) if kind == "patches"
+                                       else self.model.encode_frames(px.to(dev)))
                 prompts.append(prompt)
-                visual.append(px.to(dev) if per_prompt else encoded[id(px)])
+                visual.append(encoded[id(px)])
                 where.append(i)
             out: list[np.ndarray | None] = [None] * len(asks)
             if not prompts:
                 return out
             batch = collate(prompts, padding_side="right")
-            frames = {"pixel_values" if per_prompt else "visual_embeds": torch.cat(visual)}
+            frames = {kind: torch.cat(visual)}
             result = self.model(batch["input_ids"].to(dev), batch["token_types"].to(dev),
                                 attention_mask=batch["attention_mask"].to(dev), **frames,
                                 return_logits=False)

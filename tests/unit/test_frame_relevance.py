@@ -659,6 +659,53 @@ def test_gqa_rows_train_the_hypotheses_that_answer_from_frames_asks(tok):
                                    if q != gqa_hypothesis(question, "blue"))
 
 
+def test_hard_negatives_are_the_nearest_training_captions_the_video_does_not_show():
+    """`caption_negatives`: the captions one word away from one of the video's come first (ties in
+    a random order), never one of the video's own; through `tokenize_batch` they join the row's
+    captions covering no frame, drawn the same for the same step and row; the option validates."""
+    import json
+
+    from timeexpert.train.loop import hard_negatives, tokenize_batch
+
+    words = {w: i for i, w in enumerate("the red blue circle square grows blinks moves left".split())}
+    ids = lambda caption: [words[w] for w in caption.split()]  # noqa: E731
+    own = [ids("the red circle grows"), ids("the blue square blinks")]
+    near = ["the red circle blinks", "the red square grows", "the blue circle blinks",
+            "the blue square grows"]
+    far = ["the blue circle moves left", "the red square moves left"]
+    bank = [ids(c) for c in far + near + ["the red circle grows"]]
+    drawn = [hard_negatives(own, bank, 4, np.random.default_rng(s)) for s in range(20)]
+    assert all(sorted(d) == sorted(ids(c) for c in near) for d in drawn)
+    assert len({tuple(map(tuple, d)) for d in drawn}) > 1  # ties in a random order
+    assert sorted(hard_negatives(own, bank, 6, np.random.default_rng(0))[4:]) == sorted(
+        ids(c) for c in far)
+    assert hard_negatives(own, [own[0]], 3, np.random.default_rng(0)) == []
+
+    with pytest.raises(ValueError, match="caption_negatives must be >= 0"):
+        TimeExpertConfig(caption_negatives=-1)
+    bank_tok = GroundingTokenizer.train(
+        ["the red circle grows", "the blue square blinks", "the red circle blinks"] * 3,
+        vocab_size=400, captions=["the red circle grows", "the red circle blinks",
+                                  "the blue square blinks"])
+    cfg = relevance_config(bank_tok, patch_relevance=True, captions_every_row=True,
+                           caption_negatives=2)
+    model = TimeExpertForGrounding(cfg)
+    events = json.dumps([{"start": 0.0, "end": 4.0, "caption": "the red circle grows"}])
+    frames = np.random.default_rng(7).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
+    batch = {"id": np.array(["v1_mr"]), "task": np.array(["mr"]), "query": np.array(["red"]),
+             "events": np.array(["[]"]), "video_captions": np.array([events]),
+             "options": np.array(["null"]), "answer": np.array([-1]),
+             "timestamps": np.array([TS]), "frames": frames, "frame_mask": np.ones((1, 4), bool)}
+    inputs = tokenize_batch(batch, bank_tok, cfg, model, step=3)
+    got = [[i for i in row if i >= 0] for row in inputs["caption_ids"][0].tolist()]
+    assert got[0] == bank_tok.encode_text("the red circle grows")
+    assert sorted(got[1:]) == sorted(bank_tok.encode_text(c) for c in
+                                     ["the red circle blinks", "the blue square blinks"])
+    assert inputs["caption_frames"][0].tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    again = tokenize_batch(batch, bank_tok, cfg, model, step=3)
+    assert torch.equal(inputs["caption_ids"], again["caption_ids"])
+
+
 def test_patch_change_is_the_next_minus_the_previous_frame_within_the_real_frames():
     """`patch_motion`'s input: zero for a still patch; at the first and the last real frame the
     missing neighbour is the frame itself; padding frames are no neighbours."""
@@ -697,3 +744,36 @@ def test_dvc_by_grounding_captions_runs_through_the_real_model(tok):
         assert 1 <= len(events) <= min(cap, 3) and len(set(spans)) == len(spans)
         assert spans == sorted(spans) and {e.caption for e in events} <= candidates
         assert all(a in (0.0, 2.0, 4.0, 6.0) and b in (2.0, 4.0, 6.0, 8.0) for a, b in spans)
+
+
+@pytest.mark.parametrize("option", ["patch_relevance", "query_slots"])
+def test_asked_texts_share_one_vision_tower_pass_per_request(tok, option):
+    """`ask_frames` runs the vision tower once per request however many texts it asks, and each
+    text's frame probabilities equal those of its own pass over the pixels; `forward` takes the
+    patches in place of the pixels, and refuses two sources or patches of another width."""
+    cfg = relevance_config(tok, **{option: True})
+    torch.manual_seed(0)
+    gm = GroundingModel(TimeExpertForGrounding(cfg).eval(), tok)
+    rng = np.random.default_rng(9)
+    videos = [gm.model.preprocess_frames(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+              for _ in range(2)]
+    texts = ["the red circle grows", "the blue square blinks", "red"]
+    asks = [(PredictRequest(np.zeros((4, 32, 32, 3), np.uint8), np.array(TS), Task.MR,
+                            duration=8.0), px, text) for px in videos for text in texts]
+    passes = []
+    hook = gm.model.frame_encoder.register_forward_hook(lambda m, i, o: passes.append(len(o)))
+    try:
+        probs = gm.ask_frames(asks)
+    finally:
+        hook.remove()
+    assert passes == [4, 4]  # one pass of each request's 4 frames
+    with torch.inference_mode():
+        for (_, px, text), p_T in zip(asks, probs):
+            alone = gm.model(**_prompts(tok, cfg, [text]), pixel_values=px).frame_logits[0]
+            np.testing.assert_allclose(p_T, torch.sigmoid(alone).numpy(), atol=1e-5)
+        query = _prompts(tok, cfg, [texts[0]])
+        with pytest.raises(ValueError, match="one of pixel_values, patches or visual_embeds"):
+            gm.model(**query, pixel_values=videos[0],
+                     patches=gm.model.encode_patches(videos[0]))
+        with pytest.raises(ValueError, match="patches must be"):
+            gm.model(**query, patches=torch.zeros(4, 16, cfg.vision_width + 1))

@@ -79,6 +79,7 @@ ARCHITECTURE_FIELDS = (
     "patch_size",
     "vision_width",
     "vision_num_layers",
+    "vision_conv_stem",
     "vision_num_heads",
     "tokens_per_frame",
     "compressor_num_heads",
@@ -123,6 +124,8 @@ class TimeExpertConfig(PretrainedConfig):
     vision_width: int = 64  # width V of the frame encoder's patch tokens
     vision_num_layers: int = 2  # ViT blocks
     vision_num_heads: int = 4  # ViT attention heads
+    vision_conv_stem: bool = False  # the ViT's patch embedding is a stack of stride-2 3x3
+    # convolutions (`vision.conv_patch_embed`) instead of one linear map of each patch
     image_mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # pixel normalisation
     image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
     tokens_per_frame: int = 8  # S: slot tokens each frame is compressed to
@@ -176,6 +179,10 @@ class TimeExpertConfig(PretrainedConfig):
     captions_every_row: bool = False  # the caption contrast (and frame words) on every row of a
     # video, each row carrying its video's captioned events (the pipeline's `video_captions`);
     # off: on the DVC rows alone
+    caption_negatives: int = 0  # hard negatives of the caption contrast: this many captions of
+    # the tokenizer's `captions` (the training split's) that are not events of the row's video but
+    # share the most words with one (`train.loop.hard_negatives`: "the red circle grows" against
+    # "the red circle shrinks"), contrasted on every frame of the video's events
     frame_threshold: float = 0.6  # salient: this share of the most relevant frame's probability
     # or above (D2VLM's 60%)
     windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)
@@ -271,6 +278,8 @@ class TimeExpertConfig(PretrainedConfig):
         if self.dvc_from_captions and not self.patch_relevance:
             raise ValueError("dvc_from_captions needs patch_relevance=True (its candidates are "
                              "ranked by the patch score)")
+        if self.caption_negatives < 0:
+            raise ValueError(f"caption_negatives must be >= 0, got {self.caption_negatives}")
         if self.dvc_candidates < 1:
             raise ValueError(f"dvc_candidates must be >= 1, got {self.dvc_candidates}")
         if self.patch_relevance and not self.frame_relevance:
@@ -495,6 +504,7 @@ class TimeExpertForGrounding(PreTrainedModel):
                 width=config.vision_width,
                 num_layers=config.vision_num_layers,
                 num_heads=config.vision_num_heads,
+                conv_stem=config.vision_conv_stem,
             )
         self.compressor = SlotCompressor(
             width=config.vision_width,
@@ -661,13 +671,16 @@ class TimeExpertForGrounding(PreTrainedModel):
                 frame_labels: torch.Tensor | None = None,
                 frame_words: torch.Tensor | None = None,
                 caption_ids: torch.Tensor | None = None,
-                caption_frames: torch.Tensor | None = None) -> TimeExpertOutput:
+                caption_frames: torch.Tensor | None = None,
+                patches: torch.Tensor | None = None) -> TimeExpertOutput:
         """One decoder pass.
 
         input_ids, token_types (B, N): ids local to each token's TokenType vocabulary
         (`tokenizer.py`); attention_mask (B, K): 1 real, 0 padding, over the cached and new tokens;
         position_ids (B, N): by default the count of real tokens before each one; pixel_values
-        (M, 3, H, W) or visual_embeds (M, S, D): the frames behind the VISUAL tokens; labels (B, N):
+        (M, 3, H, W), their vision-tower patches (M, P, V) (`encode_patches`: frames asked with
+        several prompts need the tower once) or visual_embeds (M, S, D): the frames behind the
+        VISUAL tokens; labels (B, N):
         targets (IGNORE_INDEX where none), each predicted from the previous position by its type's
         head. Evidence tokens (config `evidence`): evidence_frames (B, K, T) the 0/1 frames of the
         k-th event of each row (targets of L_gnd / L_cons, pooled into the k-th `<evi>` of each
@@ -680,13 +693,15 @@ class TimeExpertForGrounding(PreTrainedModel):
         none).
         """
         self._check_inputs(input_ids, token_types, attention_mask, past_key_values, pixel_values,
-                           visual_embeds, frame_labels, frame_words, caption_ids, caption_frames)
+                           visual_embeds, frame_labels, frame_words, caption_ids, caption_frames,
+                           patches)
         key_valid_BK, valid_BN, position_ids = self._masks(input_ids, attention_mask, position_ids,
                                                            past_key_values)
         # frames -> vision -> compression -> projector; every token by its type's encoder
-        patches_MPV = None
+        patches_MPV = patches
         if pixel_values is not None:
             patches_MPV = self.encode_patches(pixel_values)
+        if patches_MPV is not None:
             visual_embeds = self.project_patches(patches_MPV,
                                                  self.slot_shift(input_ids, token_types))
         x_BND = self.embed_tokens(input_ids, token_types, visual_embeds)
@@ -720,7 +735,7 @@ class TimeExpertForGrounding(PreTrainedModel):
 
     def _check_inputs(self, input_ids, token_types, attention_mask, past_key_values, pixel_values,
                       visual_embeds, frame_labels, frame_words, caption_ids,
-                      caption_frames) -> None:
+                      caption_frames, patches=None) -> None:
         """ValueError naming what is wrong with the arguments of `forward`."""
         cfg = self.config
         if input_ids.shape != token_types.shape or input_ids.ndim != 2:
@@ -741,8 +756,11 @@ class TimeExpertForGrounding(PreTrainedModel):
                 f"attention_mask must be (B, past + N) = ({B}, {L + N}), got "
                 f"{tuple(attention_mask.shape)}"
             )
-        if pixel_values is not None and visual_embeds is not None:
-            raise ValueError("pass pixel_values or visual_embeds, not both")
+        if sum(x is not None for x in (pixel_values, patches, visual_embeds)) > 1:
+            raise ValueError("pass one of pixel_values, patches or visual_embeds")
+        if patches is not None and (patches.ndim != 3 or patches.shape[-1] != cfg.vision_width):
+            raise ValueError(f"patches must be (M, P, {cfg.vision_width}) vision-tower tokens "
+                             f"(encode_patches), got {tuple(patches.shape)}")
         if self.query_to_slots is not None and visual_embeds is not None:
             raise ValueError("a query_slots model encodes the frames with each prompt's query: "
                              "pass pixel_values, not visual_embeds")

@@ -20,6 +20,7 @@ to ids and back (`parse_pieces` reads them).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -139,6 +140,11 @@ class GroundingTokenizer:
         if self.captions:
             with open(os.path.join(str(path), CAPTIONS_FILE), "w") as f:
                 json.dump(self.captions, f, indent=1)
+
+    @functools.cached_property
+    def caption_ids(self) -> list[list[int]]:
+        """`captions` as text ids (encoded once)."""
+        return [self.encode_text(c) for c in self.captions]
 
     @property
     def text_vocab_size(self) -> int:

@@ -194,6 +194,32 @@ def row_captions(row: dict[str, Any], times: list[float], tokenizer, every_row: 
     return caption_targets(events, times) if events else None
 
 
+def hard_negatives(captions: list[list[int]], bank: list[list[int]], n: int,
+                   rng: np.random.Generator) -> list[list[int]]:
+    """`n` captions of `bank` (text ids) that are none of a video's `captions` but are nearest to
+    one of them: the fewest words not in that caption ("the red circle shrinks" for "the red
+    circle grows"), ties in a random order. What the caption contrast must tell apart to bind
+    every word, where a video's own captions often differ in colour alone."""
+    own = {tuple(c) for c in captions}
+    words = [set(c) for c in captions]
+    pool = [c for c in bank if tuple(c) not in own]
+    if not pool or n <= 0 or not words:
+        return []
+    distance = np.array([min(len(set(c) - w) for w in words) for c in pool], np.float64)
+    order = np.lexsort((rng.random(len(pool)), distance))[:n]
+    return [pool[i] for i in order]
+
+
+def with_negatives(captions: tuple[list[list[int]], np.ndarray] | None, negatives: list[list[int]]
+                   ) -> tuple[list[list[int]], np.ndarray] | None:
+    """A row's `row_captions` + captions its video does not show (no frame covered)."""
+    if captions is None or not negatives:
+        return captions
+    ids, covers_KT = captions
+    none_NT = np.zeros((len(negatives), covers_KT.shape[1]), covers_KT.dtype)
+    return ids + negatives, np.concatenate([covers_KT, none_NT])
+
+
 def pad_captions(captions: list[tuple[list[list[int]], np.ndarray] | None]
                  ) -> dict[str, torch.Tensor] | None:
     """Rows' `row_captions` -> caption_ids (B, K, L), -1 padding, and caption_frames (B, K, T),
@@ -231,17 +257,18 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model,
     """A pipeline batch (frames, timestamps, task, query, events) -> model inputs. With evidence
     tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets; with frame
     relevance on, the (B, T) `frame_labels`; with `patch_relevance`, the rows' captions
-    (`pad_captions`); with `answer_from_frames`, each GQA row a hypothesis (`hypothesis_row`, its
-    option drawn from a generator seeded by the step and the row's id)."""
+    (`pad_captions`), with `caption_negatives` hard ones added (`hard_negatives`); with
+    `answer_from_frames`, each GQA row a hypothesis (`hypothesis_row`). Both draw from a
+    generator seeded by the step and the row's id (reruns see the same batches)."""
     encoded, pixels, targets, labels, words, captions = [], [], [], [], [], []
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
         times = batch["timestamps"][i][mask].tolist()
         row = {k: v[i] for k, v in batch.items()}
+        rng = np.random.default_rng([step, zlib.crc32(str(row["id"]).encode())])
         if (config.answer_from_frames and str(row["task"]) == Task.GQA.value
                 and row_options(row) and int(row.get("answer", -1)) >= 0):
-            seed = [step, zlib.crc32(str(row["id"]).encode())]
-            row = hypothesis_row(row, np.random.default_rng(seed))
+            row = hypothesis_row(row, rng)
         task, query = str(row["task"]), str(row["query"])
         events = answer_events(row, config.max_events)
         if config.evidence is not None:
@@ -262,7 +289,11 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model,
         if config.frame_words:
             words.append(word_labels(row, times, tokenizer, config.captions_every_row))
         if config.patch_relevance:
-            captions.append(row_captions(row, times, tokenizer, config.captions_every_row))
+            own = row_captions(row, times, tokenizer, config.captions_every_row)
+            if own is not None and config.caption_negatives:
+                own = with_negatives(own, hard_negatives(own[0], tokenizer.caption_ids,
+                                                         config.caption_negatives, rng))
+            captions.append(own)
         encoded.append(enc)
         pixels.append(model.preprocess_frames(batch["frames"][i][mask]))
     inputs = collate(encoded)
