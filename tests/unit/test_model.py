@@ -437,26 +437,3 @@ def test_read_only_frames_preprocess_without_a_numpy_warning():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-
-
-def test_conv_stem_embeds_each_patch_through_stride_two_convolutions(tok):
-    """`vision_conv_stem`: log2(patch) stride-2 convolutions give the same (M, P, V) patch tokens
-    as the linear patch embedding, channels doubling up to the width; a patch size that is no
-    power of two is refused."""
-    from timeexpert.models.vision import PatchViT, conv_patch_embed
-
-    stem = conv_patch_embed(16, 64)
-    assert [m.out_channels for m in stem if isinstance(m, torch.nn.Conv2d)] == [8, 16, 32, 64]
-    with pytest.raises(ValueError, match="power-of-two patch_size"):
-        conv_patch_embed(12, 64)
-    torch.manual_seed(0)
-    vit = PatchViT(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=2,
-                   conv_stem=True)
-    assert vit(torch.randn(3, 3, 32, 32)).shape == (3, 16, 32)
-    cfg = tiny_config(tok, "topk", vision_conv_stem=True)
-    model = make(cfg)
-    assert isinstance(model.frame_encoder.patch_embed, torch.nn.Sequential)
-    assert make(tiny_config(tok, "topk")).frame_encoder.patch_embed.kernel_size == (8, 8)
-    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
-    assert model.encode_patches(pixels).shape == (2, (cfg.image_size // cfg.patch_size) ** 2,
-                                                  cfg.vision_width)

@@ -79,7 +79,6 @@ ARCHITECTURE_FIELDS = (
     "patch_size",
     "vision_width",
     "vision_num_layers",
-    "vision_conv_stem",
     "vision_num_heads",
     "tokens_per_frame",
     "compressor_num_heads",
@@ -124,8 +123,6 @@ class TimeExpertConfig(PretrainedConfig):
     vision_width: int = 64  # width V of the frame encoder's patch tokens
     vision_num_layers: int = 2  # ViT blocks
     vision_num_heads: int = 4  # ViT attention heads
-    vision_conv_stem: bool = False  # the ViT's patch embedding is a stack of stride-2 3x3
-    # convolutions (`vision.conv_patch_embed`) instead of one linear map of each patch
     image_mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # pixel normalisation
     image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
     tokens_per_frame: int = 8  # S: slot tokens each frame is compressed to
@@ -504,7 +501,6 @@ class TimeExpertForGrounding(PreTrainedModel):
                 width=config.vision_width,
                 num_layers=config.vision_num_layers,
                 num_heads=config.vision_num_heads,
-                conv_stem=config.vision_conv_stem,
             )
         self.compressor = SlotCompressor(
             width=config.vision_width,

@@ -73,39 +73,18 @@ def _as_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames)
 
 
-def conv_patch_embed(patch_size: int, width: int) -> nn.Sequential:
-    """log2(patch_size) 3x3 stride-2 convolutions, 3 -> ... -> width channels (doubling, the
-    last one `width`), GELU between: one `width` vector per patch_size x patch_size patch."""
-    n = patch_size.bit_length() - 1
-    if patch_size < 2 or 1 << n != patch_size:
-        raise ValueError(f"conv_stem needs a power-of-two patch_size, got {patch_size}")
-    channels = [3] + [max(width >> (n - 1 - i), 1) for i in range(n)]
-    layers: list[nn.Module] = []
-    for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
-        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1)]
-        if i < n - 1:
-            layers.append(nn.GELU())
-    return nn.Sequential(*layers)
-
-
 class PatchViT(nn.Module):
-    """A small ViT built from config: patch embedding, learned positions, pre-norm blocks.
-    `conv_stem`: the patch embedding is a stack of 3x3 stride-2 convolutions (channels doubling up
-    to `width`, GELU between) instead of one linear projection of each patch (Xiao et al. 2021,
-    "Early convolutions help transformers see better"): features that do not depend on where in
-    its patch an object lies."""
+    """A small ViT built from config: patch embedding, learned positions, pre-norm blocks."""
 
     def __init__(
-        self, *, image_size: int, patch_size: int, width: int, num_layers: int, num_heads: int,
-        conv_stem: bool = False,
+        self, *, image_size: int, patch_size: int, width: int, num_layers: int, num_heads: int
     ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(
                 f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})"
             )
-        self.patch_embed = (conv_patch_embed(patch_size, width) if conv_stem else
-                            nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size))
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
         num_patches = (image_size // patch_size) ** 2
         self.pos_PV = nn.Parameter(torch.randn(num_patches, width) * 0.02)
         self.blocks = nn.ModuleList(
