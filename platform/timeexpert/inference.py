@@ -85,8 +85,7 @@ class GroundingModel:
         candidates of `ground_captions`; None when it has none."""
         if not self.tokenizer.captions:
             return None
-        ids = [self.tokenizer.encode_text(c) for c in self.tokenizer.captions]
-        return pad_caption_ids(ids).to(self.device)
+        return pad_caption_ids(self.tokenizer.caption_ids).to(self.device)
 
     @classmethod
     def from_model(cls, model, tokenizer) -> "GroundingModel":
