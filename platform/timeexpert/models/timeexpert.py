@@ -677,9 +677,8 @@ class TimeExpertForGrounding(PreTrainedModel):
         position_ids (B, N): by default the count of real tokens before each one; pixel_values
         (M, 3, H, W), their vision-tower patches (M, P, V) (`encode_patches`: frames asked with
         several prompts need the tower once) or visual_embeds (M, S, D): the frames behind the
-        VISUAL tokens; labels (B, N):
-        targets (IGNORE_INDEX where none), each predicted from the previous position by its type's
-        head. Evidence tokens (config `evidence`): evidence_frames (B, K, T) the 0/1 frames of the
+        VISUAL tokens; labels (B, N): targets (IGNORE_INDEX where none), each predicted from the
+        previous position by its type's head. Evidence tokens (config `evidence`): evidence_frames (B, K, T) the 0/1 frames of the
         k-th event of each row (targets of L_gnd / L_cons, pooled into the k-th `<evi>` of each
         stage under teacher forcing); evidence_embeds (B, N, D) added to the inputs (generation's
         pooled salient frames). Frame relevance (config `frame_relevance`): frame_labels (B, T)
@@ -732,7 +731,7 @@ class TimeExpertForGrounding(PreTrainedModel):
 
     def _check_inputs(self, input_ids, token_types, attention_mask, past_key_values, pixel_values,
                       visual_embeds, frame_labels, frame_words, caption_ids,
-                      caption_frames, patches=None) -> None:
+                      caption_frames, patches) -> None:
         """ValueError naming what is wrong with the arguments of `forward`."""
         cfg = self.config
         if input_ids.shape != token_types.shape or input_ids.ndim != 2:
