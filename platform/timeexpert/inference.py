@@ -257,7 +257,8 @@ class GroundingModel:
         pass: for each (request, its pixels, text) the (T,) frame probabilities, None for a text
         too long to ask. The vision tower runs once per request: its visual tokens, or its
         patches where each prompt reads them with its own text (`patch_relevance`: the patch
-        score; `query_slots`: the slot compression)."""
+        score; `query_slots`: the slot compression). Frames given as (T, P, V) patches already
+        (`encode_patches`) are not encoded again."""
         cfg = self.model.config
         dev = self.device
         kind = "patches" if cfg.query_slots or cfg.patch_relevance else "visual_embeds"
@@ -273,8 +274,10 @@ class GroundingModel:
                 except ValueError:  # too long to ask
                     continue
                 if id(px) not in encoded:
-                    encoded[id(px)] = (self.model.encode_patches(px.to(dev)) if kind == "patches"
-                                       else self.model.encode_frames(px.to(dev)))
+                    px_dev = px.to(dev)
+                    patches = px_dev if px_dev.ndim == 3 else self.model.encode_patches(px_dev)
+                    encoded[id(px)] = (patches if kind == "patches"
+                                       else self.model.project_patches(patches))
                 prompts.append(prompt)
                 visual.append(encoded[id(px)])
                 where.append(i)
@@ -324,10 +327,11 @@ class GroundingModel:
         asks, chosen = [], []
         with torch.inference_mode():
             for r, px in zip(requests, pixels):
-                best_K = self.model.caption_scores(px.to(self.device), self.caption_ids).amax(-1)
+                patches = self.model.encode_patches(px.to(self.device))  # once: scored and asked
+                best_K = self.model.caption_scores(patches, self.caption_ids).amax(-1)
                 top = best_K.topk(M).indices.tolist()
                 chosen.append(top)
-                asks += [(r, px, captions[k]) for k in top]
+                asks += [(r, patches, captions[k]) for k in top]
         probs = iter(self.ask_frames(asks))
         for r, p, duration, cap, top in zip(requests, predictions, durations, caps, chosen):
             found = []

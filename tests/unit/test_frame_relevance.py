@@ -580,9 +580,10 @@ def test_dvc_grounds_the_training_captions_that_match_the_frames(tok, monkeypatc
     frames = np.random.default_rng(6).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     pixels = gm.model.preprocess_frames(frames)
     # the patch scores of the real model: (K, T), a caption scores alike alone or in the bank
-    scores_KT = gm.model.caption_scores(pixels, gm.caption_ids)
+    patches = gm.model.encode_patches(pixels)
+    scores_KT = gm.model.caption_scores(patches, gm.caption_ids)
     assert scores_KT.shape == (3, 4)
-    torch.testing.assert_close(gm.model.caption_scores(pixels, gm.caption_ids[1:2, :4])[0],
+    torch.testing.assert_close(gm.model.caption_scores(patches, gm.caption_ids[1:2, :4])[0],
                                scores_KT[1])
     with pytest.raises(ValueError, match="dvc_from_captions needs patch_relevance"):
         TimeExpertConfig(dvc_from_captions=True)
@@ -735,8 +736,16 @@ def test_dvc_by_grounding_captions_runs_through_the_real_model(tok):
                                                                                captions=captions))
     frames = np.random.default_rng(8).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     with torch.inference_mode():
-        best_K = gm.model.caption_scores(gm.model.preprocess_frames(frames), gm.caption_ids)
+        best_K = gm.model.caption_scores(
+            gm.model.encode_patches(gm.model.preprocess_frames(frames)), gm.caption_ids)
     candidates = {captions[k] for k in best_K.amax(-1).topk(3).indices.tolist()}
+    passes = []  # the vision tower: once for the answer's pass, once for all the captions
+    hook = gm.model.frame_encoder.register_forward_hook(lambda m, i, o: passes.append(len(o)))
+    try:
+        gm.predict_batch([PredictRequest(frames, np.array(TS), Task.DVC, duration=8.0)])
+    finally:
+        hook.remove()
+    assert passes == [4, 4]
     for cap in (8, 1):
         events = gm.predict_batch([PredictRequest(frames, np.array(TS), Task.DVC, duration=8.0,
                                                   max_events=cap)])[0].events
@@ -767,6 +776,16 @@ def test_asked_texts_share_one_vision_tower_pass_per_request(tok, option):
     finally:
         hook.remove()
     assert passes == [4, 4]  # one pass of each request's 4 frames
+    with torch.inference_mode():  # frames given as their patches are not encoded again
+        patches = [gm.model.encode_patches(px) for px in videos]
+    passes.clear()
+    hook = gm.model.frame_encoder.register_forward_hook(lambda m, i, o: passes.append(len(o)))
+    try:
+        again = gm.ask_frames([(r, patches[k // len(texts)], text)
+                               for k, (r, _, text) in enumerate(asks)])
+    finally:
+        hook.remove()
+    assert passes == [] and all(np.array_equal(a, b) for a, b in zip(again, probs))
     with torch.inference_mode():
         for (_, px, text), p_T in zip(asks, probs):
             alone = gm.model(**_prompts(tok, cfg, [text]), pixel_values=px).frame_logits[0]

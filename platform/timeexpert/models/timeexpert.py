@@ -603,13 +603,13 @@ class TimeExpertForGrounding(PreTrainedModel):
         return self.patch_score.embed_text(words_BKLD.view(B * K, L, -1),
                                            (ids_BKL >= 0).view(B * K, L)).view(B, K, -1)
 
-    def caption_scores(self, pixels_TCHW: torch.Tensor, ids_KL: torch.Tensor) -> torch.Tensor:
-        """One video's T frames against K captions (-1 padded ids) -> (K, T) patch scores: the
-        caption's best match among each frame's patches, no decoder pass (`patch_relevance`)."""
+    def caption_scores(self, patches_TPV: torch.Tensor, ids_KL: torch.Tensor) -> torch.Tensor:
+        """One video's T frames, as their vision-tower patches (`encode_patches`), against K
+        captions (-1 padded ids) -> (K, T) patch scores: the caption's best match among each
+        frame's patches, no decoder pass (`patch_relevance`)."""
         if self.patch_score is None:
             raise ValueError("caption_scores needs patch_relevance=True")
-        patches_1TPV = self.encode_patches(pixels_TCHW)[None]
-        return self.patch_score.captions(self.embed_captions(ids_KL[None]), patches_1TPV)[0]
+        return self.patch_score.captions(self.embed_captions(ids_KL[None]), patches_TPV[None])[0]
 
     def slot_shift(self, input_ids_BN: torch.Tensor, types_BN: torch.Tensor) -> torch.Tensor | None:
         """(M, V) per frame of the batch (rows in order, `tokens_per_frame` VISUAL tokens a
