@@ -57,42 +57,56 @@ def run_metrics(cfg, stages, splits: list[str], parent_run_id: str) -> dict[str,
     return out
 
 
-def run_grid(base, grid, variants: list[str], seeds: list[int], stages, splits: list[str]
-             ) -> GridResult:
+def run_grid(base, grid, variants: list[str], seeds: list[int], stages, splits: list[str],
+             partial: str = "") -> GridResult:
+    """Seed by seed, every variant: a grid cut short still holds complete seeds (each run's
+    metrics are appended to `partial`, a JSON-lines file, as it finishes)."""
     uri, experiment = base.tracking_uri, f"ablation-{grid.name}"
-    result = GridResult(grid=grid, runs={},
+    result = GridResult(grid=grid, runs={v: {} for v in variants},
                         split_videos={s: split_videos(base.data_root, s) for s in splits})
-    for variant in variants:
-        tags = {"grid": grid.name, "variant": variant, "preset": base.preset}
-        parent = tracking.create_run(uri, experiment, variant, tags=tags) if uri else ""
-        result.runs[variant] = {}
+    tags = {v: {"grid": grid.name, "variant": v, "preset": base.preset} for v in variants}
+    parents = {v: tracking.create_run(uri, experiment, v, tags=tags[v]) if uri else ""
+               for v in variants}
+    status = "FAILED"
+    try:
         for seed in seeds:
-            cfg = variant_config(base, grid, variant, seed).replace(experiment=experiment)
-            print(f"=== {grid.name}: {variant}, seed {seed}", flush=True)
-            t0 = time.perf_counter()
-            child = (tracking.create_run(uri, experiment, f"{variant}-seed{seed}", parent_id=parent,
-                                         tags={**tags, "seed": str(seed)}) if uri else "")
-            try:
-                metrics = run_metrics(cfg, stages, splits, child)
-            except BaseException:
+            for variant in variants:
+                cfg = variant_config(base, grid, variant, seed).replace(experiment=experiment)
+                print(f"=== {grid.name}: {variant}, seed {seed}", flush=True)
+                t0 = time.perf_counter()
+                child = (tracking.create_run(uri, experiment, f"{variant}-seed{seed}",
+                                             parent_id=parents[variant],
+                                             tags={**tags[variant], "seed": str(seed)})
+                         if uri else "")
+                try:
+                    metrics = run_metrics(cfg, stages, splits, child)
+                except BaseException:
+                    if uri:
+                        tracking.end_run(uri, child, "FAILED")
+                    raise
+                result.runs[variant][seed] = metrics
                 if uri:
-                    tracking.end_run(uri, child, "FAILED")
-                    tracking.end_run(uri, parent, "FAILED")
-                raise
-            result.runs[variant][seed] = metrics
-            if uri:
-                tracking.log_metrics(uri, child, {f"{split}/{k}": v for split, m in metrics.items()
-                                                  for k, v in m.items()})
-                tracking.end_run(uri, child)
-            print(f"    {time.perf_counter() - t0:.0f} s: " + ", ".join(
-                f"{split} {label} {metrics[split][key]:.2f}" for split in splits
-                for label, key in METRICS[:1] if key in metrics[split]), flush=True)
+                    tracking.log_metrics(uri, child, {f"{split}/{k}": v
+                                                      for split, m in metrics.items()
+                                                      for k, v in m.items()})
+                    tracking.end_run(uri, child)
+                if partial:
+                    with open(partial, "a") as f:
+                        f.write(json.dumps({"variant": variant, "seed": seed,
+                                            "metrics": metrics}) + "\n")
+                print(f"    {time.perf_counter() - t0:.0f} s: " + ", ".join(
+                    f"{split} {label} {metrics[split][key]:.2f}" for split in splits
+                    for label, key in METRICS[:1] if key in metrics[split]), flush=True)
+        status = "FINISHED"
+    finally:
         if uri:
-            tracking.log_metrics(uri, parent, {
-                f"{split}/{key}/{stat}": value for split in splits
-                for key, stats in result.summary(split)[variant].items()
-                for stat, value in stats.items()})
-            tracking.end_run(uri, parent)
+            for variant, parent in parents.items():
+                if result.runs[variant]:
+                    tracking.log_metrics(uri, parent, {
+                        f"{split}/{key}/{stat}": value for split in splits
+                        for key, stats in result.summary(split)[variant].items()
+                        for stat, value in stats.items()})
+                tracking.end_run(uri, parent, status)
     return result
 
 
@@ -133,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-split", default="val", help="split that chooses ('' = none)")
     p.add_argument("--test-split", default="test", help="split that reports")
     p.add_argument("--out", default="", help="also write the markdown report here")
+    p.add_argument("--partial", default="", help="append each run's metrics here as it ends "
+                                                 "(JSON lines)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     try:
@@ -152,7 +168,8 @@ def main(argv=None) -> int:
     _common.prepare_data(args)
     _common.connect_ray(args.num_cpus)
     t0 = time.perf_counter()
-    result = run_grid(base, grid, variants, list(range(args.seeds)), stages, splits)
+    result = run_grid(base, grid, variants, list(range(args.seeds)), stages, splits,
+                      args.partial)
     minutes = (time.perf_counter() - t0) / 60
     header = (f"## Grid `{grid.name}` on `{args.preset}` ({grid.source}), {args.seeds} seeds, "
               f"stages {stages}, {base.num_steps} steps, {minutes:.0f} min")
