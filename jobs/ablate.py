@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -28,7 +29,8 @@ import time
 import _common  # (sys.path and environment defaults, before the imports below)
 
 from timeexpert import storage, tracking
-from timeexpert.ablation import METRICS, GridResult, comparison_plot, get_grid, markdown_table, variant_config
+from timeexpert.ablation import (METRICS, PRIMARY, GridResult, comparison_plot, get_grid,
+                                 markdown_table, record_scores, variant_config)
 from timeexpert.data import formats
 from timeexpert.presets import get_preset
 from timeexpert.train.stages import evaluate_checkpoint, run_pipeline
@@ -42,19 +44,28 @@ def split_videos(data_root: str, split: str) -> int:
     return len({r.video for r in records})
 
 
-def run_metrics(cfg, stages, splits: list[str], parent_run_id: str) -> dict[str, dict[str, float]]:
-    """Train one (variant, seed), score every split whole: split -> metric -> value."""
+def run_metrics(cfg, stages, splits: list[str], parent_run_id: str) -> tuple[dict, dict]:
+    """Train one (variant, seed), score every split whole: (split -> metric -> value, split ->
+    record id -> (video, MR R1@0.5 of that record) for the bootstrap over videos)."""
     result = run_pipeline(cfg, stages=stages, parent_run_id=parent_run_id)
     last = result.stages[max(result.stages)]
     train = last.train_metrics
     own = {"train/experts_per_token": float(train.get("experts/mean_active", 1.0)),
            "train/seconds_per_step": train["time_total/loop"] / max(train["time_total/steps"], 1.0)}
-    out = {}
+    out, scores = {}, {}
     for split in splits:
+        kept: dict = {}
         metrics = evaluate_checkpoint(result.checkpoint_uri, cfg, split=split,
-                                      max_records=ALL_RECORDS)
+                                      max_records=ALL_RECORDS, keep=kept)
         out[split] = {**metrics, **own}
-    return out
+        per_record = record_scores(kept["records"], kept["predictions"])
+        mean = sum(v for _, v in per_record.values()) / max(len(per_record), 1)
+        if per_record and abs(mean - metrics.get(PRIMARY, math.nan)) < 1e-6:
+            scores[split] = per_record
+        else:  # not a per-record mean on this split: no bootstrap rather than a wrong one
+            print(f"    {split}: per-record {PRIMARY} averages {mean:.4f}, the split's is "
+                  f"{metrics.get(PRIMARY)}: no bootstrap interval", flush=True)
+    return out, scores
 
 
 def run_grid(base, grid, variants: list[str], seeds: list[int], stages, splits: list[str],
@@ -79,12 +90,13 @@ def run_grid(base, grid, variants: list[str], seeds: list[int], stages, splits: 
                                              tags={**tags[variant], "seed": str(seed)})
                          if uri else "")
                 try:
-                    metrics = run_metrics(cfg, stages, splits, child)
+                    metrics, scores = run_metrics(cfg, stages, splits, child)
                 except BaseException:
                     if uri:
                         tracking.end_run(uri, child, "FAILED")
                     raise
                 result.runs[variant][seed] = metrics
+                result.scores.setdefault(variant, {})[seed] = scores
                 if uri:
                     tracking.log_metrics(uri, child, {f"{split}/{k}": v
                                                       for split, m in metrics.items()
@@ -93,7 +105,7 @@ def run_grid(base, grid, variants: list[str], seeds: list[int], stages, splits: 
                 if partial:
                     with open(partial, "a") as f:
                         f.write(json.dumps({"variant": variant, "seed": seed,
-                                            "metrics": metrics}) + "\n")
+                                            "metrics": metrics, "scores": scores}) + "\n")
                 print(f"    {time.perf_counter() - t0:.0f} s: " + ", ".join(
                     f"{split} {label} {metrics[split][key]:.2f}" for split in splits
                     for label, key in METRICS[:1] if key in metrics[split]), flush=True)
@@ -107,6 +119,20 @@ def run_grid(base, grid, variants: list[str], seeds: list[int], stages, splits: 
                         for key, stats in result.summary(split)[variant].items()
                         for stat, value in stats.items()})
                 tracking.end_run(uri, parent, status)
+    return result
+
+
+def read_partial(path: str, grid, data_root: str, splits: list[str]) -> GridResult:
+    """The GridResult of the runs `run_grid` appended to `path`."""
+    result = GridResult(grid=grid, runs={},
+                        split_videos={s: split_videos(data_root, s) for s in splits})
+    with open(path) as f:
+        for line in f:
+            run = json.loads(line)
+            result.runs.setdefault(run["variant"], {})[run["seed"]] = run["metrics"]
+            result.scores.setdefault(run["variant"], {})[run["seed"]] = {
+                split: {rid: tuple(vs) for rid, vs in by_id.items()}
+                for split, by_id in run["scores"].items()}
     return result
 
 
@@ -149,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="also write the markdown report here")
     p.add_argument("--partial", default="", help="append each run's metrics here as it ends "
                                                  "(JSON lines)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the report of the runs recorded in --partial")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     try:
@@ -165,11 +193,16 @@ def main(argv=None) -> int:
     splits = [s for s in (args.val_split, args.test_split) if s]
     # no stage's own sample evaluation: every run is scored on whole splits afterwards
     base = _common.train_config(args, eval_max_records=0)
-    _common.prepare_data(args)
-    _common.connect_ray(args.num_cpus)
     t0 = time.perf_counter()
-    result = run_grid(base, grid, variants, list(range(args.seeds)), stages, splits,
-                      args.partial)
+    if args.report_only:
+        if not args.partial:
+            raise SystemExit("--report-only reads the runs of --partial FILE")
+        result = read_partial(args.partial, grid, base.data_root, splits)
+    else:
+        _common.prepare_data(args)
+        _common.connect_ray(args.num_cpus)
+        result = run_grid(base, grid, variants, list(range(args.seeds)), stages, splits,
+                          args.partial)
     minutes = (time.perf_counter() - t0) / 60
     header = (f"## Grid `{grid.name}` on `{args.preset}` ({grid.source}), {args.seeds} seeds, "
               f"stages {stages}, {base.num_steps} steps, {minutes:.0f} min")

@@ -6,7 +6,9 @@ trains once per seed; a seed sets the model's initialisation and the data order
 (`TrainConfig.seed`), so the variants of one seed see the same batches and their differences can
 be paired. Each run is scored on whole splits (validation to choose, test to report); a
 variant's difference to the reference is the mean of its per-seed differences with a 95%
-Student-t interval over the seeds. The verdict compares that interval with the paper's direction.
+Student-t interval over the seeds; beside it, the difference on MR R1@0.5 with a bootstrap
+interval over the test videos (the split's sampling noise). The verdict compares the seed
+interval with the paper's direction.
 
     grid = get_grid("timeexpert")
     cfg = variant_config(base_cfg, grid, "dense", seed=1)
@@ -20,6 +22,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from timeexpert.eval.evaluate import evaluate_predictions
 from timeexpert.train.config import TrainConfig
 
 REPRODUCED, REVERSED, NOISE, NO_CLAIM = "reproduced", "reversed", "within noise", "-"
@@ -171,6 +174,47 @@ def verdict(difference: Mapping[str, float], paper_sign: int) -> str:
     return REPRODUCED if (low > 0) == (paper_sign > 0) else REVERSED
 
 
+def record_scores(records, predictions, key: str = PRIMARY) -> dict[str, tuple[str, float]]:
+    """Per record of the metric's task: (its video, the metric on that record alone), scored by
+    the official scorer one record at a time. For a per-query mean such as MR R1@0.5 their mean
+    over the records is the split's figure (`bootstrap_difference` checks it)."""
+    task, metric = key.split("/", 1)
+    chosen = [r for r in records if r.task.value == task]
+    return {r.id: (r.video, float(evaluate_predictions([r], predictions, r.task)[metric]))
+            for r in chosen}
+
+
+def bootstrap_difference(variant: Mapping[int, Mapping[str, tuple[str, float]]],
+                         reference: Mapping[int, Mapping[str, tuple[str, float]]],
+                         *, samples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """(variant - reference) on the metric's mean over the test videos, averaged over the shared
+    seeds, with a 95% percentile interval from resampling the test videos (paired: both runs of a
+    seed scored on the same resampled videos). It holds the test split's sampling noise, not the
+    seeds': with few seeds, read it beside the seed interval."""
+    import numpy as np
+
+    seeds = sorted(set(variant) & set(reference))
+    if not seeds:
+        return {"diff": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    ids = sorted(set.intersection(*(set(variant[s]) & set(reference[s]) for s in seeds)))
+    videos = sorted({reference[seeds[0]][i][0] for i in ids})
+    index = {v: k for k, v in enumerate(videos)}
+    # per seed, per video: the sum of (variant - reference) over its records, and its records
+    diff_SV = np.zeros((len(seeds), len(videos)))
+    count_V = np.zeros(len(videos))
+    for i in ids:
+        count_V[index[reference[seeds[0]][i][0]]] += 1
+        for k, s in enumerate(seeds):
+            diff_SV[k, index[variant[s][i][0]]] += variant[s][i][1] - reference[s][i][1]
+    rng = np.random.default_rng(seed)
+    draws_BV = rng.integers(0, len(videos), size=(samples, len(videos)))
+    # a replicate's difference: sum over drawn videos / records drawn, mean over seeds
+    means_B = diff_SV.sum(0)[draws_BV].sum(1) / len(seeds) / count_V[draws_BV].sum(1)
+    low, high = np.percentile(means_B, [2.5, 97.5])
+    return {"diff": float(diff_SV.sum() / len(seeds) / count_V.sum()), "low": float(low),
+            "high": float(high), "n": len(videos)}
+
+
 @dataclass
 class GridResult:
     """Per variant, per seed, per split: the metrics of each run; and what the tables say."""
@@ -178,6 +222,19 @@ class GridResult:
     grid: Grid
     runs: dict[str, dict[int, dict[str, dict[str, float]]]]  # variant -> seed -> split -> metrics
     split_videos: dict[str, int] = field(default_factory=dict)  # split -> videos scored
+    # variant -> seed -> split -> record id -> (video, PRIMARY on that record): the bootstrap's
+    scores: dict[str, dict[int, dict[str, dict[str, tuple[str, float]]]]] = field(
+        default_factory=dict)
+
+    def bootstrap(self, split: str) -> dict[str, dict[str, float]]:
+        """Per variant: `bootstrap_difference` of PRIMARY to the reference on `split`."""
+        ref = self.grid.reference
+        by_seed = {v: {s: d[split] for s, d in seeds.items() if split in d}
+                   for v, seeds in self.scores.items()}
+        if not by_seed.get(ref):
+            return {}
+        return {v: bootstrap_difference(scores, by_seed[ref])
+                for v, scores in by_seed.items() if v != ref and scores}
 
     def values(self, variant: str, split: str, key: str) -> dict[int, float]:
         return {seed: by_split[split][key] for seed, by_split in self.runs[variant].items()
@@ -211,6 +268,7 @@ class GridResult:
         return {"grid": self.grid.name, "split": split, "reference": self.grid.reference,
                 "videos": self.split_videos, "variants": self.summary(split),
                 "differences": self.differences(split), "verdicts": self.verdicts(split),
+                "bootstrap": self.bootstrap(split),
                 "chosen_on_val": self.chosen("val") if self._has("val") else None}
 
     def _has(self, split: str) -> bool:
@@ -232,17 +290,20 @@ def markdown_table(result: GridResult, split: str) -> str:
     claim."""
     summary, diffs, verdicts = (result.summary(split), result.differences(split),
                                 result.verdicts(split))
+    boot = result.bootstrap(split)
     columns = [(label, key) for label, key in METRICS
                if any(key in s for s in summary.values())]
     lines = ["| variant | seeds | " + " | ".join(label for label, _ in columns)
-             + " | verdict (MR R1@0.5) | paper |",
-             "|---" * (len(columns) + 4) + "|"]
+             + " | MR R1@0.5 diff, bootstrap over videos | verdict (MR R1@0.5) | paper |",
+             "|---" * (len(columns) + 5) + "|"]
     for variant in result.runs:
         stats = summary[variant]
         cells = [_cell(stats[key], diffs.get(variant, {}).get(key)) if key in stats else "-"
                  for _, key in columns]
         seeds = max((s["n"] for s in stats.values()), default=0)
-        lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + f" | "
+        b = boot.get(variant)
+        b_cell = "-" if b is None else f"{b['diff']:+.2f} [{b['low']:+.2f}, {b['high']:+.2f}]"
+        lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + f" | {b_cell} | "
                      f"{verdicts.get(variant, NO_CLAIM)} | {result.grid.variant(variant).claim} |")
     return "\n".join(lines)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 
 import pytest
 
-from timeexpert.ablation import (GRIDS, NOISE, REPRODUCED, REVERSED, GridResult, get_grid,
+from timeexpert.ablation import (GRIDS, NOISE, REPRODUCED, REVERSED, GridResult, bootstrap_difference,
+                                 get_grid,
                                  markdown_table, paired_difference, variant_config, verdict)
 from timeexpert.models.tokenizer import GroundingTokenizer
 from timeexpert.train.config import TrainConfig
@@ -67,3 +70,36 @@ def test_table_shows_mean_std_and_the_paired_interval():
     table = markdown_table(result, "test")
     assert "| dense | 2 | 44.50 ± 6.36 (-10.50 [" in table and "| reproduced |" in table
     assert result.chosen("test") == "full"
+
+
+def test_bootstrap_difference_resamples_videos_paired_across_runs():
+    # 40 videos of 2 records; the variant misses one record of each of the first 20 videos
+    ref = {f"r{v}-{k}": (f"v{v}", 100.0) for v in range(40) for k in range(2)}
+    var = {rid: (video, 0.0 if int(video[1:]) < 20 and rid.endswith("-0") else 100.0)
+           for rid, (video, _) in ref.items()}
+    b = bootstrap_difference({0: var}, {0: ref}, samples=500)
+    assert b["diff"] == pytest.approx(-25.0) and b["n"] == 40
+    assert b["low"] < -25.0 < b["high"] < 0
+    same = bootstrap_difference({0: ref, 1: ref}, {0: ref, 1: ref}, samples=100)
+    assert (same["diff"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    assert math.isnan(bootstrap_difference({1: var}, {0: ref})["diff"])
+
+
+def test_a_grid_cut_short_is_reported_from_its_partial_file(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[2] / "jobs"))
+    import ablate
+
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "test.jsonl").write_text("")
+    lines = []
+    for seed, (full, dense) in enumerate([(60.0, 50.0), (70.0, 55.0)]):
+        for variant, value in (("full", full), ("dense", dense)):
+            scores = {"test": {f"r{i}": [f"v{i}", value] for i in range(3)}}
+            lines.append(json.dumps({"variant": variant, "seed": seed, "scores": scores,
+                                     "metrics": {"test": {"mr/R1@0.5": value}}}))
+    (tmp_path / "partial.jsonl").write_text("\n".join(lines) + "\n")
+    result = ablate.read_partial(str(tmp_path / "partial.jsonl"), get_grid("timeexpert"),
+                                 str(tmp_path), ["test"])
+    assert result.summary("test")["dense"]["mr/R1@0.5"]["mean"] == 52.5
+    assert result.bootstrap("test")["dense"]["diff"] == pytest.approx(-12.5)
+    assert "| dense | 2 | 52.50 ± 3.54 (-12.50 [" in ablate.report(result, ["test"], "## grid")
