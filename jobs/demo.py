@@ -81,7 +81,7 @@ REGISTERED_MODEL = "timeexpert-demo"
 
 # The benchmark trained on when --train-size is not given: small's test split is scored after
 # training on medium (the same generator and seed, so the same scenes and five times the training
-# videos: rendering it costs about 3 min and buys a model that finds events, README).
+# videos: rendering it costs about 3 min and buys a model that finds events, docs/experiments.md).
 DEFAULT_TRAIN_SIZE = {"small": "medium"}
 
 # Share of the step budget per stage.
