@@ -17,13 +17,23 @@ import shutil
 
 import httpx
 import pytest
+from ray import serve
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from test_serve_support import build_checkpoint, free_port, make_videos, start_serve, stop_serve, wait_until
+from serve_apps.grounding import app
+from test_serve_support import (
+    build_checkpoint,
+    free_port,
+    make_videos,
+    start_serve,
+    stop_serve,
+    wait_until,
+)
+from timeexpert.serve.settings import ServiceConfig
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +49,6 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
 def service(tmp_path_factory):
     """The app on a local Serve (a tiny checkpoint answering as the demo's model does, from a
     folder; two rendered mp4s under the allowed root; a bearer token): yields (base_url, videos)."""
-    from ray import serve
-
-    from serve_apps.grounding import app
-    from timeexpert.serve.settings import ServiceConfig
-
     tmp = tmp_path_factory.mktemp("page")
     # seed 1 reads windows of a few seconds off these videos' frames (not the whole video)
     ckpt = build_checkpoint(str(tmp / "ckpt"), seed=1, read_off_frames=True)

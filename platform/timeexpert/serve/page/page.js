@@ -136,7 +136,13 @@ async function show(source) {
   const key = source.file || source.uri;
   if (page.playing === key) return;
   page.playing = key;
-  const blob = source.file || await (await api(`v1/videos/content?uri=${encodeURIComponent(source.uri)}`)).blob();
+  let blob = source.file;
+  try {
+    blob = blob || await (await api(`v1/videos/content?uri=${encodeURIComponent(source.uri)}`)).blob();
+  } catch (err) {
+    page.playing = null;  // try again on the next ask
+    throw err;
+  }
   if (page.blobUrl) URL.revokeObjectURL(page.blobUrl);
   page.blobUrl = URL.createObjectURL(blob);
   $("player").src = page.blobUrl;
