@@ -15,11 +15,12 @@
 Request flow: validate (pydantic, then the config limits in `inputs`) -> VideoDecoder deployment
 (allowed URI or upload -> frames at the model's size) -> GroundingModel deployment (batched) ->
 response model. The web page (`page/`: static HTML and JavaScript, no build step) calls the same
-/v1/ endpoints as any client, with the bearer token the user types. The ingress keeps the decoder's responses of recent decodes (by content version
-and sampling): a repeated video skips the decoder and its frames go from the object store
-straight to the model replica. Every error body is `ErrorResponse` JSON: client mistakes
-are 4xx saying what was wrong; anything else is a 5xx carrying the request id (Serve's, also the
-`X-Request-ID` header of every response) and logged with it.
+/v1/ endpoints as any client, with the bearer token the user types. The ingress keeps the
+decoder's responses of recent decodes (by content version and sampling): a repeated video skips
+the decoder and its frames go from the object store straight to the model replica. Every error
+body is `ErrorResponse` JSON: client mistakes are 4xx saying what was wrong; anything else is a
+5xx carrying the request id (Serve's, also the `X-Request-ID` header of every response) and logged
+with it.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the routes' parameter types (Request,

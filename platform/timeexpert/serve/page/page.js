@@ -98,6 +98,7 @@ async function loadVideoList() {
   const empty = listing.videos.length ? "choose a video" : "none under the allowed roots";
   select.replaceChildren(new Option(empty, ""), ...listing.videos.map((v) => new Option(v.name, v.uri)));
   if (listing.truncated) select.append(new Option("(more not listed: give a path to the API)", ""));
+  if (page.source && page.source.uri) select.value = page.source.uri;  // kept across a reload
 }
 
 async function loadService() {
