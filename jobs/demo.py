@@ -327,6 +327,7 @@ def run(args, stack: dict | None) -> int:
     else:
         print(f"  MLflow UI:   {tracking_uri} (artifacts in s3://, proxied by the server)")
     print(f"  logs:        {log_file}; Ray's workers: {_ray_logs()}")
+    print("  web page:    serve run serve_apps/config.yaml, then open http://127.0.0.1:8000/")
     if missed:
         print(f"  targets missed: {', '.join(missed)}")
     if args.json:
