@@ -148,7 +148,9 @@ def test_ablation_grid_with_seeds(stack):
     out = _submit(stack, "jobs/ablate.py", *_job_args(stack, name), "--grid", "timeexpert",
                   "--only", "full,dense", "--seeds", "2", "--stages", "2", "--steps", "2",
                   "--workers", "1", "--json")
-    result = json.loads(out.strip().splitlines()[-1])
+    # the runner's last line, before `ray job submit`'s own closing lines
+    result = json.loads(next(line for line in reversed(out.splitlines())
+                             if line.startswith('{"grid"')))
     assert result["grid"] == "timeexpert" and set(result["variants"]) == {"full", "dense"}
     for variant, metrics in result["variants"].items():
         for key in ("mr/R1@0.5", "mr/mIoU", "vhd/HL-min-VeryGood-Hit1", "dvc/F1", "gqa/Acc@QA",
