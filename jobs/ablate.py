@@ -1,4 +1,4 @@
-"""The TimeExpert ablation grid on the synthetic benchmark -> one markdown table + MLflow runs.
+r"""The TimeExpert ablation grid on the synthetic benchmark -> one markdown table + MLflow runs.
 
     python jobs/ablate.py --preset tiny_cpu --synthetic tiny --data-root .cache/data/tiny \
         [--stages 2,3] [--only dense,full] [--out ablation.md]

@@ -1,0 +1,128 @@
+"""What the jobs tell a person at the command line: an evaluation without its videos stops and
+says where it looked, a conversion names each malformed row by file and line, and `--help`
+keeps its examples on their lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+from timeexpert.data import formats
+from timeexpert.eval.evaluate import MissingVideosError, check_videos
+from timeexpert.events import Event, Record, Task
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+JOBS = ROOT / "jobs"
+
+
+def _job(name: str):
+    """jobs/NAME.py as a module (its _common import needs jobs/ on the path)."""
+    if str(JOBS) not in sys.path:
+        sys.path.insert(0, str(JOBS))
+    spec = importlib.util.spec_from_file_location(f"job_{name}", JOBS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dataset(root: pathlib.Path, videos_present: bool) -> pathlib.Path:
+    """ROOT/manifests/test.jsonl of two MR records on two videos, ROOT/videos/ holding them or not."""
+    records = [Record(id=f"q{i}", video=f"videos/v{i}.mp4", duration=20.0, task=Task.MR,
+                      query="the red square grows", events=[Event(2.0, 6.0)], split="test")
+               for i in range(2)]
+    manifest = root / "manifests" / "test.jsonl"
+    formats.write_manifest(records, str(manifest))
+    if videos_present:
+        (root / "videos").mkdir()
+        for i in range(2):
+            (root / "videos" / f"v{i}.mp4").write_bytes(b"")
+    return manifest
+
+
+def test_the_dataset_root_of_a_manifest_is_the_folder_above_manifests():
+    assert formats.dataset_root(".cache/demo/data/small/manifests/test.jsonl") == ".cache/demo/data/small"
+    assert formats.dataset_root("s3://b/data/x/manifests/val.jsonl") == "s3://b/data/x"
+    assert formats.dataset_root("elsewhere/test.jsonl") == "elsewhere"
+
+
+def test_check_videos_names_the_missing_videos_and_the_root(tmp_path):
+    manifest = _dataset(tmp_path, videos_present=False)
+    records = formats.read_manifest(str(manifest))
+    with pytest.raises(MissingVideosError) as err:
+        check_videos(records, str(tmp_path / "manifests"))
+    assert err.value.missing[0] == str(tmp_path / "manifests" / "videos" / "v0.mp4")
+    assert err.value.num_videos == 2 and "2 of 2 videos" in str(err.value)
+    (tmp_path / "videos").mkdir()
+    for i in range(2):
+        (tmp_path / "videos" / f"v{i}.mp4").write_bytes(b"")
+    check_videos(records, str(tmp_path))  # the dataset root holds them
+
+
+def test_evaluate_stops_when_videos_are_missing_and_says_how_to_fix_it(tmp_path, capsys):
+    manifest = _dataset(tmp_path / "data", videos_present=False)
+    code = _job("evaluate").main(["--checkpoint", str(tmp_path / "no-ckpt"), "--manifest",
+                                  str(manifest), "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(tmp_path / "data" / "videos" / "v0.mp4") in err  # the first missing path
+    assert repr(str(tmp_path / "data")) in err  # the root it looked under: the dataset root
+    assert "--root" in err and "--allow-missing" in err
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_evaluate_finds_the_videos_under_the_default_root(tmp_path, capsys):
+    """With the videos in place the job gets past the check (and stops at the absent checkpoint)."""
+    manifest = _dataset(tmp_path / "data", videos_present=True)
+    code = _job("evaluate").main(["--checkpoint", str(tmp_path / "no-ckpt"), "--manifest",
+                                  str(manifest), "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot read the checkpoint" in err and "not under the root" not in err
+
+
+CHARADES = """3MSZA 24.3 30.4##person turn a light on.
+3MSZA 1.0 2.0 person opens a door
+3MSZA zero 5.0##a person opens a door.
+3MSZA 9.0 3.0##a person sits.
+3MSZA 20 40##a person leaves.
+3MSZA 2 3##
+XXXXX 1 2##a person eats.
+"""
+
+
+def test_convert_names_each_malformed_row_by_file_and_line(tmp_path, capsys):
+    (tmp_path / "sta.txt").write_text(CHARADES)
+    (tmp_path / "durations.json").write_text(json.dumps({"3MSZA": 31.0}))
+    out = tmp_path / "root" / "manifests" / "train.jsonl"
+    _job("prepare_data").main(["--convert", "charades_sta", "--input", str(tmp_path / "sta.txt"),
+                               "--durations", str(tmp_path / "durations.json"), "--out", str(out)])
+    captured = capsys.readouterr()
+    where = str(tmp_path / "sta.txt")
+    lines = captured.err.splitlines()
+    assert lines == [
+        f"{where}:2: expected 'VID START END##QUERY', got '3MSZA 1.0 2.0 person opens a door'",
+        f"{where}:3: start 'zero' is not a number of seconds",
+        f"{where}:4: event needs 0 <= start <= end, got start=9.0 end=3.0",
+        f"{where}:5: end 40 s is past the video's duration 31 s: clamped to 31 s",
+        f"{where}:6: empty query (task mr needs one)",
+        f"{where}:7: unknown video 'XXXXX': no duration given for it",
+    ]
+    assert "Traceback" not in captured.err
+    assert "7 rows read, 2 written" in captured.out and "5 refused, 1 clamped" in captured.out
+    written = formats.read_manifest(str(out))
+    assert [(r.query, r.events[0].end) for r in written] == [("person turn a light on.", 30.4),
+                                                            ("a person leaves.", 31.0)]
+
+
+def test_a_json_format_names_the_video_of_a_malformed_row():
+    problems: list[formats.RowProblem] = []
+    text = json.dumps({"v1": {"duration": 10, "timestamps": [[1, "x"]], "sentences": ["a"]},
+                       "v2": {"duration": 10, "timestamps": [[1, 2]], "sentences": ["b"]}})
+    records = formats.parse_activitynet(text, problems=problems)
+    assert [r.id for r in records] == ["v2"]
+    assert problems == [formats.RowProblem("video 'v1'", "end 'x' is not a number of seconds")]
+    with pytest.raises(ValueError, match="ActivityNet video 'v1': end 'x'"):
+        formats.parse_activitynet(text)
