@@ -126,3 +126,33 @@ def test_a_json_format_names_the_video_of_a_malformed_row():
     assert problems == [formats.RowProblem("video 'v1'", "end 'x' is not a number of seconds")]
     with pytest.raises(ValueError, match="ActivityNet video 'v1': end 'x'"):
         formats.parse_activitynet(text)
+
+
+def test_the_demo_keeps_its_table_in_its_log_mlflow_run_and_model_version(tmp_path, caplog):
+    import logging
+
+    import mlflow
+
+    demo = _job("demo")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("demo-test", artifact_location=str(tmp_path / "art")))
+    client.create_registered_model(demo.REGISTERED_MODEL)
+    version = client.create_model_version(demo.REGISTERED_MODEL, source=str(tmp_path / "ckpt"),
+                                          run_id=run.info.run_id).version
+    metrics = {"mr/R1@0.5": 61.25, "mr/num_records": 80.0, "mr/distinct_windows": 62.5}
+    baselines = {"mr/mean_interval": {"R1@0.5": 15.0}, "mr/random_interval": {"R1@0.5": 10.0}}
+    missed, table, text = demo.print_table(metrics, baselines)
+    assert "MR R1@0.5" in text and table["mr_ratio"] == pytest.approx(61.25 / 15.0, abs=1e-3)
+    with caplog.at_level(logging.INFO, logger="demo"):
+        demo.keep_table(text, table, metrics, uri, run.info.run_id, version)
+    assert text in caplog.text  # the demo logger's records go to demo.log (_console.driver_logging)
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["test/mr/R1_0.5"] == 61.25 and logged["table/mr_ratio"] == table["mr_ratio"]
+    assert logged["table/distinct_windows"] == 0.625
+    artifact = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="demo_table.txt",
+                                                   tracking_uri=uri, dst_path=str(tmp_path / "dl"))
+    assert pathlib.Path(artifact).read_text() == text + "\n"
+    model_version = client.get_model_version(demo.REGISTERED_MODEL, version)
+    assert text in model_version.description
+    assert model_version.tags["mr_ratio"] == str(table["mr_ratio"])
