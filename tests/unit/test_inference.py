@@ -94,6 +94,20 @@ def test_every_event_generated_for_each_task_lies_in_the_video_with_a_score(tok,
         assert torch.equal(v, stats[k]), k
 
 
+def test_a_query_with_words_the_tokenizer_does_not_know_gets_a_warning(tok):
+    gm = GroundingModel.from_model(tiny_model(tok, "topk", max_caption_tokens=4), tok)
+    frames, ts = video()
+    known = gm.predict(frames, ts, Task.MR, "the cat", duration=16.0)
+    assert known.unknown_words == [] and known.warning is None
+    unknown = gm.predict(frames, ts, Task.MR, "The Dog barks at the cat", duration=16.0)
+    assert unknown.unknown_words == ["dog", "barks"]
+    assert unknown.warning == ("the model's vocabulary lacks 'dog', 'barks': it never learnt "
+                               "these words, so this answer is unreliable")
+    asked = gm.predict(frames, ts, Task.GQA, "what jumps?", duration=16.0,
+                       options=["the cat", "a zebra"])  # the options are read too
+    assert asked.unknown_words == ["what", "zebra"]
+
+
 class ConstantHead(torch.nn.Module):
     def __init__(self, logits_V: torch.Tensor) -> None:
         super().__init__()
