@@ -4,9 +4,12 @@ keeps its examples on their lines."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import json
 import pathlib
+import re
 import sys
 
 import pytest
@@ -156,3 +159,102 @@ def test_the_demo_keeps_its_table_in_its_log_mlflow_run_and_model_version(tmp_pa
     model_version = client.get_model_version(demo.REGISTERED_MODEL, version)
     assert text in model_version.description
     assert model_version.tags["mr_ratio"] == str(table["mr_ratio"])
+
+
+# --- the README's and --help's examples ----------------------------------------------------
+
+COMMAND = re.compile(r"(?:python\s+-m\s+(benchmarks\.[a-z_]+)\b|(jobs/[a-z_]+\.py))")  # not NAME
+
+
+def _commands(text: str) -> list[tuple[str, list[str]]]:
+    """(`jobs/NAME.py` or `benchmarks.NAME`, its words) of every command in `text`: the lines of
+    its code blocks (a trailing backslash joins the next line; `#` starts a comment) and its
+    inline code spans (which may wrap)."""
+    snippets = []
+    for block in re.findall(r"```\n(.*?)```", text, re.S):
+        snippets += [line.split("  #")[0] for line in block.replace("\\\n", " ").splitlines()]
+    snippets += re.findall(r"`([^`\n]+(?:\n[^`\n]+)*)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    found = []
+    for snippet in snippets:
+        snippet = " ".join(snippet.split())
+        matches = list(COMMAND.finditer(snippet))
+        for m, following in zip(matches, matches[1:] + [None]):
+            words = snippet[m.end(): following.start() if following else None].split()
+            found.append((m.group(1) or m.group(2), words))
+    return found
+
+
+def _flags(target: str, monkeypatch, capsys) -> str:
+    """The --help text of a job (`main(["--help"])`) or a benchmark (`main()` on its argv)."""
+    if target.startswith("jobs/"):
+        call = functools.partial(_job(target[5:-3]).main, ["--help"])
+    else:
+        monkeypatch.syspath_prepend(str(ROOT))
+        monkeypatch.setattr(sys, "argv", [target, "--help"])
+        call = importlib.import_module(target).main
+    with pytest.raises(SystemExit):
+        call()
+    return capsys.readouterr().out
+
+
+def _check_flags(commands, monkeypatch, capsys) -> None:
+    helps: dict[str, str] = {}
+    for target, words in commands:
+        if target not in helps:
+            helps[target] = _flags(target, monkeypatch, capsys)
+        for word in words:
+            flag = word.strip("[](),;").split("=")[0]
+            if flag.startswith("--") and len(flag) > 2:
+                assert re.search(rf"{re.escape(flag)}\b", helps[target]), (target, flag, words)
+
+
+def test_every_flag_of_the_readmes_commands_is_one_its_job_takes(monkeypatch, capsys):
+    commands = _commands((ROOT / "README.md").read_text())
+    assert {"jobs/evaluate.py", "jobs/prepare_data.py", "jobs/train.py", "jobs/demo.py",
+            "benchmarks.grounding_quality"} <= {t for t, _ in commands}
+    _check_flags(commands, monkeypatch, capsys)
+
+
+def test_every_flag_of_the_jobs_help_examples_is_one_the_job_takes(monkeypatch, capsys):
+    for path in sorted(JOBS.glob("[a-z]*.py")):
+        doc = _job(path.stem).__doc__
+        _check_flags([c for c in _commands(f"```\n{doc}```") if c[0] == f"jobs/{path.name}"],
+                     monkeypatch, capsys)
+
+
+def test_the_readmes_data_paths_are_the_ones_the_demo_or_its_own_commands_create():
+    """`.cache/demo/...`: what `make demo` writes (its --root, the data of the sizes it renders,
+    its MLflow database); `.cache/data/X`: a dataset a README command renders first."""
+    demo = _job("demo")
+    root = ".cache/demo"
+    assert demo.main.__code__ is not None and f'default="{root}"' in (JOBS / "demo.py").read_text()
+    made = {f"{root}/data/{size}" for size in ("small", demo.DEFAULT_TRAIN_SIZE["small"])}
+    made |= {f"{root}/mlflow.db"}
+    commands = _commands((ROOT / "README.md").read_text())
+    for target, words in commands:  # the datasets the README's commands render
+        if "--synthetic" in words:
+            size = words[words.index("--synthetic") + 1]
+            out = next((words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--data-root")),
+                       f".cache/data/{size}")
+            made.add(out)
+    for target, words in commands:
+        for word in words:
+            for path in re.findall(r"\.cache/[^\s,`'\")]+", word):
+                assert any(path == m or path.startswith(m + "/") for m in made), (path, target, words)
+
+
+def test_the_training_jobs_take_the_local_stacks_env_file_as_defaults(monkeypatch):
+    import argparse
+
+    common = _job("_common")
+    for env, expected in (({}, (".cache/runs", "")),
+                          ({"TE_STORAGE_ROOT": "s3://timeexpert", "MLFLOW_TRACKING_URI": "http://127.0.0.1:5001"},
+                           ("s3://timeexpert/runs", "http://127.0.0.1:5001"))):
+        for key in ("TE_STORAGE_ROOT", "MLFLOW_TRACKING_URI"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        parser = argparse.ArgumentParser()
+        common.add_train_flags(parser)
+        args = parser.parse_args([])
+        assert (args.storage_root, args.tracking_uri) == expected
