@@ -222,6 +222,19 @@ def test_every_flag_of_the_jobs_help_examples_is_one_the_job_takes(monkeypatch, 
                      monkeypatch, capsys)
 
 
+def test_the_jobs_help_shows_its_usage_examples_line_by_line(monkeypatch, capsys):
+    """Each example line of a job's docstring, as the source writes it, is a line of its --help
+    (a default formatter, or a backslash-newline in a non-raw docstring, ran them together)."""
+    for path in sorted(JOBS.glob("[a-z]*.py")):
+        source_doc = path.read_text().split('"""')[1]
+        examples = [line.rstrip() for line in source_doc.splitlines()
+                    if line.lstrip().startswith(("python jobs/", "--", "[--", "ray job submit"))]
+        assert examples, path.name
+        shown = _flags(f"jobs/{path.name}", monkeypatch, capsys).splitlines()
+        for line in examples:
+            assert line in shown, (path.name, line)
+
+
 def test_the_readmes_data_paths_are_the_ones_the_demo_or_its_own_commands_create():
     """`.cache/demo/...`: what `make demo` writes (its --root, the data of the sizes it renders,
     its MLflow database); `.cache/data/X`: a dataset a README command renders first."""
