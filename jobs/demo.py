@@ -101,7 +101,7 @@ def print_table(model: dict[str, float], baselines: dict[str, dict]) -> tuple[li
     returns the missed targets, the table as one dict (the `--json` line) and as printed."""
     missed, table, lines = [], {}, []
     lines.append(f"{'metric':<20}{'model':>8}  {'best trivial baseline':<40}{'ratio':>7}  "
-          f"{'target':<13}{'ceiling':>8}")
+                 f"{'target':<13}{'ceiling':>8}")
     for label, metric, candidates, target, ceiling in TARGETS:
         value = model.get(metric, float("nan"))
         base, which = max(
@@ -115,14 +115,14 @@ def print_table(model: dict[str, float], baselines: dict[str, dict]) -> tuple[li
         missed += [] if ok else [label]
         top = baselines.get(ceiling, {}).get(metric.split("/", 1)[1]) if ceiling else None
         lines.append(f"{label:<20}{value:>8.2f}  {base:>6.2f} {which:<33}{ratio:>6.2f}x  >= {target}x "
-              f"{'met   ' if ok else 'MISSED'}{'' if top is None else f'{float(top):>8.2f}'}")
+                     f"{'met   ' if ok else 'MISSED'}{'' if top is None else f'{float(top):>8.2f}'}")
     distinct = model.get("mr/distinct_windows")  # absent: no video has two MR queries
     table["distinct_windows"] = None if distinct is None else round(distinct / 100.0, 3)
     if distinct is not None:
         ok = distinct >= DISTINCT_TARGET
         missed += [] if ok else ["distinct MR windows"]
-        lines.append(f"{'MR distinct windows':<20}{distinct:>7.1f}%  (test videos whose two queries get "
-              f"different windows){'':<2}>= {DISTINCT_TARGET:.0f}% {'met' if ok else 'MISSED'}")
+        lines.append(f"{'MR distinct windows':<20}{distinct:>7.1f}%  (test videos whose two queries "
+                     f"get different windows){'':<2}>= {DISTINCT_TARGET:.0f}% {'met' if ok else 'MISSED'}")
     lines.append("  ceiling: the ground truth placed to the model's frame segments (the best a model "
                  "reading these frames can localise)")
     text = "\n".join(lines)
