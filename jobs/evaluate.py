@@ -79,7 +79,8 @@ def markdown_report(checkpoint: str, results: dict, skipped: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir / file:// / s3:// URI")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint dir, file://, s3://, runs:/ or models:/ URI (MLflow: with --tracking-uri)")
     parser.add_argument("--manifest", required=True, help="canonical manifest of the eval split")
     parser.add_argument("--train-manifest", help="train split manifest, for the baselines' priors")
     parser.add_argument("--split", help="keep only records of this split")
