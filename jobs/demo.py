@@ -83,7 +83,7 @@ REGISTERED_MODEL = "timeexpert-demo"
 
 # The benchmark trained on when --train-size is not given: small's test split is scored after
 # training on medium (the same generator and seed, so the same scenes and five times the training
-# videos: rendering it costs about 3 min and buys a model that finds events, README).
+# videos: rendering it costs about 3 min and buys a model that finds events, docs/experiments.md).
 DEFAULT_TRAIN_SIZE = {"small": "medium"}
 
 # Share of the step budget per stage.
@@ -350,6 +350,7 @@ def run(args, stack: dict | None) -> int:
     else:
         print(f"  MLflow UI:   {tracking_uri} (artifacts in s3://, proxied by the server)")
     print(f"  logs:        {log_file}; Ray's workers: {_ray_logs(args.local_stack)}")
+    print("  web page:    serve run serve_apps/config.yaml, then open http://127.0.0.1:8000/")
     if missed:
         print(f"  targets missed: {', '.join(missed)}")
     if args.json:

@@ -6,16 +6,21 @@
     POST /v1/answers           GQA: video + question + options -> evidence span + chosen option
     POST /v1/chat/completions  OpenAI-style, a `video_url` content part; text + structured events
     GET  /v1/models, /v1/models/{name}   model list / model info (checkpoint, gating, experts)
+    GET  /v1/videos            the videos under the allowed roots (for the page's picker)
+    GET  /v1/videos/content    an allowed video's bytes (for the page's player)
+    GET  /                     the web page: a video, a question, the answer on its timeline
     GET  /healthz              liveness (no auth)
     GET  /docs, /openapi.json  the OpenAPI page
 
 Request flow: validate (pydantic, then the config limits in `inputs`) -> VideoDecoder deployment
 (allowed URI or upload -> frames at the model's size) -> GroundingModel deployment (batched) ->
-response model. The ingress keeps the decoder's responses of recent decodes (by content version
-and sampling): a repeated video skips the decoder and its frames go from the object store
-straight to the model replica. Every error body is `ErrorResponse` JSON: client mistakes
-are 4xx saying what was wrong; anything else is a 5xx carrying the request id (Serve's, also the
-`X-Request-ID` header of every response) and logged with it.
+response model. The web page (`page/`: static HTML and JavaScript, no build step) calls the same
+/v1/ endpoints as any client, with the bearer token the user types. The ingress keeps the
+decoder's responses of recent decodes (by content version and sampling): a repeated video skips
+the decoder and its frames go from the object store straight to the model replica. Every error
+body is `ErrorResponse` JSON: client mistakes are 4xx saying what was wrong; anything else is a
+5xx carrying the request id (Serve's, also the `X-Request-ID` header of every response) and logged
+with it.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the routes' parameter types (Request,
@@ -23,13 +28,15 @@ are 4xx saying what was wrong; anything else is a 5xx carrying the request id (S
 
 import asyncio
 import logging
+import mimetypes
+import pathlib
 import time
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
@@ -44,6 +51,7 @@ from timeexpert.serve.deployments import (
     DecodedCache,
     GroundingModelServer,
     VideoDecoder,
+    read_video,
     video_version,
 )
 from timeexpert.serve.edge import API_VERSION, Edge, configure_edge, error_response
@@ -52,11 +60,18 @@ from timeexpert.serve.inputs import (
     RequestError,
     check_query,
     check_sampling,
+    list_videos,
+    resolve_video_uri,
     video_source,
 )
 from timeexpert.serve.settings import ServiceConfig
 
 logger = logging.getLogger("ray.serve")
+
+# The web page's files (served as they are; read per request, they are small).
+PAGE_DIR = pathlib.Path(__file__).with_name("page")
+_PAGE_ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
+MAX_LISTED_VIDEOS = 1000  # the picker's list; a client may still name any allowed video
 
 # A lost or overloaded model replica: the client may retry (503); anything else is a 500.
 # (RayActorError covers ActorDiedError and ActorUnavailableError.)
@@ -175,6 +190,30 @@ class GroundingIngress:
     async def healthz(self) -> S.HealthResponse:
         return S.HealthResponse(status="ok")
 
+    @fastapi_app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The web page: pick or upload a video, ask, see the answer on the video's timeline."""
+        return HTMLResponse((PAGE_DIR / "index.html").read_text())
+
+    @fastapi_app.get("/page/{name}", include_in_schema=False)
+    async def page_asset(self, name: str) -> Response:
+        if name not in _PAGE_ASSETS:
+            raise StarletteHTTPException(404, f"no page file {name!r}")
+        return Response((PAGE_DIR / name).read_bytes(), media_type=_PAGE_ASSETS[name])
+
+    @fastapi_app.get(
+        f"/{API_VERSION}/videos", response_model=S.VideoListResponse, responses=_ERRORS
+    )
+    async def videos(self, request: Request):
+        """The videos under the allowed roots, by path (at most 1000): a request's `video.uri`."""
+        return await self._guarded(request, self._videos())
+
+    @fastapi_app.get(f"/{API_VERSION}/videos/content", responses=_ERRORS)
+    async def video_content(self, uri: str, request: Request):
+        """The bytes of the video at `uri`, under the same allow-list and size limit as a
+        request's `video.uri`."""
+        return await self._guarded(request, self._video_bytes(uri))
+
     @fastapi_app.get(f"/{API_VERSION}/models", responses=_ERRORS)
     async def list_models(self) -> dict:
         """The served model, in the OpenAI list format."""
@@ -251,6 +290,19 @@ class GroundingIngress:
         if self._info is None:
             self._info = await self.model.info.remote()
         return self._info
+
+    async def _videos(self) -> S.VideoListResponse:
+        found, truncated = await asyncio.to_thread(
+            list_videos, self.config.video.allowed_roots, MAX_LISTED_VIDEOS)
+        return S.VideoListResponse(
+            videos=[S.VideoEntry(uri=uri, name=name) for uri, name in found], truncated=truncated)
+
+    async def _video_bytes(self, uri: str) -> Response:
+        limits = self.config.video
+        resolved = resolve_video_uri(uri, limits.allowed_roots)
+        data = await asyncio.to_thread(read_video, resolved, limits.max_upload_bytes)
+        kind = mimetypes.guess_type(resolved)[0] or "application/octet-stream"
+        return Response(data, media_type=kind)
 
     async def _model_info(self, name: str) -> S.ModelInfoResponse:
         self._check_model(name)

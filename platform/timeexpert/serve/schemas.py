@@ -245,6 +245,16 @@ class ModelInfoResponse(BaseModel):
     tasks: list[TaskName]
 
 
+class VideoEntry(BaseModel):
+    uri: str = Field(description="what a request's video.uri takes")
+    name: str = Field(description="the path under its allowed root")
+
+
+class VideoListResponse(BaseModel):
+    videos: list[VideoEntry] = Field(description="the videos under the allowed roots, by path")
+    truncated: bool = Field(description="there are more than the listed ones")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"]
 

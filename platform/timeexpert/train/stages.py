@@ -290,12 +290,14 @@ def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str, prefi
 
 def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | None = None,
                         max_records: int | None = None, batch_size: int = 8,
-                        plot_dir: str = "", progress=None) -> dict[str, float]:
+                        plot_dir: str = "", progress=None, keep: dict | None = None
+                        ) -> dict[str, float]:
     """Generate answers with the checkpoint for up to `max_records` records per task of `split`
     and score them (`timeexpert.eval.evaluate`): {"mr/R1@0.5": ..., "vhd/...", "dvc/..."}.
     `plot_dir`: where to write `token_density_{task}.png` (the per-frame density of kept visual
     tokens of each task's first video, GroundVTS) when the model samples tokens. `progress(answered,
-    total)`: called after each batch (`predict_records`)."""
+    total)`: called after each batch (`predict_records`). `keep`: a dict that receives the scored
+    `records` and their `predictions` (record id -> Prediction), for per-video statistics."""
     split = cfg.eval_split if split is None else split
     max_records = cfg.eval_max_records if max_records is None else max_records
     if not split or max_records <= 0:
@@ -319,6 +321,8 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
         precision=cfg.precision, batch_size=batch_size, on_prediction=plot_density,
         progress=progress,
     )
+    if keep is not None:
+        keep.update(records=scored, predictions=predictions)
     out: dict[str, float] = {}
     for task in Task:
         task_records = [r for r in scored if r.task == task]
