@@ -1,6 +1,6 @@
-"""An ablation grid with seeds: every variant trained once per seed, scored on whole splits.
+r"""An ablation grid with seeds: every variant trained once per seed, scored on whole splits.
 
-    python jobs/ablate.py --preset binding_cpu --grid timeexpert --seeds 3 \\
+    python jobs/ablate.py --preset binding_cpu --grid timeexpert --seeds 3 \
         --data-root .cache/data/ablation --synthetic ablation [--only full,dense] [--json]
 
 Grids (`timeexpert.ablation.GRIDS`): `timeexpert` (full / w/o token-adaptive routing / w/o the

@@ -7,7 +7,8 @@
 
 `ground` prints the answer as one JSON object: the task, the video's duration, the frames the
 model saw and its events (MR windows ranked by score; VHD windows and one saliency score per
-clip; DVC captioned events in time order; GQA the chosen option and its evidence span). VIDEO is
+clip; DVC captioned events in time order; GQA the chosen option and its evidence span), and a
+`warning` naming the query's words that the model's vocabulary lacks. VIDEO is
 a local path or an s3:// URI; CKPT a local directory, s3://, runs:/ or models:/ URI (the MLflow
 ones read --tracking-uri or MLFLOW_TRACKING_URI). The frames are read as training and serving
 read them: `decode_frames`, the model's frame count and size. Errors (a missing video, an
@@ -77,6 +78,8 @@ def ground(args) -> dict:
     out = {"task": task.value, "video": args.video, "checkpoint": args.checkpoint,
            "duration": round(float(video.duration), 3), "num_frames": len(video.timestamps),
            "events": [e.to_dict() for e in pred.events]}
+    if pred.warning:  # words of the query the model's vocabulary lacks
+        out.update(warning=pred.warning, unknown_words=pred.unknown_words)
     if task == Task.VHD:
         out.update(clip_len=args.clip_len, saliency=list(pred.saliency or []))
     if task == Task.GQA:

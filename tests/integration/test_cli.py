@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
+import sys
 
 import pytest
 from test_serve_support import build_checkpoint, make_videos
@@ -14,8 +15,7 @@ from timeexpert.data.video import decode_frames
 from timeexpert.inference import GroundingModel
 from timeexpert.presets import list_presets
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-CLI = str(ROOT / ".venv/bin/timeexpert")
+CLI = str(pathlib.Path(sys.executable).parent / "timeexpert")  # the console script beside python
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,15 @@ def test_ground_prints_the_python_api_answer_as_json(ckpt_and_video):
                           duration=frames.duration)
     assert answer["task"] == "mr" and answer["num_frames"] == gm.model.config.num_frames
     assert answer["events"] and answer["events"] == [e.to_dict() for e in expected.events]
+    assert "warning" not in answer  # every word of the query is in the tokenizer's vocabulary
+
+
+def test_ground_warns_of_words_the_model_cannot_know(ckpt_and_video):
+    ckpt, video = ckpt_and_video
+    out = _run("ground", video, "--query", "a person opens the refrigerator", "--checkpoint", ckpt)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert "refrigerator" in answer["unknown_words"] and "refrigerator" in answer["warning"]
 
 
 def test_ground_answers_gqa_with_the_chosen_option(ckpt_and_video):

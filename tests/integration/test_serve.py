@@ -369,6 +369,11 @@ def test_endpoints_answer_a_synthetic_video(service):
         assert mr["task"] == "mr" and mr["num_frames"] == 8 and 8 <= mr["duration"] <= 10.5
         assert 1 <= len(mr["windows"]) <= 2 and mr["request_id"] == r.headers["x-request-id"]
         _check_windows(mr["windows"], mr["duration"])
+        assert mr["warning"] is None  # every word of the query is in the model's vocabulary
+        r = c.post("/v1/moments", json={"video": video, "query": "a person opens a door"})
+        assert r.status_code == 200 and r.json()["windows"], r.text
+        assert r.json()["warning"] == ("the model's vocabulary lacks 'person', 'opens', 'door': it "
+                                       "never learnt these words, so this answer is unreliable")
 
         r = c.post("/v1/highlights", json={
             "video": {"data_url": _data_url(videos[1])}, "query": "blue square", "clip_len": 2.0,

@@ -385,7 +385,7 @@ class GroundingIngress:
         events = [e for e in prediction.events if _overlaps(e, body.window)]
         common = dict(
             request_id=_request_id(request), model=self.config.model_name,
-            duration=duration, num_frames=frames,
+            duration=duration, num_frames=frames, warning=prediction.warning,
         )
         if task == Task.MR:
             return S.MomentsResponse(**common, windows=[_window(e) for e in events])
@@ -446,7 +446,7 @@ class GroundingIngress:
                 prompt_tokens=0, completion_tokens=prediction.num_tokens,
                 total_tokens=prediction.num_tokens,
             ),
-            task=task.value, events=[_event(e) for e in events],
+            task=task.value, events=[_event(e) for e in events], warning=prediction.warning,
         )
 
 
