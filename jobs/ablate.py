@@ -204,11 +204,13 @@ def main(argv=None) -> int:
         result = run_grid(base, grid, variants, list(range(args.seeds)), stages, splits,
                           args.partial)
     minutes = (time.perf_counter() - t0) / 60
-    header = (f"## Grid `{grid.name}` on `{args.preset}` ({grid.source}), {args.seeds} seeds, "
-              f"stages {stages}, {base.num_steps} steps, {minutes:.0f} min")
+    seeds = max((len(runs) for runs in result.runs.values()), default=0)  # the runs it holds
+    header = (f"## Grid `{grid.name}` on `{args.preset}` ({grid.source}), {seeds} seeds, "
+              f"stages {stages}, {base.num_steps} steps"
+              + ("" if args.report_only else f", {minutes:.0f} min"))
     table = report(result, splits, header)
     payload = {**result.to_json(args.test_split), "minutes": round(minutes, 1),
-               "preset": args.preset, "seeds": args.seeds}
+               "preset": args.preset, "seeds": seeds}
     print(table, flush=True)
     if args.out:
         with open(args.out, "w") as f:
