@@ -784,7 +784,8 @@ def _report(w: Worker, step: int, lr: float, epoch: int, state: dict, window: di
     _accumulate(routing_total, routing)
     metrics.update(_routing_metrics(routing))
     metrics.update(step=step, stage=cfg.stage, lr=lr, epoch=epoch,
-                   samples=state["samples"] * groups.world_size)
+                   samples=state["samples"] * groups.world_size,
+                   restores=state.get("restores", 0))  # worker-group restarts so far (MLflow)
     metrics["data/decode_s"] = _decode_seconds(w)
     metrics["checkpoint/storage_wait_s"] = w.storage_wait_s
     # expert parameters this rank holds: 1/EP of the model's (built and read sharded; only
