@@ -16,6 +16,12 @@ The faults:
   the run goes on, no restart.
 - `mlflow_outage`: the MLflow server stops for `--outage-s` seconds as soon as the first
   checkpoint is registered: the workers keep their step metrics and send them when it is back.
+- `node_lost`: on a cluster of its own (`ray.cluster_utils.Cluster`, as Ray's tests build one):
+  a head without CPUs and two worker nodes on 127.0.0.1, each raylet with its own resources and
+  its own TMPDIR, the two workers placed STRICT_SPREAD (one per node) and reading and writing
+  only through S3. When the first checkpoint is registered, one worker node is removed (its
+  processes killed, its TMPDIR deleted: a worker that used another node's local disk would fail
+  loudly) and a new node joins; the run resumes from its last checkpoint on the nodes it has.
 
 A row: `injected` (the fault happened: the crash was seen in the run's state, the outage met a
 checkpoint write or a metrics send), `survived` (the stage reached its last step with every
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,9 +43,9 @@ import time
 from typing import Any, Callable
 
 from benchmarks.common import emit, parse_args
-from benchmarks.local_servers import MlflowServer, S3Endpoint
+from benchmarks.local_servers import MlflowServer, S3Endpoint, free_port
 
-FAULTS = ("checkpoint_crash", "worker_killed", "s3_outage", "mlflow_outage")
+FAULTS = ("checkpoint_crash", "worker_killed", "s3_outage", "mlflow_outage", "node_lost")
 BUCKET = "timeexpert-faults"
 NUM_STEPS, BATCH, WORKERS = 8, 2, 2
 
@@ -123,15 +130,47 @@ def check_run(result, cfg, tracking_uri: str) -> dict[str, Any]:
     }
 
 
+class NodeLoss:
+    """The `node_lost` cluster: a head without CPUs and worker nodes of 2 CPUs on 127.0.0.1, each
+    with its own TMPDIR under `root`; `lose()` removes the second node and its TMPDIR and adds a
+    new node."""
+
+    def __init__(self, root: str) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.root = root
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+            "port": free_port()})
+        self.nodes = [self._add(name) for name in ("a", "b")]
+
+    def _add(self, name: str):
+        tmp = os.path.join(self.root, f"node-{name}")
+        os.makedirs(tmp)
+        return self.cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1",
+                                     env_vars={"TMPDIR": tmp})
+
+    def lose(self) -> None:
+        lost = self.nodes.pop()
+        self.cluster.remove_node(lost, allow_graceful=False)
+        shutil.rmtree(os.path.join(self.root, "node-b"))  # its local disk goes with it
+        self.nodes.append(self._add("c"))
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
 def run_fault(name: str, data_root: str, tokenizer: str, mlflow: MlflowServer, s3: S3Endpoint,
-              outage_s: float) -> tuple[dict[str, Any], float]:
+              outage_s: float, nodes: NodeLoss | None = None) -> tuple[dict[str, Any], float]:
     """One training run with fault `name` ("none": fault-free). Returns (its check, seconds)."""
     from timeexpert import storage, tracking
     from timeexpert.train.loop import fit
 
     fault = {"checkpoint_crash": dict(fail_at_step=4, fail_rank=0,
                                       fail_after_part="model.safetensors"),
-             "worker_killed": dict(fail_at_step=3, fail_rank=1)}.get(name, {})
+             "worker_killed": dict(fail_at_step=3, fail_rank=1),
+             "node_lost": dict(placement_strategy="STRICT_SPREAD", cpus_per_worker=1.0)
+             }.get(name, {})
     cfg = config(f"f-{name}", data_root, mlflow.uri, **fault)
     cfg = cfg.replace(mlflow_run_id=tracking.create_run(mlflow.uri, cfg.experiment, cfg.name))
     log: dict[str, float] = {}
@@ -142,6 +181,8 @@ def run_fault(name: str, data_root: str, tokenizer: str, mlflow: MlflowServer, s
         watcher = when_registered(run_dir, outage(s3.stop, s3.start, outage_s, log), stop)
     elif name == "mlflow_outage":
         watcher = when_registered(run_dir, outage(mlflow.stop, mlflow.start, outage_s, log), stop)
+    elif name == "node_lost":
+        watcher = when_registered(run_dir, nodes.lose, stop)
     t0 = time.perf_counter()
     try:
         result = fit(cfg, tokenizer_uri=tokenizer)
@@ -159,7 +200,7 @@ def run_fault(name: str, data_root: str, tokenizer: str, mlflow: MlflowServer, s
 
 def injected(name: str, check: dict[str, Any]) -> bool:
     """Whether the fault really happened in the run, read from what the run recorded."""
-    if name in ("checkpoint_crash", "worker_killed"):
+    if name in ("checkpoint_crash", "worker_killed", "node_lost"):
         return check["restores"] == 1
     if name == "s3_outage":
         return check["outage_s"] > 0 and check["storage_wait_s"] > 0  # it met a write
@@ -194,6 +235,7 @@ def main() -> None:
     from timeexpert.train.loop import prepare_tokenizer
 
     rows: list[dict[str, Any]] = []
+    nodes = None
     try:
         storage.filesystem(f"s3://{BUCKET}")[0].mkdir(BUCKET)
         data_root = f"s3://{BUCKET}/data/mini"
@@ -206,8 +248,14 @@ def main() -> None:
             formats.read_manifest(f"{data_root}/manifests/train.jsonl"))
         reference, reference_s = run_fault("none", data_root, tokenizer, mlflow, s3, args.outage_s)
         print(f"fault-free run: {reference_s:.1f} s, {reference}", file=sys.stderr)
+        nodes = None
         for name in args.faults:
-            check, seconds = run_fault(name, data_root, tokenizer, mlflow, s3, args.outage_s)
+            if name == "node_lost":  # last: a multi-node cluster instead of the local one
+                ray.shutdown()
+                nodes = NodeLoss(tmp)
+                ray.init(address=nodes.cluster.address, log_to_driver=False)
+            check, seconds = run_fault(name, data_root, tokenizer, mlflow, s3, args.outage_s,
+                                       nodes)
             row = {"fault": name, "injected": injected(name, check),
                    "survived": check["step"] == NUM_STEPS and check["samples"] == NUM_STEPS * BATCH * WORKERS,
                    "data_lost": check["lost"], "recovery_s": round(max(seconds - reference_s, 0.0), 1),
@@ -217,6 +265,8 @@ def main() -> None:
                   f"{row['data_lost']}, recovery {row['recovery_s']} s ({check})", file=sys.stderr)
     finally:
         ray.shutdown()
+        if nodes is not None:
+            nodes.shutdown()
         mlflow.stop()
         s3.stop()
     emit({

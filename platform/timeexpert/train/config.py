@@ -19,6 +19,7 @@ from timeexpert.devices import PRECISIONS
 
 STAGES = (1, 2, 3)
 ZERO_STAGES = (0, 1, 2)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LR_SCHEDULES = ("constant", "cosine")
 RECIPE_NAMES = ("timeexpert", "groundvts")  # the stage specs: `timeexpert.train.recipes.RECIPES`
 CURRICULUM_STAGE = 3  # the stage the curriculum runs in: both recipes' last, all but vision trains
@@ -40,6 +41,8 @@ class TrainConfig:
     # --- parallelism --------------------------------------------------------------------------
     num_workers: int = 2  # Ray Train workers (the data-parallel world)
     cpus_per_worker: float = 0.5  # logical CPUs each worker reserves (fractional on laptops)
+    placement_strategy: str = "PACK"  # how the workers' bundles spread over the nodes (Ray's
+    # placement group strategies; STRICT_SPREAD: one worker per node)
     use_gpu: bool = False  # NCCL + one GPU per worker instead of gloo on CPU
     ep_size: int = 1  # expert-parallel degree; divides num_workers and the model's max_experts
     zero_stage: int = 0  # 0: plain data parallel (explicit all-reduce); 1/2: DeepSpeed ZeRO
@@ -140,6 +143,9 @@ class TrainConfig:
             raise ValueError(f"fail_after_part needs a checkpoint at fail_at_step: a multiple of "
                              f"checkpoint_every ({self.checkpoint_every}) or num_steps "
                              f"({self.num_steps}), got {self.fail_at_step}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got "
+                             f"{self.placement_strategy!r}")
         if self.storage_wait_s < 0:
             raise ValueError(f"storage_wait_s must be >= 0, got {self.storage_wait_s}")
         if self.jitter_grid < 1 or self.profile_steps < 0:

@@ -1012,6 +1012,7 @@ def torch_trainer(loop, loop_config: dict[str, Any], cfg: TrainConfig, *, name: 
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
         ),
         datasets=datasets,
         dataset_config=dataset_config,
