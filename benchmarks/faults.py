@@ -254,8 +254,14 @@ def main() -> None:
                 ray.shutdown()
                 nodes = NodeLoss(tmp)
                 ray.init(address=nodes.cluster.address, log_to_driver=False)
-            check, seconds = run_fault(name, data_root, tokenizer, mlflow, s3, args.outage_s,
-                                       nodes)
+            try:
+                check, seconds = run_fault(name, data_root, tokenizer, mlflow, s3,
+                                           args.outage_s, nodes)
+            except Exception as err:  # noqa: BLE001 - a run the fault broke is a row, not a crash
+                rows.append({"fault": name, "injected": True, "survived": False,
+                             "data_lost": None, "recovery_s": None, "error": repr(err)[:500]})
+                print(f"{name}: the run failed: {err!r}", file=sys.stderr)
+                continue
             row = {"fault": name, "injected": injected(name, check),
                    "survived": check["step"] == NUM_STEPS and check["samples"] == NUM_STEPS * BATCH * WORKERS,
                    "data_lost": check["lost"], "recovery_s": round(max(seconds - reference_s, 0.0), 1),
@@ -273,7 +279,8 @@ def main() -> None:
         "faults": len(rows),
         "injected": sum(r["injected"] for r in rows),
         "survived": sum(r["survived"] and r["injected"] for r in rows),
-        "lost": sum(r["data_lost"] for r in rows),
+        "lost": sum(r["data_lost"] or 0 for r in rows),
+        "failed_runs": sum(r["data_lost"] is None for r in rows),  # what they lost: unknown
         "reference_s": round(reference_s, 1),
         "outage_s": args.outage_s,
         "commit": commit(),

@@ -139,7 +139,7 @@ class StepLogger:
     and at `close` what the server has not taken within `close_timeout_s`."""
 
     def __init__(self, tracking_uri: str, run_id: str, *, max_buffered: int = 10_000,
-                 close_timeout_s: float = 120.0) -> None:
+                 close_timeout_s: float = 300.0) -> None:
         self.enabled = bool(tracking_uri and run_id)
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.max_buffered, self.close_timeout_s = max_buffered, close_timeout_s
