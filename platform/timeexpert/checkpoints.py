@@ -87,6 +87,7 @@ class CheckpointCheck:
     marked: bool  # it holds commit markers (else: written before them, or cut before the first)
     problems: list[str] = field(default_factory=list)  # what keeps a marked one from complete
     has_train_state: bool = False
+    num_files: int = 0
 
     @property
     def complete(self) -> bool:
@@ -99,7 +100,8 @@ def check_checkpoint(uri: str) -> CheckpointCheck:
     sizes = storage.file_sizes(uri)
     markers = [json.loads(storage.read_text(storage.join_uri(uri, name)))
                for name in sorted(sizes) if name.startswith(COMMIT + "/")]
-    check = CheckpointCheck(uri=uri, marked=bool(markers), has_train_state=TRAIN_STATE in sizes)
+    check = CheckpointCheck(uri=uri, marked=bool(markers), has_train_state=TRAIN_STATE in sizes,
+                            num_files=len(sizes))
     if not markers:
         return check
     worlds = {m["world_size"] for m in markers}
@@ -155,7 +157,8 @@ def clean_incomplete(run_uri: str, keep: Collection[str] = ()) -> list[str]:
     """Remove the checkpoint folders under the run folder `run_uri` whose write was cut short:
     marked but not complete, or unmarked without a train state (every complete checkpoint has
     one). Folders named in `keep` (those Ray Train's run state references) are reported, not
-    removed. Returns the removed folders' URIs; each is logged with what it lacked."""
+    removed. Returns the removed folders' URIs; each is logged with what it lacked. Empty
+    folders are removed without a word."""
     removed = []
     for name in storage.list_dirs(run_uri):
         if not name.startswith(CHECKPOINT_PREFIX):
@@ -163,6 +166,9 @@ def clean_incomplete(run_uri: str, keep: Collection[str] = ()) -> list[str]:
         uri = storage.join_uri(run_uri, name)
         check = check_checkpoint(uri)
         if check.complete or (not check.marked and check.has_train_state):
+            continue
+        if not check.num_files and name not in keep:  # an empty folder (an object store's
+            storage.remove_dir(uri)                     # folder marker left by a deletion)
             continue
         why = "; ".join(check.problems) or f"no commit marker and no {TRAIN_STATE}"
         if name in keep:

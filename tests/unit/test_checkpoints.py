@@ -130,6 +130,7 @@ def test_a_checkpoint_cut_short_is_refused_skipped_by_a_resume_and_cleaned(tmp_p
     assert resumable(newer) == older  # the half-written one is never read
     assert resumable(older) == older and resumable(unmarked) == unmarked
 
+    os.makedirs(os.path.join(run, "checkpoint_2026-12-07_08-00-00.000000"))  # empty: not a write
     assert clean_incomplete(run, keep={"checkpoint_2026-12-07_10-00-05.000000"}) == []
     assert clean_incomplete(run) == [newer]
     assert sorted(storage.list_dirs(run)) == [os.path.basename(unmarked), os.path.basename(older)]
