@@ -38,7 +38,7 @@ test: setup
 demo: setup
 	$(PY) jobs/demo.py
 
-# the longer recipe (README "Can 20 minutes do it?"): binding_cpu trained 4000 steps, about 25 min
+# the longer recipe (docs/experiments.md): binding_cpu trained 4000 steps, about 25 min
 demo-long: setup
 	$(PY) jobs/demo.py --steps 4000
 

@@ -22,6 +22,15 @@ loop (rank 0's loop for Ray Train: steps, reports, the final checkpoint; rank 0'
 decode is counted once, in the decode); process start-up and model construction are left out of
 both (`ray_train_wall_s` is the whole `fit`, start-up included). `samples_per_s` gives both
 sides, `ray_train_breakdown` rank 0's seconds per step by phase.
+
+Then the levers on a `binding_cpu` step (`--binding-steps`, 0 skips it): one Ray Train worker's
+step (batch 4, 1 torch thread, as each of the demo's two workers runs it: forward, stage-3 loss,
+backward, AdamW) on the same batches of `--data-root` (default: `small` rendered into a temp
+dir), each lever in its own process: `fp32` eager (the baseline), `bf16` autocast (fp32 master
+weights and router, `TrainConfig.precision`) and `compile_vision` (`torch.compile` of the vision
+tower, its compile time counted apart). `binding_step_s` gives each lever's median seconds a
+step, `binding_step_speedup` the best lever's fp32 seconds over its own (>= 1.0 only when a
+lever pays).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.common import emit, parse_args  # noqa: E402
+from timeexpert.presets import get_preset  # noqa: E402
 
 
 def _batch(preset: str, batch_size: int, seed: int, moe: dict, width: int):
@@ -249,6 +259,97 @@ def ray_train_vs_plain_loop(*, preset: str, steps: int, data_root: str = "") -> 
     }
 
 
+BINDING_LEVERS = ("fp32", "bf16", "compile_vision")
+
+
+def _binding_lever(lever: str, data_root: str, steps: int, out_q) -> None:
+    """`steps` timed steps of a binding_cpu worker under `lever` (after 2 warm-up steps, which
+    hold any compile), on the first rows of `data_root`'s train split in order."""
+    import numpy as np
+    import torch
+
+    from timeexpert import devices, storage
+    from timeexpert.data import formats
+    from timeexpert.data.pipeline import _row, decode_rows, video_captions
+    from timeexpert.models.timeexpert import create_model
+    from timeexpert.train import parallel
+    from timeexpert.train.config import TrainConfig
+    from timeexpert.train.loop import data_config, model_config, tokenize_batch, train_tokenizer
+    from timeexpert.train.recipes import set_trainable, stage_loss
+
+    torch.set_num_threads(1)
+    fields = dict(get_preset("binding_cpu").train)
+    fields.update(data_root=data_root, preset="binding_cpu", stage=3, batch_size=4, num_workers=1)
+    cfg = TrainConfig(**fields)
+    records = formats.read_manifest(storage.join_uri(data_root, "manifests", "train.jsonl"))
+    tokenizer = train_tokenizer(cfg, records)
+    mconfig = model_config(cfg, tokenizer)
+    torch.manual_seed(0)
+    model = create_model(mconfig)
+    model.train()
+    set_trainable(model, 3, cfg.recipe)
+    optim = parallel.Optimizers(model, parallel.init_groups(1), lr=cfg.lr,
+                                weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                                zero_stage=0, batch_size=cfg.batch_size)
+    n = (steps + 2) * cfg.batch_size
+    captions = video_captions(records)
+    rows = [_row(r, storage.resolve_under_root(r.video, data_root), captions.get(r.video, ()))
+            for r in records[:n]]
+    data = decode_rows(rows, data_config(cfg, mconfig, train=True))
+    batches = [{k: v[i: i + cfg.batch_size] for k, v in data.items()}
+               for i in range(0, n, cfg.batch_size)]
+    precision = "bf16" if lever == "bf16" else "fp32"
+    if lever == "compile_vision":
+        model.frame_encoder = torch.compile(model.frame_encoder)
+
+    def step(i: int) -> None:
+        inputs = tokenize_batch(batches[i], tokenizer, mconfig, model, i)
+        with devices.autocast(torch.device("cpu"), precision):
+            out = model(**inputs, return_logits=False)
+            loss = stage_loss(out, 3, mconfig, cfg.recipe)
+        optim.backward(loss)
+        optim.step()
+
+    t0 = time.perf_counter()
+    for i in range(2):
+        step(i)
+    warmup = time.perf_counter() - t0
+    times = []
+    for i in range(2, steps + 2):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    out_q.put({"step_s": float(np.median(times)), "warmup_s": warmup})
+
+
+def binding_step_levers(*, steps: int, data_root: str = "") -> dict:
+    """Each lever's median step in its own spawned process, one after the other."""
+    import multiprocessing as mp
+
+    from timeexpert.data import synth
+
+    with tempfile.TemporaryDirectory(prefix="te-bench-") as d:
+        if not data_root:
+            data_root = os.path.join(d, "data")
+            synth.generate("small", data_root, seed=0)
+        ctx = mp.get_context("spawn")
+        measured = {}
+        for lever in BINDING_LEVERS:
+            q = ctx.Queue()
+            proc = ctx.Process(target=_binding_lever, args=(lever, data_root, steps, q))
+            proc.start()
+            measured[lever] = q.get(timeout=3600)
+            proc.join()
+            print(f"binding_cpu step, {lever:15s}: {measured[lever]['step_s']:.3f} s "
+                  f"(2 warm-up steps {measured[lever]['warmup_s']:.1f} s)", flush=True)
+    base = measured["fp32"]["step_s"]
+    ratios = {k: round(base / v["step_s"], 3) for k, v in measured.items()}
+    return {"binding_step_s": {k: round(v["step_s"], 4) for k, v in measured.items()},
+            "binding_warmup_s": {k: round(v["warmup_s"], 1) for k, v in measured.items()},
+            "binding_step_vs_fp32": ratios,
+            "binding_step_speedup": max(v for k, v in ratios.items() if k != "fp32")}
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--preset", default="tiny_cpu"),
@@ -260,7 +361,17 @@ def main() -> None:
         p.add_argument("--ray-preset", default="small_cpu"),
         p.add_argument("--data-root", default="",
                        help="dataset for ray_train_vs_plain_loop (default: render tiny)"),
+        p.add_argument("--binding-steps", type=int, default=8,
+                       help="timed binding_cpu steps per lever (0 = skip them)"),
+        p.add_argument("--binding-data-root", default="",
+                       help="dataset of the binding_cpu levers (default: render small)"),
+        p.add_argument("--only-binding", action="store_true",
+                       help="measure the binding_cpu levers alone"),
     ))
+    if args.only_binding:
+        emit(binding_step_levers(steps=args.binding_steps, data_root=args.binding_data_root),
+             as_json=args.json)
+        return
     tps, active, ratio = {}, {}, {}
     for gating in ("dense", "topk", "dynamic"):
         for ep in ((1,) if gating == "dense" else (1, 2)):
@@ -279,6 +390,9 @@ def main() -> None:
     if args.ray_steps:
         result.update(ray_train_vs_plain_loop(preset=args.ray_preset, steps=args.ray_steps,
                                               data_root=args.data_root))
+    if args.binding_steps:
+        result.update(binding_step_levers(steps=args.binding_steps,
+                                          data_root=args.binding_data_root))
     emit(result, as_json=args.json)
 
 

@@ -33,17 +33,24 @@ from timeexpert.train.config import TrainConfig  # noqa: E402
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every training job takes. The local stack's settings are their defaults once
+    its env file is sourced (`source .cache/local-stack/env`, written by infra/local/up.sh): its
+    storage (TE_STORAGE_ROOT), its MLflow server (MLFLOW_TRACKING_URI); `connect_ray` joins its
+    Ray head (TE_RAY_GCS_ADDRESS)."""
+    stack_storage = os.environ.get("TE_STORAGE_ROOT")
     p.add_argument("--preset", default="tiny_cpu", help="model + training preset (timeexpert.presets)")
     p.add_argument("--data-root", default=".cache/data/tiny", help="dataset root (local or s3://)")
     p.add_argument("--synthetic", choices=sorted(synth.SIZES),
                    help="generate this synthetic benchmark under --data-root when it has none")
-    p.add_argument("--storage-root", default=".cache/runs", help="checkpoints: local dir or s3://")
+    p.add_argument("--storage-root", default=f"{stack_storage}/runs" if stack_storage else ".cache/runs",
+                   help="checkpoints: local dir or s3:// (default: $TE_STORAGE_ROOT/runs, else .cache/runs)")
     p.add_argument("--name", default="timeexpert", help="run name")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
     p.add_argument("--zero", type=int, default=0, help="0 plain DP, 1/2 DeepSpeed ZeRO")
     p.add_argument("--steps", type=int, help="steps per stage (default: the preset's)")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""))
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; none: no tracking)")
     p.add_argument("--experiment", default="timeexpert")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="any TrainConfig field, value as JSON (e.g. --set 'moe={\"gating\":\"topk\"}')")
@@ -62,11 +69,14 @@ def read_stack_env(state_dir: str) -> dict[str, str]:
 
 
 def connect_ray(num_cpus: int) -> bool:
-    """Connect to the cluster of RAY_ADDRESS (`ray job submit`), else start a local Ray of
-    `num_cpus`; nothing when connected already. True when this call connected."""
+    """Connect to the local stack's Ray head (TE_RAY_GCS_ADDRESS, from its env file), else to the
+    cluster of RAY_ADDRESS (`ray job submit`), else start a local Ray of `num_cpus`; nothing when
+    connected already. True when this call connected."""
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):  # ray job submit / a running cluster
+    if os.environ.get("TE_RAY_GCS_ADDRESS"):  # the env file's RAY_ADDRESS is the job server's URL
+        ray.init(address=os.environ["TE_RAY_GCS_ADDRESS"])
+    elif os.environ.get("RAY_ADDRESS"):  # ray job submit / a running cluster
         ray.init()
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False)

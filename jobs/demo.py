@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -40,6 +41,7 @@ import mlflow
 import ray
 import ray.data
 from ray import cloudpickle, serve
+from ray._common.utils import get_default_ray_temp_dir
 
 from serve_apps.grounding import app
 from timeexpert import storage, tracking
@@ -81,7 +83,7 @@ REGISTERED_MODEL = "timeexpert-demo"
 
 # The benchmark trained on when --train-size is not given: small's test split is scored after
 # training on medium (the same generator and seed, so the same scenes and five times the training
-# videos: rendering it costs about 3 min and buys a model that finds events, README).
+# videos: rendering it costs about 3 min and buys a model that finds events, docs/experiments.md).
 DEFAULT_TRAIN_SIZE = {"small": "medium"}
 
 # Share of the step budget per stage.
@@ -94,12 +96,12 @@ def stage_steps(total: int, stages=tuple(STAGE_SHARE)) -> dict[int, int]:
     return {stage: max(1, round(total * STAGE_SHARE[stage] / whole)) for stage in stages}
 
 
-def print_table(model: dict[str, float], baselines: dict[str, dict]) -> tuple[list[str], dict]:
+def print_table(model: dict[str, float], baselines: dict[str, dict]) -> tuple[list[str], dict, str]:
     """The model's test metrics against the best trivial baseline and the frame-grid ceiling;
-    returns the missed targets and the table as one dict (the `--json` line)."""
-    missed, table = [], {}
-    print(f"\n{'metric':<20}{'model':>8}  {'best trivial baseline':<40}{'ratio':>7}  "
-          f"{'target':<13}{'ceiling':>8}")
+    returns the missed targets, the table as one dict (the `--json` line) and as printed."""
+    missed, table, lines = [], {}, []
+    lines.append(f"{'metric':<20}{'model':>8}  {'best trivial baseline':<40}{'ratio':>7}  "
+                 f"{'target':<13}{'ceiling':>8}")
     for label, metric, candidates, target, ceiling in TARGETS:
         value = model.get(metric, float("nan"))
         base, which = max(
@@ -112,18 +114,38 @@ def print_table(model: dict[str, float], baselines: dict[str, dict]) -> tuple[li
         ok = ratio >= target
         missed += [] if ok else [label]
         top = baselines.get(ceiling, {}).get(metric.split("/", 1)[1]) if ceiling else None
-        print(f"{label:<20}{value:>8.2f}  {base:>6.2f} {which:<33}{ratio:>6.2f}x  >= {target}x "
-              f"{'met   ' if ok else 'MISSED'}{'' if top is None else f'{float(top):>8.2f}'}")
+        lines.append(f"{label:<20}{value:>8.2f}  {base:>6.2f} {which:<33}{ratio:>6.2f}x  >= {target}x "
+                     f"{'met   ' if ok else 'MISSED'}{'' if top is None else f'{float(top):>8.2f}'}")
     distinct = model.get("mr/distinct_windows")  # absent: no video has two MR queries
     table["distinct_windows"] = None if distinct is None else round(distinct / 100.0, 3)
     if distinct is not None:
         ok = distinct >= DISTINCT_TARGET
         missed += [] if ok else ["distinct MR windows"]
-        print(f"{'MR distinct windows':<20}{distinct:>7.1f}%  (test videos whose two queries get "
-              f"different windows){'':<2}>= {DISTINCT_TARGET:.0f}% {'met' if ok else 'MISSED'}")
-    print("  ceiling: the ground truth placed to the model's frame segments (the best a model "
-          "reading these frames can localise)")
-    return missed, table
+        lines.append(f"{'MR distinct windows':<20}{distinct:>7.1f}%  (test videos whose two queries "
+                     f"get different windows){'':<2}>= {DISTINCT_TARGET:.0f}% {'met' if ok else 'MISSED'}")
+    lines.append("  ceiling: the ground truth placed to the model's frame segments (the best a model "
+                 "reading these frames can localise)")
+    text = "\n".join(lines)
+    print("\n" + text)
+    return missed, table, text
+
+
+def keep_table(text: str, table: dict, metrics: dict[str, float], tracking_uri: str,
+               parent_run_id: str, version: str) -> None:
+    """The table where users look after the terminal: demo.log (a record of the `demo` logger),
+    the pipeline's MLflow parent run (the test metrics as `test/...` and the table's figures as
+    `table/...` metrics, the table as the artifact `demo_table.txt`) and the registered model
+    version (the table as its description, its figures as tags)."""
+    logging.getLogger("demo").info("the demo's table, on the test split:\n%s", text)
+    figures = {k: v for k, v in table.items() if isinstance(v, (int, float))}
+    tracking.log_metrics(tracking_uri, parent_run_id, {
+        **{f"test/{k}": v for k, v in metrics.items()}, **{f"table/{k}": v for k, v in figures.items()}})
+    client = mlflow.MlflowClient(tracking_uri)
+    client.log_text(parent_run_id, text + "\n", "demo_table.txt")
+    client.update_model_version(REGISTERED_MODEL, version,
+                                description=f"The demo's table on the test split:\n\n{text}")
+    for key, value in figures.items():
+        client.set_model_version_tag(REGISTERED_MODEL, version, key, str(value))
 
 
 def serve_and_query(checkpoint: str, data_root: str, records: dict) -> None:
@@ -199,7 +221,7 @@ def local_stack(state_dir: str | None, keep: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=".cache/demo", help="where data, runs and MLflow live")
     p.add_argument("--preset", default="binding_cpu")
     p.add_argument("--size", default="small", choices=sorted(synth.SIZES),
@@ -303,9 +325,10 @@ def run(args, stack: dict | None) -> int:
         baselines = trivial_baselines(train, test, seed=0, captions=False)
         num_frames = json.loads(storage.read_text(storage.join_uri(checkpoint, "config.json")))["num_frames"]
         baselines.update(frame_grid_ceiling(test, num_frames))
-        missed, table = print_table(metrics, baselines)
+        missed, table, text = print_table(metrics, baselines)
         version = tracking.register_checkpoint(tracking_uri, result.parent_run_id, checkpoint,
                                                REGISTERED_MODEL)
+        keep_table(text, table, metrics, tracking_uri, result.parent_run_id, version)
         registered = f"models:/{REGISTERED_MODEL}/{version}"
         print(f"  registered in MLflow: model {REGISTERED_MODEL} version {version} ({registered})")
 
@@ -326,7 +349,8 @@ def run(args, stack: dict | None) -> int:
         print(f"  artifacts:   {artifacts} (expert heatmaps, loss curves)")
     else:
         print(f"  MLflow UI:   {tracking_uri} (artifacts in s3://, proxied by the server)")
-    print(f"  logs:        {log_file}; Ray's workers: {_ray_logs()}")
+    print(f"  logs:        {log_file}; Ray's workers: {_ray_logs(args.local_stack)}")
+    print("  web page:    serve run serve_apps/config.yaml, then open http://127.0.0.1:8000/")
     if missed:
         print(f"  targets missed: {', '.join(missed)}")
     if args.json:
@@ -336,9 +360,12 @@ def run(args, stack: dict | None) -> int:
     return 0
 
 
-def _ray_logs() -> str:
-    """Where Ray's session logs are (RAY_TMPDIR, else Ray's /tmp/ray)."""
-    return os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp/ray", "session_latest", "logs")
+def _ray_logs(stack_state: str | None) -> str:
+    """Where Ray's session logs are: under the stack's Ray temp dir (up.sh's `--temp-dir
+    STATE_DIR/ray`), else under Ray's default one (RAY_TMPDIR, else TMPDIR, else /tmp; then
+    `ray/`: `.cache/ray/ray/...` under make)."""
+    temp = os.path.join(os.path.abspath(stack_state), "ray") if stack_state else get_default_ray_temp_dir()
+    return os.path.join(temp, "session_latest", "logs")
 
 
 if __name__ == "__main__":

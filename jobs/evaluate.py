@@ -1,7 +1,13 @@
-"""Evaluate a checkpoint on a dataset split: predictions, metrics, trivial baselines, report.
+r"""Evaluate a checkpoint on a dataset split: predictions, metrics, trivial baselines, report.
 
-    python jobs/evaluate.py --checkpoint CKPT_URI --manifest test.jsonl --out runs/eval \
-        [--train-manifest train.jsonl] [--split test] [--task mr] [--tracking-uri URI]
+    python jobs/evaluate.py --checkpoint CKPT_URI --manifest ROOT/manifests/test.jsonl --out eval/ \
+        [--train-manifest ROOT/manifests/train.jsonl] [--root ROOT] [--task mr] [--tracking-uri URI]
+
+after `make demo` (the model it registered, the data it rendered):
+
+    python jobs/evaluate.py --checkpoint models:/timeexpert-demo/latest \
+        --tracking-uri sqlite:///.cache/demo/mlflow.db \
+        --manifest .cache/demo/data/small/manifests/test.jsonl --out eval/
 
 Writes under --out: predictions in the official formats (`{task}_predictions.jsonl` for MR/VHD,
 QVHighlights submission rows; `dvc_predictions.json`, ActivityNet challenge json; GQA's NExT-GQA
@@ -11,7 +17,11 @@ files to MLflow when a tracking URI is given (or MLFLOW_TRACKING_URI is set).
 Videos are decoded by the Ray Data pipeline and answered by an actor pool of `--replicas` model
 replicas (`timeexpert.eval.evaluate.predict_records`, as at the end of a training stage; one GPU
 each with `--gpu`), on the cluster of RAY_ADDRESS or a local Ray.
-A video that cannot be decoded is skipped, counted by reason, and scored as a miss.
+Video URIs are resolved under --root, by default the dataset root of the manifest (the folder
+above its `manifests/`, what `jobs/prepare_data.py` writes). A video that is not there stops the
+job before anything runs (exit 2, naming it and the root), unless --allow-missing scores its
+records as misses; a video that cannot be decoded is skipped, counted by reason, and scored as a
+miss.
 """
 
 from __future__ import annotations
@@ -31,9 +41,11 @@ import ray  # noqa: E402
 
 from timeexpert.checkpoints import read_config  # noqa: E402
 from timeexpert.config import DataConfig, VideoConfig  # noqa: E402
-from timeexpert.data.formats import read_manifest  # noqa: E402
+from timeexpert.data.formats import dataset_root, read_manifest  # noqa: E402
 from timeexpert.eval.baselines import trivial_baselines  # noqa: E402
 from timeexpert.eval.evaluate import (  # noqa: E402
+    MissingVideosError,
+    check_videos,
     evaluate_predictions,
     predict_records,
     write_predictions,
@@ -53,7 +65,7 @@ def markdown_report(checkpoint: str, results: dict, skipped: dict) -> str:
     lines = [f"# Evaluation of `{checkpoint}`", ""]
     for task_name, res in results.items():
         task = Task.parse(task_name)
-        keys = [k for k in HEADLINE[task] if k in res["model"]] + ["parse_failure_rate"]
+        keys = [k for k in HEADLINE[task] if k in res["model"]] + ["no_answer_rate", "parse_failure_rate"]
         lines += [f"## {task.value.upper()} ({res['model']['num_records']} records)", "",
                   "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for name, metrics in [("model", res["model"]), *res["baselines"].items()]:
@@ -65,13 +77,19 @@ def markdown_report(checkpoint: str, results: dict, skipped: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir / file:// / s3:// URI")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint dir, file://, s3://, runs:/ or models:/ URI (MLflow: with --tracking-uri)")
     parser.add_argument("--manifest", required=True, help="canonical manifest of the eval split")
     parser.add_argument("--train-manifest", help="train split manifest, for the baselines' priors")
     parser.add_argument("--split", help="keep only records of this split")
     parser.add_argument("--task", choices=[t.value for t in Task], help="default: every task present")
-    parser.add_argument("--root", help="storage root for relative video URIs (default: the manifest's dir)")
+    parser.add_argument("--root", help="dataset root the manifest's video URIs are relative to "
+                        "(default: the folder above the manifest's manifests/ folder)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="score the records of videos that are not there as misses, instead "
+                             "of stopping")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num-frames", type=int, help="frames per video (default: the model's)")
     parser.add_argument("--size", type=int, help="frame height = width (default: the model's)")
@@ -95,10 +113,23 @@ def main(argv=None) -> int:
         print(f"error: no records in {args.manifest} for split={args.split} task={args.task}", file=sys.stderr)
         return 2
     train = read_manifest(args.train_manifest) if args.train_manifest else []
-    root = args.root or (args.manifest.rsplit("/", 1)[0] if "/" in args.manifest else ".")
+    root = args.root or dataset_root(args.manifest)
+    if not args.allow_missing:
+        try:
+            check_videos(records, root)
+        except MissingVideosError as err:
+            print(f"error: {len(err.missing)} of {err.num_videos} videos of {args.manifest} are not "
+                  f"under the root {root!r} ({'--root' if args.root else 'the default of --root'}); "
+                  f"the first: {err.missing[0]}\n"
+                  "Their records would score as misses. Pass --root DATASET_ROOT (the folder "
+                  "holding the manifest's videos), or --allow-missing to score them as misses.",
+                  file=sys.stderr)
+            return 2
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.tracking_uri:  # models:/ and runs:/ checkpoints resolve there, in the replicas too
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     t0 = time.perf_counter()
     try:
         config = read_config(args.checkpoint)
@@ -114,6 +145,7 @@ def main(argv=None) -> int:
             args.checkpoint, records, DataConfig(root=root, video=video, decode_num_cpus=0.25),
             replicas=args.replicas, num_cpus=args.cpus_per_replica,
             num_gpus=1.0 if args.gpu else 0.0, batch_size=args.batch_size,
+            allow_missing=True,  # checked above, unless --allow-missing
         )
     finally:
         if started:

@@ -40,7 +40,8 @@ def export(checkpoint: str, out: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint URI")
     parser.add_argument("--out", required=True, help="a new local folder or s3:// prefix")
     args = parser.parse_args(argv)

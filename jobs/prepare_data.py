@@ -2,8 +2,13 @@
 
     python jobs/prepare_data.py --synthetic {tiny,small,medium,large,level0..level3} [--out ROOT]
         [--seed 0] [--workers N] [--no-baselines] [--captions]
-    python jobs/prepare_data.py --convert FORMAT --input URI --out MANIFEST_URI [--split train]
-        [--durations URI] [--video-pattern 'videos/{vid}.mp4']
+    python jobs/prepare_data.py --convert FORMAT --input URI --out ROOT/manifests/SPLIT.jsonl
+        [--split SPLIT] [--durations URI] [--video-pattern 'videos/{vid}.mp4']
+
+A dataset root, what the training and evaluation jobs read (--data-root, --root):
+
+    ROOT/manifests/{train,val,test}.jsonl   one canonical record a line
+    ROOT/videos/VID.mp4                     the videos, named in the records relative to ROOT
 
 --synthetic writes mp4s, the public-format annotation files and one canonical manifest per split
 under ROOT (a local folder, default .cache/data/{size}, or s3://bucket/prefix), then prints the
@@ -12,7 +17,11 @@ level0..level3 are the difficulty ladder (`synth.LADDER`): one large object acti
 small's settings.
 --convert reads a public annotation file (charades_sta, qvhighlights, activitynet, youcook2,
 sharegpt, evidence) and writes it as a canonical manifest; Charades-STA needs --durations, a JSON
-object {vid: seconds}.
+object {vid: seconds}. Write it as ROOT/manifests/SPLIT.jsonl and put the videos under
+ROOT/videos/ (--video-pattern names them). Each malformed row is reported as `FILE:LINE: what is
+wrong` (json formats: `FILE: video 'VID': ...`) and left out: unparsable times, start > end, a
+start past the video's end, an empty query, a video without a duration; an end past the video's
+duration is clamped to it and said. The last line counts the rows read, written and refused.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import posixpath
 import sys
 
 from timeexpert import storage
@@ -54,7 +64,7 @@ def synthetic(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     if not args.input or not args.out:
-        sys.exit("--convert needs --input and --out")
+        sys.exit("--convert needs --input and --out (ROOT/manifests/SPLIT.jsonl)")
     kwargs: dict = {}
     if args.convert in ("charades_sta", "qvhighlights", "activitynet", "youcook2"):
         kwargs["video_pattern"] = args.video_pattern
@@ -63,20 +73,38 @@ def convert(args: argparse.Namespace) -> None:
     if args.convert == "charades_sta":
         if not args.durations:
             sys.exit("Charades-STA has no durations: pass --durations URI of a {vid: seconds} JSON")
-        kwargs["durations"] = json.loads(storage.read_text(args.durations))
-    records = formats.read_format(args.convert, args.input, **kwargs)
+        try:
+            kwargs["durations"] = json.loads(storage.read_text(args.durations))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --durations {args.durations}: {e}")
+    problems: list[formats.RowProblem] = []
+    try:
+        records = formats.read_format(args.convert, args.input, problems=problems, **kwargs)
+    except (OSError, ValueError) as e:  # the file as a whole: absent, not json
+        sys.exit(f"error: {args.input}: {e}")
+    for problem in problems:
+        print(f"{formats.place(args.input, problem.where)}: {problem.message}", file=sys.stderr)
+    refused = sum(p.refused for p in problems)
+    clamped = len(problems) - refused
     formats.write_manifest(records, args.out)
     counts = collections.Counter(r.task.value for r in records)
-    print(f"{len(records)} records {dict(sorted(counts.items()))} -> {args.out}")
+    print(f"{args.input}: {len(records) + refused} rows read, {len(records)} written "
+          f"{dict(sorted(counts.items()))} to {args.out}, {refused} refused"
+          + (f", {clamped} clamped to their video's duration" if clamped else ""))
+    if posixpath.basename(posixpath.dirname(args.out)) != formats.MANIFESTS_DIR:
+        print(f"note: the jobs read a dataset as ROOT/{formats.MANIFESTS_DIR}/SPLIT.jsonl with the "
+              f"videos under ROOT/ (see --help); {args.out} is not in a {formats.MANIFESTS_DIR}/ folder")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--synthetic", choices=sorted(synth.SIZES), help="render a synthetic benchmark")
     mode.add_argument("--convert", choices=sorted(set(formats.FORMATS) - {"manifest"}),
                       help="convert a public annotation file to a manifest")
-    parser.add_argument("--out", help="output root (--synthetic) or manifest URI (--convert)")
+    parser.add_argument("--out", help="--synthetic: the dataset root (default .cache/data/SIZE); "
+                        "--convert: the manifest, ROOT/manifests/SPLIT.jsonl")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="encoding processes")
     parser.add_argument("--no-baselines", action="store_true", help="skip the baseline scores")

@@ -1,4 +1,4 @@
-"""Ray Tune sweep with ASHA over training hyperparameters; every trial is a Ray Train run.
+r"""Ray Tune sweep with ASHA over training hyperparameters; every trial is a Ray Train run.
 
     python jobs/sweep.py --preset tiny_cpu --data-root .cache/data/tiny --synthetic tiny \
         --num-samples 8 --stage 2 [--gating topk] [--tracking-uri http://127.0.0.1:5000]

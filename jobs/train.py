@@ -1,4 +1,4 @@
-"""Train TimeExpert: the three-stage pipeline (or some stages) on Ray Train.
+r"""Train TimeExpert: the three-stage pipeline (or some stages) on Ray Train.
 
     python jobs/train.py --preset small_cpu --synthetic small --data-root .cache/data/small
     python jobs/train.py --stages 3 --resume-from s3://bucket/runs/x-stage2/checkpoint_...

@@ -12,7 +12,7 @@ truncation.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,6 +48,17 @@ class Prediction:
     # GQA: the index of the option the answer chose (None when it names none); its evidence span
     # is events[0]
     answer: int | None = None
+    # the words of the query (and GQA options) the model's tokenizer does not know
+    # (`GroundingTokenizer.unknown_words`): the model cannot have read them
+    unknown_words: list[str] = field(default_factory=list)
+
+    @property
+    def warning(self) -> str | None:
+        """What to tell the asker when the query has unknown words, else None."""
+        if not self.unknown_words:
+            return None
+        return (f"the model's vocabulary lacks {', '.join(map(repr, self.unknown_words))}: it never "
+                "learnt these words, so this answer is unreliable")
 
 
 @dataclass
@@ -188,6 +199,7 @@ class GroundingModel:
         for r, p in zip(requests, predictions):
             if Task.parse(r.task) == Task.GQA:
                 p.answer = read_gqa_answer(p.events, r.options)[1]
+            p.unknown_words = self.tokenizer.unknown_words(" ".join([r.query, *(r.options or [])]))
         return predictions
 
     def _read_evidence(self, requests, predictions, evidence, durations) -> None:

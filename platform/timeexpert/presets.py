@@ -175,8 +175,8 @@ def paper_gpu() -> Preset:
 def relevance_cpu() -> Preset:
     """small_cpu grounding by frame relevance (`models/frame_relevance.py`): the query before the
     frames, a relevance head on each frame's decoder states, MR / VHD windows read off the
-    relevant frames. It learns the ladder's easy levels (README); on `small` it does not yet beat
-    small_cpu, which stays the demo's default."""
+    relevant frames. It learns the ladder's easy levels (docs/experiments.md); on `small` it does
+    not yet beat small_cpu."""
     base = small_cpu()
     base.model.query_first = base.model.frame_relevance = True
     return Preset(
@@ -187,7 +187,7 @@ def relevance_cpu() -> Preset:
 
 
 def grounding_cpu() -> Preset:
-    """The measured grounding recipe on the CPU demo model (README "Does the model ground?"):
+    """The measured grounding recipe on the CPU demo model (docs/experiments.md, section 2):
     relevance_cpu with prefix-LM attention over the video, 96x96 frames, MR / VHD windows and DVC
     events read off the frames (the time tokens' loss off: no answer reads them), AdamW at 5e-4,
     one stage training everything."""
@@ -208,15 +208,15 @@ def grounding_cpu() -> Preset:
 
 
 def binding_cpu() -> Preset:
-    """grounding_cpu reading the query (README "Binding the words to the objects"): the query's
+    """grounding_cpu reading the query (docs/experiments.md, sections 4-5): the query's
     best match among each frame's patches added to its relevance, trained by the caption
     contrast on every row of a video (`patch_relevance`, `captions_every_row`), GQA answered by
     grounding each option (`answer_from_frames`), DVC by grounding the training captions that
     best match the frames (`dvc_from_captions`, 64 candidates), 2000 steps: on validation the
     binding is not there after 1200 steps and is after 2000; 4000 steps, the longer recipe
-    (`jobs/demo.py --steps 4000`, more than the demo's 20 minutes; README), give the two queries
-    of a video different windows more often (82.5% / 73.3% of the videos of `small` / `medium`
-    val, against 62.5% / 56.7% after 2000)."""
+    (`jobs/demo.py --steps 4000`, more than the demo's 20 minutes; docs/results.md), give the two
+    queries of a video different windows more often (82.5% / 73.3% of the videos of `small` /
+    `medium` val, against 62.5% / 56.7% after 2000)."""
     base = grounding_cpu()
     for key in ("patch_relevance", "captions_every_row", "answer_from_frames",
                 "dvc_from_captions"):

@@ -60,8 +60,9 @@ def test_evaluate_job_writes_predictions_metrics_report_and_mlflow(tmp_path):
         res = summary["results"][task]
         assert res["model"]["num_records"] == sum(r.task.value == task for r in records)
         assert 0.0 <= res["model"]["parse_failure_rate"] <= 100.0  # percent
+        assert 0.0 <= res["model"]["no_answer_rate"] <= 100.0
         assert res["baselines"], f"no baselines for {task}"
-    assert summary["results"]["mr"]["model"]["parse_failure_rate"] > 0  # the broken video
+    assert summary["results"]["mr"]["model"]["no_answer_rate"] > 0  # the broken video
     rows = [json.loads(line) for line in (out / "mr_predictions.jsonl").read_text().splitlines()]
     assert {"qid", "vid", "pred_relevant_windows"} <= set(rows[0])
     assert "results" in json.loads((out / "dvc_predictions.json").read_text())

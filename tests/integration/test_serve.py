@@ -136,6 +136,27 @@ def test_video_uri_allow_list(tmp_path):
         assert info.value.status == status, url
 
 
+def test_video_list_stays_inside_the_allowed_roots(tmp_path):
+    """The page's picker lists the video files under the roots, by path, as the URIs a request
+    takes; a symlink out of a root and a missing root list nothing; `limit` truncates."""
+    from timeexpert.serve.inputs import list_videos, resolve_video_uri
+
+    root, other, outside = tmp_path / "videos", tmp_path / "more", tmp_path / "outside"
+    for folder in (root / "sub", other, outside):
+        folder.mkdir(parents=True)
+    for path in (root / "b.mp4", root / "sub" / "a.MOV", root / "notes.txt", other / "c.webm",
+                 outside / "x.mp4"):
+        path.write_bytes(b"x")
+    os.symlink(outside / "x.mp4", root / "link.mp4")
+    os.symlink(outside, root / "linked")
+    roots = [str(root), str(other), str(tmp_path / "missing")]
+    found, truncated = list_videos(roots, limit=10)
+    assert found == [(str(root / "b.mp4"), "b.mp4"), (str(root / "sub" / "a.MOV"), "sub/a.MOV"),
+                     (str(other / "c.webm"), "c.webm")] and not truncated
+    assert all(resolve_video_uri(uri, roots) == uri for uri, _ in found)
+    assert list_videos(roots, limit=2) == (found[:2], True)
+
+
 def test_decode_cache_is_keyed_by_content_version(tmp_path):
     """A replaced video under the same URI gets a new key; uploads are keyed by their bytes; the
     LRU keeps the newest entries; a missing file is a 404."""
@@ -348,6 +369,11 @@ def test_endpoints_answer_a_synthetic_video(service):
         assert mr["task"] == "mr" and mr["num_frames"] == 8 and 8 <= mr["duration"] <= 10.5
         assert 1 <= len(mr["windows"]) <= 2 and mr["request_id"] == r.headers["x-request-id"]
         _check_windows(mr["windows"], mr["duration"])
+        assert mr["warning"] is None  # every word of the query is in the model's vocabulary
+        r = c.post("/v1/moments", json={"video": video, "query": "a person opens a door"})
+        assert r.status_code == 200 and r.json()["windows"], r.text
+        assert r.json()["warning"] == ("the model's vocabulary lacks 'person', 'opens', 'door': it "
+                                       "never learnt these words, so this answer is unreliable")
 
         r = c.post("/v1/highlights", json={
             "video": {"data_url": _data_url(videos[1])}, "query": "blue square", "clip_len": 2.0,

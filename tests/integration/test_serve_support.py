@@ -13,12 +13,21 @@ import time
 import numpy as np
 
 
-def build_checkpoint(path: str, *, seed: int = 0) -> str:
+# The demo model's way of answering (presets.binding_cpu): windows, DVC events and the GQA answer
+# read off the frames' relevance, not off generated times
+READ_OFF_FRAMES = ("query_first", "frame_relevance", "bidirectional_frames", "dvc_from_frames",
+                   "patch_relevance", "answer_from_frames", "dvc_from_captions")
+CAPTIONS = ["a red circle moves left", "the blue square appears", "a green triangle blinks"]
+
+
+def build_checkpoint(path: str, *, seed: int = 0, read_off_frames: bool = False) -> str:
     """The tiny_cpu model with random weights, saved with save_pretrained (+ tokenizer).
 
     The LM head is zeroed so greedy decoding is cheap and always yields events (all text logits
     tie; the grammar then walks switch -> numbers), and the generation caps are small: the tests
-    check plumbing and shapes, not accuracy.
+    check plumbing and shapes, not accuracy. `read_off_frames`: the demo model's switches
+    (`READ_OFF_FRAMES`), with the frame-relevance read scaled up so that its random frame
+    probabilities differ enough to give windows shorter than the video.
     """
     import torch
 
@@ -28,15 +37,17 @@ def build_checkpoint(path: str, *, seed: int = 0) -> str:
     from timeexpert.presets import get_preset
 
     torch.manual_seed(seed)
-    tok = GroundingTokenizer.train(
-        ["a red circle moves left", "the blue square appears", "a green triangle blinks"],
-        vocab_size=400,
-    )
+    tok = GroundingTokenizer.train(CAPTIONS, vocab_size=400,
+                                   captions=CAPTIONS if read_off_frames else ())
     cfg = get_preset("tiny_cpu").model.with_tokenizer(tok)
     cfg.max_events, cfg.max_caption_tokens, cfg.max_number_symbols = 2, 2, 3
+    for switch in READ_OFF_FRAMES if read_off_frames else ():
+        setattr(cfg, switch, True)
     model = create_model(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.zero_()
+        if read_off_frames:  # frame probabilities far apart: runs of frames, not the whole video
+            model.frame_head.proj.weight.mul_(10.0)
     GroundingModel.from_model(model, tok).save(path)
     return path
 

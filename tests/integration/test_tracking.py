@@ -51,7 +51,8 @@ def test_pipeline_logs_parent_nested_runs_metrics_and_plots(mlflow_server, ray_l
     c = MlflowClient(mlflow_server)
     parent = c.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ablation"] == "full"
-    assert "stage3/eval/mr/R1_0.5" in parent.data.metrics  # MLflow names: "@" -> "_"
+    # MLflow names: "@" -> "_"; the sample in the name: 1 val record per task (eval_max_records)
+    assert "stage3/eval/val1/mr/R1_0.5" in parent.data.metrics
     exp = c.get_experiment_by_name("pipeline-test")
     children = c.search_runs([exp.experiment_id],
                              filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
@@ -61,7 +62,7 @@ def test_pipeline_logs_parent_nested_runs_metrics_and_plots(mlflow_server, ray_l
         history = c.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == [1, 2]
         for key in ("loss_time", "aux_loss", "z_loss", "tokens_per_s", "experts/num_active",
-                    "experts/mean_active/time", "eval/mr/R1_0.5", "eval/dvc/F1", "data/decode_s"):
+                    "experts/mean_active/time", "eval/val1/mr/R1_0.5", "eval/val1/dvc/F1", "data/decode_s"):
             assert key in run.data.metrics, key
         # rank 0's step breakdown every log_every steps, and the stage's totals at its end
         for phase in PHASES + ("step",):

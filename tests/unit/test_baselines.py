@@ -80,7 +80,8 @@ def test_evaluate_predictions_accepts_every_form_and_reports_failures():
         # t4 missing
     }
     m = evaluate_predictions(test, preds)
-    assert m["R1@0.5"] == 50.0 and m["parse_failure_rate"] == 50.0
+    # t3's answer is unparsable, t4 has none: each its own 25%
+    assert m["R1@0.5"] == 50.0 and m["parse_failure_rate"] == 25.0 and m["no_answer_rate"] == 25.0
     with pytest.raises(ValueError, match="no 'dvc' records"):
         evaluate_predictions(test, preds, "dvc")
 

@@ -1,6 +1,6 @@
 """FPO (D2VLM): the loss equals its DPO form by hand, log pi includes the <evi> interval term,
 a few steps on a toy pair make the policy prefer the clean response over the reference, and the
-Ray Train run persists its checkpoint at the output URI it is given."""
+output URI of the Ray Train run is split into its storage path, run name and folder."""
 
 from __future__ import annotations
 
@@ -97,7 +97,10 @@ def test_a_few_fpo_steps_prefer_the_clean_response(setup):
     assert float(pc - pr) > 0  # the clean response is now the more likely one
 
 
-def test_the_fpo_run_persists_its_checkpoint_at_output_uri(tmp_path):
+def test_run_location_splits_an_output_uri_into_storage_path_run_and_folder(tmp_path):
+    """Where train_fpo's Ray Train run writes: the storage path, the run name and the checkpoint
+    folder of its output URI (that the run persists its checkpoint there is checked end to end
+    by tests/distributed/test_recipes.py::test_d2vlm_stage_then_fpo_raises_the_margin)."""
     root = str(tmp_path / "runs")
     assert run_location(f"{root}/d2vlm-fpo/checkpoint/") == (root, "d2vlm-fpo", "checkpoint")
     assert run_location("s3://bucket/runs/d2vlm-fpo/checkpoint") == (

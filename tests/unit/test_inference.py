@@ -44,6 +44,15 @@ def tiny_model(tok, gating="dynamic", seed=0, **overrides) -> TimeExpertForGroun
     return TimeExpertForGrounding(cfg.with_tokenizer(tok))
 
 
+def emitting(model: TimeExpertForGrounding) -> TimeExpertForGrounding:
+    """`model` with its text head zeroed, so that it writes events: a fresh model's text head
+    prefers EOS and answers nothing, while with every text logit tied the grammar walks
+    SWITCH -> times -> score -> caption up to the event cap (as the Serve tests' checkpoint)."""
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    return model
+
+
 def video(num_frames=8, size=32, seed=0, fps=0.5):
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 256, (num_frames, size, size, 3), dtype=np.uint8)
@@ -51,7 +60,7 @@ def video(num_frames=8, size=32, seed=0, fps=0.5):
 
 
 def check_well_formed(pred: Prediction, duration: float, cap: int) -> None:
-    assert isinstance(pred, Prediction) and len(pred.events) <= cap
+    assert isinstance(pred, Prediction) and 1 <= len(pred.events) <= cap
     for e in pred.events:
         assert 0.0 <= e.start <= e.end <= duration
         assert e.score is not None and e.score >= 0 and math.isfinite(e.score)
@@ -59,9 +68,9 @@ def check_well_formed(pred: Prediction, duration: float, cap: int) -> None:
 
 
 @pytest.mark.parametrize("gating", ["topk", "dynamic"])
-def test_generation_is_well_formed_for_all_three_tasks(tok, gating):
+def test_every_event_generated_for_each_task_lies_in_the_video_with_a_score(tok, gating):
     # short caps: an untrained model babbles until a cap, and each step is a decoder pass
-    model = tiny_model(tok, gating, max_caption_tokens=4, max_number_symbols=5).train()
+    model = emitting(tiny_model(tok, gating, max_caption_tokens=4, max_number_symbols=5)).train()
     gm = GroundingModel.from_model(model, tok)
     frames, ts = video()
     stats = {k: v.clone() for k, v in model.state_dict().items()}
@@ -83,6 +92,20 @@ def test_generation_is_well_formed_for_all_three_tasks(tok, gating):
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, stats[k]), k
+
+
+def test_a_query_with_words_the_tokenizer_does_not_know_gets_a_warning(tok):
+    gm = GroundingModel.from_model(tiny_model(tok, "topk", max_caption_tokens=4), tok)
+    frames, ts = video()
+    known = gm.predict(frames, ts, Task.MR, "the cat", duration=16.0)
+    assert known.unknown_words == [] and known.warning is None
+    unknown = gm.predict(frames, ts, Task.MR, "The Dog barks at the cat", duration=16.0)
+    assert unknown.unknown_words == ["dog", "barks"]
+    assert unknown.warning == ("the model's vocabulary lacks 'dog', 'barks': it never learnt "
+                               "these words, so this answer is unreliable")
+    asked = gm.predict(frames, ts, Task.GQA, "what jumps?", duration=16.0,
+                       options=["the cat", "a zebra"])  # the options are read too
+    assert asked.unknown_words == ["what", "zebra"]
 
 
 class ConstantHead(torch.nn.Module):
@@ -126,7 +149,7 @@ def test_grammar_masks_what_the_heads_prefer_but_the_grammar_forbids(tok):
 
 def test_batched_prediction_equals_one_by_one(tok):
     gm = GroundingModel.from_model(
-        tiny_model(tok, "topk", seed=3, max_caption_tokens=4, max_events=3), tok
+        emitting(tiny_model(tok, "topk", seed=3, max_caption_tokens=4, max_events=3)), tok
     )
     reqs = []
     for i, (task, query, n) in enumerate(
@@ -140,6 +163,7 @@ def test_batched_prediction_equals_one_by_one(tok):
         )
     batched = gm.predict_batch(reqs)
     single = [gm.predict_batch([r])[0] for r in reqs]
+    assert all(p.events for p in single)
     assert batched == single
     assert gm.predict_batch([]) == []
 
@@ -237,14 +261,15 @@ def test_vhd_answers_train_the_saliency_scores():
 
 
 @pytest.mark.slow
-def test_checkpoint_round_trip_local_and_s3(tok, tmp_path, s3_server):
+def test_a_checkpoint_loaded_from_local_disk_or_s3_answers_as_the_saved_model(tok, tmp_path, s3_server):
     from timeexpert import storage
 
     gm = GroundingModel.from_model(
-        tiny_model(tok, "dynamic", max_caption_tokens=4, max_events=2), tok
+        emitting(tiny_model(tok, "dynamic", max_caption_tokens=4, max_events=2)), tok
     )
     frames, ts = video()
     expected = gm.predict(frames, ts, "dvc", duration=16.0)
+    assert len(expected.events) == 2
     gm.save(str(tmp_path / "ckpt"))
     local = GroundingModel.load(str(tmp_path / "ckpt"))
     assert local.predict(frames, ts, "dvc", duration=16.0) == expected
@@ -316,11 +341,13 @@ def test_model_overfit_on_examples_reproduces_their_events(tok):
 
 
 @pytest.mark.gpu
-def test_prediction_on_cuda_matches_cpu(tok, tmp_path):
-    gm = GroundingModel.from_model(tiny_model(tok, "topk", max_caption_tokens=4, max_events=2), tok)
+def test_events_predicted_on_cuda_match_the_cpu_ones(tok, tmp_path):
+    gm = GroundingModel.from_model(
+        emitting(tiny_model(tok, "topk", max_caption_tokens=4, max_events=2)), tok)
     gm.save(str(tmp_path / "ckpt"))
     frames, ts = video()
     cpu = GroundingModel.load(str(tmp_path / "ckpt")).predict(frames, ts, "vhd", "a door")
+    assert len(cpu.events) == 2
     cuda = GroundingModel.load(str(tmp_path / "ckpt"), device="cuda")
     assert next(cuda.model.parameters()).is_cuda
     pred = cuda.predict(frames, ts, "vhd", "a door")

@@ -96,14 +96,34 @@ def test_charades_cli(tmp_path, capsys):
     preds = [
         {"qid": 0, "pred_relevant_windows": [[24.3, 30.4, 0.9]]},
         {"vid": "3MSZA", "query": "person opens the door.", "answer": "from 0:02 to 0:05"},
-        # ABCDE has no prediction: a miss, and a parse failure
+        # ABCDE has no prediction: a miss, not a parse failure
     ]
     (tmp_path / "pred.jsonl").write_text("\n".join(json.dumps(p) for p in preds))
     assert charades.main(["--gt", str(gt), "--pred", str(tmp_path / "pred.jsonl")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["num_queries"] == 3
     assert out["R1@0.7"] == pytest.approx(200 / 3)  # [2,5] vs [1,5]: IoU 0.75
-    assert out["parse_failure_rate"] == pytest.approx(100 / 3)
+    assert out["parse_failure_rate"] == 0.0
+    assert out["missing_predictions"] == 1 and out["unmatched_predictions"] == 0
+
+
+def test_charades_cli_names_unmatched_predictions_apart_from_parse_failures(tmp_path, capsys):
+    (tmp_path / "gt.txt").write_text("3MSZA 24.3 30.4##person turn a light on.\n"
+                                     "3MSZA 1.0 5.0##person opens the door.\n")
+    preds = [
+        {"vid": "3MSZA", "query": "person turn a light on", "pred_relevant_windows": [[24, 30]]},
+        {"vid": "3MSZA", "query": "person opens the door.", "answer": "no idea"},
+    ]
+    (tmp_path / "pred.jsonl").write_text("\n".join(json.dumps(p) for p in preds))
+    assert charades.main(["--gt", str(tmp_path / "gt.txt"), "--pred", str(tmp_path / "pred.jsonl")]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    # the row without the GT's trailing "." matches nothing; the second row does not parse
+    assert out["unmatched_predictions"] == 1 and out["missing_predictions"] == 1
+    assert out["parse_failure_rate"] == 50.0 and out["R1@0.5"] == 0.0
+    assert "1 predictions match no GT query" in captured.err
+    assert "query 'person turn a light on'" in captured.err
+    assert "1 GT queries have no prediction" in captured.err and "qid 0" in captured.err
 
 
 def test_charades_bad_gt_line(tmp_path, capsys):

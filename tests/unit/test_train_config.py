@@ -206,7 +206,7 @@ def test_each_phase_starts_from_the_previous_phases_checkpoint(tmp_path, monkeyp
 
     monkeypatch.setattr(stages, "fit", fake_fit)
     monkeypatch.setattr(stages, "_evaluate_and_plot",
-                        lambda uri, cfg, run_id: {"mr/R1@0.5": float(len(fits))})
+                        lambda uri, cfg, run_id: {"mr/R1@0.5": float(len(fits)), "mr/num_records": 1.0})
     l0, l1, target = _roots(tmp_path, "l0", "l1", "target")
     cfg = TrainConfig().replace(data_root=target, name="x", curriculum=[l0, l1], curriculum_steps=3)
     result = stages.run_pipeline(cfg, stages=(2, 3), resume_from="ckpt/start")
@@ -268,3 +268,14 @@ def test_decode_once_ranks_get_equal_parts_of_at_least_a_batch():
     with pytest.raises(ValueError, match="7 training records give each of the 3 workers 2, "
                                          "fewer than one batch of 3"):
         rank_rows(list(range(7)), 3, 3)
+
+
+def test_stage_evaluation_metrics_are_named_by_the_sample_they_were_computed_on():
+    """A stage scores a few records per task: its MLflow names say which and how many."""
+    from timeexpert.train.stages import sample_names
+
+    metrics = {"mr/R1@0.5": 25.0, "mr/num_records": 12.0, "mr/distinct_windows": 16.7,
+               "gqa/Acc@QA": 50.0, "gqa/num_records": 10.0}
+    assert sample_names(metrics, "val") == {
+        "val12/mr/R1@0.5": 25.0, "val12/mr/num_records": 12.0, "val12/mr/distinct_windows": 16.7,
+        "val10/gqa/Acc@QA": 50.0, "val10/gqa/num_records": 10.0}

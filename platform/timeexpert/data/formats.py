@@ -27,6 +27,12 @@ synthetic and real datasets. Each format is a pair `parse_X(text, ...) -> list[R
 
 Formats that carry no id give records ids derived from the video id (`{vid}_{k}`); formats that
 carry no video URI get `video_pattern.format(vid=...)`, relative to the storage root by default.
+
+Every public-format reader checks each row (`_checked`): times that parse, 0 <= start <= end, a
+start inside the video, a query where the task asks one; an end past the video's duration is
+clamped to it. A malformed row raises ValueError naming its line (or its video / item in the json
+formats), or, given a `problems` list, is appended to it as a `RowProblem` and left out (a clamp
+is appended as a note, the row kept): what `jobs/prepare_data.py --convert` reports.
 """
 
 from __future__ import annotations
@@ -38,12 +44,83 @@ import json
 import math
 import posixpath
 import re
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from timeexpert import storage
 from timeexpert.events import EVI, EVI_END, Event, Record, Task
 
 DEFAULT_VIDEO_PATTERN = "videos/{vid}.mp4"  # relative to the storage root
+# A dataset root holds the manifests (ROOT/manifests/SPLIT.jsonl) and the videos they name,
+# relative to it (ROOT/videos/VID.mp4 by default): what `jobs/prepare_data.py` writes.
+MANIFESTS_DIR = "manifests"
+
+
+def dataset_root(manifest_uri: str) -> str:
+    """The dataset root of a manifest: the folder above its `manifests/` folder (else the
+    manifest's own folder)."""
+    folder = posixpath.dirname(manifest_uri) or "."
+    if posixpath.basename(folder) == MANIFESTS_DIR:
+        return posixpath.dirname(folder) or "."
+    return folder
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A malformed row of an annotation file."""
+
+    where: int | str  # its line number (line-based formats), else its video or item
+    message: str  # what is wrong
+    refused: bool = True  # False: the row was kept, changed as the message says (a clamped end)
+
+
+def place(uri: str, where: int | str) -> str:
+    """`FILE:LINE` for a line, `FILE: video 'x'` for a json format's row."""
+    return f"{uri}:{where}" if isinstance(where, int) else f"{uri}: {where}"
+
+
+def _refuse(problems: list[RowProblem] | None, fmt: str, where: int | str, message: Any) -> None:
+    """A malformed row: raised (ValueError naming it) unless the caller collects `problems`."""
+    if problems is None:
+        raise ValueError(f"{fmt} {'line ' if isinstance(where, int) else ''}{where}: {message}")
+    problems.append(RowProblem(where, str(message)))
+
+
+def _seconds(text: Any, what: str) -> float:
+    """A time as the annotation writes it, in seconds."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {text!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} {text!r} is not a number of seconds")
+    return value
+
+
+QUERY_TASKS = (Task.MR, Task.VHD, Task.GQA)  # the tasks whose rows need a query
+
+
+def _checked(record: Record, fmt: str, where: int | str,
+             problems: list[RowProblem] | None) -> Record | None:
+    """The row's record after the checks every format shares, or None when refused: a query
+    where the task needs one, every event starting inside the video; an end past the video's
+    duration is clamped to it (noted in `problems`)."""
+    if record.task in QUERY_TASKS and not record.query.strip():
+        _refuse(problems, fmt, where, f"empty query (task {record.task.value} needs one)")
+        return None
+    for e in record.events:
+        if e.start >= record.duration:
+            _refuse(problems, fmt, where, f"event {e.start:g}-{e.end:g} s starts at or after the "
+                                          f"end of the video ({record.duration:g} s)")
+            return None
+    past = [e for e in record.events if e.end > record.duration]
+    if not past:
+        return record
+    if problems is not None:
+        problems.append(RowProblem(
+            where, f"end {past[0].end:g} s is past the video's duration {record.duration:g} s: "
+                   f"clamped to {record.duration:g} s", refused=False))
+    return replace(record, events=[replace(e, end=min(e.end, record.duration)) for e in record.events])
 
 
 def video_id(record: Record) -> str:
@@ -107,21 +184,23 @@ def parse_charades_sta(
     durations: Mapping[str, float],
     video_pattern: str = DEFAULT_VIDEO_PATTERN,
     split: str = "train",
+    problems: list[RowProblem] | None = None,
 ) -> list[Record]:
-    """`vid start end##query` lines -> MR records (durations per vid come from elsewhere)."""
+    """`vid start end##query` lines -> MR records (durations per vid come from elsewhere; a
+    video without one is unknown)."""
     records, counts = [], collections.Counter()
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         head, sep, query = line.partition("##")
         parts = head.split()
-        if not sep or len(parts) != 3:
-            raise ValueError(f"Charades-STA line {lineno}: expected 'vid start end##query': {line!r}")
-        vid, start, end = parts[0], float(parts[1]), float(parts[2])
-        if vid not in durations:
-            raise ValueError(f"Charades-STA line {lineno}: no duration given for video {vid!r}")
-        records.append(
-            Record(
+        try:
+            if not sep or len(parts) != 3:
+                raise ValueError(f"expected 'VID START END##QUERY', got {line!r}")
+            vid, start, end = parts[0], _seconds(parts[1], "start"), _seconds(parts[2], "end")
+            if vid not in durations:
+                raise ValueError(f"unknown video {vid!r}: no duration given for it")
+            record = Record(
                 id=f"{vid}_{counts[vid]}",
                 video=video_pattern.format(vid=vid),
                 duration=float(durations[vid]),
@@ -130,8 +209,13 @@ def parse_charades_sta(
                 events=[Event(start=start, end=end)],
                 split=split,
             )
-        )
-        counts[vid] += 1
+        except ValueError as e:
+            _refuse(problems, "Charades-STA", lineno, e)
+            continue
+        record = _checked(record, "Charades-STA", lineno, problems)
+        if record is not None:
+            records.append(record)
+            counts[vid] += 1
     return records
 
 
@@ -153,6 +237,7 @@ def parse_qvhighlights(
     split: str = "train",
     task: Task | str = Task.VHD,
     clip_len: float = 2.0,
+    problems: list[RowProblem] | None = None,
 ) -> list[Record]:
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -160,7 +245,7 @@ def parse_qvhighlights(
             continue
         try:
             d = json.loads(line)
-            duration = float(d["duration"])
+            duration = _seconds(d["duration"], "duration")
             clip_ids = [int(c) for c in d.get("relevant_clip_ids", [])]
             scores = d.get("saliency_scores", [])
             if len(scores) != len(clip_ids):
@@ -174,21 +259,27 @@ def parse_qvhighlights(
                     if not 0 <= cid < len(saliency):
                         raise ValueError(f"clip id {cid} outside 0..{len(saliency) - 1}")
                     saliency[cid] = sum(s) / len(s)
-            records.append(
-                Record(
-                    id=str(d["qid"]),
-                    video=video_pattern.format(vid=d["vid"]),
-                    duration=duration,
-                    task=task,
-                    query=d["query"],
-                    events=[Event(start=float(w[0]), end=float(w[1])) for w in d.get("relevant_windows", [])],
-                    saliency=saliency,
-                    clip_len=clip_len,
-                    split=split,
-                )
+            record = Record(
+                id=str(d["qid"]),
+                video=video_pattern.format(vid=d["vid"]),
+                duration=duration,
+                task=task,
+                query=d["query"],
+                events=[Event(start=_seconds(w[0], "start"), end=_seconds(w[1], "end"))
+                        for w in d.get("relevant_windows", [])],
+                saliency=saliency,
+                clip_len=clip_len,
+                split=split,
             )
-        except (KeyError, ValueError, TypeError, IndexError) as e:
-            raise ValueError(f"QVHighlights line {lineno}: {e}") from None
+        except KeyError as e:
+            _refuse(problems, "QVHighlights", lineno, f"missing field {e}")
+            continue
+        except (ValueError, TypeError, IndexError) as e:
+            _refuse(problems, "QVHighlights", lineno, e)
+            continue
+        record = _checked(record, "QVHighlights", lineno, problems)
+        if record is not None:
+            records.append(record)
     return records
 
 
@@ -218,33 +309,40 @@ def dump_qvhighlights(records: Iterable[Record]) -> str:
 
 
 def parse_activitynet(
-    text: str, *, video_pattern: str = DEFAULT_VIDEO_PATTERN, split: str = "train"
+    text: str, *, video_pattern: str = DEFAULT_VIDEO_PATTERN, split: str = "train",
+    problems: list[RowProblem] | None = None,
 ) -> list[Record]:
     data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"ActivityNet Captions json must be an object by video id, got {type(data)}")
     records = []
     for vid, d in data.items():
-        if len(d["timestamps"]) != len(d["sentences"]):
-            raise ValueError(
-                f"ActivityNet video {vid!r}: {len(d['timestamps'])} timestamps but "
-                f"{len(d['sentences'])} sentences"
-            )
-        events = [
-            Event(start=float(t[0]), end=float(t[1]), caption=s.strip())
-            for t, s in zip(d["timestamps"], d["sentences"])
-        ]
-        records.append(
-            Record(
+        where = f"video {vid!r}"
+        try:
+            if len(d["timestamps"]) != len(d["sentences"]):
+                raise ValueError(f"{len(d['timestamps'])} timestamps but {len(d['sentences'])} sentences")
+            events = [
+                Event(start=_seconds(t[0], "start"), end=_seconds(t[1], "end"), caption=s.strip())
+                for t, s in zip(d["timestamps"], d["sentences"])
+            ]
+            record = Record(
                 id=vid,
                 video=video_pattern.format(vid=vid),
-                duration=float(d["duration"]),
+                duration=_seconds(d["duration"], "duration"),
                 task=Task.DVC,
                 query="",
                 events=events,
                 split=split,
             )
-        )
+        except KeyError as e:
+            _refuse(problems, "ActivityNet", where, f"missing field {e}")
+            continue
+        except (ValueError, TypeError, IndexError, AttributeError) as e:
+            _refuse(problems, "ActivityNet", where, e)
+            continue
+        record = _checked(record, "ActivityNet", where, problems)
+        if record is not None:
+            records.append(record)
     return records
 
 
@@ -265,27 +363,38 @@ def dump_activitynet(records: Iterable[Record]) -> str:
 _YC2_SUBSETS = {"training": "train", "validation": "val", "testing": "test"}
 
 
-def parse_youcook2(text: str, *, video_pattern: str = DEFAULT_VIDEO_PATTERN) -> list[Record]:
+def parse_youcook2(text: str, *, video_pattern: str = DEFAULT_VIDEO_PATTERN,
+                   problems: list[RowProblem] | None = None) -> list[Record]:
     data = json.loads(text)
     if "database" not in data:
         raise ValueError("YouCook2 json needs a top-level 'database' object")
     records = []
     for vid, d in data["database"].items():
-        subset = d.get("subset", "training")
-        records.append(
-            Record(
+        where = f"video {vid!r}"
+        try:
+            subset = d.get("subset", "training")
+            record = Record(
                 id=vid,
                 video=video_pattern.format(vid=vid),
-                duration=float(d["duration"]),
+                duration=_seconds(d["duration"], "duration"),
                 task=Task.DVC,
                 query="",
                 events=[
-                    Event(start=float(a["segment"][0]), end=float(a["segment"][1]), caption=a["sentence"])
+                    Event(start=_seconds(a["segment"][0], "start"), end=_seconds(a["segment"][1], "end"),
+                          caption=a["sentence"])
                     for a in d["annotations"]
                 ],
                 split=_YC2_SUBSETS.get(subset, subset),
             )
-        )
+        except KeyError as e:
+            _refuse(problems, "YouCook2", where, f"missing field {e}")
+            continue
+        except (ValueError, TypeError, IndexError, AttributeError) as e:
+            _refuse(problems, "YouCook2", where, e)
+            continue
+        record = _checked(record, "YouCook2", where, problems)
+        if record is not None:
+            records.append(record)
     return records
 
 
@@ -386,7 +495,8 @@ def dump_sharegpt(records: Iterable[Record]) -> str:
     return json.dumps(items, indent=1)
 
 
-def parse_sharegpt(text: str, *, clip_len: float = 2.0) -> list[Record]:
+def parse_sharegpt(text: str, *, clip_len: float = 2.0,
+                   problems: list[RowProblem] | None = None) -> list[Record]:
     records = []
     for i, d in enumerate(json.loads(text)):
         try:
@@ -413,21 +523,23 @@ def parse_sharegpt(text: str, *, clip_len: float = 2.0) -> list[Record]:
                     if not m:
                         raise ValueError(f"answer line does not follow the DVC template: {line!r}")
                     events.append(Event(start=float(m[1]), end=float(m[2]), caption=m[3]))
-            records.append(
-                Record(
-                    id=str(d["id"]),
-                    video=d["video"],
-                    duration=duration,
-                    task=task,
-                    query=query,
-                    events=events,
-                    saliency=saliency,
-                    clip_len=clip_len,
-                    split=d.get("split", "train"),
-                )
+            record = Record(
+                id=str(d["id"]),
+                video=d["video"],
+                duration=duration,
+                task=task,
+                query=query,
+                events=events,
+                saliency=saliency,
+                clip_len=clip_len,
+                split=d.get("split", "train"),
             )
         except (KeyError, ValueError, TypeError, StopIteration) as e:
-            raise ValueError(f"ShareGPT item {i}: {e}") from None
+            _refuse(problems, "ShareGPT", f"item {i}", e)
+            continue
+        record = _checked(record, "ShareGPT", f"item {i}", problems)
+        if record is not None:
+            records.append(record)
     return records
 
 
@@ -469,7 +581,7 @@ def dump_evidence(records: Iterable[Record]) -> str:
     return json.dumps(items, indent=1)
 
 
-def parse_evidence(text: str) -> list[Record]:
+def parse_evidence(text: str, *, problems: list[RowProblem] | None = None) -> list[Record]:
     records = []
     for i, d in enumerate(json.loads(text)):
         try:
@@ -486,19 +598,21 @@ def parse_evidence(text: str) -> list[Record]:
                 Event(start=float(t[0]), end=float(t[1]), caption=s.strip() if task == Task.DVC else "")
                 for t, s in zip(d["time_gt"], spans)
             ]
-            records.append(
-                Record(
-                    id=str(d["id"]),
-                    video=d["video"],
-                    duration=float(d["duration"]),
-                    task=task,
-                    query=_query_of(human) if task == Task.MR else "",
-                    events=events,
-                    split=d.get("split", "train"),
-                )
+            record = Record(
+                id=str(d["id"]),
+                video=d["video"],
+                duration=float(d["duration"]),
+                task=task,
+                query=_query_of(human) if task == Task.MR else "",
+                events=events,
+                split=d.get("split", "train"),
             )
         except (KeyError, ValueError, TypeError, StopIteration) as e:
-            raise ValueError(f"evidence item {i}: {e}") from None
+            _refuse(problems, "evidence", f"item {i}", e)
+            continue
+        record = _checked(record, "evidence", f"item {i}", problems)
+        if record is not None:
+            records.append(record)
     return records
 
 

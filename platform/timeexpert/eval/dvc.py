@@ -404,8 +404,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Dense video captioning scorer: localization P/R/F1, METEOR, CIDEr, SODA_c"
     )
-    parser.add_argument("--gt", required=True, help="ActivityNet/YouCook2 GT json {vid: {...}}")
-    parser.add_argument("--pred", required=True, help="prediction json {'results': {vid: [...]}}")
+    parser.add_argument("--gt", required=True,
+                        help='ActivityNet Captions json: {VID: {"duration": s, "timestamps": [[start, '
+                             'end], ...], "sentences": [caption, ...]}} (YouCook2 in that form)')
+    parser.add_argument("--pred", required=True,
+                        help='ActivityNet challenge json: {"results": {VID: [{"timestamp": [start, '
+                             'end], "sentence": caption}, ...]}}, VID as in --gt')
     parser.add_argument("--tious", type=float, nargs="+", default=list(DVC_TIOUS))
     parser.add_argument(
         "--protocol", choices=PROTOCOLS, default="timechat",
@@ -418,11 +422,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-captions", action="store_true", help="localization only (no java)")
     args = parser.parse_args(argv)
     try:
-        metrics = eval_dvc(load_json(args.gt), load_json(args.pred), args.tious,
-                           args.max_proposals, captions=not args.no_captions, protocol=args.protocol)
+        gt, pred = load_json(args.gt), load_json(args.pred)
+        metrics = eval_dvc(gt, pred, args.tious, args.max_proposals,
+                           captions=not args.no_captions, protocol=args.protocol)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    predicted = set(pred.get("results", {}))
+    without = [vid for vid in gt if vid not in predicted]
+    unmatched = sorted(predicted - set(gt))
+    if without:
+        print(f"{len(without)} GT videos have no prediction; the first: {without[0]!r}", file=sys.stderr)
+    if unmatched:
+        print(f"{len(unmatched)} predicted videos are not in the GT (left out); the first: "
+              f"{unmatched[0]!r}", file=sys.stderr)
     print(json.dumps({"protocol": args.protocol, **metrics}, indent=4))
     return 0
 

@@ -20,8 +20,13 @@ end of a stage, `jobs/evaluate.py` on a split. Scoring dispatches by task:
   scores 0 and stays in every denominator): Acc@QA, Acc@GQA (right option and IoP >= 0.5), mIoP,
   IoP@0.3/0.5, mIoU, IoU@0.3/0.5, the evidence span being the answer's first window.
 
-Every result carries `parse_failure_rate` (percent of records whose prediction was missing or
-could not be parsed) and `num_records`.
+Every result carries `num_records`, `no_answer_rate` (percent of records without a prediction:
+its video was skipped, or the predictions leave it out) and `parse_failure_rate` (percent of
+records whose answer could not be parsed); both kinds score as misses.
+
+A video that is not there is refused before anything is decoded (`check_videos`,
+`MissingVideosError`): every record of it would score as a miss, and a wrong storage root would
+report a model scoring zero. `predict_records(..., allow_missing=True)` scores them as misses.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import ray.data
 
-from timeexpert import devices
+from timeexpert import devices, storage
 from timeexpert.data.pipeline import build_dataset, row_options
 from timeexpert.eval import dvc as dvc_metrics
 from timeexpert.eval import nextgqa
@@ -63,6 +68,25 @@ def _select(records: Sequence[Record], task: Task | str | None) -> tuple[list[Re
     if not chosen:
         raise ValueError(f"no {task.value!r} records among {len(records)}")
     return chosen, task
+
+
+class MissingVideosError(ValueError):
+    """Videos of the records to score are not under the storage root."""
+
+    def __init__(self, missing: Sequence[str], num_videos: int, root: str) -> None:
+        self.missing, self.num_videos, self.root = list(missing), num_videos, root
+        super().__init__(f"{len(self.missing)} of {num_videos} videos not found under the storage "
+                         f"root {root!r}; the first: {self.missing[0]}")
+
+
+def check_videos(records: Sequence[Record], root: str, storage_options: Mapping[str, Any] | None = None
+                 ) -> None:
+    """MissingVideosError unless every distinct video of `records` exists under `root` (relative
+    URIs resolved against it, as the pipeline resolves them)."""
+    videos = list(dict.fromkeys(storage.resolve_under_root(r.video, root) for r in records))
+    missing = [v for v in videos if not storage.exists(v, **(storage_options or {}))]
+    if missing:
+        raise MissingVideosError(missing, len(videos), root)
 
 
 def parse_all(
@@ -207,7 +231,7 @@ def predict_records(
     checkpoint_uri: str, records: Sequence[Record], data, *, replicas: int = 1,
     num_cpus: float = 1.0, num_gpus: float = 0.0, precision: str = "auto", batch_size: int = 8,
     on_prediction: Callable[[Record, list[float], Any], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, allow_missing: bool = False,
 ) -> tuple[dict[str, Any], list[Record], dict[str, int]]:
     """The answers of the model at `checkpoint_uri` for `records`, off the driver: the Ray Data
     pipeline fetches and decodes the videos (`data`: a DataConfig: storage root, frames and
@@ -217,9 +241,13 @@ def predict_records(
     records that passed the annotation checks, records skipped by reason); a record whose video
     was skipped has no prediction (a miss when scored), one refused for its annotation is not
     scored. `on_prediction(record, frame timestamps, prediction)` sees each answer;
-    `progress(answered, total)` is called after each batch."""
+    `progress(answered, total)` is called after each batch. Videos that are not there raise
+    MissingVideosError before anything starts, unless `allow_missing` (then they are skipped as
+    "missing", scored as misses)."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
+    if not allow_missing:
+        check_videos(records, data.root, data.storage_options)
     dataset = build_dataset(data, records=records, preserve_order=True)
     dataset.dataset.context.enable_progress_bars = False
     answered = dataset.dataset.map_batches(
@@ -264,8 +292,10 @@ def evaluate_predictions(
             dvc_ground_truth(records), dvc_results(records, parsed), captions=captions
         )
         out.pop("num_videos", None)
+    answered = [predictions.get(r.id) is not None for r in records]
     out["num_records"] = len(records)
-    out["parse_failure_rate"] = 100.0 * sum(not p.ok for p in parsed) / len(parsed)
+    out["no_answer_rate"] = 100.0 * answered.count(False) / len(records)
+    out["parse_failure_rate"] = 100.0 * sum(a and not p.ok for a, p in zip(answered, parsed)) / len(parsed)
     return out
 
 

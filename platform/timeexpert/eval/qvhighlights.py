@@ -64,8 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="QVHighlights moment retrieval + highlight detection scorer "
         "(the official standalone_eval metrics)"
     )
-    parser.add_argument("--gt", required=True, help="ground-truth jsonl (official format)")
-    parser.add_argument("--pred", required=True, help="prediction jsonl (official submission format)")
+    parser.add_argument("--gt", required=True,
+                        help='official jsonl, a row a query: {"qid", "query", "vid", "duration", '
+                             '"relevant_windows": [[start, end]], "relevant_clip_ids", "saliency_scores"}')
+    parser.add_argument("--pred", required=True,
+                        help='submission jsonl, a row a query: {"qid", "pred_relevant_windows": [[start, '
+                             'end, score], ...], "pred_saliency_scores": [one per 2 s clip]}')
     parser.add_argument("--out", help="also write the metrics JSON to this path")
     parser.add_argument(
         "--no-match-number",
@@ -81,9 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        submission, ground_truth = load_jsonl(args.pred), load_jsonl(args.gt)
+        if args.no_match_number:
+            pred_qids, gt_qids = {d["qid"] for d in submission}, {d["qid"] for d in ground_truth}
+            if gt_qids - pred_qids or pred_qids - gt_qids:
+                print(f"left out: {len(gt_qids - pred_qids)} GT queries without a prediction, "
+                      f"{len(pred_qids - gt_qids)} predictions matching no GT qid", file=sys.stderr)
         results = eval_qvhighlights(
-            load_jsonl(args.pred),
-            load_jsonl(args.gt),
+            submission,
+            ground_truth,
             match_number=not args.no_match_number,
             empty_as_zero=not args.skip_empty,
         )

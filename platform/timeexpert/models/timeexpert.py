@@ -180,7 +180,7 @@ class TimeExpertConfig(PretrainedConfig):
     # the tokenizer's `captions` (the training split's) that are not events of the row's video but
     # share the most words with one (`train.loop.hard_negatives`: "the red circle grows" against
     # "the red circle shrinks"), contrasted on every frame of the video's events (tried on val,
-    # off: every attribute bound less, README "What else was tried")
+    # off: every attribute bound less, docs/experiments.md section 6)
     frame_threshold: float = 0.6  # salient: this share of the most relevant frame's probability
     # or above (D2VLM's 60%)
     windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)

@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -159,6 +160,15 @@ class GroundingTokenizer:
 
     def encode_text(self, text: str) -> list[int]:
         return self.text.encode(text, add_special_tokens=False)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` (lower-cased, each once, in order) that the text tokenizer has no
+        token of its own for. A byte-level BPE encodes any string, and merges the words it was
+        trained on into tokens: a word it splits into pieces is one the model never learnt as a
+        word (single letters are always tokens, so never reported)."""
+        words = dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z][A-Za-z'-]*", text))
+        return [w for w in words
+                if not any(len(self.encode_text(form)) == 1 for form in (f" {w}", w))]
 
     def decode_text(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self.text.decode(

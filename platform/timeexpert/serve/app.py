@@ -6,6 +6,9 @@
     POST /v1/answers           GQA: video + question + options -> evidence span + chosen option
     POST /v1/chat/completions  OpenAI-style, a `video_url` content part; text + structured events
     GET  /v1/models, /v1/models/{name}   model list / model info (checkpoint, gating, experts)
+    GET  /v1/videos            the videos under the allowed roots (for the page's picker)
+    GET  /v1/videos/content    an allowed video's bytes (for the page's player)
+    GET  /                     the web page: a video, a question, the answer on its timeline
     GET  /healthz              liveness: the ingress answers (no auth)
     GET  /readyz               readiness: 200 when the decoder and the model each have a running
                                replica, else 503 saying which has none and why (no auth)
@@ -13,13 +16,14 @@
 
 Request flow: validate (pydantic, then the config limits in `inputs`) -> VideoDecoder deployment
 (allowed URI or upload -> frames at the model's size) -> GroundingModel deployment (batched) ->
-response model. The ingress keeps the decoder's responses of recent decodes (by content version
-and sampling): a repeated video skips the decoder and its frames go from the object store
-straight to the model replica. Every error body is `ErrorResponse` JSON: client mistakes
-are 4xx saying what was wrong; anything else is a 5xx carrying the request id (Serve's, also the
-`X-Request-ID` header of every response) and logged with it. Load is shed, not queued without
-bound: a request finding the model's queue full (`model.max_queued_requests`) gets 503
-`overloaded` with `Retry-After` at once.
+response model. The web page (`page/`: static HTML and JavaScript, no build step) calls the same
+/v1/ endpoints as any client, with the bearer token the user types. The ingress keeps the
+decoder's responses of recent decodes (by content version and sampling): a repeated video skips
+the decoder and its frames go from the object store straight to the model replica. Every error
+body is `ErrorResponse` JSON: client mistakes are 4xx saying what was wrong; anything else is a
+5xx carrying the request id (Serve's, also the `X-Request-ID` header of every response) and logged
+with it. Load is shed, not queued without bound: a request finding the model's queue full
+(`model.max_queued_requests`) gets 503 `overloaded` with `Retry-After` at once.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the routes' parameter types (Request,
@@ -27,6 +31,8 @@ bound: a request finding the model's queue full (`model.max_queued_requests`) ge
 
 import asyncio
 import logging
+import mimetypes
+import pathlib
 import re
 import time
 import uuid
@@ -34,7 +40,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
@@ -49,6 +55,7 @@ from timeexpert.serve.deployments import (
     DecodedCache,
     GroundingModelServer,
     VideoDecoder,
+    read_video,
     video_version,
 )
 from timeexpert.serve.edge import API_VERSION, Edge, configure_edge, error_response
@@ -57,11 +64,18 @@ from timeexpert.serve.inputs import (
     RequestError,
     check_query,
     check_sampling,
+    list_videos,
+    resolve_video_uri,
     video_source,
 )
 from timeexpert.serve.settings import ServiceConfig
 
 logger = logging.getLogger("ray.serve")
+
+# The web page's files (served as they are; read per request, they are small).
+PAGE_DIR = pathlib.Path(__file__).with_name("page")
+_PAGE_ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
+MAX_LISTED_VIDEOS = 1000  # the picker's list; a client may still name any allowed video
 
 # A lost model replica: the client may retry (503); anything else is a 500.
 # (RayActorError covers ActorDiedError and ActorUnavailableError.) A full queue
@@ -221,6 +235,30 @@ class GroundingIngress:
                 _request_id(request), retry_after_s=self.config.ingress.retry_after_s)
         return S.ReadyResponse(status="ready", replicas={k: n for k, (n, _) in running.items()})
 
+    @fastapi_app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The web page: pick or upload a video, ask, see the answer on the video's timeline."""
+        return HTMLResponse((PAGE_DIR / "index.html").read_text())
+
+    @fastapi_app.get("/page/{name}", include_in_schema=False)
+    async def page_asset(self, name: str) -> Response:
+        if name not in _PAGE_ASSETS:
+            raise StarletteHTTPException(404, f"no page file {name!r}")
+        return Response((PAGE_DIR / name).read_bytes(), media_type=_PAGE_ASSETS[name])
+
+    @fastapi_app.get(
+        f"/{API_VERSION}/videos", response_model=S.VideoListResponse, responses=_ERRORS
+    )
+    async def videos(self, request: Request):
+        """The videos under the allowed roots, by path (at most 1000): a request's `video.uri`."""
+        return await self._guarded(request, self._videos())
+
+    @fastapi_app.get(f"/{API_VERSION}/videos/content", responses=_ERRORS)
+    async def video_content(self, uri: str, request: Request):
+        """The bytes of the video at `uri`, under the same allow-list and size limit as a
+        request's `video.uri`."""
+        return await self._guarded(request, self._video_bytes(uri))
+
     @fastapi_app.get(f"/{API_VERSION}/models", responses=_ERRORS)
     async def list_models(self) -> dict:
         """The served model, in the OpenAI list format."""
@@ -305,6 +343,19 @@ class GroundingIngress:
             self._info = await self.model.info.remote()
         return self._info
 
+    async def _videos(self) -> S.VideoListResponse:
+        found, truncated = await asyncio.to_thread(
+            list_videos, self.config.video.allowed_roots, MAX_LISTED_VIDEOS)
+        return S.VideoListResponse(
+            videos=[S.VideoEntry(uri=uri, name=name) for uri, name in found], truncated=truncated)
+
+    async def _video_bytes(self, uri: str) -> Response:
+        limits = self.config.video
+        resolved = resolve_video_uri(uri, limits.allowed_roots)
+        data = await asyncio.to_thread(read_video, resolved, limits.max_upload_bytes)
+        kind = mimetypes.guess_type(resolved)[0] or "application/octet-stream"
+        return Response(data, media_type=kind)
+
     async def _model_info(self, name: str) -> S.ModelInfoResponse:
         self._check_model(name)
         info = await self._model_meta()
@@ -386,7 +437,7 @@ class GroundingIngress:
         events = [e for e in prediction.events if _overlaps(e, body.window)]
         common = dict(
             request_id=_request_id(request), model=self.config.model_name,
-            duration=duration, num_frames=frames,
+            duration=duration, num_frames=frames, warning=prediction.warning,
         )
         if task == Task.MR:
             return S.MomentsResponse(**common, windows=[_window(e) for e in events])
@@ -447,7 +498,7 @@ class GroundingIngress:
                 prompt_tokens=0, completion_tokens=prediction.num_tokens,
                 total_tokens=prediction.num_tokens,
             ),
-            task=task.value, events=[_event(e) for e in events],
+            task=task.value, events=[_event(e) for e in events], warning=prediction.warning,
         )
 
 

@@ -48,7 +48,7 @@ class VideoDecoder:
             if data is None:
                 # the ingress checked the allow-list; checked again here, where the bytes are read
                 uri = resolve_video_uri(source.uri, self.limits.allowed_roots)
-                data = await asyncio.to_thread(_read_video, uri, self.limits.max_upload_bytes)
+                data = await asyncio.to_thread(read_video, uri, self.limits.max_upload_bytes)
         except RequestError as err:
             return Rejection(err.status, err.kind, err.message)
         self.decoded += 1
@@ -131,7 +131,9 @@ class DecodedCache:
         return {"hits": self.hits, "misses": self.misses, "entries": len(self._items)}
 
 
-def _read_video(uri: str, max_bytes: int) -> bytes:
+def read_video(uri: str, max_bytes: int) -> bytes:
+    """The bytes of a checked video URI; 404 when missing, 413 over `max_bytes` (its size is
+    asked first, so a too-large video is not read)."""
     try:
         fs, path = storage.filesystem(uri)
         size = fs.size(path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import posixpath
 import re
 from dataclasses import dataclass
 
@@ -40,6 +41,9 @@ class VideoSource:
     uri: str | None = None  # resolved (absolute path or s3://bucket/key)
     data: bytes | None = None
 
+
+# what the video picker lists: the containers decord reads and browsers commonly play
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv")
 
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
@@ -80,6 +84,30 @@ def resolve_video_uri(uri: str, allowed_roots: list[str]) -> str:
     raise RequestError(
         403, "forbidden_uri", f"video URI {uri!r} is outside the allowed roots {allowed_roots}"
     )
+
+
+def list_videos(allowed_roots: list[str], limit: int) -> tuple[list[tuple[str, str]], bool]:
+    """The video files under the allowed roots as (uri, name), sorted per root, at most `limit`;
+    and whether there were more. `uri` is what a request's `video.uri` takes (the resolved path or
+    s3:// URI), `name` the path under its root. A file that resolves outside its root (a symlink
+    out) is left out: `resolve_video_uri` would refuse it."""
+    found: list[tuple[str, str]] = []
+    for root in allowed_roots:
+        fs, base = storage.filesystem(root)
+        prefix = f"s3://{base}" if storage.split_scheme(root)[0] == "s3" else base
+        if not fs.isdir(base):
+            continue  # a root not there (yet) has no videos to list
+        for uri in storage.list_files(root):
+            if not uri.lower().endswith(VIDEO_SUFFIXES):
+                continue
+            try:
+                resolved = storage.resolve_under_root(uri, root)
+            except ValueError:
+                continue
+            if len(found) == limit:
+                return found, True
+            found.append((resolved, posixpath.relpath(uri, prefix)))
+    return found, False
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:

@@ -163,11 +163,16 @@ class EventOut(WindowOut):
     caption: str
 
 
+UNKNOWN_WORDS = ("set when the query has words the model's vocabulary lacks: it names them and "
+                 "says that the answer is unreliable")
+
+
 class _GroundingResponse(BaseModel):
     request_id: str
     model: str
     duration: float = Field(description="video length, seconds")
     num_frames: int = Field(description="frames the model saw")
+    warning: str | None = Field(None, description=UNKNOWN_WORDS)
 
 
 class MomentsResponse(_GroundingResponse):
@@ -221,6 +226,7 @@ class ChatCompletionResponse(BaseModel):
     usage: ChatUsage
     task: TaskName
     events: list[EventOut] = Field(description="extension: the structured answer")
+    warning: str | None = Field(None, description=f"extension: {UNKNOWN_WORDS}")
 
 
 class ModelInfoResponse(BaseModel):
@@ -237,6 +243,16 @@ class ModelInfoResponse(BaseModel):
     num_frames: int
     max_batch_size: int
     tasks: list[TaskName]
+
+
+class VideoEntry(BaseModel):
+    uri: str = Field(description="what a request's video.uri takes")
+    name: str = Field(description="the path under its allowed root")
+
+
+class VideoListResponse(BaseModel):
+    videos: list[VideoEntry] = Field(description="the videos under the allowed roots, by path")
+    truncated: bool = Field(description="there are more than the listed ones")
 
 
 class HealthResponse(BaseModel):

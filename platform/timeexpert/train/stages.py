@@ -16,6 +16,9 @@ video of each task (GroundVTS's token-density curve) into the stage's MLflow run
 MLflow (when `cfg.tracking_uri` is set): one parent run per pipeline (or the caller's
 `parent_run_id`), a nested run per stage with params, the workers' step metrics, the stage's
 eval metrics and plots (loss curves, active experts, expert-assignment heatmap) as artifacts.
+A stage scores `cfg.eval_max_records` records per task of `cfg.eval_split`, not the whole split:
+its MLflow metrics carry the sample in their names (`eval/val12/mr/R1@0.5`: 12 val records,
+`sample_names`).
 """
 
 from __future__ import annotations
@@ -194,11 +197,13 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
             else:
                 result.stages[stage] = sr
             log.info(f"== {label} done in {sr.seconds:.0f} s: checkpoint {sr.checkpoint_uri}; "
-                     + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
+                     + ", ".join(f"{k} {v:.3f}" for k, v in
+                                 sample_names(eval_metrics, stage_cfg.eval_split).items()
                                  if k.endswith(("R1@0.5", "HIT@1-VeryGood", "F1", "mIoU"))))
             if uri:
                 _log_stage(uri, run_id, sr, parent_run_id,
-                           f"curriculum{phase.curriculum}" if phase.curriculum else f"stage{stage}")
+                           f"curriculum{phase.curriculum}" if phase.curriculum else f"stage{stage}",
+                           stage_cfg.eval_split)
             start_from = fitted.checkpoint_uri
         if cfg.fpo_steps:
             result.fpo = _run_fpo(cfg, start_from, parent_run_id)
@@ -232,13 +237,13 @@ def _run_fpo(cfg: TrainConfig, start_from: str, parent_run_id: str) -> StageResu
                      eval_metrics=eval_metrics, mlflow_run_id=run_id,
                      seconds=time.perf_counter() - t0)
     if uri:
-        tracking.log_metrics(uri, run_id, {f"eval/{k}": v for k, v in eval_metrics.items()},
+        named = sample_names(eval_metrics, cfg.eval_split)
+        tracking.log_metrics(uri, run_id, {f"eval/{k}": v for k, v in named.items()},
                              step=cfg.fpo_steps)
         tracking.set_tags(uri, run_id, {"checkpoint_uri": output_uri})
         tracking.end_run(uri, run_id)
         if parent_run_id:
-            tracking.log_metrics(uri, parent_run_id,
-                                 {f"fpo/eval/{k}": v for k, v in eval_metrics.items()})
+            tracking.log_metrics(uri, parent_run_id, {f"fpo/eval/{k}": v for k, v in named.items()})
     log.info(f"== fpo done in {sr.seconds:.0f} s: checkpoint {output_uri}; margin "
              f"{train_metrics.get('fpo/first_margin', 0):.3f} -> "
              f"{train_metrics.get('fpo/reward_margin', 0):.3f}")
@@ -255,8 +260,17 @@ def _evaluate_and_plot(checkpoint_uri: str, cfg: TrainConfig, run_id: str) -> di
     return metrics
 
 
-def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str, prefix: str) -> None:
-    tracking.log_metrics(uri, run_id, {f"eval/{k}": v for k, v in sr.eval_metrics.items()},
+def sample_names(metrics: dict[str, float], split: str) -> dict[str, float]:
+    """Evaluation metrics named by the sample they were computed on, its split and its number of
+    records of the metric's task: "mr/R1@0.5" of 12 val records -> "val12/mr/R1@0.5"."""
+    return {f"{split}{int(metrics[key.split('/', 1)[0] + '/num_records'])}/{key}": value
+            for key, value in metrics.items()}
+
+
+def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str, prefix: str,
+               split: str) -> None:
+    named = sample_names(sr.eval_metrics, split)
+    tracking.log_metrics(uri, run_id, {f"eval/{k}": v for k, v in named.items()},
                          step=int(sr.train_metrics.get("step", 0)))
     tracking.log_metrics(uri, run_id, {k: v for k, v in sr.train_metrics.items()
                                        if k.startswith("data/")})
@@ -268,8 +282,7 @@ def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str, prefi
     tracking.log_stage_plots(uri, run_id, routing, stage=sr.stage)
     tracking.end_run(uri, run_id)
     if parent_run_id:
-        tracking.log_metrics(uri, parent_run_id,
-                             {f"{prefix}/eval/{k}": v for k, v in sr.eval_metrics.items()})
+        tracking.log_metrics(uri, parent_run_id, {f"{prefix}/eval/{k}": v for k, v in named.items()})
 
 
 # --- evaluation at the end of a stage ----------------------------------------------------------
@@ -277,12 +290,14 @@ def _log_stage(uri: str, run_id: str, sr: StageResult, parent_run_id: str, prefi
 
 def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | None = None,
                         max_records: int | None = None, batch_size: int = 8,
-                        plot_dir: str = "", progress=None) -> dict[str, float]:
+                        plot_dir: str = "", progress=None, keep: dict | None = None
+                        ) -> dict[str, float]:
     """Generate answers with the checkpoint for up to `max_records` records per task of `split`
     and score them (`timeexpert.eval.evaluate`): {"mr/R1@0.5": ..., "vhd/...", "dvc/..."}.
     `plot_dir`: where to write `token_density_{task}.png` (the per-frame density of kept visual
     tokens of each task's first video, GroundVTS) when the model samples tokens. `progress(answered,
-    total)`: called after each batch (`predict_records`)."""
+    total)`: called after each batch (`predict_records`). `keep`: a dict that receives the scored
+    `records` and their `predictions` (record id -> Prediction), for per-video statistics."""
     split = cfg.eval_split if split is None else split
     max_records = cfg.eval_max_records if max_records is None else max_records
     if not split or max_records <= 0:
@@ -306,6 +321,8 @@ def evaluate_checkpoint(checkpoint_uri: str, cfg: TrainConfig, *, split: str | N
         precision=cfg.precision, batch_size=batch_size, on_prediction=plot_density,
         progress=progress,
     )
+    if keep is not None:
+        keep.update(records=scored, predictions=predictions)
     out: dict[str, float] = {}
     for task in Task:
         task_records = [r for r in scored if r.task == task]
