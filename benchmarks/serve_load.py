@@ -14,6 +14,13 @@ client, stopping early after `--max-seconds`) and reports p50 / p99 latency, req
 - `model`: the same video every time (the ingress's decode cache hits: its decoded frames go from
   the object store to the model replica): HTTP + the model deployment.
 
+Overload (the batched app, model path): requests sent open-loop, on a fixed schedule whatever
+the answers, at `--overload` (4) times the sustainable rate (its 16-client requests/s) for
+`--overload-seconds`. The model deployment takes `max_ongoing_requests` (2 x batch = 32) at a
+time and lets `MAX_QUEUED` more wait; the rest get 503 `overloaded` with Retry-After. Reported:
+the accepted requests' p50 / p99 (bounded: about (32 + MAX_QUEUED) / the sustainable rate, not
+growing with the overload), how many were shed and how fast (`overload_shed_p99_ms`).
+
 The baseline is the same model called in-process (`GroundingModel.predict` on frames decoded
 once, one thread like a replica), timed in alternation with single HTTP requests on the model
 path so both see the same machine load. Targets: zero errors; `batching_speedup_16` (model path,
@@ -38,6 +45,7 @@ CONCURRENCY = (1, 4, 16)
 NUM_VIDEOS = 24  # distinct videos for the whole path; > cache entries + 16 in flight
 CACHE_ENTRIES = 4
 QUERY = "a red circle moves left"
+MAX_QUEUED = 16  # the model deployment's max_queued_requests in both apps
 
 
 def _args(parser) -> None:
@@ -45,6 +53,10 @@ def _args(parser) -> None:
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="stop issuing requests of one setting after this long")
     parser.add_argument("--port", type=int, default=0, help="HTTP port (0: a free one)")
+    parser.add_argument("--overload", type=float, default=4.0,
+                        help="open-loop rate of the overload phase, times the sustainable rate")
+    parser.add_argument("--overload-seconds", type=float, default=15.0,
+                        help="how long the overload phase sends requests")
     parser.add_argument("--pairs", type=int, default=40,
                         help="in-process / HTTP pairs for the overhead (the model's own run-to-run "
                              "spread is larger than the overhead: fewer pairs give noise)")
@@ -163,6 +175,51 @@ async def load(url: str, bodies, clients: int, total: int, max_seconds: float) -
     }
 
 
+async def overload(url: str, bodies, rate: float, seconds: float) -> dict:
+    """Open loop: request i leaves at i / `rate` s, answered or not, for `seconds` (at most
+    rate x seconds requests, each with a 300 s timeout). Accepted (200) and shed (503) latencies
+    apart."""
+    import httpx
+
+    accepted: list[float] = []
+    shed: list[float] = []
+    errors: list[str] = []
+
+    async def one(http, i):
+        t0 = time.perf_counter()
+        try:
+            r = await http.post(url, json=bodies(i))
+        except httpx.HTTPError as err:
+            errors.append(repr(err))
+            return
+        seconds_taken = time.perf_counter() - t0
+        if r.status_code == 200:
+            accepted.append(seconds_taken)
+        elif r.status_code == 503 and r.headers.get("retry-after"):
+            shed.append(seconds_taken)
+        else:
+            errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    total = max(1, int(rate * seconds))
+    limits = httpx.Limits(max_connections=total, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(total):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(http, i)))
+        await asyncio.gather(*tasks)
+    return {
+        "rate": rate, "sent": total, "accepted": len(accepted), "shed": len(shed),
+        "errors": len(errors), "error_samples": errors[:3],
+        "accepted_p50_ms": percentile(accepted, 50) * 1e3,
+        "accepted_p99_ms": percentile(accepted, 99) * 1e3,
+        "shed_p99_ms": percentile(shed, 99) * 1e3,
+    }
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], _args)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -191,13 +248,14 @@ def main() -> None:
                                 "max_windows": 2},
             "model": lambda i: {"video": {"uri": videos[0]}, "query": QUERY, "max_windows": 2},
         }
-        overhead, stats, batching = {}, {}, {}
+        overhead, stats, batching, shedding = {}, {}, {}, {}
         # one app at a time: the idle replicas of another app would take their share of the two
         # cores from the one being measured
         for name, batch in (("batched", 16), ("unbatched", 1)):
             serve.run(app(ServiceConfig(
                 model={"checkpoint": ckpt, "max_batch_size": batch, "num_cpus": 1.0,
-                       "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                       "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                       "max_queued_requests": MAX_QUEUED},
                 video={"allowed_roots": [os.path.join(tmp, "videos")],
                        "decode_cache_entries": CACHE_ENTRIES},
                 decoder={"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
@@ -216,6 +274,15 @@ def main() -> None:
                           f"{r['rps']:.2f} req/s", file=sys.stderr)
                     for sample in r["error_samples"]:
                         print(f"  error: {sample}", file=sys.stderr)
+            if name == "batched":
+                sustainable = results["batched/model/c16"]["rps"]
+                shedding = asyncio.run(overload(url, paths["model"], args.overload * sustainable,
+                                                args.overload_seconds))
+                print(f"overload at {args.overload:g}x {sustainable:.1f} req/s: "
+                      f"{shedding['accepted']} accepted (p50 {shedding['accepted_p50_ms']:.0f} ms, "
+                      f"p99 {shedding['accepted_p99_ms']:.0f} ms), {shedding['shed']} shed "
+                      f"(p99 {shedding['shed_p99_ms']:.0f} ms), {shedding['errors']} errors",
+                      file=sys.stderr)
             o = overhead[name] = paired_overhead(call, url, paths["model"](0), repeats=args.pairs)
             print(f"{name}: in-process p50 {o['inprocess_p50_ms']:.1f} ms, HTTP p50 "
                   f"{o['http_p50_ms']:.1f} ms (paired)", file=sys.stderr)
@@ -239,7 +306,7 @@ def main() -> None:
         if rps[f"unbatched/{path}/c16"] else float("nan")
     )
     emit({
-        "errors": sum(v["errors"] for v in results.values()),
+        "errors": sum(v["errors"] for v in results.values()) + shedding["errors"],
         "rps": rps,
         "p50_ms": {k: round(v["p50_ms"], 1) for k, v in results.items()},
         "p99_ms": {k: round(v["p99_ms"], 1) for k, v in results.items()},
@@ -252,6 +319,11 @@ def main() -> None:
         "p50_overhead_ms": round(overhead["unbatched"]["overhead_ms"], 1),
         # the same through the batched app: adds up to batch_wait_timeout_s by design
         "p50_overhead_ms_batched": round(overhead["batched"]["overhead_ms"], 1),
+        # open-loop overload of the batched app's model path (MAX_QUEUED may wait)
+        "overload": {k: (round(v, 1) if isinstance(v, float) else v)
+                     for k, v in shedding.items() if k != "error_samples"},
+        "overload_accepted_p99_ms": round(shedding["accepted_p99_ms"], 1),
+        "overload_shed_p99_ms": round(shedding["shed_p99_ms"], 1),
         "decode_cache": stats,
         "model_batches": batching,
     }, as_json=args.json)

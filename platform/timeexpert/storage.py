@@ -7,15 +7,29 @@ S3 endpoint and credentials come from the standard AWS settings (`AWS_ENDPOINT_U
 
 `resolve_under_root` is the one containment check: a manifest entry or a Serve request may only
 name a URI under the configured storage root.
+
+`retrying` is the one wait for an endpoint that stopped answering (an object store restarting, a
+network partition): it retries with a bounded exponential backoff and says how long it waited.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
-from typing import IO, Any
+import time
+from typing import IO, Any, Callable, TypeVar
 
+import botocore.exceptions
 import fsspec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# s3fs options of a call made inside `retrying`: botocore gives up after one attempt instead of
+# retrying for ~8 s on its own, so that the wait happens, and is counted, in `retrying`
+FAIL_FAST: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
 
 LOCAL_SCHEMES = ("", "file", "local")
 SUPPORTED_SCHEMES = ("", "file", "s3")
@@ -109,6 +123,92 @@ def read_text(uri: str, **storage_options: Any) -> str:
 
 def write_text(uri: str, text: str, **storage_options: Any) -> None:
     write_bytes(uri, text.encode("utf-8"), **storage_options)
+
+
+def put_file(local_path: str, uri: str, **storage_options: Any) -> None:
+    """Copy one local file to `uri`. An object appears whole or not at all: an S3 PUT is atomic,
+    and a local copy is written beside its name and renamed into place."""
+    fs, path = filesystem(uri, **storage_options)
+    if _is_s3(uri):
+        fs.put_file(local_path, path)
+        return
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    partial = f"{path}.partial-{os.getpid()}"
+    fs.put_file(local_path, partial)
+    os.replace(partial, path)
+
+
+def file_sizes(uri: str, **storage_options: Any) -> dict[str, int]:
+    """Every file under the folder `uri` as {path relative to it, with "/": size in bytes}; {}
+    when nothing is there."""
+    fs, root = filesystem(uri, **storage_options)
+    root = root.rstrip("/")
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {path[len(root):].lstrip("/"): int(info["size"]) for path, info in found.items()
+            if path.startswith(root + "/")}
+
+
+def remove_dir(uri: str, **storage_options: Any) -> None:
+    """Remove the folder `uri` and everything under it (nothing when it does not exist)."""
+    fs, path = filesystem(uri, **storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_dirs(uri: str, **storage_options: Any) -> list[str]:
+    """The names of the folders directly under `uri`, sorted ([] when it does not exist)."""
+    fs, root = filesystem(uri, **storage_options)
+    try:
+        entries = fs.ls(root.rstrip("/"), detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries
+                  if e["type"] == "directory")
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether `err` says the storage endpoint did not answer (refused or reset connections,
+    timeouts, a 5xx such as S3's 503 SlowDown), as opposed to a request it refused."""
+    if isinstance(err, (botocore.exceptions.ConnectionError, botocore.exceptions.ReadTimeoutError,
+                        ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, botocore.exceptions.ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500
+    cause = err.__cause__ or err.__context__
+    return cause is not None and cause is not err and is_unreachable(cause)
+
+
+def retrying(fn: Callable[[], T], *, what: str, budget_s: float,
+             first_wait_s: float = 0.5, max_wait_s: float = 8.0) -> tuple[T, float]:
+    """`fn()`, retried while the storage endpoint does not answer (`is_unreachable`): waits
+    `first_wait_s`, doubling up to `max_wait_s` each, until it succeeds or `budget_s` seconds of
+    waiting are spent (then the last error is raised). Returns (its result, seconds waited:
+    the sleeps and the failed attempts). Any other error is raised at once."""
+    waited, wait = 0.0, first_wait_s
+    while True:
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - sorted by is_unreachable, else raised
+            if not is_unreachable(err):
+                raise
+            waited += time.perf_counter() - t0
+            if waited >= budget_s:
+                raise TimeoutError(f"storage did not answer for {waited:.0f} s while trying to "
+                                   f"{what} (budget {budget_s:.0f} s): {err}") from err
+            log.warning("storage unreachable while trying to %s (%s); retrying in %.1f s, "
+                        "%.0f s waited so far", what, type(err).__name__, wait, waited)
+            time.sleep(min(wait, budget_s - waited))
+            waited += min(wait, budget_s - waited)
+            wait = min(wait * 2, max_wait_s)
+            continue
+        if waited:
+            log.warning("storage answered again: %s after waiting %.1f s", what, waited)
+        return result, waited
 
 
 def upload_dir(local_dir: str, uri: str, **storage_options: Any) -> None:

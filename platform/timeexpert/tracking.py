@@ -8,11 +8,13 @@ import; jobs decide when.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from typing import Any, Mapping, Sequence
 
@@ -128,18 +130,74 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint_uri: str, nam
 
 
 class StepLogger:
-    """Step metrics from a Train worker into a run by id; a no-op without URI or run id."""
+    """Step metrics from a Train worker into a run by id; a no-op without URI or run id.
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    Training never waits for MLflow: `log` queues the metrics and a thread sends them in order.
+    While the tracking server does not answer, they stay queued and go out when it answers again
+    (one warning when it stops, one line when it is back, saying how long it was away). Dropped,
+    with one warning each time saying how many: the oldest beyond `max_buffered` queued steps,
+    and at `close` what the server has not taken within `close_timeout_s`."""
+
+    def __init__(self, tracking_uri: str, run_id: str, *, max_buffered: int = 10_000,
+                 close_timeout_s: float = 300.0) -> None:
         self.enabled = bool(tracking_uri and run_id)
         self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.max_buffered, self.close_timeout_s = max_buffered, close_timeout_s
+        self.sent = self.dropped = 0  # logged steps sent / dropped
+        self._queue: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing, self._closing_at = False, 0.0
+        self._thread = None
+        if self.enabled:
+            self._thread = threading.Thread(target=self._send, name="mlflow-steps", daemon=True)
+            self._thread.start()
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        with self._cond:
+            self._queue.append((dict(metrics), step))
+            if len(self._queue) > self.max_buffered:
+                self._queue.popleft()
+                self.dropped += 1
+                if self.dropped == 1:
+                    logger.warning("MLflow step metrics: more than %d steps waiting for %s; "
+                                   "dropping the oldest (training goes on)", self.max_buffered,
+                                   self.tracking_uri)
+            self._cond.notify()
+
+    def _send(self) -> None:
+        down_since, wait = None, 1.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                metrics, step = self._queue[0]
             try:
                 log_metrics(self.tracking_uri, self.run_id, metrics, step)
             except Exception as err:  # tracking must never kill training
-                logger.warning("MLflow logging failed (training goes on): %s", err)
+                if down_since is None:
+                    down_since = time.monotonic()
+                    logger.warning("MLflow at %s did not take step metrics (%s); keeping them "
+                                   "and sending them when it answers (training goes on)",
+                                   self.tracking_uri, err)
+                with self._cond:  # close() may cut the wait short
+                    self._cond.wait(timeout=wait)
+                    if self._closing and time.monotonic() - self._closing_at > self.close_timeout_s:
+                        return
+                wait = min(wait * 2, 30.0)
+                continue
+            with self._cond:
+                if self._queue:  # else close() gave up on it meanwhile
+                    self._queue.popleft()
+                self.sent += 1
+            if down_since is not None:
+                logger.warning("MLflow at %s answers again after %.0f s; sending the %d steps "
+                               "kept meanwhile", self.tracking_uri,
+                               time.monotonic() - down_since, len(self._queue) + 1)
+                down_since, wait = None, 1.0
 
     def log_artifact(self, path: str, artifact_path: str = "") -> None:
         if self.enabled:
@@ -149,7 +207,22 @@ class StepLogger:
                 logger.warning("MLflow artifact upload failed (training goes on): %s", err)
 
     def close(self) -> None:
-        pass
+        """Send what is queued, waiting up to `close_timeout_s`; drop the rest, saying so."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._closing, self._closing_at = True, time.monotonic()
+            self._cond.notify_all()
+        self._thread.join(timeout=self.close_timeout_s)
+        with self._cond:
+            left = len(self._queue)
+            self._queue.clear()
+        if left:
+            self.dropped += left
+            logger.warning("MLflow at %s did not answer within %.0f s at the end of training: "
+                           "dropped %d steps of metrics (%d sent)", self.tracking_uri,
+                           self.close_timeout_s, left, self.sent)
+        self._thread = None
 
 
 # --- plots -------------------------------------------------------------------------------------

@@ -100,6 +100,32 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_s3_data, t
     assert state["step"] == 5 and state["samples"] == 5 * 2
 
 
+def test_a_crash_in_the_middle_of_a_checkpoint_resumes_from_the_previous_one(
+        ray_cluster, tiny_s3_data, s3_server):
+    """Rank 0 dies in step 4's checkpoint write, once it has stored the model (rank 1 has stored
+    and committed its part): Ray Train restarts the group from step 2's checkpoint, the half
+    written one is never read, and the run reports and removes it at the end."""
+    from timeexpert import storage
+    from timeexpert.checkpoints import check_checkpoint
+    from timeexpert.data import formats
+    from timeexpert.train.loop import fit, prepare_tokenizer
+
+    cfg = _config(data_root=tiny_s3_data, storage_root=f"{s3_server.root}/runs", name="cut",
+                  num_steps=6, ep_size=2, max_failures=1, fail_at_step=4, fail_rank=0,
+                  fail_after_part="model.safetensors")
+    tok = prepare_tokenizer(cfg, formats.read_manifest(f"{tiny_s3_data}/manifests/train.jsonl"))
+    result = fit(cfg, tokenizer_uri=tok)
+    state = json.loads(storage.read_text(f"{result.checkpoint_uri}/train_state.json"))["state"]
+    assert state["resumed_at"] == [2] and state["restores"] == 1
+    assert state["step"] == 6 and state["samples"] == 6 * 2
+    assert len(result.removed_incomplete) == 1, result.removed_incomplete
+    assert not storage.exists(result.removed_incomplete[0])
+    run_dir = storage.join_uri(cfg.storage_root, cfg.run_name())
+    kept = [d for d in storage.list_dirs(run_dir) if d.startswith("checkpoint_")]
+    assert len(kept) == cfg.num_checkpoints_kept
+    assert all(check_checkpoint(storage.join_uri(run_dir, d)).complete for d in kept)
+
+
 def test_a_run_resumes_at_another_world_size(ray_cluster, tiny_s3_data, tmp_path):
     """Two workers at EP=2 with ZeRO-2 write step 4; the same run resumed on one worker at EP=1
     goes on to step 6 with the optimizer state carried over: the experts' moments resharded by

@@ -1,7 +1,9 @@
 """The three-stage pipeline logs to a real `mlflow server` (SQLite): a parent run, a nested run
-per stage with step metrics, eval metrics and plots."""
+per stage with step metrics, eval metrics and plots; step metrics wait out a server restart."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -75,3 +77,39 @@ def test_pipeline_logs_parent_nested_runs_metrics_and_plots(mlflow_server, ray_l
         stage = run.data.tags["stage"]
         assert {f"plots/loss_curves_stage{stage}.png", f"plots/expert_heatmap_stage{stage}.png",
                 f"plots/active_experts_stage{stage}.png"} <= arts, arts
+
+
+def test_step_metrics_wait_out_a_tracking_server_restart(tmp_path, monkeypatch):
+    """The tracking server stops while a worker logs steps 3-5: `log` does not wait, the steps
+    are kept and arrive, in order, once the server is back; none is dropped."""
+    from mlflow.tracking import MlflowClient
+
+    from benchmarks.local_servers import MlflowServer
+    from timeexpert import tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # MLflow's own retries: 2, 4, 8 s
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        run_id = tracking.create_run(server.uri, "outage", "steps")
+        logger = tracking.StepLogger(server.uri, run_id)
+        for step in (1, 2):
+            logger.log({"loss": 1.0 / step}, step)
+        deadline = time.monotonic() + 30
+        while logger.sent < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert logger.sent == 2
+        server.stop()
+        t0 = time.perf_counter()
+        for step in (3, 4, 5):
+            logger.log({"loss": 1.0 / step}, step)
+        assert time.perf_counter() - t0 < 0.5  # training does not wait for the server
+        time.sleep(3)
+        assert logger.sent == 2
+        server.start()
+        logger.close()
+        assert (logger.sent, logger.dropped) == (5, 0)
+        history = MlflowClient(server.uri).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    finally:
+        server.stop()

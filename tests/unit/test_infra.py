@@ -38,6 +38,28 @@ def test_k8s_manifests_have_the_expected_kinds():
         assert kinds[kind]["apiVersion"] == "ray.io/v1"
 
 
+def test_rayservice_probes_point_at_the_apps_readiness_and_liveness_routes():
+    """Every Serve pod's readiness probe asks /readyz (a model replica can answer), its
+    liveness probe (where set) /healthz, on the Serve port; both are routes of the app."""
+    from timeexpert.serve.app import fastapi_app
+
+    routes = set(fastapi_app.openapi()["paths"])
+    spec = _kinds()["RayService"]["spec"]
+    port = yaml.safe_load(spec["serveConfigV2"])["http_options"]["port"]
+    groups = [spec["rayClusterConfig"]["headGroupSpec"]] + spec["rayClusterConfig"]["workerGroupSpecs"]
+    probes = []
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            ready = container["readinessProbe"]["httpGet"]
+            probes.append(ready)
+            assert ready["path"] == "/readyz", container["name"]
+            if "livenessProbe" in container:
+                probes.append(container["livenessProbe"]["httpGet"])
+                assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {p["port"] for p in probes} == {port}
+    assert {p["path"] for p in probes} <= routes
+
+
 def _entrypoint_argv(entrypoint: str) -> list[str]:
     argv = shlex.split(entrypoint)
     assert argv[0] == "python", entrypoint

@@ -89,6 +89,13 @@ def test_precision_policy_and_its_errors():
         TrainConfig(data_root="x", precision="fp16")
     with pytest.raises(ValueError, match=r"fail_rank in \[0, num_workers = 2\), got 3 and 2"):
         TrainConfig(data_root="x", fail_at_step=3, fail_rank=2)
+    with pytest.raises(ValueError, match=r"fail_after_part needs a checkpoint at fail_at_step: a "
+                                         r"multiple of checkpoint_every \(10\) or num_steps"):
+        TrainConfig(data_root="x", fail_at_step=3, fail_after_part="model.safetensors")
+    with pytest.raises(ValueError, match="placement_strategy must be one of .*got 'spread'"):
+        TrainConfig(data_root="x", placement_strategy="spread")
+    with pytest.raises(ValueError, match="storage_wait_s must be >= 0, got -1"):
+        TrainConfig(data_root="x", storage_wait_s=-1)
 
 
 def test_to_device_moves_tensors_and_keeps_the_rest():

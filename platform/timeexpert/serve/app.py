@@ -9,7 +9,9 @@
     GET  /v1/videos            the videos under the allowed roots (for the page's picker)
     GET  /v1/videos/content    an allowed video's bytes (for the page's player)
     GET  /                     the web page: a video, a question, the answer on its timeline
-    GET  /healthz              liveness (no auth)
+    GET  /healthz              liveness: the ingress answers (no auth)
+    GET  /readyz               readiness: 200 when the decoder and the model each have a running
+                               replica, else 503 saying which has none and why (no auth)
     GET  /docs, /openapi.json  the OpenAPI page
 
 Request flow: validate (pydantic, then the config limits in `inputs`) -> VideoDecoder deployment
@@ -20,7 +22,8 @@ decoder's responses of recent decodes (by content version and sampling): a repea
 the decoder and its frames go from the object store straight to the model replica. Every error
 body is `ErrorResponse` JSON: client mistakes are 4xx saying what was wrong; anything else is a
 5xx carrying the request id (Serve's, also the `X-Request-ID` header of every response) and logged
-with it.
+with it. Load is shed, not queued without bound: a request finding the model's queue full
+(`model.max_queued_requests`) gets 503 `overloaded` with `Retry-After` at once.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the routes' parameter types (Request,
@@ -30,6 +33,7 @@ import asyncio
 import logging
 import mimetypes
 import pathlib
+import re
 import time
 import uuid
 from typing import Any
@@ -73,9 +77,12 @@ PAGE_DIR = pathlib.Path(__file__).with_name("page")
 _PAGE_ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
 MAX_LISTED_VIDEOS = 1000  # the picker's list; a client may still name any allowed video
 
-# A lost or overloaded model replica: the client may retry (503); anything else is a 500.
-# (RayActorError covers ActorDiedError and ActorUnavailableError.)
-_UNAVAILABLE = (RayActorError, DeploymentUnavailableError, BackPressureError)
+# A lost model replica: the client may retry (503); anything else is a 500.
+# (RayActorError covers ActorDiedError and ActorUnavailableError.) A full queue
+# (BackPressureError) is a 503 too, answered without a traceback: it is the expected answer
+# under overload.
+_UNAVAILABLE = (RayActorError, DeploymentUnavailableError)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in Serve's status messages
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": S.ErrorResponse}
@@ -135,6 +142,26 @@ def _raise_rejection(value) -> None:
         raise RequestError(value.status, value.kind, value.message)
 
 
+def _running_replicas(app_name: str, deployments: list[str]) -> dict[str, tuple[int, str]]:
+    """Per deployment of the application: (running replicas, its status and message)."""
+    app = serve.status().applications.get(app_name)
+    out = {}
+    for name in deployments:
+        d = app.deployments.get(name) if app is not None else None
+        if d is None:
+            out[name] = (0, "not deployed")
+            continue
+        running = sum(n for state, n in d.replica_states.items()
+                      if str(getattr(state, "value", state)) == "RUNNING")
+        # Serve's message is a sentence and, after a failed start, the replica's traceback:
+        # keep the sentence and the traceback's last line (the error itself)
+        lines = [line.strip() for line in _ANSI.sub("", d.message or "").splitlines()
+                 if line.strip()]
+        said = " ... ".join(dict.fromkeys([lines[0].split(" Error:")[0], lines[-1]])) if lines else ""
+        out[name] = (running, f"{getattr(d.status, 'value', d.status)}: {said}"[:1000])
+    return out
+
+
 def _overlaps(event: Event, window: S.TimeWindow | None) -> bool:
     if window is None:
         return True
@@ -180,6 +207,8 @@ class GroundingIngress:
         self.model = model
         self._info = None  # the model's ModelInfo, asked once
         self._decoded = DecodedCache(config.video.decode_cache_entries)
+        self._app_name = serve.get_replica_context().app_name
+        self.shed = 0  # requests answered 503 overloaded (a full model queue)
         # base64 + JSON around the largest upload
         configure_edge(auth_token=config.auth_token,
                        max_body_bytes=config.video.max_upload_bytes * 4 // 3 + 64 * 1024)
@@ -188,7 +217,23 @@ class GroundingIngress:
 
     @fastapi_app.get("/healthz", response_model=S.HealthResponse)
     async def healthz(self) -> S.HealthResponse:
+        """Liveness: this process answers (a model that cannot load does not restart it)."""
         return S.HealthResponse(status="ok")
+
+    @fastapi_app.get("/readyz", response_model=S.ReadyResponse, responses=_ERRORS)
+    async def readyz(self, request: Request):
+        """Readiness (Kubernetes' readinessProbe): 200 when the decoder and the model each have
+        a running replica (constructed: the checkpoint loaded; health checks passing), else 503
+        naming the deployment without one and its status (a bad checkpoint's error)."""
+        names = [self.decoder.deployment_name, self.model.deployment_name]
+        running = await asyncio.to_thread(_running_replicas, self._app_name, names)
+        missing = {name: why for name, (n, why) in running.items() if n == 0}
+        if missing:
+            return error_response(
+                503, "not_ready", "no running replica of "
+                + "; ".join(f"{name} ({why})" for name, why in missing.items()),
+                _request_id(request), retry_after_s=self.config.ingress.retry_after_s)
+        return S.ReadyResponse(status="ready", replicas={k: n for k, (n, _) in running.items()})
 
     @fastapi_app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -264,10 +309,17 @@ class GroundingIngress:
     async def _guarded(self, request: Request, work) -> Any:
         """Await `work`; a RequestError is its 4xx, anything else a 5xx with the request id."""
         rid = _request_id(request)
+        retry_after = self.config.ingress.retry_after_s
         try:
             return await work
         except RequestError as err:
             return error_response(err.status, err.kind, err.message, rid)
+        except BackPressureError:
+            self.shed += 1
+            return error_response(
+                503, "overloaded", f"the service is at capacity (the model's queue of "
+                f"{self.config.model.max_queued_requests} requests is full); retry after "
+                f"{retry_after} s", rid, retry_after_s=retry_after)
         except Exception as err:  # noqa: BLE001 - the one place internal failures are answered
             unavailable = isinstance(err, _UNAVAILABLE)
             logger.exception("request %s failed", rid)
@@ -276,7 +328,7 @@ class GroundingIngress:
                 "model_unavailable" if unavailable else "internal_error",
                 f"{'the model replica was lost' if unavailable else 'internal error'} "
                 f"({type(err).__name__}); retry, or report request id {rid}",
-                rid,
+                rid, retry_after_s=retry_after if unavailable else None,
             )
 
     def _check_model(self, name: str | None) -> None:

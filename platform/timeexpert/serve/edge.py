@@ -40,12 +40,14 @@ def configure_edge(*, auth_token: str, max_body_bytes: int | None) -> None:
 
 
 def error_response(status: int, kind: str, message: str, request_id: str,
-                   details=None) -> JSONResponse:
-    """The JSON body of every error (`ErrorResponse`), with the request id."""
+                   details=None, retry_after_s: int | None = None) -> JSONResponse:
+    """The JSON body of every error (`ErrorResponse`), with the request id; `retry_after_s`:
+    the Retry-After header of a 503 (overloaded, not ready)."""
     body = S.ErrorResponse(
         error=S.ErrorDetail(type=kind, message=message, details=details), request_id=request_id
     )
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+    headers = None if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
 class Edge:

@@ -259,6 +259,11 @@ class HealthResponse(BaseModel):
     status: Literal["ok"]
 
 
+class ReadyResponse(BaseModel):
+    status: Literal["ready"]
+    replicas: dict[str, int] = Field(description="running replicas of each deployment")
+
+
 class ErrorDetail(BaseModel):
     type: str = Field(description="machine-readable kind, e.g. invalid_request, forbidden_uri")
     message: str = Field(description="what was wrong, for a human")

@@ -101,6 +101,10 @@ class ModelServerConfig(_Section):
     device: str = "cpu"
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs of a replica (its own bundle)")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    max_queued_requests: int = Field(
+        default=64, ge=-1, description="requests the ingress lets wait for a busy replica (beyond "
+        "the replicas' max_ongoing_requests); one more gets 503 with Retry-After at once (Serve's "
+        "max_queued_requests); -1: no limit, latency grows without bound under overload")
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=60.0, gt=0)
 
@@ -127,6 +131,7 @@ class ModelServerConfig(_Section):
             "autoscaling_config": self.autoscaling.model_dump(),
             "ray_actor_options": actor,
             "max_ongoing_requests": max(2 * self.max_batch_size, 8),
+            "max_queued_requests": self.max_queued_requests,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
         }
@@ -158,6 +163,8 @@ class IngressConfig(_Section):
 
     num_cpus: float = Field(default=0.25, ge=0)
     num_replicas: int = Field(default=1, ge=1)
+    retry_after_s: int = Field(default=1, ge=0,
+                               description="the Retry-After of a 503 (overloaded, not ready)")
 
     def deployment_options(self) -> dict[str, Any]:
         return {"num_replicas": self.num_replicas, "ray_actor_options": {"num_cpus": self.num_cpus}}

@@ -19,6 +19,12 @@ into one checkpoint directory under the storage root, local or `s3://`)::
                                             expert slices differ by rank
     optim/zero_dense.pt                     ZeRO-1/2: the dense parameters' full AdamW moments by
                                             name and the step, gathered from the partitions, rank 0
+    commit/rank_{r:05d}.json                each rank's commit marker, stored after its parts:
+                                            every part it stored with its size, the world size
+
+Each rank stores its part itself (`upload`, Ray Train's `checkpoint_upload_fn`), waiting for
+storage that does not answer, then its commit marker: Ray Train registers the checkpoint once
+every rank has, and a reader takes only complete ones (`timeexpert.checkpoints`).
 
 A run resumes at its own layout (each rank reads its own optimizer file) or at another world
 size and EP degree with the same ZeRO stage (`read_optimizer_state`): the local AdamW state is
@@ -40,14 +46,15 @@ import os
 from typing import Any
 
 import pyarrow.fs
+import ray.train
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from timeexpert.checkpoints import TRAIN_STATE, persist_checkpoint
 from timeexpert.models.expert_parallel import WEIGHTS, expert_shard_file, is_expert_param
 from timeexpert.models.processor import TimeExpertProcessor
 
-TRAIN_STATE = "train_state.json"
 ROUTING = "routing.json"
 ZERO_DENSE = os.path.join("optim", "zero_dense.pt")  # ZeRO: the dense moments by name (rank 0)
 
@@ -138,6 +145,19 @@ def load_optimizer_state(directory: str, rank: int) -> dict[str, Any]:
             "world size it was written with"
         )
     return torch.load(path, weights_only=False)
+
+
+def upload(checkpoint, dir_name: str, *, rank: int, world_size: int, budget_s: float,
+           after_part=None) -> tuple[ray.train.Checkpoint, float]:
+    """Store this rank's checkpoint folder as `dir_name` of the run (`persist_checkpoint`): the
+    body of Ray Train's `checkpoint_upload_fn`. Returns the stored checkpoint and the seconds
+    waited for storage."""
+    storage_context = ray.train.get_context().get_storage()
+    path = storage_context.build_checkpoint_path_from_name(dir_name)
+    stored = ray.train.Checkpoint(path, filesystem=storage_context.storage_filesystem)
+    waited = persist_checkpoint(checkpoint.path, checkpoint_uri(stored), rank=rank,
+                                world_size=world_size, budget_s=budget_s, after_part=after_part)
+    return stored, waited
 
 
 def checkpoint_uri(checkpoint) -> str:

@@ -19,6 +19,7 @@ from timeexpert.devices import PRECISIONS
 
 STAGES = (1, 2, 3)
 ZERO_STAGES = (0, 1, 2)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LR_SCHEDULES = ("constant", "cosine")
 RECIPE_NAMES = ("timeexpert", "groundvts")  # the stage specs: `timeexpert.train.recipes.RECIPES`
 CURRICULUM_STAGE = 3  # the stage the curriculum runs in: both recipes' last, all but vision trains
@@ -40,6 +41,8 @@ class TrainConfig:
     # --- parallelism --------------------------------------------------------------------------
     num_workers: int = 2  # Ray Train workers (the data-parallel world)
     cpus_per_worker: float = 0.5  # logical CPUs each worker reserves (fractional on laptops)
+    placement_strategy: str = "PACK"  # how the workers' bundles spread over the nodes (Ray's
+    # placement group strategies; STRICT_SPREAD: one worker per node)
     use_gpu: bool = False  # NCCL + one GPU per worker instead of gloo on CPU
     ep_size: int = 1  # expert-parallel degree; divides num_workers and the model's max_experts
     zero_stage: int = 0  # 0: plain data parallel (explicit all-reduce); 1/2: DeepSpeed ZeRO
@@ -88,6 +91,8 @@ class TrainConfig:
     checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
     num_checkpoints_kept: int = 2  # checkpoints kept on storage (the newest)
     max_failures: int = 0  # worker-group restarts from the last checkpoint before giving up
+    storage_wait_s: float = 300.0  # how long a checkpoint write waits in all for storage that
+    # does not answer (retried with a bounded backoff) before the worker fails
     log_every: int = 5  # steps between progress lines / Ray Train reports / MLflow metrics
     eval_split: str = "val"  # split evaluated at the end of the stage ("" = none)
     eval_max_records: int = 12  # records per task evaluated at the end of the stage (0 = none)
@@ -104,6 +109,9 @@ class TrainConfig:
     # process would) once, after step `fail_at_step` of a run that was not resumed (0 = never)
     fail_at_step: int = 0
     fail_rank: int = 1
+    fail_after_part: str = ""  # a checkpoint part ("model.safetensors", "optim/rank_00000.pt",
+    # ...): the exit happens in step `fail_at_step`'s checkpoint write instead, once the rank
+    # has stored that part ("" = after the step)
 
     def __post_init__(self) -> None:
         if not self.data_root:
@@ -130,6 +138,16 @@ class TrainConfig:
         if self.fail_at_step < 0 or (self.fail_at_step and not 0 <= self.fail_rank < self.num_workers):
             raise ValueError(f"fail_at_step must be >= 0 and fail_rank in [0, num_workers = "
                              f"{self.num_workers}), got {self.fail_at_step} and {self.fail_rank}")
+        if self.fail_after_part and not (self.fail_at_step % self.checkpoint_every == 0
+                                         or self.fail_at_step == self.num_steps):
+            raise ValueError(f"fail_after_part needs a checkpoint at fail_at_step: a multiple of "
+                             f"checkpoint_every ({self.checkpoint_every}) or num_steps "
+                             f"({self.num_steps}), got {self.fail_at_step}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got "
+                             f"{self.placement_strategy!r}")
+        if self.storage_wait_s < 0:
+            raise ValueError(f"storage_wait_s must be >= 0, got {self.storage_wait_s}")
         if self.jitter_grid < 1 or self.profile_steps < 0:
             raise ValueError(f"jitter_grid must be >= 1 and profile_steps >= 0, got "
                              f"{self.jitter_grid} and {self.profile_steps}")

@@ -47,6 +47,7 @@ from timeexpert.models.evidence import (encode_evidence_example, find_evidence,
 from timeexpert.models.timeexpert import TimeExpertConfig
 from timeexpert.models.tokenizer import collate
 from timeexpert.tracking import StepLogger
+from timeexpert.train import checkpoint as ckpt
 from timeexpert.train import parallel
 from timeexpert.train.config import TrainConfig
 from timeexpert.train.loop import answer_events, data_config, torch_trainer, worker_logging
@@ -273,12 +274,14 @@ def fpo_loop_per_worker(config: dict[str, Any]) -> None:
         if logger is not None:
             logger.close()
             gm.save(d)
-            with open(os.path.join(d, "train_state.json"), "w") as f:
+            with open(os.path.join(d, ckpt.TRAIN_STATE), "w") as f:
                 json.dump({"state": {"stage": "fpo", "step": cfg.fpo_steps},
                            "config": cfg.to_dict()}, f)
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(result, checkpoint=checkpoint,
-                         checkpoint_dir_name=config["checkpoint_dir_name"])
+        ray.train.report(  # rank 0 alone writes the checkpoint: it commits it as a world of one
+            result, checkpoint=checkpoint, checkpoint_dir_name=config["checkpoint_dir_name"],
+            checkpoint_upload_fn=lambda c, name: ckpt.upload(
+                c, name, rank=0, world_size=1, budget_s=cfg.storage_wait_s)[0])
 
 
 def run_location(output_uri: str) -> tuple[str, str, str]:

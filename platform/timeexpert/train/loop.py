@@ -21,6 +21,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -37,9 +38,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from timeexpert import devices, storage
-from timeexpert.checkpoints import local_copy
+from timeexpert.checkpoints import clean_incomplete, local_copy, resumable
 from timeexpert.config import DataConfig, VideoConfig
 from timeexpert.data.pipeline import build_dataset, decode_rows, draw_segment_frames, row_options
 from timeexpert.events import (Event, Task, TokenType, gqa_answer_events, gqa_hypothesis,
@@ -538,6 +540,7 @@ class Worker:
     spec: Any  # the stage's StageSpec
     logger: StepLogger | None  # rank 0 only
     data_stats: dict[str, float] = field(default_factory=dict)  # decode_s: this rank's decode
+    storage_wait_s: float = 0.0  # this rank's checkpoint writes' wait for storage so far
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -585,7 +588,9 @@ def _start(cfg: TrainConfig, groups: parallel.ParallelGroups) -> Start:
     state = {"stage": cfg.stage, "step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        with restored.as_directory() as d:
+        # Ray Train registers a checkpoint once every rank committed its part; a complete one is
+        # checked again here, and one damaged since gives way to the run's previous complete one
+        with local_copy(resumable(ckpt.checkpoint_uri(restored))) as d:
             train_state = ckpt.read_train_state(d)
             start = Start(weights=load_weights(d, groups.ep_rank, groups.ep_size),
                           state=train_state["state"], routing=ckpt.read_routing(d),
@@ -593,6 +598,7 @@ def _start(cfg: TrainConfig, groups: parallel.ParallelGroups) -> Start:
                               d, groups.rank, _layout(cfg, groups)),
                           resumed=True)
         start.state["restores"] = start.state.get("restores", 0) + 1
+        start.state["resumed_at"] = start.state.get("resumed_at", []) + [start.state["step"]]
         written = train_state.get("layout") or _layout(cfg, groups)
         other = ""
         if written != _layout(cfg, groups):  # samples are counted per rank: keep the run's total
@@ -693,7 +699,8 @@ def _loop(w: Worker, batches: Iterator, start: Start) -> StepTimes:
         result = _step(w, batch, step, timer)
         state.update(step=step, epoch=epoch, batch_in_epoch=index,
                      samples=state["samples"] + len(batch["id"]))
-        if cfg.fail_at_step == step and rank == cfg.fail_rank and not start.resumed:
+        if (cfg.fail_at_step == step and rank == cfg.fail_rank and not start.resumed
+                and not cfg.fail_after_part):
             _inject_failure(step, rank)
         _add_to_window(window, result, w.mconfig, time.perf_counter() - t0)
         timer.step_done()
@@ -705,7 +712,7 @@ def _loop(w: Worker, batches: Iterator, start: Start) -> StepTimes:
         if step % cfg.log_every and step % cfg.checkpoint_every and step != cfg.num_steps:
             timer.lap("report")
             continue
-        _report(w, step, result.lr, epoch, state, window, start.routing, timer)
+        _report(w, step, result.lr, epoch, state, window, start, timer)
         window.clear()
     return timer
 
@@ -767,18 +774,20 @@ def _add_to_window(window: dict[str, Any], r: StepResult, mconfig, seconds: floa
 
 
 def _report(w: Worker, step: int, lr: float, epoch: int, state: dict, window: dict,
-            routing_total: dict, timer: StepTimes) -> None:
+            start: Start, timer: StepTimes) -> None:
     """Metrics averaged over ranks, routing telemetry summed over ranks, rank 0's progress line
     and MLflow metrics, `ray.train.report` (with a checkpoint every `checkpoint_every` steps and
-    at the last step)."""
-    cfg, groups = w.cfg, w.groups
+    at the last step, each rank storing and committing its part: `_upload`)."""
+    cfg, groups, routing_total = w.cfg, w.groups, start.routing
     metrics = _reduce_window(window, groups)
     routing = _routing_telemetry(w.model, groups)
     _accumulate(routing_total, routing)
     metrics.update(_routing_metrics(routing))
     metrics.update(step=step, stage=cfg.stage, lr=lr, epoch=epoch,
-                   samples=state["samples"] * groups.world_size)
+                   samples=state["samples"] * groups.world_size,
+                   restores=state.get("restores", 0))  # worker-group restarts so far (MLflow)
     metrics["data/decode_s"] = _decode_seconds(w)
+    metrics["checkpoint/storage_wait_s"] = w.storage_wait_s
     # expert parameters this rank holds: 1/EP of the model's (built and read sharded; only
     # rank 0 receives the whole stack, one tensor at a time, to write a checkpoint)
     metrics["experts/params_on_rank"] = float(sum(
@@ -808,8 +817,31 @@ def _report(w: Worker, step: int, lr: float, epoch: int, state: dict, window: di
         if last:  # the stage's breakdown, but for the report below
             timer.lap("checkpoint")
             metrics.update(timer.summary())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_upload_fn=lambda c, name: _upload(w, c, name, step, start))
     timer.lap("checkpoint")
+
+
+def _upload(w: Worker, checkpoint, dir_name: str, step: int, start: Start):
+    """Ray Train's `checkpoint_upload_fn`: this rank stores its part and its commit marker
+    (`checkpoint.upload`), waiting up to `storage_wait_s` for storage; the wait is logged and
+    counted (`checkpoint/storage_wait_s` of the next reports). With `fail_after_part`, rank
+    `fail_rank` exits once that part is stored (a crash in the middle of a checkpoint)."""
+    cfg, rank = w.cfg, w.groups.rank
+    after_part = None
+    if (cfg.fail_after_part and cfg.fail_at_step == step and rank == cfg.fail_rank
+            and not start.resumed):
+        def after_part(name: str) -> None:
+            if name == cfg.fail_after_part:
+                _inject_failure(step, rank)
+    stored, waited = ckpt.upload(checkpoint, dir_name, rank=rank,
+                                 world_size=w.groups.world_size, budget_s=cfg.storage_wait_s,
+                                 after_part=after_part)
+    if waited:
+        w.storage_wait_s += waited
+        log.warning(f"[rank {rank}] the checkpoint of step {step} waited {waited:.1f} s for "
+                    f"storage ({w.storage_wait_s:.1f} s in this run so far)")
+    return stored
 
 
 def _draws_segments(cfg: TrainConfig) -> bool:
@@ -921,6 +953,8 @@ class FitResult:
     checkpoint_uri: str  # the last checkpoint (a loadable model directory)
     metrics: dict[str, float]  # the metrics reported with it
     path: str  # the run's folder under the storage root
+    removed_incomplete: list[str] = field(default_factory=list)  # checkpoint folders whose
+    # write was cut short (a crash mid-write), removed before and after the run
 
 
 def prepare_tokenizer(cfg: TrainConfig, train_records) -> str:
@@ -978,6 +1012,7 @@ def torch_trainer(loop, loop_config: dict[str, Any], cfg: TrainConfig, *, name: 
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
         ),
         datasets=datasets,
         dataset_config=dataset_config,
@@ -999,6 +1034,8 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
     notice = resume_notice(cfg)
     if notice:
         log.warning(notice)
+    run_dir = storage.join_uri(storage_root(cfg), cfg.run_name())
+    removed = clean_incomplete(run_dir, keep=_registered(run_dir))
     mconfig = model_config(cfg, load_tokenizer(tokenizer_uri))
     dataset = build_dataset(data_config(cfg, mconfig, train=True), split="train", shuffle=True,
                             preserve_order=True)
@@ -1020,10 +1057,22 @@ def fit(cfg: TrainConfig, *, tokenizer_uri: str, callbacks: list | None = None) 
         callbacks=callbacks or None,
     )
     result = trainer.fit()
+    removed += clean_incomplete(run_dir, keep=_registered(run_dir))
     if result.checkpoint is None:
         raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint: {result.error}")
     metrics = dict(result.metrics or {})
     metrics.update(dataset.metrics())
     metrics.setdefault("data/decode_s", 0.0)
     return FitResult(checkpoint_uri=ckpt.checkpoint_uri(result.checkpoint), metrics=metrics,
-                     path=result.path)
+                     path=result.path, removed_incomplete=removed)
+
+
+def _registered(run_dir: str) -> set[str]:
+    """The checkpoint folders Ray Train's run state at `run_dir` (its checkpoint manager's
+    snapshot) names: `clean_incomplete` keeps those, as Ray refuses to resume a run whose
+    snapshot names a missing folder."""
+    try:
+        text = storage.read_text(storage.join_uri(run_dir, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME))
+    except FileNotFoundError:
+        return set()
+    return set(re.findall(r"checkpoint_[0-9][0-9_.-]*", text))
