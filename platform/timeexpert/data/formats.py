@@ -123,6 +123,21 @@ def _checked(record: Record, fmt: str, where: int | str,
     return replace(record, events=[replace(e, end=min(e.end, record.duration)) for e in record.events])
 
 
+def _row(build: Callable[[], Record], fmt: str, where: int | str,
+         problems: list[RowProblem] | None) -> Record | None:
+    """`build()`'s record after the shared checks (`_checked`), or None when the row is refused:
+    a missing field or a value `build` cannot read is reported at `where`."""
+    try:
+        record = build()
+    except KeyError as e:
+        _refuse(problems, fmt, where, f"missing field {e}")
+        return None
+    except (ValueError, TypeError, IndexError, AttributeError) as e:
+        _refuse(problems, fmt, where, e)
+        return None
+    return _checked(record, fmt, where, problems)
+
+
 def video_id(record: Record) -> str:
     """The id public formats use for a video: the file name without its extension."""
     return posixpath.splitext(posixpath.basename(record.video))[0]
@@ -243,7 +258,7 @@ def parse_qvhighlights(
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
+        def build(line: str = line) -> Record:
             d = json.loads(line)
             duration = _seconds(d["duration"], "duration")
             clip_ids = [int(c) for c in d.get("relevant_clip_ids", [])]
@@ -259,7 +274,7 @@ def parse_qvhighlights(
                     if not 0 <= cid < len(saliency):
                         raise ValueError(f"clip id {cid} outside 0..{len(saliency) - 1}")
                     saliency[cid] = sum(s) / len(s)
-            record = Record(
+            return Record(
                 id=str(d["qid"]),
                 video=video_pattern.format(vid=d["vid"]),
                 duration=duration,
@@ -271,13 +286,8 @@ def parse_qvhighlights(
                 clip_len=clip_len,
                 split=split,
             )
-        except KeyError as e:
-            _refuse(problems, "QVHighlights", lineno, f"missing field {e}")
-            continue
-        except (ValueError, TypeError, IndexError) as e:
-            _refuse(problems, "QVHighlights", lineno, e)
-            continue
-        record = _checked(record, "QVHighlights", lineno, problems)
+
+        record = _row(build, "QVHighlights", lineno, problems)
         if record is not None:
             records.append(record)
     return records
@@ -318,14 +328,14 @@ def parse_activitynet(
     records = []
     for vid, d in data.items():
         where = f"video {vid!r}"
-        try:
+        def build(d: dict = d, vid: str = vid) -> Record:
             if len(d["timestamps"]) != len(d["sentences"]):
                 raise ValueError(f"{len(d['timestamps'])} timestamps but {len(d['sentences'])} sentences")
             events = [
                 Event(start=_seconds(t[0], "start"), end=_seconds(t[1], "end"), caption=s.strip())
                 for t, s in zip(d["timestamps"], d["sentences"])
             ]
-            record = Record(
+            return Record(
                 id=vid,
                 video=video_pattern.format(vid=vid),
                 duration=_seconds(d["duration"], "duration"),
@@ -334,13 +344,8 @@ def parse_activitynet(
                 events=events,
                 split=split,
             )
-        except KeyError as e:
-            _refuse(problems, "ActivityNet", where, f"missing field {e}")
-            continue
-        except (ValueError, TypeError, IndexError, AttributeError) as e:
-            _refuse(problems, "ActivityNet", where, e)
-            continue
-        record = _checked(record, "ActivityNet", where, problems)
+
+        record = _row(build, "ActivityNet", where, problems)
         if record is not None:
             records.append(record)
     return records
@@ -371,9 +376,9 @@ def parse_youcook2(text: str, *, video_pattern: str = DEFAULT_VIDEO_PATTERN,
     records = []
     for vid, d in data["database"].items():
         where = f"video {vid!r}"
-        try:
+        def build(d: dict = d, vid: str = vid) -> Record:
             subset = d.get("subset", "training")
-            record = Record(
+            return Record(
                 id=vid,
                 video=video_pattern.format(vid=vid),
                 duration=_seconds(d["duration"], "duration"),
@@ -386,13 +391,8 @@ def parse_youcook2(text: str, *, video_pattern: str = DEFAULT_VIDEO_PATTERN,
                 ],
                 split=_YC2_SUBSETS.get(subset, subset),
             )
-        except KeyError as e:
-            _refuse(problems, "YouCook2", where, f"missing field {e}")
-            continue
-        except (ValueError, TypeError, IndexError, AttributeError) as e:
-            _refuse(problems, "YouCook2", where, e)
-            continue
-        record = _checked(record, "YouCook2", where, problems)
+
+        record = _row(build, "YouCook2", where, problems)
         if record is not None:
             records.append(record)
     return records
