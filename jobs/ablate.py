@@ -167,7 +167,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_train_flags(p)
     p.add_argument("--grid", default="timeexpert", help="timeexpert or frames")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per variant")
+    p.add_argument("--seeds", type=int, default=3, help="N seeds per variant")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds FIRST .. FIRST+N-1 (another machine's or a later run's share)")
     p.add_argument("--only", default="", help="comma-separated variants (default: the grid's)")
     p.add_argument("--stages", default="", help="comma-separated stages (default: the preset's)")
     p.add_argument("--val-split", default="val", help="split that chooses ('' = none)")
@@ -186,8 +188,9 @@ def main(argv=None) -> int:
             grid.variant(v)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds < 1 or args.first_seed < 0:
+        raise SystemExit(f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and "
+                         f"{args.first_seed}")
     stages = ([int(s) for s in args.stages.split(",")] if args.stages
               else list(get_preset(args.preset).stages))
     splits = [s for s in (args.val_split, args.test_split) if s]
@@ -201,8 +204,8 @@ def main(argv=None) -> int:
     else:
         _common.prepare_data(args)
         _common.connect_ray(args.num_cpus)
-        result = run_grid(base, grid, variants, list(range(args.seeds)), stages, splits,
-                          args.partial)
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        result = run_grid(base, grid, variants, seeds, stages, splits, args.partial)
     minutes = (time.perf_counter() - t0) / 60
     seeds = max((len(runs) for runs in result.runs.values()), default=0)  # the runs it holds
     header = (f"## Grid `{grid.name}` on `{args.preset}` ({grid.source}), {seeds} seeds, "
