@@ -43,8 +43,6 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "scratch": ("small_cpu", _GENERATED, {}),
     "scratch_query_first": ("small_cpu", _QUERY_FIRST, {}),
     "scratch_relevance": ("small_cpu", _RELEVANCE, {}),
-    # + each frame's state names the words of the captions of its events (DVC rows)
-    "scratch_words": ("small_cpu", {**_RELEVANCE, "frame_words": True}, {}),
     # the measured recipe as a preset (bidirectional frames, 96x96, lr 5e-4, ...)
     "grounding": ("grounding_cpu", {}, {}),
     # + the query matched against each frame's patches, the caption contrast, GQA by its options
@@ -52,11 +50,6 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     # + the caption contrast on every row (each row carries its video's captions), not the DVC
     # rows alone
     "binding_rows": ("binding_cpu", {"captions_every_row": True}, {}),
-    # + the patch score's keys see each patch's change between the neighbouring frames
-    "binding_motion": ("binding_cpu", {"patch_motion": True}, {}),
-    # + hard negatives in the caption contrast: training captions one word away from the video's
-    "binding_negatives": ("binding_cpu", {"caption_negatives": 8}, {}),
-    "binding_negatives_motion": ("binding_cpu", {"caption_negatives": 8, "patch_motion": True}, {}),
     "smollm": ("smollm_cpu", _GENERATED, {}),
     "smollm_query_first": ("smollm_cpu", _QUERY_FIRST, {}),
     "smollm_relevance": ("smollm_cpu", _RELEVANCE, {}),
@@ -243,8 +236,7 @@ def train_variant(name: str, args, train_phases, seed: int):
             if step % 50 == 0 or step == total:
                 frames_loss = "".join(
                     f" {label} {float(value.detach()):.3f}"
-                    for label, value in (("frames", out.loss_frames), ("words", out.loss_words),
-                                         ("captions", out.loss_captions))
+                    for label, value in (("frames", out.loss_frames), ("captions", out.loss_captions))
                     if value is not None)
                 print(f"  [{name}] step {step}/{total} loss {float(loss.detach()):.3f} time "
                       f"{float(out.loss_time.detach()):.3f}{frames_loss} ({time.perf_counter() - t0:.0f} s)",
@@ -347,9 +339,10 @@ def main() -> None:
 
     checkpoints = dict(item.split("=", 1) for item in args.checkpoints.split(",") if item)
     loaded = {name: GroundingModel.load(uri) for name, uri in checkpoints.items()}
-    for grounding in loaded.values():  # inference-time keys (frame_threshold, dvc_from_frames)
+    for name, grounding in loaded.items():  # inference-time keys (frame_threshold, answer)
         for key, value in model_set(args.model_set).items():
             setattr(grounding.model.config, key, value)
+        loaded[name] = GroundingModel.from_model(grounding.model, grounding.tokenizer)
     if loaded:  # the frames the saved models were trained on
         probe = next(iter(loaded.values())).model.config
     else:

@@ -198,7 +198,7 @@ def gqa_answer_events(evidence: Sequence[Event], options: Sequence[str], answer:
 
 def gqa_hypothesis(question: str, option: str) -> str:
     """A grounded question with one of its options, asked as one moment query ("what colour is
-    the square that blinks? red"): what `answer_from_frames` grounds per option and trains on."""
+    the square that blinks? red"): what the answer choice `gqa: options` grounds per option and trains on."""
     return f"{question} {option}"
 
 

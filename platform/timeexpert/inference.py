@@ -4,7 +4,10 @@
     pred = gm.predict(frames_THWC, timestamps_T, "mr", "a person opens the door")
     pred.events  # [Event(start, end, score, caption)], pred.saliency (VHD, per clip)
 
-`predict_batch` runs one batched prompt pass (vision + prefill) and one batched decoding loop;
+Each task's answer is read by one reader, chosen once from the model config's `AnswerChoice`
+(`READERS`): off the generated tokens, off the frames' relevance of one prompt pass (nothing
+generated), or off the relevance of texts asked over the frames (the training captions for DVC,
+each option for GQA). `predict_batch` batches each kind of pass over the requests that need it;
 Serve's `@serve.batch` calls it. Bad input raises ValueError naming the problem, never a silent
 truncation.
 """
@@ -24,10 +27,44 @@ from timeexpert.models.evidence import interval_from_salient
 from timeexpert.models.frame_relevance import (
     RELEVANT, clip_saliency, dense_events_from_relevance, pad_caption_ids, windows_from_relevance,
 )
-from timeexpert.models.generation import generate_answer
+from timeexpert.models.generation import frame_relevance, generate_answer
 from timeexpert.models.processor import TimeExpertProcessor
 from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """How one (task, answer choice) is answered."""
+
+    method: str  # the GroundingModel method that reads the answer
+    reads: str  # what it needs first: "generation", "prompt" (one prompt pass) or "asks" (its own)
+    fallback: str = ""  # the choice that answers a request this reader cannot
+
+
+READERS = {
+    (Task.MR, "frames"): _Reader("read_windows", "prompt"),
+    (Task.MR, "generated"): _Reader("read_generated", "generation"),
+    (Task.VHD, "frames"): _Reader("read_windows", "prompt"),
+    (Task.VHD, "generated"): _Reader("read_generated", "generation"),
+    (Task.DVC, "captions"): _Reader("ground_captions", "asks", fallback="generated"),
+    (Task.DVC, "frames"): _Reader("read_dense_frames", "generation"),
+    (Task.DVC, "generated"): _Reader("read_generated", "generation"),
+    (Task.GQA, "options"): _Reader("ground_options", "asks", fallback="frames"),
+    (Task.GQA, "frames"): _Reader("read_generated_option", "generation"),
+    (Task.GQA, "generated"): _Reader("read_generated", "generation"),
+}
+
+
+@dataclass
+class _Asked:
+    """A request as the model reads it."""
+
+    prompt: dict  # the tokenizer's encoding of the prompt
+    pixels: torch.Tensor  # (T, 3, H, W) normalised frames
+    duration: float
+    task: Task
+    cap: int  # events at most
 
 
 @dataclass
@@ -88,6 +125,10 @@ class GroundingModel:
         self.tokenizer = tokenizer
         self.device = device
         _check_compatible(model.config, tokenizer)
+        self.choice = model.config.answer_choice()
+        if self.choice.dvc == "captions" and not tokenizer.captions:
+            raise ValueError("the model answers DVC by grounding the training captions (answer "
+                             "choice dvc='captions'), but its tokenizer holds no captions")
         self.processor = TimeExpertProcessor.from_config(model.config, tokenizer)
 
     @functools.cached_property
@@ -147,121 +188,149 @@ class GroundingModel:
         return self.predict_batch([request])[0]
 
     def predict_batch(self, requests: list[PredictRequest]) -> list[Prediction]:
+        """Every request answered by its task's reader (`AnswerChoice`): the answers read off the
+        frames need one prompt pass, the others generate; a frame-read answer that cannot be
+        read (a GQA question without options, hypotheses or captions too long to ask) is
+        generated instead, by its reader's fallback."""
         if not requests:
             return []
-        cfg = self.model.config
-        prompts, pixels, durations, tasks, caps = [], [], [], [], []
-        for i, r in enumerate(requests):
-            try:
-                prompt, pixel_values = self.processor.encode_request(r.frames_THWC, r.timestamps_T,
-                                                                     r.task, r.query, r.options)
-                ts = np.asarray(r.timestamps_T, dtype=np.float64).reshape(-1)
-                duration = _default_duration(ts) if r.duration is None else float(r.duration)
-                if not duration > 0:
-                    raise ValueError(f"duration must be > 0, got {r.duration}")
-                cap = cfg.max_events if r.max_events is None else int(r.max_events)
-                if cap < 0:
-                    raise ValueError(f"max_events must be >= 0, got {r.max_events}")
-            except ValueError as err:
-                raise ValueError(f"request {i}: {err}" if len(requests) > 1 else str(err)) from None
-            prompts.append(prompt)
-            pixels.append(pixel_values)
-            durations.append(duration)
-            tasks.append(Task.parse(r.task))
-            caps.append(cap)
-        batch = collate(prompts, padding_side="left")
-        dev = self.device
+        asked = [self._encode(r, i if len(requests) > 1 else None) for i, r in enumerate(requests)]
+        readers = [READERS[(a.task, self.choice.of(a.task))] for a in asked]
+        predictions: list[Prediction] = [Prediction(events=[], saliency=None, text="", num_tokens=0)
+                                         for _ in requests]
         was_training = self.model.training  # a model lent by a training loop gets its mode back
         self.model.eval()
         try:
             with torch.inference_mode():
-                generated, extras = generate_answer(
-                    self.model, batch["input_ids"].to(dev), batch["token_types"].to(dev),
-                    batch["attention_mask"].to(dev), pixel_values=torch.cat(pixels).to(dev),
-                    max_new_tokens=cfg.max_position_embeddings - batch["input_ids"].shape[1],
-                    max_events=caps, return_extras=True)
-                predictions = [
-                    self._prediction(ids, kinds, tasks[b], durations[b], requests[b].clip_len)
-                    for b, (ids, kinds) in enumerate(generated)
-                ]
-                if extras["frame_relevance"] is not None:
-                    self._read_relevance(requests, predictions, extras["frame_relevance"],
-                                         durations, pixels, caps)
+                self._generate(requests, asked, [b for b, rd in enumerate(readers)
+                                                 if rd.reads == "generation"], predictions)
+                self._prompt_pass(asked, [b for b, rd in enumerate(readers)
+                                          if rd.reads == "prompt"], predictions)
+                retry = self._read(requests, asked, readers, predictions, range(len(requests)))
+                if retry:  # their readers' fallbacks
+                    fallbacks = list(readers)
+                    for b in retry:
+                        fallbacks[b] = READERS[(asked[b].task, readers[b].fallback)]
+                    self._generate(requests, asked, retry, predictions)
+                    self._read(requests, asked, fallbacks, predictions, retry)
         finally:
             self.model.train(was_training)
-        if extras["token_density"] is not None:  # per request, its frames' share of the density
-            density = extras["token_density"].tolist()
-            bounds = np.cumsum([0] + [p.shape[0] for p in pixels])
-            for b, p in enumerate(predictions):
-                p.token_density = density[bounds[b]:bounds[b + 1]]
-        if getattr(cfg, "evidence", None) is not None:
-            self._read_evidence(requests, predictions, extras["evidence"], durations)
-        for r, p in zip(requests, predictions):
-            if Task.parse(r.task) == Task.GQA:
+        for r, a, p in zip(requests, asked, predictions):
+            if a.task == Task.GQA:
                 p.answer = read_gqa_answer(p.events, r.options)[1]
             p.unknown_words = self.tokenizer.unknown_words(" ".join([r.query, *(r.options or [])]))
         return predictions
 
-    def _read_evidence(self, requests, predictions, evidence, durations) -> None:
-        """D2VLM: each generated `<evi>`'s per-frame grounding and the interval of its salient
-        frames."""
-        for b, p in enumerate(predictions):
-            p.evidence = evidence[b]
-            p.evidence_intervals = []
-            if p.evidence:  # (E, T): one row per generated <evi>
-                prob_ET = torch.as_tensor(p.evidence)
-                salient_ET = self.model.evidence_head.salient(prob_ET, torch.ones_like(prob_ET))
-                p.evidence_intervals = [
-                    interval_from_salient(row, requests[b].timestamps_T, durations[b])
-                    for row in salient_ET
-                ]
+    def _encode(self, r: PredictRequest, index: int | None) -> "_Asked":
+        """A request as the model reads it; a ValueError names the request (`index`) and what is
+        wrong with it."""
+        try:
+            prompt, pixel_values = self.processor.encode_request(r.frames_THWC, r.timestamps_T,
+                                                                 r.task, r.query, r.options)
+            ts = np.asarray(r.timestamps_T, dtype=np.float64).reshape(-1)
+            duration = _default_duration(ts) if r.duration is None else float(r.duration)
+            if not duration > 0:
+                raise ValueError(f"duration must be > 0, got {r.duration}")
+            cap = self.model.config.max_events if r.max_events is None else int(r.max_events)
+            if cap < 0:
+                raise ValueError(f"max_events must be >= 0, got {r.max_events}")
+        except ValueError as err:
+            raise ValueError(str(err) if index is None else f"request {index}: {err}") from None
+        return _Asked(prompt=prompt, pixels=pixel_values, duration=duration,
+                      task=Task.parse(r.task), cap=cap)
 
-    def _read_relevance(self, requests, predictions, relevance, durations, pixels, caps) -> None:
-        """Frame relevance (config `frame_relevance`): MR / VHD windows read off the relevant
-        frames (and VHD's clip saliency from their probabilities), and the GQA evidence span
-        (the chosen option stays the generated one, or with `answer_from_frames` the option
-        whose hypothesis is the most relevant); DVC events from the training captions grounded
-        (`ground_captions`), or the runs of relevant frames (`dvc_from_frames`), or each
-        generated DVC event placed where its caption, asked as an MR query, is relevant
-        (`locate_captions`)."""
-        cfg = self.model.config
-        threshold = cfg.frame_threshold
-        dvc, gqa, grounded = [], [], []
-        for b, (r, p) in enumerate(zip(requests, predictions)):
-            p.frame_relevance = relevance[b]
-            task = Task.parse(r.task)
-            if task in (Task.MR, Task.VHD) and cfg.windows_from_frames:
-                p.events = windows_from_relevance(relevance[b], r.timestamps_T, durations[b],
-                                                  threshold)[: caps[b]]
-                if task == Task.VHD:
-                    p.saliency = clip_saliency(relevance[b], r.timestamps_T, durations[b],
-                                               r.clip_len)
-            elif task == Task.GQA and cfg.answer_from_frames and r.options:
-                gqa.append(b)
-            elif task == Task.GQA and cfg.windows_from_frames:
-                best = windows_from_relevance(relevance[b], r.timestamps_T, durations[b],
-                                              threshold)[0]
-                caption = p.events[-1].caption if p.events else ""
-                p.events = [Event(start=best.start, end=best.end, score=best.score,
-                                  caption=caption)]
-            elif task == Task.DVC and cfg.dvc_from_captions and self.caption_ids is not None:
-                grounded.append(b)
-            elif task == Task.DVC and cfg.dvc_from_frames:
-                p.events = dense_events_from_relevance(relevance[b], r.timestamps_T,
-                                                       durations[b], p.events, caps[b], threshold)
-            elif task == Task.DVC and cfg.locate_captions and any(e.caption for e in p.events):
-                dvc.append(b)
-        if dvc:
-            self.locate_captions([requests[b] for b in dvc], [predictions[b] for b in dvc],
-                                 [pixels[b] for b in dvc], [durations[b] for b in dvc])
-        if grounded:
-            self.ground_captions([requests[b] for b in grounded],
-                                 [predictions[b] for b in grounded],
-                                 [pixels[b] for b in grounded], [durations[b] for b in grounded],
-                                 [caps[b] for b in grounded])
-        if gqa:
-            self.answer_from_frames([requests[b] for b in gqa], [predictions[b] for b in gqa],
-                                    [pixels[b] for b in gqa], [durations[b] for b in gqa])
+    def _generate(self, requests, asked, rows: list[int], predictions) -> None:
+        """The generated answers of `rows` (one batched prompt pass and decoding loop), with
+        their frames' relevance, GroundVTS token density and D2VLM evidence."""
+        if not rows:
+            return
+        dev = self.device
+        batch = collate([asked[b].prompt for b in rows], padding_side="left")
+        generated, extras = generate_answer(
+            self.model, batch["input_ids"].to(dev), batch["token_types"].to(dev),
+            batch["attention_mask"].to(dev),
+            pixel_values=torch.cat([asked[b].pixels for b in rows]).to(dev),
+            max_new_tokens=self.model.config.max_position_embeddings - batch["input_ids"].shape[1],
+            max_events=[asked[b].cap for b in rows], return_extras=True)
+        density = None if extras["token_density"] is None else extras["token_density"].tolist()
+        start = 0
+        for k, (b, (ids, kinds)) in enumerate(zip(rows, generated)):
+            p = self._prediction(ids, kinds, asked[b].task, asked[b].duration,
+                                 requests[b].clip_len)
+            if extras["frame_relevance"] is not None:
+                p.frame_relevance = extras["frame_relevance"][k]
+            frames = asked[b].pixels.shape[0]
+            if density is not None:  # per request, its frames' share of the density
+                p.token_density = density[start:start + frames]
+            start += frames
+            if self.model.evidence_head is not None:
+                self._read_evidence(requests[b], p, extras["evidence"][k], asked[b].duration)
+            predictions[b] = p
+
+    def _prompt_pass(self, asked, rows: list[int], predictions) -> None:
+        """The frames' relevance of `rows` from one batched prompt pass, nothing generated: what
+        the answers read off the frames need."""
+        if not rows:
+            return
+        dev = self.device
+        batch = collate([asked[b].prompt for b in rows], padding_side="left")
+        out = self.model(batch["input_ids"].to(dev), batch["token_types"].to(dev),
+                         attention_mask=batch["attention_mask"].to(dev),
+                         pixel_values=torch.cat([asked[b].pixels for b in rows]).to(dev),
+                         return_logits=False)
+        for b, relevance in zip(rows, frame_relevance(out)):
+            predictions[b].frame_relevance = relevance
+
+    def _read(self, requests, asked, readers, predictions, rows) -> list[int]:
+        """Each reader over its requests among `rows`, batched; the requests it could not
+        answer, for their fallback."""
+        groups: dict[str, list[int]] = {}
+        for b in rows:
+            groups.setdefault(readers[b].method, []).append(b)
+        retry = []
+        for method, group in groups.items():
+            unread = getattr(self, method)([requests[b] for b in group],
+                                           [asked[b] for b in group],
+                                           [predictions[b] for b in group])
+            retry += [group[k] for k in unread]
+        return retry
+
+    # --- the readers: (requests, their _Asked, their predictions) -> the ones not answered ------
+
+    def read_generated(self, requests, asked, predictions) -> list[int]:
+        """The generated answer as it is."""
+        return []
+
+    def read_windows(self, requests, asked, predictions) -> list[int]:
+        """MR / VHD off the frames: the windows of the relevant frames, best first, and VHD's
+        clip saliency from their probabilities."""
+        threshold = self.model.config.frame_threshold
+        for r, a, p in zip(requests, asked, predictions):
+            p.events = windows_from_relevance(p.frame_relevance, r.timestamps_T, a.duration,
+                                              threshold)[: a.cap]
+            if a.task == Task.VHD:
+                p.saliency = clip_saliency(p.frame_relevance, r.timestamps_T, a.duration,
+                                           r.clip_len)
+        return []
+
+    def read_generated_option(self, requests, asked, predictions) -> list[int]:
+        """GQA: the generated option, its evidence the best window of the frames relevant to the
+        question."""
+        for r, a, p in zip(requests, asked, predictions):
+            best = windows_from_relevance(p.frame_relevance, r.timestamps_T, a.duration,
+                                          self.model.config.frame_threshold)[0]
+            caption = p.events[-1].caption if p.events else ""
+            p.events = [Event(start=best.start, end=best.end, score=best.score, caption=caption)]
+        return []
+
+    def read_dense_frames(self, requests, asked, predictions) -> list[int]:
+        """DVC: the runs of relevant frames, each with the caption of the generated event it
+        overlaps most (`dense_events_from_relevance`)."""
+        for r, a, p in zip(requests, asked, predictions):
+            p.events = dense_events_from_relevance(p.frame_relevance, r.timestamps_T, a.duration,
+                                                   p.events, a.cap,
+                                                   self.model.config.frame_threshold)
+        return []
 
     def ask_frames(self, asks: list[tuple[PredictRequest, torch.Tensor, str]]
                    ) -> list[np.ndarray | None]:
@@ -269,11 +338,11 @@ class GroundingModel:
         pass: for each (request, its pixels, text) the (T,) frame probabilities, None for a text
         too long to ask. The vision tower runs once per request: its visual tokens, or its
         patches where each prompt reads them with its own text (`patch_relevance`: the patch
-        score; `query_slots`: the slot compression). Frames given as (T, P, V) patches already
+        score). Frames given as (T, P, V) patches already
         (`encode_patches`) are not encoded again."""
         cfg = self.model.config
         dev = self.device
-        kind = "patches" if cfg.query_slots or cfg.patch_relevance else "visual_embeds"
+        kind = "patches" if cfg.patch_relevance else "visual_embeds"
         prompts, visual, where = [], [], []
         encoded: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
@@ -306,81 +375,80 @@ class GroundingModel:
             out[i] = p_T[m_T].cpu().numpy()
         return out
 
-    def locate_captions(self, requests, predictions, pixels, durations) -> None:
-        """Dense captioning with frame relevance: every generated event with a caption is asked
-        as an MR query over the same frames (`ask_frames`), and takes the best window of its
-        relevant frames; events without a caption, or whose caption no frame is relevant to,
-        keep their generated times."""
-        asks, where = [], []
-        for r, p, px, duration in zip(requests, predictions, pixels, durations):
-            for e in p.events:
-                if e.caption:
-                    asks.append((r, px, e.caption))
-                    where.append((e, r.timestamps_T, duration))
-        for (e, timestamps_T, duration), p_T in zip(where, self.ask_frames(asks)):
-            if p_T is None or float(p_T.max()) < RELEVANT:
-                continue  # not asked, or no frame is relevant: its generated times stand
-            best = windows_from_relevance(p_T.tolist(), timestamps_T, duration,
-                                          self.model.config.frame_threshold)[0]
-            e.start, e.end = best.start, best.end
-        for p in predictions:
-            p.events.sort(key=lambda e: (e.start, e.end))
-
-    def ground_captions(self, requests, predictions, pixels, durations, caps) -> None:
-        """Dense captioning by grounding the training captions (`dvc_from_captions`): per video,
+    def ground_captions(self, requests, asked, predictions) -> list[int]:
+        """DVC by grounding the training captions (answer choice `dvc: captions`): per video,
         the tokenizer's captions ranked by their best patch match over its frames
         (`caption_scores`, no decoder pass), the top `dvc_candidates` asked as MR queries
         (`ask_frames`); each gives its best window, scored by its peak relevance. The events are
         the distinct windows of the most relevant candidates, up to the request's cap, each with
-        its caption, in time order. A video none of whose candidates could be asked keeps its
-        generated answer."""
+        its caption, in time order. A video none of whose candidates could be asked is not
+        answered (its fallback generates)."""
         captions = self.tokenizer.captions
         M = min(self.model.config.dvc_candidates, len(captions))
         asks, chosen = [], []
         with torch.inference_mode():
-            for r, px in zip(requests, pixels):
-                patches = self.model.encode_patches(px.to(self.device))  # once: scored and asked
+            for r, a in zip(requests, asked):
+                patches = self.model.encode_patches(a.pixels.to(self.device))  # once: scored and asked
                 best_K = self.model.caption_scores(patches, self.caption_ids).amax(-1)
                 top = best_K.topk(M).indices.tolist()
                 chosen.append(top)
                 asks += [(r, patches, captions[k]) for k in top]
         probs = iter(self.ask_frames(asks))
-        for r, p, duration, cap, top in zip(requests, predictions, durations, caps, chosen):
+        unread = []
+        for i, (r, a, p, top) in enumerate(zip(requests, asked, predictions, chosen)):
             found = []
             for k, p_T in zip(top, [next(probs) for _ in top]):
                 if p_T is not None:
-                    best = windows_from_relevance(p_T.tolist(), r.timestamps_T, duration,
+                    best = windows_from_relevance(p_T.tolist(), r.timestamps_T, a.duration,
                                                   self.model.config.frame_threshold)[0]
                     found.append(Event(start=best.start, end=best.end, score=best.score,
                                        caption=captions[k]))
             if not found:
+                unread.append(i)
                 continue
             events, seen = [], set()
             for e in sorted(found, key=lambda e: -e.score):
-                if (e.start, e.end) not in seen and len(events) < cap:
+                if (e.start, e.end) not in seen and len(events) < a.cap:
                     seen.add((e.start, e.end))
                     events.append(e)
             p.events = sorted(events, key=lambda e: (e.start, e.end))
+        return unread
 
-    def answer_from_frames(self, requests, predictions, pixels, durations) -> None:
-        """Grounded QA by grounding each option (`answer_from_frames`): the question with an
+    def ground_options(self, requests, asked, predictions) -> list[int]:
+        """GQA by grounding each option (answer choice `gqa: options`): the question with an
         option is one hypothesis ("what colour is the circle that grows? red"), asked as an MR
         query over the frames (`ask_frames`); the answer is the option whose most relevant frame
-        is the most relevant, its best window the evidence. A question none of whose hypotheses
-        could be asked keeps its generated answer."""
-        asks = [(r, px, gqa_hypothesis(r.query, option)) for r, px in zip(requests, pixels)
+        is the most relevant, its best window the evidence, and the frames' relevance is that
+        hypothesis's. A question none of whose hypotheses could be asked is not answered (its
+        fallback generates)."""
+        asks = [(r, a.pixels, gqa_hypothesis(r.query, option)) for r, a in zip(requests, asked)
                 for option in r.options]
         probs = iter(self.ask_frames(asks))
-        for r, p, duration in zip(requests, predictions, durations):
+        unread = []
+        for i, (r, a, p) in enumerate(zip(requests, asked, predictions)):
             per_option = [next(probs) for _ in r.options]
             peaks = [-1.0 if p_T is None else float(p_T.max()) for p_T in per_option]
             k = int(np.argmax(peaks))
             if per_option[k] is None:
+                unread.append(i)
                 continue
-            best = windows_from_relevance(per_option[k].tolist(), r.timestamps_T, duration,
+            best = windows_from_relevance(per_option[k].tolist(), r.timestamps_T, a.duration,
                                           self.model.config.frame_threshold)[0]
             p.events = [Event(start=best.start, end=best.end, score=peaks[k],
                               caption=r.options[k])]
+            p.frame_relevance = per_option[k].tolist()
+        return unread
+
+    def _read_evidence(self, request, p: Prediction, evidence, duration: float) -> None:
+        """D2VLM: each generated `<evi>`'s per-frame grounding and the interval of its salient
+        frames."""
+        p.evidence = evidence
+        p.evidence_intervals = []
+        if p.evidence:  # (E, T): one row per generated <evi>
+            prob_ET = torch.as_tensor(p.evidence)
+            salient_ET = self.model.evidence_head.salient(prob_ET, torch.ones_like(prob_ET))
+            p.evidence_intervals = [interval_from_salient(row, request.timestamps_T, duration)
+                                    for row in salient_ET]
 
     def _prediction(self, ids, kinds, task: Task, duration: float, clip_len: float) -> Prediction:
         pieces = self.tokenizer.answer_pieces(ids, kinds)

@@ -192,7 +192,7 @@ def grounding_cpu() -> Preset:
     events read off the frames (the time tokens' loss off: no answer reads them), AdamW at 5e-4,
     one stage training everything."""
     base = relevance_cpu()
-    for key, value in {"bidirectional_frames": True, "image_size": 96, "dvc_from_frames": True,
+    for key, value in {"bidirectional_frames": True, "image_size": 96, "answer": {"dvc": "frames"},
                        "loss_weight_time": 0.0}.items():
         setattr(base.model, key, value)
     return Preset(
@@ -211,16 +211,15 @@ def binding_cpu() -> Preset:
     """grounding_cpu reading the query (docs/experiments.md, sections 4-5): the query's
     best match among each frame's patches added to its relevance, trained by the caption
     contrast on every row of a video (`patch_relevance`, `captions_every_row`), GQA answered by
-    grounding each option (`answer_from_frames`), DVC by grounding the training captions that
-    best match the frames (`dvc_from_captions`, 64 candidates), 2000 steps: on validation the
+    grounding each option (answer choice `gqa: options`), DVC by grounding the training captions
+    that best match the frames (`dvc: captions`, 64 candidates), 2000 steps: on validation the
     binding is not there after 1200 steps and is after 2000; 4000 steps, the longer recipe
     (`jobs/demo.py --steps 4000`, more than the demo's 20 minutes; docs/results.md), give the two
     queries of a video different windows more often (82.5% / 73.3% of the videos of `small` /
     `medium` val, against 62.5% / 56.7% after 2000)."""
     base = grounding_cpu()
-    for key in ("patch_relevance", "captions_every_row", "answer_from_frames",
-                "dvc_from_captions"):
-        setattr(base.model, key, True)
+    base.model.patch_relevance = base.model.captions_every_row = True
+    base.model.answer = {"dvc": "captions", "gqa": "options"}
     base.model.dvc_candidates = 64
     return Preset(
         name="binding_cpu",

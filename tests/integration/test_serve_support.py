@@ -15,8 +15,8 @@ import numpy as np
 
 # The demo model's way of answering (presets.binding_cpu): windows, DVC events and the GQA answer
 # read off the frames' relevance, not off generated times
-READ_OFF_FRAMES = ("query_first", "frame_relevance", "bidirectional_frames", "dvc_from_frames",
-                   "patch_relevance", "answer_from_frames", "dvc_from_captions")
+READ_OFF_FRAMES = {"query_first": True, "frame_relevance": True, "bidirectional_frames": True,
+                   "patch_relevance": True, "answer": {"dvc": "captions", "gqa": "options"}}
 CAPTIONS = ["a red circle moves left", "the blue square appears", "a green triangle blinks"]
 
 
@@ -41,8 +41,8 @@ def build_checkpoint(path: str, *, seed: int = 0, read_off_frames: bool = False)
                                    captions=CAPTIONS if read_off_frames else ())
     cfg = get_preset("tiny_cpu").model.with_tokenizer(tok)
     cfg.max_events, cfg.max_caption_tokens, cfg.max_number_symbols = 2, 2, 3
-    for switch in READ_OFF_FRAMES if read_off_frames else ():
-        setattr(cfg, switch, True)
+    for key, value in READ_OFF_FRAMES.items() if read_off_frames else ():
+        setattr(cfg, key, value)
     model = create_model(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.zero_()

@@ -18,7 +18,6 @@ from timeexpert.models.frame_relevance import (
     clip_saliency,
     dense_events_from_relevance,
     frame_labels,
-    frame_word_labels,
     segment_edges,
     windows_from_relevance,
 )
@@ -148,33 +147,6 @@ def test_frame_logits_depend_on_the_query_only_when_it_comes_first(tok):
     torch.testing.assert_close(h[0, visual], h[1, visual])
 
 
-def test_query_slots_pool_each_frame_by_the_query(tok):
-    """Instruction-aware compression: with `query_slots` the frame tokens the decoder gets depend
-    on the query even when it comes after the frames (the slots that pool the patches are
-    shifted by it); a prompt without QUERY tokens gets the plain slots."""
-    cfg = relevance_config(tok, query_slots=True, query_first=False, frame_relevance=False)
-    torch.manual_seed(0)
-    model = TimeExpertForGrounding(cfg).eval()
-    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    pixels = model.preprocess_frames(frames)
-    batch = _prompts(tok, cfg, ["the red circle grows", "the blue square blinks"],
-                     query_first=False)
-    shift_MV = model.slot_shift(batch["input_ids"], batch["token_types"])
-    assert shift_MV.shape == (8, cfg.vision_width)  # 2 rows x 4 frames
-    h = model(**batch, pixel_values=torch.cat([pixels, pixels])).hidden_states
-    visual = batch["token_types"][0] == TokenType.VISUAL
-    assert not torch.allclose(h[0, visual], h[1, visual])
-    text_only = batch["token_types"].masked_fill(batch["token_types"] == TokenType.QUERY,
-                                                 int(TokenType.TEXT))
-    no_query = model.slot_shift(batch["input_ids"], text_only)[:4]
-    torch.testing.assert_close(model.encode_frames(pixels, no_query), model.encode_frames(pixels))
-    with pytest.raises(ValueError, match="pass pixel_values, not visual_embeds"):
-        model(**batch, visual_embeds=model.encode_frames(torch.cat([pixels, pixels])))
-    plain = TimeExpertForGrounding(relevance_config(tok, query_first=False))
-    assert plain.query_to_slots is None
-    assert plain.slot_shift(batch["input_ids"], batch["token_types"]) is None
-
-
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_bidirectional_frames_let_a_frame_see_the_frames_after_it(tok, bidirectional):
     """Prefix-LM attention over the video: with `bidirectional_frames` the first frame's logit
@@ -196,12 +168,10 @@ def test_bidirectional_frames_let_a_frame_see_the_frames_after_it(tok, bidirecti
     torch.testing.assert_close(out.hidden_states[0, query], out.hidden_states[1, query])
 
 
-@pytest.mark.parametrize("token_max", [False, True])
-def test_frame_loss_joins_the_loss_and_a_batch_is_overfit(tok, token_max):
+def test_frame_loss_joins_the_loss_and_a_batch_is_overfit(tok):
     """Two queries over the same frames, each relevant on other frames: the model must read the
-    query to fit both (the answer prior cannot); with the similarity maximised over a frame's
-    tokens too."""
-    cfg = relevance_config(tok, loss_weight_frames=2.0, relevance_token_max=token_max)
+    query to fit both (the answer prior cannot)."""
+    cfg = relevance_config(tok, loss_weight_frames=2.0)
     torch.manual_seed(0)
     model = TimeExpertForGrounding(cfg)
     frames = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -248,7 +218,7 @@ def test_inference_reads_windows_off_the_frames(tok):
 
 
 def test_inference_reads_dense_events_off_the_frames(tok):
-    cfg = relevance_config(tok, dvc_from_frames=True)
+    cfg = relevance_config(tok, answer={"dvc": "frames"})
     torch.manual_seed(0)
     model = TimeExpertForGrounding(cfg).eval()
     with torch.no_grad():  # every frame's logit is the bias
@@ -267,32 +237,6 @@ def test_inference_reads_dense_events_off_the_frames(tok):
                                            max_events=2)])[0]
     expected = windows_from_relevance(dvc.frame_relevance, TS, 8.0, cfg.frame_threshold)[:1]
     assert [(e.start, e.end) for e in dvc.events] == [(e.start, e.end) for e in expected]
-
-
-@pytest.mark.parametrize("per_prompt", [{}, {"query_slots": True}, {"patch_relevance": True}])
-@pytest.mark.parametrize("bias, expected", [(10.0, (0.0, 8.0)), (-10.0, (1.0, 2.5))])
-def test_dvc_events_are_placed_where_their_caption_is_relevant(tok, bias, expected, per_prompt):
-    """A head that finds every frame relevant (bias +10) moves a captioned event to the run of
-    all frames, [0, 8]; one that finds none (-10) leaves the generated times. With `query_slots`
-    or `patch_relevance` the frames go in as pixels per caption."""
-    cfg = relevance_config(tok, locate_captions=True, **per_prompt)
-    torch.manual_seed(0)
-    model = TimeExpertForGrounding(cfg).eval()
-    with torch.no_grad():
-        for p in model.frame_head.parameters():
-            p.zero_()
-        model.frame_head.norm.weight.fill_(1.0)
-        model.frame_head.proj.bias.fill_(bias)
-    gm = GroundingModel(model, tok)
-    frames = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    request = PredictRequest(frames, np.array(TS), Task.DVC, "", duration=8.0)
-    prediction = gm.predict_batch([request])[0]
-    prediction.events = [Event(1.0, 2.5, 0.5, "the red circle grows"), Event(3.0, 4.0, 0.5, "")]
-    gm.locate_captions([request], [prediction], [model.preprocess_frames(frames)], [8.0])
-    captioned = next(e for e in prediction.events if e.caption)
-    assert (captioned.start, captioned.end) == expected
-    uncaptioned = next(e for e in prediction.events if not e.caption)
-    assert (uncaptioned.start, uncaptioned.end) == (3.0, 4.0)
 
 
 def test_training_rows_get_relevance_labels_per_task():
@@ -315,30 +259,11 @@ def test_training_rows_get_relevance_labels_per_task():
     np.testing.assert_array_equal(bare, [-1, -1, -1, -1])
 
 
-def test_relevance_head_takes_the_best_token_of_a_frame():
-    """With token states, the query-frame similarity is the best of the frame's tokens: a frame
-    whose one token matches the query scores that token's similarity, however its other tokens
-    pull the frame's mean away."""
-    torch.manual_seed(0)
-    head = FrameRelevanceHead(8, rank=4)
-    tokens_BTSD = torch.randn(2, 3, 4, 8)
-    query_BD = torch.randn(2, 8)
-    frames_BTD = tokens_BTSD.mean(2)
-    linear_BT = head.proj(head.norm(frames_BTD)).squeeze(-1)
-    sim_BTS = torch.einsum("btsr,br->bts", head.frame_proj(head.norm(tokens_BTSD)),
-                           head.query_proj(head.norm(query_BD))) / 2.0
-    torch.testing.assert_close(head(frames_BTD, query_BD, tokens_BTSD),
-                               linear_BT + sim_BTS.amax(-1))
-    assert not torch.allclose(head(frames_BTD, query_BD), linear_BT + sim_BTS.amax(-1))
-
-
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_frame_logits_of_a_padded_batch_equal_each_row_alone(tok, bidirectional):
     """Rows of 4 and 2 frames, left-padded as in generation: each row's frame logits equal those
-    of the row run alone (with bidirectional frames and the token-max similarity too: padding is
-    never attended nor maximised over)."""
-    cfg = relevance_config(tok, bidirectional_frames=bidirectional,
-                           relevance_token_max=bidirectional)
+    of the row run alone (with bidirectional frames too: padding is never attended)."""
+    cfg = relevance_config(tok, bidirectional_frames=bidirectional)
     torch.manual_seed(0)
     model = TimeExpertForGrounding(cfg).eval()
     frames = np.random.default_rng(4).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
@@ -383,56 +308,6 @@ def _dvc_pair(tok, cfg, seed: int):
     example = tok.encode_example(Task.DVC, "", TS, [Event(0.0, 4.0, None, "the red circle grows")],
                                  tokens_per_frame=cfg.tokens_per_frame, query_first=True)
     return model, collate([example, example]), model.preprocess_frames(frames)
-
-
-def test_frame_word_labels_mark_the_words_of_the_events_a_frame_falls_in():
-    # event A [0, 4) has words 1, 2; event B [3, 8) words 2, 3; frames at t = 1, 3, 5, 7
-    out = frame_word_labels([(0.0, 4.0, [1, 2]), (3.0, 8.0, [2, 3])], TS, vocab_size=5)
-    np.testing.assert_array_equal(out, [[0, 1, 1, 0, 0],   # t=1: A
-                                        [0, 1, 1, 1, 0],   # t=3: A and B
-                                        [0, 0, 1, 1, 0],   # t=5: B
-                                        [0, 0, 1, 1, 0]])  # t=7: B
-    assert not frame_word_labels([(8.0, 9.0, [4])], TS, vocab_size=5).any()  # end exclusive
-
-
-def test_frame_words_train_on_dvc_rows_and_join_the_loss(tok):
-    """DVC rows name each frame's words; other tasks carry no target; the head needs frame
-    relevance; its loss joins the model's and the stage's loss, and one batch is fit."""
-    import json
-
-    from timeexpert.train.loop import word_labels
-    from timeexpert.train.recipes import stage_loss
-
-    with pytest.raises(ValueError, match="frame_words needs frame_relevance"):
-        TimeExpertConfig(frame_words=True)
-    events = json.dumps([{"start": 0.0, "end": 4.0, "caption": "the red circle grows"},
-                         {"start": 4.0, "end": 8.0, "caption": "the blue square blinks"}])
-    dvc = word_labels({"task": "dvc", "events": events}, TS, tok)
-    a, b = set(tok.encode_text("the red circle grows")), set(tok.encode_text("the blue square blinks"))
-    red, blue = sorted(a - b), sorted(b - a)  # the words only one caption has
-    assert dvc.shape == (4, tok.text_vocab_size)
-    assert dvc[0, red].all() and not dvc[0, blue].any() and dvc[3, blue].all() and not dvc[3, red].any()
-    mr = word_labels({"task": "mr", "events": events}, TS, tok)
-    assert (mr == -1).all()
-
-    cfg = relevance_config(tok, frame_words=True, loss_weight_words=0.5)
-    model, batch, pixels = _dvc_pair(tok, cfg, seed=2)
-    words = torch.from_numpy(np.stack([dvc, mr]))  # the second row has no word targets
-    out = model(**batch, pixel_values=pixels, frame_words=words)
-    expected = (out.loss_time + out.loss_score + out.loss_text + out.aux_loss + out.z_loss
-                + 0.5 * out.loss_words)
-    torch.testing.assert_close(out.loss, expected)
-    torch.testing.assert_close(stage_loss(out, 3, cfg), out.loss)
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = float(out.loss_words.detach())
-    for _ in range(40):
-        out = model(**batch, pixel_values=pixels, frame_words=words)
-        optim.zero_grad()
-        out.loss.backward()
-        optim.step()
-    assert float(out.loss_words.detach()) < 0.2 * first
-    with pytest.raises(ValueError, match="no frame-words head"):
-        TimeExpertForGrounding(relevance_config(tok))(**batch, pixel_values=pixels, frame_words=words)
 
 
 def test_caption_contrast_counts_only_the_frames_where_captions_disagree():
@@ -537,10 +412,11 @@ def test_patch_relevance_adds_the_patch_score_and_trains_the_caption_contrast(to
 
 
 def test_gqa_answers_the_option_whose_hypothesis_is_most_relevant(tok, monkeypatch):
-    """`answer_from_frames`: each option is asked with the question as one MR query; the answer
-    is the option with the most relevant frame, the evidence its best window; a question none of
-    whose hypotheses could be asked keeps the generated answer."""
-    cfg = relevance_config(tok, answer_from_frames=True)
+    """Answer choice `gqa: options`: each option is asked with the question as one MR query; the
+    answer is the option with the most relevant frame, the evidence its best window, nothing is
+    generated; a question none of whose hypotheses could be asked gets the `gqa: frames` answer
+    (its fallback: the generated option)."""
+    cfg = relevance_config(tok, answer={"gqa": "options"})
     torch.manual_seed(0)
     gm = GroundingModel(TimeExpertForGrounding(cfg).eval(), tok)
     question, options = "what colour is the circle that grows?", ["red", "blue", "green"]
@@ -558,23 +434,27 @@ def test_gqa_answers_the_option_whose_hypothesis_is_most_relevant(tok, monkeypat
                              options=options)
     prediction = gm.predict_batch([request])[0]
     assert asked == [f"{question} {o}" for o in options]
-    assert prediction.answer == 1
+    assert prediction.answer == 1 and prediction.num_tokens == 0
     assert [(e.start, e.end, e.caption) for e in prediction.events] == [(4.0, 8.0, "blue")]
+    assert prediction.frame_relevance == relevance["blue"]
     monkeypatch.setattr(gm, "ask_frames", lambda asks: [None] * len(asks))
-    kept = gm.predict_batch([request])[0]
-    gm.model.config.answer_from_frames = False  # the generated option
-    generated = gm.predict_batch([request])[0]
-    assert kept.answer == generated.answer
+    unasked = gm.predict_batch([request])[0]
+    gm.model.config.answer = {"gqa": "frames"}  # the generated option, the question's frames
+    generated = GroundingModel(gm.model, tok).predict_batch([request])[0]
+    assert unasked.num_tokens > 0 and unasked.answer == generated.answer
+    assert [(e.start, e.end) for e in unasked.events] == [(e.start, e.end)
+                                                          for e in generated.events]
 
 
 def test_dvc_grounds_the_training_captions_that_match_the_frames(tok, monkeypatch):
-    """`dvc_from_captions`: the tokenizer's captions are ranked by their patch match
+    """Answer choice `dvc: captions`: the tokenizer's captions are ranked by their patch match
     (`caption_scores`), the top `dvc_candidates` asked as MR queries; the distinct windows of the
     most relevant ones, up to the cap, are the events in time order with their captions; a video
-    none of whose candidates could be asked keeps its generated answer."""
+    none of whose candidates could be asked gets the generated answer (its fallback)."""
     captions = ["the red circle grows", "the blue square blinks", "the red square grows"]
     bank_tok = GroundingTokenizer(tok.text, captions=captions)
-    cfg = relevance_config(tok, patch_relevance=True, dvc_from_captions=True, dvc_candidates=2)
+    cfg = relevance_config(tok, patch_relevance=True, answer={"dvc": "captions"},
+                           dvc_candidates=2)
     torch.manual_seed(0)
     gm = GroundingModel(TimeExpertForGrounding(cfg).eval(), bank_tok)
     frames = np.random.default_rng(6).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -585,8 +465,10 @@ def test_dvc_grounds_the_training_captions_that_match_the_frames(tok, monkeypatc
     assert scores_KT.shape == (3, 4)
     torch.testing.assert_close(gm.model.caption_scores(patches, gm.caption_ids[1:2, :4])[0],
                                scores_KT[1])
-    with pytest.raises(ValueError, match="dvc_from_captions needs patch_relevance"):
-        TimeExpertConfig(dvc_from_captions=True)
+    with pytest.raises(ValueError, match="it needs patch_relevance=True"):
+        TimeExpertConfig(query_first=True, frame_relevance=True, answer={"dvc": "captions"})
+    with pytest.raises(ValueError, match="its tokenizer holds no captions"):
+        GroundingModel(gm.model, tok)
 
     # candidates: "blue square" and "red square" match the patches best, "red circle" least
     monkeypatch.setattr(gm.model, "caption_scores",
@@ -614,14 +496,16 @@ def test_dvc_grounds_the_training_captions_that_match_the_frames(tok, monkeypatc
     same = gm.predict_batch([request])[0].events
     assert [(e.start, e.end, e.caption) for e in same] == [(0.0, 4.0, "the red square grows")]
     monkeypatch.setattr(gm, "ask_frames", lambda asks: [None] * len(asks))
-    kept = gm.predict_batch([request])[0]
-    gm.model.config.dvc_from_captions = False  # the generated answer
-    generated = gm.predict_batch([request])[0]
-    assert [(e.start, e.end) for e in kept.events] == [(e.start, e.end) for e in generated.events]
+    unasked = gm.predict_batch([request])[0]
+    gm.model.config.answer = {"dvc": "generated"}
+    generated = GroundingModel(gm.model, bank_tok).predict_batch([request])[0]
+    assert unasked.num_tokens == generated.num_tokens > 0
+    assert [(e.start, e.end) for e in unasked.events] == [(e.start, e.end)
+                                                          for e in generated.events]
 
 
-def test_gqa_rows_train_the_hypotheses_that_answer_from_frames_asks(tok):
-    """With `answer_from_frames` a GQA row trains as the hypothesis inference asks: the question
+def test_gqa_rows_train_the_hypotheses_that_grounding_the_options_asks(tok):
+    """With the answer choice `gqa: options` a GQA row trains as the hypothesis inference asks: the question
     with one option as an MR query, the evidence frames relevant when the option is the answer
     and none when it is not; the right option about half the time; the draw is fixed by the step
     and the row (a rerun sees the same batches) and moves with the step."""
@@ -640,7 +524,7 @@ def test_gqa_rows_train_the_hypotheses_that_answer_from_frames_asks(tok):
     wrong = {h["query"]: h["events"] for h in drawn if h not in right}
     assert wrong == {gqa_hypothesis(question, "red"): "[]", gqa_hypothesis(question, "green"): "[]"}
 
-    cfg = relevance_config(tok, answer_from_frames=True)
+    cfg = relevance_config(tok, answer={"gqa": "options"})
     model = TimeExpertForGrounding(cfg)
     frames = np.random.default_rng(7).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
     batch = {k: np.array([v]) for k, v in row.items()} | {
@@ -660,77 +544,14 @@ def test_gqa_rows_train_the_hypotheses_that_answer_from_frames_asks(tok):
                                    if q != gqa_hypothesis(question, "blue"))
 
 
-def test_hard_negatives_are_the_nearest_training_captions_the_video_does_not_show():
-    """`caption_negatives`: the captions one word away from one of the video's come first (ties in
-    a random order), never one of the video's own; through `tokenize_batch` they join the row's
-    captions covering no frame, drawn the same for the same step and row; the option validates."""
-    import json
-
-    from timeexpert.train.loop import hard_negatives, tokenize_batch
-
-    words = {w: i for i, w in enumerate("the red blue circle square grows blinks moves left".split())}
-    ids = lambda caption: [words[w] for w in caption.split()]  # noqa: E731
-    own = [ids("the red circle grows"), ids("the blue square blinks")]
-    near = ["the red circle blinks", "the red square grows", "the blue circle blinks",
-            "the blue square grows"]
-    far = ["the blue circle moves left", "the red square moves left"]
-    bank = [ids(c) for c in far + near + ["the red circle grows"]]
-    drawn = [hard_negatives(own, bank, 4, np.random.default_rng(s)) for s in range(20)]
-    assert all(sorted(d) == sorted(ids(c) for c in near) for d in drawn)
-    assert len({tuple(map(tuple, d)) for d in drawn}) > 1  # ties in a random order
-    assert sorted(hard_negatives(own, bank, 6, np.random.default_rng(0))[4:]) == sorted(
-        ids(c) for c in far)
-    assert hard_negatives(own, [own[0]], 3, np.random.default_rng(0)) == []
-
-    with pytest.raises(ValueError, match="caption_negatives must be >= 0"):
-        TimeExpertConfig(caption_negatives=-1)
-    bank_tok = GroundingTokenizer.train(
-        ["the red circle grows", "the blue square blinks", "the red circle blinks"] * 3,
-        vocab_size=400, captions=["the red circle grows", "the red circle blinks",
-                                  "the blue square blinks"])
-    cfg = relevance_config(bank_tok, patch_relevance=True, captions_every_row=True,
-                           caption_negatives=2)
-    model = TimeExpertForGrounding(cfg)
-    events = json.dumps([{"start": 0.0, "end": 4.0, "caption": "the red circle grows"}])
-    frames = np.random.default_rng(7).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
-    batch = {"id": np.array(["v1_mr"]), "task": np.array(["mr"]), "query": np.array(["red"]),
-             "events": np.array(["[]"]), "video_captions": np.array([events]),
-             "options": np.array(["null"]), "answer": np.array([-1]),
-             "timestamps": np.array([TS]), "frames": frames, "frame_mask": np.ones((1, 4), bool)}
-    inputs = tokenize_batch(batch, bank_tok, cfg, model, step=3)
-    got = [[i for i in row if i >= 0] for row in inputs["caption_ids"][0].tolist()]
-    assert got[0] == bank_tok.encode_text("the red circle grows")
-    assert sorted(got[1:]) == sorted(bank_tok.encode_text(c) for c in
-                                     ["the red circle blinks", "the blue square blinks"])
-    assert inputs["caption_frames"][0].tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
-    again = tokenize_batch(batch, bank_tok, cfg, model, step=3)
-    assert torch.equal(inputs["caption_ids"], again["caption_ids"])
-
-
-def test_patch_change_is_the_next_minus_the_previous_frame_within_the_real_frames():
-    """`patch_motion`'s input: zero for a still patch; at the first and the last real frame the
-    missing neighbour is the frame itself; padding frames are no neighbours."""
-    from timeexpert.models.frame_relevance import patch_change
-
-    p_BTPV = torch.tensor([1.0, 2.0, 4.0, 7.0, 0.0]).view(1, 5, 1, 1).repeat(1, 1, 2, 3)
-    mask_BT = torch.tensor([[True, True, True, True, False]])
-    got = patch_change(p_BTPV, mask_BT)[0, :, 0, 0].tolist()
-    assert got == [2.0 - 1.0, 4.0 - 1.0, 7.0 - 2.0, 7.0 - 4.0, 0.0 - 0.0]
-    assert not patch_change(torch.ones(2, 3, 4, 5)).any()
-    score = PatchQueryScore(text_dim=8, vision_dim=3, rank=4, motion=True)
-    q_BR, patches_BTPV = torch.randn(1, 4), torch.randn(1, 5, 2, 3)
-    moving = score(q_BR, patches_BTPV, mask_BT)
-    still = score(q_BR, patches_BTPV[:, :1].expand_as(patches_BTPV))
-    assert not torch.allclose(moving[0, :1], still[0, :1])  # same frame, other neighbours
-
-
 def test_dvc_by_grounding_captions_runs_through_the_real_model(tok):
-    """`dvc_from_captions` end to end on a fresh model (no stand-ins): the events are distinct
+    """`dvc: captions` end to end on a fresh model (no stand-ins): the events are distinct
     windows on the frames' segment grid, in time order, at most the cap, each captioned with one
     of the `dvc_candidates` captions whose patch match is the best."""
     captions = ["the red circle grows", "the blue square blinks", "the red square grows",
                 "the blue circle blinks"]
-    cfg = relevance_config(tok, patch_relevance=True, dvc_from_captions=True, dvc_candidates=3)
+    cfg = relevance_config(tok, patch_relevance=True, answer={"dvc": "captions"},
+                           dvc_candidates=3)
     torch.manual_seed(0)
     gm = GroundingModel(TimeExpertForGrounding(cfg).eval(), GroundingTokenizer(tok.text,
                                                                                captions=captions))
@@ -739,13 +560,13 @@ def test_dvc_by_grounding_captions_runs_through_the_real_model(tok):
         best_K = gm.model.caption_scores(
             gm.model.encode_patches(gm.model.preprocess_frames(frames)), gm.caption_ids)
     candidates = {captions[k] for k in best_K.amax(-1).topk(3).indices.tolist()}
-    passes = []  # the vision tower: once for the answer's pass, once for all the captions
+    passes = []  # the vision tower: once for all the captions, nothing generated
     hook = gm.model.frame_encoder.register_forward_hook(lambda m, i, o: passes.append(len(o)))
     try:
         gm.predict_batch([PredictRequest(frames, np.array(TS), Task.DVC, duration=8.0)])
     finally:
         hook.remove()
-    assert passes == [4, 4]
+    assert passes == [4]
     for cap in (8, 1):
         events = gm.predict_batch([PredictRequest(frames, np.array(TS), Task.DVC, duration=8.0,
                                                   max_events=cap)])[0].events
@@ -755,12 +576,11 @@ def test_dvc_by_grounding_captions_runs_through_the_real_model(tok):
         assert all(a in (0.0, 2.0, 4.0, 6.0) and b in (2.0, 4.0, 6.0, 8.0) for a, b in spans)
 
 
-@pytest.mark.parametrize("option", ["patch_relevance", "query_slots"])
-def test_asked_texts_share_one_vision_tower_pass_per_request(tok, option):
+def test_asked_texts_share_one_vision_tower_pass_per_request(tok):
     """`ask_frames` runs the vision tower once per request however many texts it asks, and each
     text's frame probabilities equal those of its own pass over the pixels; `forward` takes the
     patches in place of the pixels, and refuses two sources or patches of another width."""
-    cfg = relevance_config(tok, **{option: True})
+    cfg = relevance_config(tok, patch_relevance=True)
     torch.manual_seed(0)
     gm = GroundingModel(TimeExpertForGrounding(cfg).eval(), tok)
     rng = np.random.default_rng(9)

@@ -13,6 +13,8 @@ import pytest
 import torch
 from timeexpert.events import Event, Task, TokenType
 from timeexpert.models.timeexpert import (
+    REMOVED_AFTER,
+    AnswerChoice,
     TimeExpertConfig,
     TimeExpertForGrounding,
     create_model,
@@ -399,17 +401,56 @@ def test_presets_registry():
     grounding = get_preset("grounding_cpu")
     assert grounding.stages == (3,) and get_preset("small_cpu").stages == (1, 2, 3)
     cfg = TimeExpertConfig.from_dict(grounding.model.to_dict())
-    assert (cfg.frame_relevance, cfg.bidirectional_frames, cfg.dvc_from_frames,
-            cfg.image_size, cfg.loss_weight_time) == (True, True, True, 96, 0.0)
-    assert not (cfg.patch_relevance or cfg.answer_from_frames)
+    assert (cfg.frame_relevance, cfg.bidirectional_frames, cfg.image_size,
+            cfg.loss_weight_time, cfg.patch_relevance) == (True, True, 96, 0.0, False)
+    assert cfg.answer_choice() == AnswerChoice(mr="frames", vhd="frames", dvc="frames",
+                                               gqa="frames")
     binding = get_preset("binding_cpu")  # the same reading the query
     cfg = TimeExpertConfig.from_dict(binding.model.to_dict())
-    assert (cfg.patch_relevance, cfg.captions_every_row, cfg.answer_from_frames,
-            cfg.dvc_from_captions, cfg.dvc_candidates, cfg.bidirectional_frames) == (
-        True, True, True, True, 64, True)
+    assert (cfg.patch_relevance, cfg.captions_every_row, cfg.dvc_candidates,
+            cfg.bidirectional_frames) == (True, True, 64, True)
+    assert cfg.answer_choice() == AnswerChoice(mr="frames", vhd="frames", dvc="captions",
+                                               gqa="options")
     assert binding.stages == (3,) and binding.train["num_steps"] == 2000
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         get_preset("huge")
+
+
+def test_answer_choice_is_validated_and_old_configs_convert(tmp_path):
+    """`answer` over the defaults of the model's heads; an unknown task or choice, or a choice
+    the heads cannot read, is refused at construction; a config.json with the old answer
+    booleans loads as the same choice, and one that turns a removed formulation on names the
+    last commit that has it."""
+    relevance = {"query_first": True, "frame_relevance": True}
+    assert TimeExpertConfig().answer_choice() == AnswerChoice(
+        mr="generated", vhd="generated", dvc="generated", gqa="generated")
+    assert TimeExpertConfig(**relevance, answer={"gqa": "options"}).answer_choice() == (
+        AnswerChoice(mr="frames", vhd="frames", dvc="generated", gqa="options"))
+    for answer, message in (({"asr": "frames"}, "unknown task 'asr'"),
+                            ({"mr": "captions"}, "must be one of frames, generated"),
+                            ({"dvc": "captions"}, "needs patch_relevance")):
+        with pytest.raises(ValueError, match=message):
+            TimeExpertConfig(**relevance, answer=answer)
+    with pytest.raises(ValueError, match="needs frame_relevance=True"):
+        TimeExpertConfig(answer={"mr": "frames"})
+    # the four answer booleans of older checkpoints (binding_cpu's, grounding_cpu's, a plain one)
+    old = {"model_type": "timeexpert", **relevance, "patch_relevance": True}
+    cases = [({"answer_from_frames": True, "dvc_from_frames": True, "dvc_from_captions": True},
+              AnswerChoice(mr="frames", vhd="frames", dvc="captions", gqa="options")),
+             ({"dvc_from_frames": True, "windows_from_frames": True},
+              AnswerChoice(mr="frames", vhd="frames", dvc="frames", gqa="frames")),
+             ({"windows_from_frames": False},
+              AnswerChoice(mr="generated", vhd="generated", dvc="generated", gqa="generated"))]
+    for legacy, expected in cases:
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({**old, **legacy, "frame_words": False, "caption_negatives": 0,
+                                    "loss_weight_words": 0.1}))
+        cfg = TimeExpertConfig.from_pretrained(str(tmp_path))
+        assert cfg.answer_choice() == expected
+        assert not any(hasattr(cfg, k) for k in (*legacy, "frame_words", "loss_weight_words"))
+    path.write_text(json.dumps({**old, "patch_motion": True}))
+    with pytest.raises(ValueError, match=f"patch_motion.*after commit {REMOVED_AFTER}"):
+        TimeExpertConfig.from_pretrained(str(tmp_path))
 
 
 def test_paper_preset_builds_on_the_meta_device():

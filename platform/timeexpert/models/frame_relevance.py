@@ -29,7 +29,6 @@ from timeexpert.models.evidence import frame_features
 
 IGNORE_FRAME = -1.0  # frame label of frames without a target (padding, tasks without one)
 RELEVANT = 0.5  # a frame the model finds more likely relevant than not
-WORD_PRIOR_LOGIT = -4.0  # initial logit of every word of the frame-words head (p about 0.018)
 
 
 class FrameRelevanceHead(nn.Module):
@@ -38,9 +37,7 @@ class FrameRelevanceHead(nn.Module):
     logit_t = w . f_t + b + (W_q q) . (W_f f_t) / sqrt(r): a linear read of the frame state (the
     decoder has already mixed the query in through attention) plus a low-rank query-frame
     similarity, the direct multiplicative path of GroundVTS's query-guided token scoring (low-rank
-    projections of query and visual tokens) and of D2VLM's evidence-frame similarity. With
-    `relevance_token_max` the similarity is taken per visual token and maximised over the frame's
-    tokens (late interaction), so that the one token showing the queried object decides.
+    projections of query and visual tokens) and of D2VLM's evidence-frame similarity.
     """
 
     def __init__(self, dim: int, rank: int = 64) -> None:
@@ -50,17 +47,9 @@ class FrameRelevanceHead(nn.Module):
         self.query_proj = nn.Linear(dim, rank, bias=False)
         self.frame_proj = nn.Linear(dim, rank, bias=False)
 
-    def forward(self, frames_BTD: torch.Tensor, query_BD: torch.Tensor,
-                tokens_BTSD: torch.Tensor | None = None) -> torch.Tensor:
-        """With `tokens_BTSD` (each frame's S token states), the similarity is taken per token
-        and maximised over the frame's tokens; else on the frame's mean state."""
+    def forward(self, frames_BTD: torch.Tensor, query_BD: torch.Tensor) -> torch.Tensor:
         f_BTD, q_BD = self.norm(frames_BTD), self.norm(query_BD)
-        q_BR = self.query_proj(q_BD)
-        if tokens_BTSD is None:
-            sim_BT = torch.einsum("btr,br->bt", self.frame_proj(f_BTD), q_BR)
-        else:
-            sim_BTS = torch.einsum("btsr,br->bts", self.frame_proj(self.norm(tokens_BTSD)), q_BR)
-            sim_BT = sim_BTS.amax(-1)
+        sim_BT = torch.einsum("btr,br->bt", self.frame_proj(f_BTD), self.query_proj(q_BD))
         return self.proj(f_BTD).squeeze(-1) + sim_BT / self.query_proj.out_features ** 0.5
 
 
@@ -72,15 +61,12 @@ class PatchQueryScore(nn.Module):
     a frame: "is the red circle in this frame" is one patch's match. Added to the frame-relevance
     logit; trained by the per-frame BCE and the caption contrast (`caption_contrast_loss`)."""
 
-    def __init__(self, text_dim: int, vision_dim: int, rank: int = 64, motion: bool = False) -> None:
+    def __init__(self, text_dim: int, vision_dim: int, rank: int = 64) -> None:
         super().__init__()
         self.word_score = nn.Linear(text_dim, 1)
         self.query_proj = nn.Linear(text_dim, rank, bias=False)
         self.patch_norm = nn.LayerNorm(vision_dim)
         self.patch_proj = nn.Linear(vision_dim, rank, bias=False)
-        # `patch_motion`: each patch's key also sees how it changes between the neighbouring
-        # frames (a frame alone shows what is there, not whether it grows, blinks or moves)
-        self.motion_proj = nn.Linear(vision_dim, rank, bias=False) if motion else None
 
     def embed_text(self, emb_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
         """(B, L, D) word embeddings and their (B, L) mask -> (B, r): attention-pooled words
@@ -89,37 +75,15 @@ class PatchQueryScore(nn.Module):
         w_BL = torch.nan_to_num(w_BL.softmax(-1), nan=0.0).to(emb_BLD.dtype)
         return self.query_proj(torch.einsum("bl,bld->bd", w_BL, emb_BLD))
 
-    def forward(self, query_BR: torch.Tensor, patches_BTPV: torch.Tensor,
-                mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, query_BR: torch.Tensor, patches_BTPV: torch.Tensor) -> torch.Tensor:
         """(B, R) texts against (B, T, P, V) patches of the same rows -> (B, T) scores."""
-        return self.captions(query_BR[:, None], patches_BTPV, mask_BT)[:, 0]
+        return self.captions(query_BR[:, None], patches_BTPV)[:, 0]
 
-    def captions(self, captions_BKR: torch.Tensor, patches_BTPV: torch.Tensor,
-                 mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, K, R) captions of each row's video against its (B, T, P, V) patches -> (B, K, T);
-        `mask_BT` marks the real frames (default: all), whose neighbours the motion keys read."""
-        normed_BTPV = self.patch_norm(patches_BTPV)
-        keys_BTPR = self.patch_proj(normed_BTPV)
-        if self.motion_proj is not None:
-            keys_BTPR = keys_BTPR + self.motion_proj(patch_change(normed_BTPV, mask_BT))
+    def captions(self, captions_BKR: torch.Tensor, patches_BTPV: torch.Tensor) -> torch.Tensor:
+        """(B, K, R) captions of each row's video against its (B, T, P, V) patches -> (B, K, T)."""
+        keys_BTPR = self.patch_proj(self.patch_norm(patches_BTPV))
         sim_BKTP = torch.einsum("btpr,bkr->bktp", keys_BTPR, captions_BKR)
         return sim_BKTP.amax(-1) / self.query_proj.out_features ** 0.5
-
-
-def patch_change(patches_BTPV: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """Each patch's change across its frame, (B, T, P, V): the next frame's patch minus the
-    previous frame's, at the same position (a frame without a real neighbour on one side takes
-    its own patch there); zero where nothing changes and on padding frames."""
-    if mask_BT is None:
-        mask_BT = patches_BTPV.new_ones(patches_BTPV.shape[:2], dtype=torch.bool)
-    prev_BTPV = torch.cat([patches_BTPV[:, :1], patches_BTPV[:, :-1]], 1)
-    next_BTPV = torch.cat([patches_BTPV[:, 1:], patches_BTPV[:, -1:]], 1)
-    none_B1 = torch.zeros_like(mask_BT[:, :1])
-    has_prev_BT = torch.cat([none_B1, mask_BT[:, :-1]], 1)
-    has_next_BT = torch.cat([mask_BT[:, 1:], none_B1], 1)
-    prev_BTPV = torch.where(has_prev_BT[..., None, None], prev_BTPV, patches_BTPV)
-    next_BTPV = torch.where(has_next_BT[..., None, None], next_BTPV, patches_BTPV)
-    return (next_BTPV - prev_BTPV) * mask_BT[..., None, None]
 
 
 def caption_contrast_loss(scores_BKT: torch.Tensor, targets_BKT: torch.Tensor) -> torch.Tensor:
@@ -165,19 +129,12 @@ def pool_query(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tens
 
 
 def pool_frames(h_BND: torch.Tensor, types_BN: torch.Tensor, valid_BN: torch.Tensor,
-                tokens_per_frame: int, *, with_tokens: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Each frame's S visual hidden states averaged -> (B, T, D), the (B, T) mask of real frames
-    and, `with_tokens`, the states themselves, (B, T, S, D) (zeros for padding frames; else
-    None). Rows hold their frames in order, S visual tokens each (the prompt layout)."""
+                tokens_per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each frame's S visual hidden states averaged -> (B, T, D) and the (B, T) mask of real
+    frames. Rows hold their frames in order, S visual tokens each (the prompt layout)."""
     is_visual_BN = (types_BN == TokenType.VISUAL) & valid_BN
     visual_MSD = h_BND[is_visual_BN].view(-1, tokens_per_frame, h_BND.shape[-1])
-    frames_BTD, mask_BT = frame_features(visual_MSD, types_BN, valid_BN, tokens_per_frame)
-    tokens_BTSD = None
-    if with_tokens:
-        tokens_BTSD = visual_MSD.new_zeros(*mask_BT.shape, *visual_MSD.shape[1:])
-        tokens_BTSD[mask_BT] = visual_MSD
-    return frames_BTD, mask_BT, tokens_BTSD
+    return frame_features(visual_MSD, types_BN, valid_BN, tokens_per_frame)
 
 
 def relevance_loss(logits_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -190,52 +147,6 @@ def relevance_loss(logits_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Te
     if not bool(sel_BT.any()):
         return logits_BT.sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits_BT[sel_BT].float(), labels_BT[sel_BT].float())
-
-
-class FrameWordsHead(nn.Module):
-    """(B, T, D) pooled frame hidden states -> (B, T, V) logits: which words of the vocabulary
-    describe what happens in each frame (the captions of the events it falls in). An auxiliary
-    frame-level concept loss that makes a frame's state name its objects and actions, the
-    attributes a query is matched on (the role a pretrained image-text encoder plays in the
-    papers' vision towers)."""
-
-    def __init__(self, dim: int, vocab_size: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, vocab_size)
-        # a frame names a handful of the V words: start every word at a low prior (about 2%),
-        # so the first steps learn the words, not "no word" (the focal-loss prior init)
-        nn.init.constant_(self.proj.bias, WORD_PRIOR_LOGIT)
-
-    def forward(self, frames_BTD: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(frames_BTD))
-
-
-def words_loss(logits_BTV: torch.Tensor, labels_BTV: torch.Tensor) -> torch.Tensor:
-    """BCE summed over the vocabulary, averaged over the frames with word targets (a frame
-    without targets is IGNORE_FRAME in every column). Summed, not averaged, over the V words: a
-    frame's few words would otherwise weigh 1/V each (a mean over 1000 columns stays at the
-    prior's 0.02 and teaches nothing)."""
-    if labels_BTV.shape != logits_BTV.shape:
-        raise ValueError(f"frame_words must be (B, T, V) = {tuple(logits_BTV.shape)}, "
-                         f"got {tuple(labels_BTV.shape)}")
-    sel_BT = labels_BTV[..., 0] >= 0
-    if not bool(sel_BT.any()):
-        return logits_BTV.sum() * 0.0
-    bce_FV = F.binary_cross_entropy_with_logits(logits_BTV[sel_BT].float(),
-                                                labels_BTV[sel_BT].float(), reduction="none")
-    return bce_FV.sum(-1).mean()
-
-
-def frame_word_labels(events: Sequence[tuple[float, float, Sequence[int]]],
-                      timestamps_T: Sequence[float], vocab_size: int) -> np.ndarray:
-    """(T, V) multi-hot of the word ids of every event [start, end) a frame's timestamp lies in."""
-    ts_T = np.asarray(timestamps_T, dtype=np.float64).reshape(-1)
-    out_TV = np.zeros((ts_T.size, vocab_size), dtype=np.float32)
-    for start, end, ids in events:  # a handful of events per record
-        inside_T = (ts_T >= start) & (ts_T < end)
-        out_TV[np.ix_(inside_T, np.asarray(ids, dtype=np.int64))] = 1.0
-    return out_TV
 
 
 def segment_edges(timestamps_T: Sequence[float], duration: float) -> np.ndarray:
@@ -275,7 +186,7 @@ def windows_from_relevance(prob_T: Sequence[float], timestamps_T: Sequence[float
 def dense_events_from_relevance(prob_T: Sequence[float], timestamps_T: Sequence[float],
                                 duration: float, generated: Sequence[Event],
                                 max_events: int, threshold_ratio: float) -> list[Event]:
-    """Dense captioning read off the frames (config `dvc_from_frames`): each run of frames the
+    """Dense captioning read off the frames (answer choice `dvc: frames`): each run of frames the
     model finds relevant (at `RELEVANT` or above; trained against "inside some event") is one
     event, in time order; an unsure model still answers its best run (`windows_from_relevance`
     at `threshold_ratio` of the peak, as MR answers). Past `max_events` runs, the most relevant ones (by peak) are kept. Each

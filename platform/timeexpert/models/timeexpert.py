@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, PretrainedConfig,
 from transformers.utils import ModelOutput
 
 from timeexpert.config import MoEConfig
-from timeexpert.events import IGNORE_INDEX, NUM_TOKEN_TYPES, TokenType
+from timeexpert.events import IGNORE_INDEX, NUM_TOKEN_TYPES, Task, TokenType
 from timeexpert.models.expert_parallel import expert_shards, load_weights
 from timeexpert.models.moe import MoELayer, ExpertUpdate
 from timeexpert.models.temporal import NumberEncoder, NumberHead
@@ -49,14 +49,12 @@ from timeexpert.models.evidence import (
 )
 from timeexpert.models.frame_relevance import (
     FrameRelevanceHead,
-    FrameWordsHead,
     IGNORE_FRAME,
     PatchQueryScore,
     caption_contrast_loss,
     pool_frames,
     pool_query,
     relevance_loss,
-    words_loss,
 )
 from timeexpert.models.processor import TimeExpertProcessor
 from timeexpert.models.token_sampling import TokenSamplingConfig, VisualTokenSampler
@@ -92,16 +90,76 @@ ARCHITECTURE_FIELDS = (
     "moe",
     "query_first",
     "frame_relevance",
-    "frame_words",
     "bidirectional_frames",
-    "relevance_token_max",
-    "query_slots",
     "patch_relevance",
-    "patch_motion",
 )
 
 
 # --- config ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnswerChoice:
+    """How each task's answer is read (`inference.READERS` holds one reader per choice).
+
+    - mr, vhd: "frames" (the windows of the relevant frames; VHD's saliency from them) or
+      "generated" (the decoded times and scores);
+    - dvc: "captions" (the training captions that best match the frames, grounded as MR queries;
+      needs patch_relevance and a tokenizer with captions), "frames" (the runs of relevant
+      frames, captioned by the generated events) or "generated";
+    - gqa: "options" (each option with the question grounded as an MR query; the most relevant
+      one answers), "frames" (the generated option, its evidence the question's relevant
+      frames) or "generated".
+
+    Every choice but "generated" reads the frame-relevance head: it needs frame_relevance.
+    """
+
+    mr: str
+    vhd: str
+    dvc: str
+    gqa: str
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mr": ("frames", "generated"), "vhd": ("frames", "generated"),
+        "dvc": ("captions", "frames", "generated"), "gqa": ("options", "frames", "generated")}
+
+    @classmethod
+    def resolve(cls, answer: dict | None, *, frame_relevance: bool,
+                patch_relevance: bool) -> "AnswerChoice":
+        """`answer` over the defaults (with frame relevance: MR, VHD and GQA's evidence off the
+        frames, DVC generated; without: all generated); ValueError for an unknown task or
+        choice, or a choice the model's heads cannot read."""
+        read = "frames" if frame_relevance else "generated"
+        chosen = {"mr": read, "vhd": read, "dvc": "generated", "gqa": read}
+        for task, choice in (answer or {}).items():
+            if task not in cls.CHOICES:
+                raise ValueError(f"answer has an unknown task {task!r}; tasks: "
+                                 f"{', '.join(cls.CHOICES)}")
+            if choice not in cls.CHOICES[task]:
+                raise ValueError(f"answer[{task!r}] must be one of {', '.join(cls.CHOICES[task])}, "
+                                 f"got {choice!r}")
+            chosen[task] = choice
+        for task, choice in chosen.items():
+            if choice != "generated" and not frame_relevance:
+                raise ValueError(f"answer[{task!r}] = {choice!r} reads the frame-relevance head: "
+                                 "it needs frame_relevance=True")
+        if chosen["dvc"] == "captions" and not patch_relevance:
+            raise ValueError("answer['dvc'] = 'captions' ranks the captions by the patch score: "
+                             "it needs patch_relevance=True")
+        return cls(**chosen)
+
+    def of(self, task: Task) -> str:
+        return getattr(self, Task.parse(task).value)
+
+
+# The answer booleans that `answer` replaced, and the formulations removed with them (their
+# value when off; None: dropped whatever it is): an old config.json still loads through `TimeExpertConfig._convert_legacy`.
+LEGACY_ANSWER_FIELDS = ("windows_from_frames", "answer_from_frames", "dvc_from_frames",
+                        "dvc_from_captions")
+REMOVED_FIELDS = {"patch_motion": False, "frame_words": False, "loss_weight_words": None,
+                  "relevance_token_max": False, "query_slots": False, "caption_negatives": 0,
+                  "locate_captions": False}
+REMOVED_AFTER = "78b7118"
 
 
 class TimeExpertConfig(PretrainedConfig):
@@ -154,15 +212,6 @@ class TimeExpertConfig(PretrainedConfig):
     # (whether an object is on screen the whole video, where it moves next); everything else stays
     # causal. Off: the plain causal decoder
     bidirectional_frames: bool = False
-    # the relevance head's query-frame similarity taken per visual token and maximised over the
-    # frame's tokens (late interaction: one token showing the queried object is enough), instead
-    # of on the frame's mean state (where the object is one of several things averaged)
-    relevance_token_max: bool = False
-    # instruction-aware compression (InstructBLIP's Q-Former): the slot queries that pool each
-    # frame's patches are shifted by the mean embedding of the prompt's QUERY tokens (the
-    # instruction and the query), so that the few tokens a frame keeps describe the objects the
-    # query names. Frames are then encoded per prompt, not once per video
-    query_slots: bool = False
     # GroundVTS's query-guided token scoring on the vision tower's patches (`PatchQueryScore`):
     # the best match of the query's words among a frame's patches is added to its relevance logit,
     # and every caption of a DVC row's video is contrasted against the others on each frame
@@ -171,36 +220,16 @@ class TimeExpertConfig(PretrainedConfig):
     # visual_embeds)
     patch_relevance: bool = False
     loss_weight_captions: float = 1.0  # weight of the caption contrast in the loss
-    patch_motion: bool = False  # the patch score's keys also see each patch's change between
-    # the neighbouring frames (`patch_change`): motion, which one frame's patches cannot show
     captions_every_row: bool = False  # the caption contrast (and frame words) on every row of a
     # video, each row carrying its video's captioned events (the pipeline's `video_captions`);
     # off: on the DVC rows alone
-    caption_negatives: int = 0  # hard negatives of the caption contrast: this many captions of
-    # the tokenizer's `captions` (the training split's) that are not events of the row's video but
-    # share the most words with one (`train.loop.hard_negatives`: "the red circle grows" against
-    # "the red circle shrinks"), contrasted on every frame of the video's events (tried on val,
-    # off: every attribute bound less, docs/experiments.md section 6)
     frame_threshold: float = 0.6  # salient: this share of the most relevant frame's probability
     # or above (D2VLM's 60%)
-    windows_from_frames: bool = True  # MR / VHD answers read off the frames (else generated)
-    locate_captions: bool = False  # DVC events moved to where their caption, asked as an MR
-    # query, is relevant (a frame at 0.5 or above); off: the generated times
-    answer_from_frames: bool = False  # GQA: each option asked with the question as an MR query;
-    # the answer is the option whose frames are the most relevant, its window the evidence; off:
-    # the generated option, the evidence read off the question's relevant frames
-    dvc_from_frames: bool = False  # DVC events are the runs of relevant frames (at 0.5 or
-    # above), each with the caption of the generated event it overlaps most; off: generated times
-    dvc_from_captions: bool = False  # DVC by grounding the training captions (the tokenizer's
-    # `captions`): the `dvc_candidates` that best match the frames' patches are asked as MR
-    # queries, each gives its best window, the distinct windows of the most relevant are the
-    # events (needs patch_relevance; before dvc_from_frames, which answers when the tokenizer
-    # has no captions)
-    dvc_candidates: int = 16
+    # how each task's answer is read (`AnswerChoice`): {"mr": .., "vhd": .., "dvc": .., "gqa": ..},
+    # the tasks left out take their default; None: every default
+    answer: dict | None = None
+    dvc_candidates: int = 16  # DVC by grounding captions: the captions asked per video
     loss_weight_frames: float = 1.0  # weight of the per-frame BCE in the loss
-    frame_words: bool = False  # an auxiliary head: each frame's decoder state names the words of
-    # the captions of the events it shows (multi-label BCE; needs frame_relevance)
-    loss_weight_words: float = 0.1  # weight of the frame-words BCE (summed over the words)
     # text ids of the answer grammar, taken from the tokenizer (`with_tokenizer`)
     switch_token_id: int | None = None  # SWITCH: the next tokens are an event's numbers
     answer_end_token_id: int | None = None  # EOS of the answer
@@ -220,6 +249,7 @@ class TimeExpertConfig(PretrainedConfig):
     upcycle_noise_std: float = 0.01  # relative perturbation of each expert's copy of the FFN
 
     def __post_init__(self, **kwargs: Any) -> None:
+        kwargs = self._convert_legacy(kwargs)
         if self.vision_encoder not in ("vit", "siglip"):
             raise ValueError(
                 f"vision_encoder must be 'vit' or 'siglip', got {self.vision_encoder!r}"
@@ -270,14 +300,7 @@ class TimeExpertConfig(PretrainedConfig):
                 "frame_relevance needs query_first=True: a frame token sees the query only when "
                 "the query comes before it in the causal decoder"
             )
-        if self.frame_words and not self.frame_relevance:
-            raise ValueError("frame_words needs frame_relevance=True (it reads the same pooled "
-                             "frame states)")
-        if self.dvc_from_captions and not self.patch_relevance:
-            raise ValueError("dvc_from_captions needs patch_relevance=True (its candidates are "
-                             "ranked by the patch score)")
-        if self.caption_negatives < 0:
-            raise ValueError(f"caption_negatives must be >= 0, got {self.caption_negatives}")
+        self.answer_choice()  # validates `answer` against the heads the model has
         if self.dvc_candidates < 1:
             raise ValueError(f"dvc_candidates must be >= 1, got {self.dvc_candidates}")
         if self.patch_relevance and not self.frame_relevance:
@@ -289,6 +312,35 @@ class TimeExpertConfig(PretrainedConfig):
         if not 0.0 < float(self.frame_threshold) < 1.0:
             raise ValueError(f"frame_threshold must be in (0, 1), got {self.frame_threshold}")
         super().__post_init__(**kwargs)
+
+    def answer_choice(self) -> AnswerChoice:
+        """The validated answer choice (`answer` over the defaults of the model's heads)."""
+        return AnswerChoice.resolve(self.answer, frame_relevance=self.frame_relevance,
+                                    patch_relevance=self.patch_relevance)
+
+    def _convert_legacy(self, kwargs: dict) -> dict:
+        """config.json files written before the answer choice (docs/experiments.md, "Answer
+        switches"): the four answer booleans become `answer`; a formulation that was removed
+        loads only when it was off (it is then dropped), else ValueError naming the last commit
+        that has it."""
+        for name, off in REMOVED_FIELDS.items():
+            if kwargs.pop(name, off) != off and off is not None:
+                raise ValueError(
+                    f"this config sets {name}, a formulation removed after commit "
+                    f"{REMOVED_AFTER} (docs/experiments.md): load it with that commit")
+        legacy = {k: kwargs.pop(k) for k in LEGACY_ANSWER_FIELDS if k in kwargs}
+        if legacy and self.answer is None:
+            frames = self.frame_relevance and legacy.get("windows_from_frames", True)
+            self.answer = {
+                "mr": "frames" if frames else "generated",
+                "vhd": "frames" if frames else "generated",
+                "dvc": ("captions" if self.frame_relevance and legacy.get("dvc_from_captions")
+                        else "frames" if self.frame_relevance and legacy.get("dvc_from_frames")
+                        else "generated"),
+                "gqa": ("options" if self.frame_relevance and legacy.get("answer_from_frames")
+                        else "frames" if frames else "generated"),
+            }
+        return kwargs
 
     def moe_config(self) -> MoEConfig:
         """The MoEConfig of every decoder FFN."""
@@ -443,7 +495,6 @@ class TimeExpertOutput(ModelOutput):
     # query-conditioned frame relevance (config `frame_relevance`)
     frame_logits: torch.Tensor | None = None  # (B, T), meaningful where frame_mask
     loss_frames: torch.Tensor | None = None  # per-frame BCE (with frame_labels)
-    loss_words: torch.Tensor | None = None  # frame-words BCE (config frame_words, with frame_words)
     loss_captions: torch.Tensor | None = None  # caption contrast (config patch_relevance, with
     # caption_ids)
 
@@ -457,15 +508,13 @@ def combine_losses(out: TimeExpertOutput, config: TimeExpertConfig,
     """The one loss combiner (the model's `loss` and every training stage's): the `terms` of
     `out`, the heads' CE weighted by `loss_weight_time / score / text` (aux and z-loss carry
     their weights from the MoE layer), plus the auxiliaries of the modules that are on, in every
-    stage: the frame-relevance BCE, the frame-words BCE, the caption contrast and D2VLM's
+    stage: the frame-relevance BCE, the caption contrast and D2VLM's
     L_gnd + L_cons."""
     weights = {"loss_time": config.loss_weight_time, "loss_score": config.loss_weight_score,
                "loss_text": config.loss_weight_text}
     loss = sum(weights.get(name, 1.0) * getattr(out, name) for name in terms)
     if out.loss_frames is not None:
         loss = loss + config.loss_weight_frames * out.loss_frames
-    if out.loss_words is not None:
-        loss = loss + config.loss_weight_words * out.loss_words
     if out.loss_captions is not None:
         loss = loss + config.loss_weight_captions * out.loss_captions
     if out.loss_grounding is not None:  # D2VLM: SFT + L_gnd + L_cons
@@ -509,10 +558,6 @@ class TimeExpertForGrounding(PreTrainedModel):
             num_heads=config.compressor_num_heads,
         )
         self.projector = Projector(config.vision_width, D)
-        # (query slots) the prompt's mean query embedding -> a shift of the slot queries
-        self.query_to_slots = (
-            nn.Linear(D, config.vision_width, bias=False) if config.query_slots else None
-        )
         # (token sampling) GroundVTS: query-guided choice of the visual tokens the decoder sees
         self.token_sampler = (
             VisualTokenSampler(
@@ -544,10 +589,7 @@ class TimeExpertForGrounding(PreTrainedModel):
         )
         # query-conditioned frame relevance: pooled frame hidden states -> one logit per frame
         self.frame_head = FrameRelevanceHead(D) if config.frame_relevance else None
-        self.words_head = FrameWordsHead(D, config.text_vocab_size) if config.frame_words else None
-        self.patch_score = (PatchQueryScore(D, config.vision_width, motion=config.patch_motion)
-                            if config.patch_relevance
-                            else None)
+        self.patch_score = PatchQueryScore(D, config.vision_width) if config.patch_relevance else None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -574,11 +616,9 @@ class TimeExpertForGrounding(PreTrainedModel):
         """uint8 (T, H, W, 3) frames -> normalised pixels (T, 3, image_size, image_size)."""
         return self.frame_processor(frames_THWC)
 
-    def encode_frames(self, pixels_MCHW: torch.Tensor,
-                      slot_shift_MV: torch.Tensor | None = None) -> torch.Tensor:
-        """Pixels of M frames -> (M, S, D) visual tokens for the decoder; `slot_shift_MV` shifts
-        each frame's slot queries (`query_slots`, from `slot_shift`)."""
-        return self.project_patches(self.encode_patches(pixels_MCHW), slot_shift_MV)
+    def encode_frames(self, pixels_MCHW: torch.Tensor) -> torch.Tensor:
+        """Pixels of M frames -> (M, S, D) visual tokens for the decoder."""
+        return self.project_patches(self.encode_patches(pixels_MCHW))
 
     def encode_patches(self, pixels_MCHW: torch.Tensor) -> torch.Tensor:
         """Pixels of M frames -> the vision tower's (M, P, V) patch tokens."""
@@ -590,10 +630,9 @@ class TimeExpertForGrounding(PreTrainedModel):
             )
         return self.frame_encoder(pixels_MCHW.to(self.projector.net[0].weight.dtype))
 
-    def project_patches(self, patches_MPV: torch.Tensor,
-                        slot_shift_MV: torch.Tensor | None = None) -> torch.Tensor:
+    def project_patches(self, patches_MPV: torch.Tensor) -> torch.Tensor:
         """(M, P, V) patch tokens -> (M, S, D) visual tokens: slot compression, projector."""
-        return self.projector(self.compressor(patches_MPV, slot_shift_MV))
+        return self.projector(self.compressor(patches_MPV))
 
     def embed_captions(self, ids_BKL: torch.Tensor) -> torch.Tensor:
         """(B, K, L) text ids of captions (-1 padding) -> (B, K, r): the patch score's pooled
@@ -610,19 +649,6 @@ class TimeExpertForGrounding(PreTrainedModel):
         if self.patch_score is None:
             raise ValueError("caption_scores needs patch_relevance=True")
         return self.patch_score.captions(self.embed_captions(ids_KL[None]), patches_TPV[None])[0]
-
-    def slot_shift(self, input_ids_BN: torch.Tensor, types_BN: torch.Tensor) -> torch.Tensor | None:
-        """(M, V) per frame of the batch (rows in order, `tokens_per_frame` VISUAL tokens a
-        frame): its row's mean QUERY-token embedding (instruction and query) mapped to the vision
-        width, zero for a row without QUERY tokens; None unless `query_slots`."""
-        if self.query_to_slots is None:
-            return None
-        is_query_BN = types_BN == TokenType.QUERY
-        emb_BND = self.text_embed(input_ids_BN.masked_fill(~is_query_BN, 0))
-        count_B1 = is_query_BN.sum(-1, keepdim=True).clamp_min(1)
-        query_BD = (emb_BND * is_query_BN[..., None]).sum(1) / count_B1
-        frames_B = (types_BN == TokenType.VISUAL).sum(-1) // self.config.tokens_per_frame
-        return self.query_to_slots(query_BD).repeat_interleave(frames_B, dim=0)
 
     # --- embedding ---------------------------------------------------------------------------
 
@@ -666,7 +692,6 @@ class TimeExpertForGrounding(PreTrainedModel):
                 evidence_frames: torch.Tensor | None = None,
                 evidence_embeds: torch.Tensor | None = None,
                 frame_labels: torch.Tensor | None = None,
-                frame_words: torch.Tensor | None = None,
                 caption_ids: torch.Tensor | None = None,
                 caption_frames: torch.Tensor | None = None,
                 patches: torch.Tensor | None = None) -> TimeExpertOutput:
@@ -682,15 +707,13 @@ class TimeExpertForGrounding(PreTrainedModel):
         k-th event of each row (targets of L_gnd / L_cons, pooled into the k-th `<evi>` of each
         stage under teacher forcing); evidence_embeds (B, N, D) added to the inputs (generation's
         pooled salient frames). Frame relevance (config `frame_relevance`): frame_labels (B, T)
-        targets in [0, 1], IGNORE_FRAME (-1) where none; frame_words (B, T, V) the multi-hot words
-        of each frame's events (config `frame_words`). Caption contrast (config `patch_relevance`):
+        targets in [0, 1], IGNORE_FRAME (-1) where none. Caption contrast (config `patch_relevance`):
         caption_ids (B, K, L) the text ids of the K captions of each row's video (-1 padding),
         caption_frames (B, K, T) the 0/1 frames each caption's event covers (IGNORE_FRAME where
         none).
         """
         self._check_inputs(input_ids, token_types, attention_mask, past_key_values, pixel_values,
-                           visual_embeds, frame_labels, frame_words, caption_ids, caption_frames,
-                           patches)
+                           visual_embeds, frame_labels, caption_ids, caption_frames, patches)
         key_valid_BK, valid_BN, position_ids = self._masks(input_ids, attention_mask, position_ids,
                                                            past_key_values)
         # frames -> vision -> compression -> projector; every token by its type's encoder
@@ -698,8 +721,7 @@ class TimeExpertForGrounding(PreTrainedModel):
         if pixel_values is not None:
             patches_MPV = self.encode_patches(pixel_values)
         if patches_MPV is not None:
-            visual_embeds = self.project_patches(patches_MPV,
-                                                 self.slot_shift(input_ids, token_types))
+            visual_embeds = self.project_patches(patches_MPV)
         x_BND = self.embed_tokens(input_ids, token_types, visual_embeds)
         # evidence tokens (D2VLM): frame-level video tokens, pooled into the `<evi>` inputs
         x_BND, frames_BTD, frame_mask_BT = self._evidence_inputs(
@@ -725,13 +747,13 @@ class TimeExpertForGrounding(PreTrainedModel):
                                   frame_mask_BT, evidence_frames)
         if self.frame_head is not None and bool((token_types == TokenType.VISUAL).any()):
             self._frame_relevance(out, input_ids, token_types, valid_BN, frame_labels,
-                                  frame_words, patches_MPV, caption_ids, caption_frames)
+                                  patches_MPV, caption_ids, caption_frames)
         self._heads(out, token_types, labels, return_logits)
         return out
 
     def _check_inputs(self, input_ids, token_types, attention_mask, past_key_values, pixel_values,
-                      visual_embeds, frame_labels, frame_words, caption_ids,
-                      caption_frames, patches) -> None:
+                      visual_embeds, frame_labels, caption_ids, caption_frames,
+                      patches) -> None:
         """ValueError naming what is wrong with the arguments of `forward`."""
         cfg = self.config
         if input_ids.shape != token_types.shape or input_ids.ndim != 2:
@@ -757,18 +779,12 @@ class TimeExpertForGrounding(PreTrainedModel):
         if patches is not None and (patches.ndim != 3 or patches.shape[-1] != cfg.vision_width):
             raise ValueError(f"patches must be (M, P, {cfg.vision_width}) vision-tower tokens "
                              f"(encode_patches), got {tuple(patches.shape)}")
-        if self.query_to_slots is not None and visual_embeds is not None:
-            raise ValueError("a query_slots model encodes the frames with each prompt's query: "
-                             "pass pixel_values, not visual_embeds")
         if (self.token_sampler is not None and past_key_values is not None
                 and bool((token_types == TokenType.VISUAL).any())):
             raise ValueError("token sampling needs the frames and the query in the first call")
         if frame_labels is not None and self.frame_head is None:
             raise ValueError("frame_labels given, but the model has no frame relevance head "
                              "(config frame_relevance=False)")
-        if frame_words is not None and self.words_head is None:
-            raise ValueError("frame_words given, but the model has no frame-words head "
-                             "(config frame_words=False)")
         if self.patch_score is not None and visual_embeds is not None:
             raise ValueError("a patch_relevance model scores the query against the frames' "
                              "patches: pass pixel_values, not visual_embeds")
@@ -869,17 +885,14 @@ class TimeExpertForGrounding(PreTrainedModel):
             out.loss_consistency = consistency_loss(prob_ET, sites, mask_ET)
 
     def _frame_relevance(self, out, input_ids_BN, types_BN, valid_BN, frame_labels_BT,
-                         frame_words_BTV, patches_MPV, caption_ids_BKL, caption_frames_BKT) -> None:
+                         patches_MPV, caption_ids_BKL, caption_frames_BKT) -> None:
         """Query-conditioned frame relevance from the decoder's frame states (after the query,
         not the vision features), plus (`patch_relevance`) the query's match among each frame's
-        patches: out.frame_logits, and with targets the per-frame BCE, the frame-words BCE and
-        the caption contrast."""
+        patches: out.frame_logits, and with targets the per-frame BCE and the caption contrast."""
         h_BND = out.hidden_states
-        states_BTD, frame_mask_BT, tokens_BTSD = pool_frames(
-            h_BND, types_BN, valid_BN, self.config.tokens_per_frame,
-            with_tokens=self.config.relevance_token_max)
-        query_BD = pool_query(h_BND, types_BN, valid_BN)
-        out.frame_logits = self.frame_head(states_BTD, query_BD, tokens_BTSD)
+        states_BTD, frame_mask_BT = pool_frames(h_BND, types_BN, valid_BN,
+                                                self.config.tokens_per_frame)
+        out.frame_logits = self.frame_head(states_BTD, pool_query(h_BND, types_BN, valid_BN))
         out.frame_mask = frame_mask_BT
         if self.patch_score is not None:
             patches_BTPV = patches_MPV.new_zeros(*frame_mask_BT.shape, *patches_MPV.shape[1:])
@@ -887,15 +900,14 @@ class TimeExpertForGrounding(PreTrainedModel):
             is_query_BN = (types_BN == TokenType.QUERY) & valid_BN
             words_BND = self.text_embed(input_ids_BN.masked_fill(~is_query_BN, 0))
             query_BR = self.patch_score.embed_text(words_BND, is_query_BN)
-            out.frame_logits = out.frame_logits + self.patch_score(query_BR, patches_BTPV,
-                                                                   frame_mask_BT)
+            out.frame_logits = out.frame_logits + self.patch_score(query_BR, patches_BTPV)
             if caption_ids_BKL is not None:
                 captions_BKR = self.embed_captions(caption_ids_BKL.to(h_BND.device))
                 T = frame_mask_BT.shape[1]
                 targets_BKT = caption_frames_BKT.to(h_BND.device)[..., :T].masked_fill(
                     ~frame_mask_BT[:, None, :], IGNORE_FRAME)
                 out.loss_captions = caption_contrast_loss(
-                    self.patch_score.captions(captions_BKR, patches_BTPV, frame_mask_BT),
+                    self.patch_score.captions(captions_BKR, patches_BTPV),
                     targets_BKT)
         if frame_labels_BT is not None:
             labels_BT = frame_labels_BT.to(h_BND.device)
@@ -905,10 +917,6 @@ class TimeExpertForGrounding(PreTrainedModel):
             labels_BT = labels_BT[:, : frame_mask_BT.shape[1]].masked_fill(~frame_mask_BT,
                                                                            IGNORE_FRAME)
             out.loss_frames = relevance_loss(out.frame_logits, labels_BT)
-        if frame_words_BTV is not None:
-            words_BTV = frame_words_BTV.to(h_BND.device)[:, : frame_mask_BT.shape[1]]
-            words_BTV = words_BTV.masked_fill(~frame_mask_BT[..., None], IGNORE_FRAME)
-            out.loss_words = words_loss(self.words_head(states_BTD), words_BTV)
 
     def _heads(self, out, types_BN, labels_BN, return_logits: bool) -> None:
         """The three heads' logits (with `return_logits`) and, with labels, their losses and the

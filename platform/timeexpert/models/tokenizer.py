@@ -97,7 +97,7 @@ class GroundingTokenizer:
                  captions: Sequence[str] = ()) -> None:
         self.text = text_tokenizer
         # the distinct captions of the training split, most frequent first: the candidates of
-        # dense captioning by grounding (`TimeExpertConfig.dvc_from_captions`)
+        # dense captioning by grounding (answer choice `dvc: captions`)
         self.captions = list(captions)
         if self.text.pad_token is None:
             self.text.add_special_tokens({"pad_token": PAD})

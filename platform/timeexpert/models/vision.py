@@ -170,14 +170,11 @@ class SlotCompressor(nn.Module):
             nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
         )
 
-    def forward(self, patches_MPV: torch.Tensor, shift_MV: torch.Tensor | None = None) -> torch.Tensor:
-        """(M, P, V) patches -> (M, S, V) slots; `shift_MV` is added to every slot query of its
-        frame (instruction-aware compression)."""
+    def forward(self, patches_MPV: torch.Tensor) -> torch.Tensor:
+        """(M, P, V) patches -> (M, S, V) slots."""
         M, P, V = patches_MPV.shape
         S, h = self.slots_SV.shape[0], self.num_heads
         slots_MSV = self.slots_SV.expand(M, S, V)
-        if shift_MV is not None:
-            slots_MSV = slots_MSV + shift_MV[:, None, :].to(slots_MSV.dtype)
         q_MhSd = self.q_proj(self.norm_q(slots_MSV)).view(M, S, h, V // h).transpose(1, 2)
         k_MPV, v_MPV = self.kv_proj(self.norm_kv(patches_MPV)).chunk(2, dim=-1)
         k_MhPd = k_MPV.reshape(M, P, h, V // h).transpose(1, 2)

@@ -10,8 +10,8 @@ With `TrainConfig.decode_once` each worker decodes its part of the training vide
 its first step, and draws every epoch from them; else Ray Data streams decoded frames each epoch.
 
 What each stage trains and which loss it counts: `train.recipes` (`TrainConfig.recipe`). With
-D2VLM evidence tokens on, batches carry `evidence_frames`; with frame relevance, `frame_labels`
-(and `frame_words`); their losses join every stage's.
+D2VLM evidence tokens on, batches carry `evidence_frames`; with frame relevance, `frame_labels`;
+their losses join every stage's.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from timeexpert.models.frame_relevance import (
     IGNORE_FRAME,
     caption_targets,
     frame_labels,
-    frame_word_labels,
     pad_caption_ids,
 )
 from timeexpert.models.timeexpert import TimeExpertForGrounding
@@ -159,22 +158,10 @@ def relevance_labels(row: dict[str, Any], times: list[float]) -> np.ndarray:
     return np.full(len(times), IGNORE_FRAME, dtype=np.float32)
 
 
-def word_labels(row: dict[str, Any], times: list[float], tokenizer,
-                every_row: bool = False) -> np.ndarray:
-    """(T, V) targets of the frame-words BCE: for a row with its video's captioned events
-    (`captioned_events`) each frame's multi-hot of the words of the captions of the events it
-    falls in; IGNORE_FRAME rows for the others."""
-    V = tokenizer.text_vocab_size
-    events = captioned_events(row, tokenizer, every_row)
-    if events is None:
-        return np.full((len(times), V), IGNORE_FRAME, dtype=np.float32)
-    return frame_word_labels(events, times, V)
-
-
 def captioned_events(row: dict[str, Any], tokenizer, every_row: bool = False
                      ) -> list[tuple[float, float, list[int]]] | None:
     """What happens in a row's video, as (start, end, the word ids of its caption) of each
-    captioned event (what frame words and the caption contrast learn from): a DVC row's own
+    captioned event (what the caption contrast learns from): a DVC row's own
     events; with `every_row`, any row's `video_captions` (the pipeline's column: its video's DVC
     events); None for a row that does not know them (an MR / VHD row names one event of its
     video)."""
@@ -194,32 +181,6 @@ def row_captions(row: dict[str, Any], times: list[float], tokenizer, every_row: 
     and the (K, T) frames each one's event covers; None for a row without captions."""
     events = captioned_events(row, tokenizer, every_row)
     return caption_targets(events, times) if events else None
-
-
-def hard_negatives(captions: list[list[int]], bank: list[list[int]], n: int,
-                   rng: np.random.Generator) -> list[list[int]]:
-    """`n` captions of `bank` (text ids) that are none of a video's `captions` but are nearest to
-    one of them: the fewest words not in that caption ("the red circle shrinks" for "the red
-    circle grows"), ties in a random order. What the caption contrast must tell apart to bind
-    every word, where a video's own captions often differ in colour alone."""
-    own = {tuple(c) for c in captions}
-    words = [set(c) for c in captions]
-    pool = [c for c in bank if tuple(c) not in own]
-    if not pool or n <= 0 or not words:
-        return []
-    distance = np.array([min(len(set(c) - w) for w in words) for c in pool], np.float64)
-    order = np.lexsort((rng.random(len(pool)), distance))[:n]
-    return [pool[i] for i in order]
-
-
-def with_negatives(captions: tuple[list[list[int]], np.ndarray] | None, negatives: list[list[int]]
-                   ) -> tuple[list[list[int]], np.ndarray] | None:
-    """A row's `row_captions` + captions its video does not show (no frame covered)."""
-    if captions is None or not negatives:
-        return captions
-    ids, covers_KT = captions
-    none_NT = np.zeros((len(negatives), covers_KT.shape[1]), covers_KT.dtype)
-    return ids + negatives, np.concatenate([covers_KT, none_NT])
 
 
 def pad_captions(captions: list[tuple[list[list[int]], np.ndarray] | None]
@@ -243,7 +204,7 @@ def pad_captions(captions: list[tuple[list[list[int]], np.ndarray] | None]
 
 
 def hypothesis_row(row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    """A GQA row as the hypothesis `answer_from_frames` asks at inference (`gqa_hypothesis`):
+    """A GQA row as the hypothesis `GroundingModel.ground_options` asks at inference (`gqa_hypothesis`):
     the question with one of its options as a moment query, whose moment is the evidence when
     the option is the answer and none when it is not. The right option half the time, else a
     wrong one drawn uniformly."""
@@ -259,16 +220,17 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model,
     """A pipeline batch (frames, timestamps, task, query, events) -> model inputs. With evidence
     tokens on (D2VLM), the D2VLM answer and its (B, K, T) `evidence_frames` targets; with frame
     relevance on, the (B, T) `frame_labels`; with `patch_relevance`, the rows' captions
-    (`pad_captions`), with `caption_negatives` hard ones added (`hard_negatives`); with
-    `answer_from_frames`, each GQA row a hypothesis (`hypothesis_row`). Both draw from a
-    generator seeded by the step and the row's id (reruns see the same batches)."""
-    encoded, pixels, targets, labels, words, captions = [], [], [], [], [], []
+    (`pad_captions`); with the answer choice `gqa: options`, each GQA row a hypothesis
+    (`hypothesis_row`, drawn from a generator seeded by the step and the row's id: reruns see
+    the same batches)."""
+    encoded, pixels, targets, labels, captions = [], [], [], [], []
+    grounds_options = config.answer_choice().gqa == "options"
     for i in range(len(batch["id"])):
         mask = batch["frame_mask"][i] if "frame_mask" in batch else np.ones(len(batch["timestamps"][i]), bool)
         times = batch["timestamps"][i][mask].tolist()
         row = {k: v[i] for k, v in batch.items()}
         rng = np.random.default_rng([step, zlib.crc32(str(row["id"]).encode())])
-        if (config.answer_from_frames and str(row["task"]) == Task.GQA.value
+        if (grounds_options and str(row["task"]) == Task.GQA.value
                 and row_options(row) and int(row.get("answer", -1)) >= 0):
             row = hypothesis_row(row, rng)
         task, query = str(row["task"]), str(row["query"])
@@ -288,14 +250,8 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model,
                                            options=row_options(row))
         if config.frame_relevance:
             labels.append(relevance_labels(row, times))
-        if config.frame_words:
-            words.append(word_labels(row, times, tokenizer, config.captions_every_row))
         if config.patch_relevance:
-            own = row_captions(row, times, tokenizer, config.captions_every_row)
-            if own is not None and config.caption_negatives:
-                own = with_negatives(own, hard_negatives(own[0], tokenizer.caption_ids,
-                                                         config.caption_negatives, rng))
-            captions.append(own)
+            captions.append(row_captions(row, times, tokenizer, config.captions_every_row))
         encoded.append(enc)
         pixels.append(model.preprocess_frames(batch["frames"][i][mask]))
     inputs = collate(encoded)
@@ -307,12 +263,6 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer, config, model,
         for b, x in enumerate(labels):
             labels_BT[b, : len(x)] = torch.from_numpy(x)
         inputs["frame_labels"] = labels_BT
-    if words:
-        words_BTV = torch.full((len(words), max(len(x) for x in words), words[0].shape[1]),
-                               IGNORE_FRAME)
-        for b, x in enumerate(words):
-            words_BTV[b, : len(x)] = torch.from_numpy(x)
-        inputs["frame_words"] = words_BTV
     inputs.update(pad_captions(captions) or {})
     return inputs
 

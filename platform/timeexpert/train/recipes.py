@@ -39,9 +39,9 @@ class StageSpec:
 
 TIMEEXPERT_STAGES: dict[int, StageSpec] = {  # TimeExpert sec. 3.5
     1: StageSpec(name="task-modules",
-                 trainable=("compressor.", "query_to_slots.", "projector.", "time_encoder.",
-                            "score_encoder.", "time_head.", "score_head.", "lm_head.",
-                            "evidence_head.", "frame_head.", "words_head.", "patch_score.")),
+                 trainable=("compressor.", "projector.", "time_encoder.", "score_encoder.",
+                            "time_head.", "score_head.", "lm_head.", "evidence_head.",
+                            "frame_head.", "patch_score.")),
     2: StageSpec(name="moe-decoder", trainable=("layers.", "norm.", "text_embed."),
                  losses=ALL_LOSSES),
     3: StageSpec(name="all-but-vision", trainable=("",), frozen=(VISION,), losses=ALL_LOSSES),
