@@ -34,7 +34,7 @@ def main() -> None:
 
     texts = [f"the {c} {s} {m}" for c in COLOURS for s in SHAPES for m in MOTIONS][: args.texts]
     preset = get_preset("binding_cpu")
-    tok = GroundingTokenizer.train(texts, vocab_size=preset.tokenizer_vocab_size)
+    tok = GroundingTokenizer.train(texts, vocab_size=preset.tokenizer_vocab_size, captions=texts)
     cfg = preset.model.with_tokenizer(tok)
     torch.manual_seed(0)
     gm = GroundingModel(TimeExpertForGrounding(cfg).eval(), tok)
