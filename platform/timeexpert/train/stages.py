@@ -38,10 +38,11 @@ from timeexpert.data import formats
 from timeexpert.eval.evaluate import distinct_windows, evaluate_predictions, predict_records
 from timeexpert.events import Task
 from timeexpert.models.timeexpert import TimeExpertConfig
+from timeexpert.train.batches import data_config
+from timeexpert.train.checkpoint import storage_root
 from timeexpert.train.config import CURRICULUM_STAGE, STAGES, TrainConfig
+from timeexpert.train.fit import FitResult, fit, prepare_tokenizer
 from timeexpert.train.fpo import train_fpo
-from timeexpert.train.loop import (FitResult, data_config, fit, prepare_tokenizer,
-                                  storage_root)
 
 log = logging.getLogger(__name__)
 
