@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from timeexpert.models.timeexpert import TimeExpertConfig
+    from timeexpert.models.configuration_timeexpert import TimeExpertConfig
 
 
 @dataclass(kw_only=True)
@@ -35,7 +35,7 @@ class Preset:
 
 
 def _config(**fields) -> "TimeExpertConfig":
-    from timeexpert.models.timeexpert import TimeExpertConfig
+    from timeexpert.models.configuration_timeexpert import TimeExpertConfig
 
     return TimeExpertConfig(**fields)
 

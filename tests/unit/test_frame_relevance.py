@@ -21,7 +21,8 @@ from timeexpert.models.frame_relevance import (
     segment_edges,
     windows_from_relevance,
 )
-from timeexpert.models.timeexpert import TimeExpertConfig, TimeExpertForGrounding
+from timeexpert.models.configuration_timeexpert import TimeExpertConfig
+from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 from timeexpert.presets import get_preset
 

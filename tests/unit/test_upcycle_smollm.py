@@ -9,7 +9,8 @@ import importlib.metadata
 import pytest
 import torch
 from timeexpert.events import Event, TokenType
-from timeexpert.models.timeexpert import TimeExpertConfig, TimeExpertForGrounding, create_model
+from timeexpert.models.configuration_timeexpert import TimeExpertConfig
+from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
 from timeexpert.models.tokenizer import GroundingTokenizer
 from timeexpert.models.upcycle import (
     SMOLLM2,

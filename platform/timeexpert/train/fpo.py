@@ -44,7 +44,7 @@ from timeexpert.events import IGNORE_INDEX, TokenType
 from timeexpert.inference import GroundingModel
 from timeexpert.models.evidence import (encode_evidence_example, find_evidence,
                                         interval_log_prob, pad_targets, site_targets)
-from timeexpert.models.timeexpert import TimeExpertConfig
+from timeexpert.models.configuration_timeexpert import TimeExpertConfig
 from timeexpert.models.tokenizer import collate
 from timeexpert.tracking import StepLogger
 from timeexpert.train import checkpoint as ckpt

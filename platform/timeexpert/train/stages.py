@@ -37,7 +37,7 @@ from timeexpert.checkpoints import read_config
 from timeexpert.data import formats
 from timeexpert.eval.evaluate import distinct_windows, evaluate_predictions, predict_records
 from timeexpert.events import Task
-from timeexpert.models.timeexpert import TimeExpertConfig
+from timeexpert.models.configuration_timeexpert import TimeExpertConfig
 from timeexpert.train.batches import data_config
 from timeexpert.train.checkpoint import storage_root
 from timeexpert.train.config import CURRICULUM_STAGE, STAGES, TrainConfig
