@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from timeexpert import storage
-from timeexpert.data import formats
+from timeexpert.data import formats, nextgqa
 from timeexpert.data.video import write_mp4
 from timeexpert.events import Event, Record, Task
 
@@ -528,7 +528,7 @@ def generate(
         formats.write_format("youcook2", by_task[Task.DVC], f"{ann}/youcook2.json", storage_options=opts)
         formats.write_format("sharegpt", by_task[Task.MR] + by_task[Task.VHD] + by_task[Task.DVC],
                              f"{ann}/sharegpt.json", storage_options=opts)
-        formats.write_nextgqa(by_task[Task.GQA], f"{ann}/nextgqa.csv", f"{ann}/gsub.json",
+        nextgqa.write_nextgqa(by_task[Task.GQA], f"{ann}/nextgqa.csv", f"{ann}/gsub.json",
                               storage_options=opts)
         formats.write_format(
             "evidence", by_task[Task.MR] + by_task[Task.DVC], f"{ann}/evidence.json", storage_options=opts
