@@ -37,6 +37,8 @@ reads the weights, on any layout. A rank reads only
 its own slice of the expert weights (`load_weights(d, ep_rank, ep_size)`, whatever EP degree
 wrote them). `GroundingModel.load` reads either layout; `jobs/export.py` writes a checkpoint as
 one plain model directory (what `from_pretrained` of other tools reads).
+
+A run's checkpoints and Ray Train's run state live under its storage root (`storage_root`).
 """
 
 from __future__ import annotations
