@@ -175,7 +175,7 @@ def run_fault(name: str, data_root: str, tokenizer: str, mlflow: MlflowServer, s
               outage_s: float, nodes: NodeLoss | None = None) -> tuple[dict[str, Any], float]:
     """One training run with fault `name` ("none": fault-free). Returns (its check, seconds)."""
     from timeexpert import storage, tracking
-    from timeexpert.train.loop import fit
+    from timeexpert.train.fit import fit
 
     fault = {"checkpoint_crash": dict(fail_at_step=4, fail_rank=0,
                                       fail_after_part="model.safetensors"),
@@ -245,7 +245,7 @@ def main() -> None:
 
     from timeexpert import storage
     from timeexpert.data import formats, synth
-    from timeexpert.train.loop import prepare_tokenizer
+    from timeexpert.train.fit import prepare_tokenizer
 
     rows: list[dict[str, Any]] = []
     nodes = None

@@ -5,7 +5,7 @@
         [--split val|test] [--checkpoints NAME=URI,...]
 
 Each variant is a preset plus model overrides (`VARIANTS`). It trains in one process, through
-the training path of `timeexpert.train.loop` (`model_config`, `create_model`, `tokenize_batch`,
+the training path of `timeexpert.train` (`model_config`, `create_model`, `tokenize_batch`,
 `stage_loss`, stage 3 trainables, the config's warm-up + cosine learning rate), on the training
 split's records of `--tasks`, 8 samples a step, frames decoded once at the model's input size
 (the same frames every epoch, no jitter). Every variant sees the same batches in the same order.
@@ -187,7 +187,9 @@ def train_variant(name: str, args, train_phases, seed: int):
     from timeexpert.data.pipeline import video_captions
     from timeexpert.presets import get_preset
     from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import model_config, tokenize_batch, train_tokenizer
+    from timeexpert.train.batches import tokenize_batch
+    from timeexpert.train.fit import train_tokenizer
+    from timeexpert.train.loop import model_config
     from timeexpert.train.recipes import set_trainable, stage_loss
 
     preset, overrides, train_overrides = VARIANTS[name]

@@ -22,7 +22,8 @@ from benchmarks.common import emit, median_seconds, parse_args
 
 def build(frames: int, tokens_per_frame: int):
     from timeexpert.events import Task
-    from timeexpert.models.timeexpert import TimeExpertConfig, TimeExpertForGrounding
+    from timeexpert.models.configuration_timeexpert import TimeExpertConfig
+    from timeexpert.models.timeexpert import TimeExpertForGrounding
     from timeexpert.models.tokenizer import GroundingTokenizer, collate
 
     tok = GroundingTokenizer.train(["a person opens the door and walks out"], vocab_size=400)

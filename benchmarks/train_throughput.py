@@ -171,7 +171,9 @@ def _plain_loop(cfg_dict: dict, out_q) -> None:
     from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
     from timeexpert.train import parallel
     from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import data_config, model_config, tokenize_batch, train_tokenizer
+    from timeexpert.train.batches import data_config, tokenize_batch
+    from timeexpert.train.fit import train_tokenizer
+    from timeexpert.train.loop import model_config
     from timeexpert.train.recipes import set_trainable, stage_loss
 
     torch.set_num_threads(2)
@@ -220,7 +222,8 @@ def ray_train_vs_plain_loop(*, preset: str, steps: int, data_root: str = "") -> 
 
     from timeexpert import storage
     from timeexpert.data import formats, synth
-    from timeexpert.train.loop import PHASES, fit, prepare_tokenizer
+    from timeexpert.train.fit import fit, prepare_tokenizer
+    from timeexpert.train.telemetry import PHASES
 
     with tempfile.TemporaryDirectory(prefix="te-bench-") as d:
         if not data_root:
@@ -274,7 +277,9 @@ def _binding_lever(lever: str, data_root: str, steps: int, out_q) -> None:
     from timeexpert.models.timeexpert import create_model
     from timeexpert.train import parallel
     from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import data_config, model_config, tokenize_batch, train_tokenizer
+    from timeexpert.train.batches import data_config, tokenize_batch
+    from timeexpert.train.fit import train_tokenizer
+    from timeexpert.train.loop import model_config
     from timeexpert.train.recipes import set_trainable, stage_loss
 
     torch.set_num_threads(1)

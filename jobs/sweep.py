@@ -22,8 +22,9 @@ from ray.tune.search import BasicVariantGenerator
 
 from timeexpert import storage, tracking
 from timeexpert.data import formats
+from timeexpert.train.checkpoint import storage_root
 from timeexpert.train.config import TrainConfig
-from timeexpert.train.loop import fit, prepare_tokenizer, storage_root
+from timeexpert.train.fit import fit, prepare_tokenizer
 
 
 def search_space(gating: str) -> dict:

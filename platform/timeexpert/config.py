@@ -1,7 +1,8 @@
 """Typed configs, one small dataclass per component (torchtitan / litgpt style).
 
 Named presets combining them live in `timeexpert.presets` (one registry). The model's own
-Hugging Face config (`TimeExpertConfig`) is built from these in `timeexpert.models.timeexpert`.
+Hugging Face config (`TimeExpertConfig`) is built from these in
+`timeexpert.models.configuration_timeexpert`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from timeexpert.models.timeexpert import TimeExpertConfig
+    from timeexpert.models.configuration_timeexpert import TimeExpertConfig
 
 
 @dataclass(kw_only=True)
@@ -35,7 +35,7 @@ class Preset:
 
 
 def _config(**fields) -> "TimeExpertConfig":
-    from timeexpert.models.timeexpert import TimeExpertConfig
+    from timeexpert.models.configuration_timeexpert import TimeExpertConfig
 
     return TimeExpertConfig(**fields)
 
@@ -281,7 +281,7 @@ def _smollm2(*, name: str, description: str, num_layers: int | None) -> Preset:
             query_first=True,
             frame_relevance=True,
         ),
-        tokenizer_vocab_size=0,  # SmolLM2's own tokenizer (`train.loop.train_tokenizer`)
+        tokenizer_vocab_size=0,  # SmolLM2's own tokenizer (`train.fit.train_tokenizer`)
         train={**small_cpu().train, "lr": 3e-4},  # a pretrained decoder: a gentler step
     )
 

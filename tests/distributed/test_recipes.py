@@ -102,7 +102,7 @@ def test_d2vlm_batches_train_the_evidence_head():
     from timeexpert.models.timeexpert import TimeExpertForGrounding
     from timeexpert.models.tokenizer import GroundingTokenizer
     from timeexpert.presets import get_preset
-    from timeexpert.train.loop import tokenize_batch
+    from timeexpert.train.batches import tokenize_batch
     from timeexpert.train.recipes import set_trainable, stage_loss
 
     tok = GroundingTokenizer.train(["a man opens the door", "the red ball rolls"], vocab_size=400)
@@ -184,7 +184,9 @@ def test_fpo_on_two_workers_equals_averaging_the_ranks_gradients(ray_cluster, mi
     from timeexpert.inference import GroundingModel
     from timeexpert.models.timeexpert import create_model
     from timeexpert.train.fpo import FPOConfig, encode_pairs, fpo_step, train_fpo
-    from timeexpert.train.loop import data_config, model_config, train_tokenizer
+    from timeexpert.train.batches import data_config
+    from timeexpert.train.fit import train_tokenizer
+    from timeexpert.train.loop import model_config
     from timeexpert.train.recipes import set_trainable
 
     cfg = _config(data_root=mini_data, storage_root=str(tmp_path / "runs"), name="fpo2",

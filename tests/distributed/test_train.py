@@ -49,7 +49,7 @@ def test_ep2_zero2_on_s3_matches_ep1(ray_cluster, tiny_s3_data, s3_server):
     from timeexpert import storage
     from timeexpert.data import formats
     from timeexpert.inference import GroundingModel
-    from timeexpert.train.loop import fit, prepare_tokenizer
+    from timeexpert.train.fit import fit, prepare_tokenizer
 
     cfg = _config(data_root=tiny_s3_data, storage_root=f"{s3_server.root}/runs", zero_stage=2)
     tok = prepare_tokenizer(cfg, formats.read_manifest(f"{tiny_s3_data}/manifests/train.jsonl"))
@@ -87,7 +87,7 @@ def test_ep2_zero2_on_s3_matches_ep1(ray_cluster, tiny_s3_data, s3_server):
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_s3_data, tmp_path):
     from timeexpert.data import formats
     from timeexpert.train.checkpoint import read_train_state
-    from timeexpert.train.loop import fit, prepare_tokenizer
+    from timeexpert.train.fit import fit, prepare_tokenizer
 
     cfg = _config(data_root=tiny_s3_data, storage_root=str(tmp_path), name="ft", num_steps=5,
                   ep_size=2, max_failures=1, fail_at_step=3)
@@ -108,7 +108,7 @@ def test_a_crash_in_the_middle_of_a_checkpoint_resumes_from_the_previous_one(
     from timeexpert import storage
     from timeexpert.checkpoints import check_checkpoint
     from timeexpert.data import formats
-    from timeexpert.train.loop import fit, prepare_tokenizer
+    from timeexpert.train.fit import fit, prepare_tokenizer
 
     cfg = _config(data_root=tiny_s3_data, storage_root=f"{s3_server.root}/runs", name="cut",
                   num_steps=6, ep_size=2, max_failures=1, fail_at_step=4, fail_rank=0,
@@ -132,7 +132,7 @@ def test_a_run_resumes_at_another_world_size(ray_cluster, tiny_s3_data, tmp_path
     name, the dense ones (ZeRO partitions) gathered at the write and re-split at the read."""
     from timeexpert.data import formats
     from timeexpert.train.checkpoint import ZERO_DENSE, optim_file, read_train_state
-    from timeexpert.train.loop import fit, prepare_tokenizer
+    from timeexpert.train.fit import fit, prepare_tokenizer
 
     cfg = _config(data_root=tiny_s3_data, storage_root=str(tmp_path), name="ws", ep_size=2,
                   zero_stage=2)
@@ -160,7 +160,7 @@ def test_streamed_frames_from_s3_train_the_workers(ray_cluster, tiny_s3_data, tm
     every epoch and stream them into the workers' dataset shards (the steps run past one epoch of
     each rank's records, so a second streaming pass feeds it)."""
     from timeexpert.data import formats
-    from timeexpert.train.loop import fit, prepare_tokenizer
+    from timeexpert.train.fit import fit, prepare_tokenizer
 
     records = formats.read_manifest(f"{tiny_s3_data}/manifests/train.jsonl")
     cfg = _config(data_root=tiny_s3_data, storage_root=str(tmp_path), name="stream",

@@ -135,7 +135,7 @@ def test_a_decode_once_worker_decodes_its_rows_once_and_each_epoch_is_a_seeded_p
     yields the same batches."""
     from timeexpert.data import pipeline
     from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import _batches
+    from timeexpert.train.batches import worker_batches
 
     root = str(tmp_path / "once")
     shutil.copytree(local_root, root)
@@ -165,7 +165,7 @@ def test_a_decode_once_worker_decodes_its_rows_once_and_each_epoch_is_a_seeded_p
         np.testing.assert_array_equal(rows["frames"][i], piped[rid]["frames"])
     cfg = TrainConfig(data_root=root, batch_size=3, decode_once=True, seed=5)
     per_epoch = len(rows["id"]) // 3
-    stream = _batches(decode, cfg, epoch=0, skip=0, rank=0)
+    stream = worker_batches(decode, cfg, epoch=0, skip=0, rank=0)
     seen = [next(stream)]
     shutil.rmtree(f"{root}/videos")
     seen += [next(stream) for _ in range(3 * per_epoch - 1)]
@@ -177,11 +177,11 @@ def test_a_decode_once_worker_decodes_its_rows_once_and_each_epoch_is_a_seeded_p
         assert set(flat) <= set(rows["id"])
     assert all(b["frames"].shape == (3, 4, 48, 64, 3) for b, _, _ in seen)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
-    batch, epoch, index = next(_batches(lambda: rows, cfg, epoch=1, skip=2, rank=0))
+    batch, epoch, index = next(worker_batches(lambda: rows, cfg, epoch=1, skip=2, rank=0))
     assert (epoch, index) == (1, 3) and list(batch["id"]) == epochs[1][2]
-    assert list(next(_batches(lambda: rows, cfg, epoch=0, skip=0, rank=1))[0]["id"]) != epochs[0][0]
+    assert list(next(worker_batches(lambda: rows, cfg, epoch=0, skip=0, rank=1))[0]["id"]) != epochs[0][0]
     in_order = cfg.replace(shuffle_buffer=0)
-    assert list(next(_batches(lambda: rows, in_order, epoch=0, skip=0, rank=0))[0]["id"]) == \
+    assert list(next(worker_batches(lambda: rows, in_order, epoch=0, skip=0, rank=0))[0]["id"]) == \
         list(rows["id"][:3])
 
 

@@ -32,8 +32,8 @@ def test_pipeline_logs_parent_nested_runs_metrics_and_plots(mlflow_server, ray_l
 
     from timeexpert.data import synth
     from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import PHASES
     from timeexpert.train.stages import run_pipeline
+    from timeexpert.train.telemetry import PHASES
 
     spec = synth.SynthSpec(name="mini", num_videos={"train": 4, "val": 2, "test": 1},
                            min_duration=8, max_duration=12, max_event_len=5)

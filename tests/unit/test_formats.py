@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from timeexpert.data import formats, synth
+from timeexpert.data import formats, nextgqa, synth
 from timeexpert.events import Event, Record, Task
 
 
@@ -165,7 +165,7 @@ def test_sharegpt_refuses_gqa_records_by_name(records):
 def test_nextgqa_roundtrip_and_the_official_layout(records, tmp_path):
     gqa = _by_task(records, Task.GQA)
     assert len(gqa) >= 10  # nearly every synthetic video has a question
-    qa_text, ground_text = formats.dump_nextgqa(gqa)
+    qa_text, ground_text = nextgqa.dump_nextgqa(gqa)
     header = qa_text.splitlines()[0].split(",")
     assert header == ["video_id", "frame_count", "width", "height", "question", "answer", "qid",
                       "type", "a0", "a1", "a2", "a3", "a4"]
@@ -173,8 +173,8 @@ def test_nextgqa_roundtrip_and_the_official_layout(records, tmp_path):
     r = gqa[0]
     vid = formats.video_id(r)
     assert ground[vid]["location"]["qa"] == [[e.start, e.end] for e in r.events]
-    formats.write_nextgqa(gqa, str(tmp_path / "test.csv"), str(tmp_path / "gsub.json"))
-    back = formats.read_nextgqa(str(tmp_path / "test.csv"), str(tmp_path / "gsub.json"),
+    nextgqa.write_nextgqa(gqa, str(tmp_path / "test.csv"), str(tmp_path / "gsub.json"))
+    back = nextgqa.read_nextgqa(str(tmp_path / "test.csv"), str(tmp_path / "gsub.json"),
                                 split="train")
     assert [_key(a) for a in back] == [_key(b) for b in gqa]
 
@@ -183,7 +183,7 @@ def test_nextgqa_reads_the_official_fixture_files(shared_fixtures):
     """The NExT-GQA fixture's csv + gsub (official layout): only grounded questions become
     records, with five options and the answer's index."""
     root = shared_fixtures / "nextgqa"
-    recs = formats.read_nextgqa(str(root / "gt_qa.csv"), str(root / "gt_gsub.json"))
+    recs = nextgqa.read_nextgqa(str(root / "gt_qa.csv"), str(root / "gt_gsub.json"))
     ground = json.loads((root / "gt_gsub.json").read_text())
     assert len(recs) == sum(len(v["location"]) for v in ground.values())
     first = next(r for r in recs if r.id == "2574374001_0")
@@ -195,10 +195,10 @@ def test_nextgqa_reads_the_official_fixture_files(shared_fixtures):
 def test_nextgqa_bad_input_says_what_is_wrong():
     good = "video_id,frame_count,width,height,question,answer,qid,type,a0,a1\nv,0,0,0,q?,x,0,DO,x,y\n"
     ground = json.dumps({"v": {"duration": 10, "location": {"0": [[1, 2]]}}})
-    assert formats.parse_nextgqa(good, ground)[0].answer == 0
+    assert nextgqa.parse_nextgqa(good, ground)[0].answer == 0
     with pytest.raises(ValueError, match="answer 'z' is none of its options"):
-        formats.parse_nextgqa(good.replace("q?,x", "q?,z"), ground)
+        nextgqa.parse_nextgqa(good.replace("q?,x", "q?,z"), ground)
     with pytest.raises(ValueError, match="lacks columns"):
-        formats.parse_nextgqa("video_id,question\nv,q\n", ground)
+        nextgqa.parse_nextgqa("video_id,question\nv,q\n", ground)
     with pytest.raises(ValueError, match="v_0: .*start <= end"):
-        formats.parse_nextgqa(good, json.dumps({"v": {"duration": 10, "location": {"0": [[3, 2]]}}}))
+        nextgqa.parse_nextgqa(good, json.dumps({"v": {"duration": 10, "location": {"0": [[3, 2]]}}}))

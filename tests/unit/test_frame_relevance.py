@@ -21,7 +21,8 @@ from timeexpert.models.frame_relevance import (
     segment_edges,
     windows_from_relevance,
 )
-from timeexpert.models.timeexpert import TimeExpertConfig, TimeExpertForGrounding
+from timeexpert.models.configuration_timeexpert import TimeExpertConfig
+from timeexpert.models.timeexpert import TimeExpertForGrounding
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 from timeexpert.presets import get_preset
 
@@ -244,7 +245,7 @@ def test_training_rows_get_relevance_labels_per_task():
     no target without saliency."""
     import json
 
-    from timeexpert.train.loop import relevance_labels
+    from timeexpert.train.batches import relevance_labels
 
     events = json.dumps([{"start": 2.5, "end": 6.0}])
     mr = relevance_labels({"task": "mr", "events": events}, TS)
@@ -354,7 +355,7 @@ def test_patch_relevance_adds_the_patch_score_and_trains_the_caption_contrast(to
     option on."""
     import json
 
-    from timeexpert.train.loop import pad_captions, row_captions
+    from timeexpert.train.batches import pad_captions, row_captions
     from timeexpert.train.recipes import stage_loss
 
     with pytest.raises(ValueError, match="patch_relevance needs frame_relevance"):
@@ -512,7 +513,7 @@ def test_gqa_rows_train_the_hypotheses_that_grounding_the_options_asks(tok):
     import json
 
     from timeexpert.events import gqa_hypothesis
-    from timeexpert.train.loop import hypothesis_row, tokenize_batch
+    from timeexpert.train.batches import hypothesis_row, tokenize_batch
 
     question, options = "what colour is the circle that grows?", ["red", "blue", "green"]
     row = {"id": "v_qa", "task": "gqa", "query": question, "options": json.dumps(options),

@@ -246,7 +246,7 @@ def test_vhd_answers_train_the_saliency_scores():
     events."""
     import json
 
-    from timeexpert.train.loop import answer_events
+    from timeexpert.train.batches import answer_events
 
     batch = {
         "task": np.array(["vhd", "mr"]), "duration": np.array([9.0, 9.0]),

@@ -12,13 +12,8 @@ import numpy as np
 import pytest
 import torch
 from timeexpert.events import Event, Task, TokenType
-from timeexpert.models.timeexpert import (
-    REMOVED_AFTER,
-    AnswerChoice,
-    TimeExpertConfig,
-    TimeExpertForGrounding,
-    create_model,
-)
+from timeexpert.models.configuration_timeexpert import REMOVED_AFTER, AnswerChoice, TimeExpertConfig
+from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
 from timeexpert.models.tokenizer import GroundingTokenizer, collate
 from timeexpert.presets import PRESETS, get_preset, list_presets
 

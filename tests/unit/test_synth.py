@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from timeexpert import storage
-from timeexpert.data import formats, synth
+from timeexpert.data import formats, nextgqa, synth
 from timeexpert.data.video import decode_frames
 from timeexpert.events import Task
 
@@ -105,7 +105,7 @@ def test_public_format_files_agree_with_the_manifest(mini):
             "activitynet", f"{ann}/activitynet.json", split=split)] == by_task[Task.DVC]
         assert len(formats.read_format("sharegpt", f"{ann}/sharegpt.json")) == len(
             records) - len(by_task[Task.GQA])
-        assert [r.to_dict() for r in formats.read_nextgqa(
+        assert [r.to_dict() for r in nextgqa.read_nextgqa(
             f"{ann}/nextgqa.csv", f"{ann}/gsub.json", split=split)] == by_task[Task.GQA]
         assert len(formats.read_format("evidence", f"{ann}/evidence.json")) == len(
             by_task[Task.MR]) + len(by_task[Task.DVC])

@@ -154,7 +154,7 @@ def test_training_captions_are_kept_most_frequent_first_and_saved(tmp_path):
     grounding), most frequent first, and they survive save / load."""
     from timeexpert.events import Record
     from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import train_tokenizer
+    from timeexpert.train.fit import train_tokenizer
 
     def dvc(vid, captions):
         return Record(id=vid, video=f"{vid}.mp4", duration=10.0, task=Task.DVC, query="",

@@ -74,7 +74,7 @@ def test_a_random_vision_encoder_trains_where_the_projector_does(recipe):
 def test_frame_jitter_reaches_training_data_only():
     from types import SimpleNamespace
 
-    from timeexpert.train.loop import data_config
+    from timeexpert.train.batches import data_config
 
     model = SimpleNamespace(num_frames=8, image_size=32)
     cfg = TrainConfig(frame_jitter=True, decode_once=False)
@@ -115,28 +115,28 @@ def test_segment_draw_takes_one_frame_of_each_segment_and_varies():
 def test_step_times_tile_the_loop_and_average_per_step(monkeypatch):
     import itertools
 
-    from timeexpert.train import loop
+    from timeexpert.train import telemetry
 
     clock = itertools.count()
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
-    timer = loop.StepTimes()  # t = 0
+    monkeypatch.setattr(telemetry.time, "perf_counter", lambda: float(next(clock)))
+    timer = telemetry.StepTimes()  # t = 0
     for _ in range(2):  # each step: data 1 s, forward 1 s, report 1 s
         timer.lap("data"), timer.lap("forward"), timer.lap("report")
         timer.step_done()
     window = timer.window()
     assert window["time/data"] == 1.0 and window["time/step"] == 3.0
-    assert window["time/backward"] == 0.0 and set(window) == {f"time/{p}" for p in loop.PHASES} | {"time/step"}
+    assert window["time/backward"] == 0.0 and set(window) == {f"time/{p}" for p in telemetry.PHASES} | {"time/step"}
     timer.skip()  # t = 6 -> 7 charged to nothing
     timer.lap("checkpoint")  # 7 -> 8
     assert timer.window()["time/checkpoint"] == 1.0  # no steps in the window: per report
     total = timer.summary()
     assert total["time_total/loop"] == 7.0 and total["time_total/steps"] == 2.0
-    line = loop._time_line(TrainConfig(stage=3), total)
+    line = telemetry.time_line(TrainConfig(stage=3), total)
     assert line.startswith("[stage 3] 2 steps in 7.0 s, 3.500 s/step") and "data 1.000 (29%)" in line
 
 
 def test_a_reused_run_name_is_announced_as_a_resume(tmp_path):
-    from timeexpert.train.loop import resume_notice
+    from timeexpert.train.fit import resume_notice
 
     cfg = TrainConfig(name="exp", stage=2, storage_root=str(tmp_path))
     assert resume_notice(cfg) is None
@@ -196,7 +196,7 @@ def test_each_phase_starts_from_the_previous_phases_checkpoint(tmp_path, monkeyp
     """run_pipeline with `fit` and the evaluation faked: the fits run in the plan's order, each on
     its data root from the checkpoint the previous fit left, and the results land apart."""
     from timeexpert.train import stages
-    from timeexpert.train.loop import FitResult
+    from timeexpert.train.fit import FitResult
 
     fits = []
 
@@ -262,7 +262,7 @@ def test_train_job_passes_the_curriculum_flags(tmp_path, monkeypatch):
 
 
 def test_decode_once_ranks_get_equal_parts_of_at_least_a_batch():
-    from timeexpert.train.loop import rank_rows
+    from timeexpert.train.batches import rank_rows
 
     assert rank_rows(list(range(7)), 2, 3) == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(ValueError, match="7 training records give each of the 3 workers 2, "

@@ -9,7 +9,8 @@ import importlib.metadata
 import pytest
 import torch
 from timeexpert.events import Event, TokenType
-from timeexpert.models.timeexpert import TimeExpertConfig, TimeExpertForGrounding, create_model
+from timeexpert.models.configuration_timeexpert import TimeExpertConfig
+from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
 from timeexpert.models.tokenizer import GroundingTokenizer
 from timeexpert.models.upcycle import (
     SMOLLM2,
@@ -132,7 +133,7 @@ def test_smollm2_tokenizer_round_trips_a_grounding_answer(smol_tok, tmp_path):
     ]
     answer = smol_tok.encode_answer(events)
     assert smol_tok.decode_answer(answer.ids, answer.types) == events
-    # the training run saves the tokenizer and its workers load it back (train.loop)
+    # the training run saves the tokenizer and its workers load it back (train.fit, train.loop)
     smol_tok.save_pretrained(tmp_path / "tok")
     again = GroundingTokenizer.from_pretrained(tmp_path / "tok")
     assert len(again.text) == len(smol_tok.text)
@@ -143,7 +144,7 @@ def test_smollm2_tokenizer_round_trips_a_grounding_answer(smol_tok, tmp_path):
 @pytest.mark.slow
 def test_smollm_presets_read_the_lm_config_without_loading_weights(smol_tok, monkeypatch):
     from timeexpert.train.config import TrainConfig
-    from timeexpert.train.loop import train_tokenizer
+    from timeexpert.train.fit import train_tokenizer
     from transformers import AutoModelForCausalLM
 
     def refuse(*args, **kwargs):

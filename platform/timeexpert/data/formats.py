@@ -18,12 +18,7 @@ synthetic and real datasets. Each format is a pair `parse_X(text, ...) -> list[R
   Their saliency scores are {s}, ..." (GroundVTS / TimeChat style templates, below).
 - evidence: D2VLM / E.T.-style evidence data `{id, video, duration, task, time_gt,
   conversations}` where the i-th `<evi>...</evi>` span of the answer is grounded at `time_gt[i]`.
-- NExT-GQA (GQA), two files, so outside FORMATS (`read_nextgqa` / `write_nextgqa`): the QA csv
-  `video_id,frame_count,width,height,question,answer,qid,type,a0,...,a4` and the grounding json
-  `{video_id: {"duration", "location": {qid: [[start, end], ...]}, "fps"}}`. A question is a
-  record only when the json grounds it (the official grounded subset); its id is
-  `{video_id}_{qid}`. We write frame_count / width / height 0, fps null and type "DO" (what the
-  canonical record does not keep).
+- NExT-GQA (GQA) is two files, so outside FORMATS: `timeexpert.data.nextgqa`.
 
 Formats that carry no id give records ids derived from the video id (`{vid}_{k}`); formats that
 carry no video URI get `video_pattern.format(vid=...)`, relative to the storage root by default.
@@ -38,8 +33,6 @@ is appended as a note, the row kept): what `jobs/prepare_data.py --convert` repo
 from __future__ import annotations
 
 import collections
-import csv
-import io
 import json
 import math
 import posixpath
@@ -148,7 +141,7 @@ def _t(x: float) -> str:
     return f"{x:.1f}"
 
 
-def _num(x: float) -> float | int:
+def json_number(x: float) -> float | int:
     """Integral floats as ints in JSON (12.0 -> 12), others unchanged."""
     return int(x) if float(x).is_integer() else float(x)
 
@@ -303,9 +296,10 @@ def dump_qvhighlights(records: Iterable[Record]) -> str:
                 {
                     "qid": r.id,
                     "query": r.query,
-                    "duration": _num(r.duration),
+                    "duration": json_number(r.duration),
                     "vid": video_id(r),
-                    "relevant_windows": [[_num(e.start), _num(e.end)] for e in r.events],
+                    "relevant_windows": [[json_number(e.start), json_number(e.end)]
+                                         for e in r.events],
                     "relevant_clip_ids": clip_ids,
                     "saliency_scores": [[int(round(sal[i]))] * 3 for i in clip_ids],
                 }
@@ -355,8 +349,8 @@ def dump_activitynet(records: Iterable[Record]) -> str:
     return json.dumps(
         {
             video_id(r): {
-                "duration": _num(r.duration),
-                "timestamps": [[_num(e.start), _num(e.end)] for e in r.events],
+                "duration": json_number(r.duration),
+                "timestamps": [[json_number(e.start), json_number(e.end)] for e in r.events],
                 "sentences": [e.caption for e in r.events],
             }
             for r in records
@@ -404,10 +398,11 @@ def dump_youcook2(records: Iterable[Record]) -> str:
         {
             "database": {
                 video_id(r): {
-                    "duration": _num(r.duration),
+                    "duration": json_number(r.duration),
                     "subset": to_subset.get(r.split, r.split),
                     "annotations": [
-                        {"id": i, "segment": [_num(e.start), _num(e.end)], "sentence": e.caption}
+                        {"id": i, "segment": [json_number(e.start), json_number(e.end)],
+                         "sentence": e.caption}
                         for i, e in enumerate(r.events)
                     ],
                 }
@@ -486,7 +481,7 @@ def dump_sharegpt(records: Iterable[Record]) -> str:
             {
                 "id": r.id,
                 "video": r.video,
-                "duration": _num(r.duration),
+                "duration": json_number(r.duration),
                 "task": r.task.value,
                 "split": r.split,
                 "conversations": conv,
@@ -571,10 +566,10 @@ def dump_evidence(records: Iterable[Record]) -> str:
             {
                 "id": r.id,
                 "video": r.video,
-                "duration": _num(r.duration),
+                "duration": json_number(r.duration),
                 "task": task,
                 "split": r.split,
-                "time_gt": [[_num(e.start), _num(e.end)] for e in r.events],
+                "time_gt": [[json_number(e.start), json_number(e.end)] for e in r.events],
                 "conversations": _conversation(prompt, answer),
             }
         )
@@ -617,80 +612,6 @@ def parse_evidence(text: str, *, problems: list[RowProblem] | None = None) -> li
 
 
 # --- registry and storage I/O ---------------------------------------------------------------
-
-NEXTGQA_OPTIONS = 5  # a0..a4
-NEXTGQA_COLUMNS = ("video_id", "frame_count", "width", "height", "question", "answer", "qid", "type",
-                   *(f"a{i}" for i in range(NEXTGQA_OPTIONS)))
-
-
-def parse_nextgqa(qa_text: str, ground_text: str, *, video_pattern: str = DEFAULT_VIDEO_PATTERN,
-                  split: str = "test") -> list[Record]:
-    """NExT-GQA's QA csv and grounding json -> GQA records (the grounded questions, csv order)."""
-    rows = list(csv.DictReader(io.StringIO(qa_text)))
-    missing = set(NEXTGQA_COLUMNS[:8]) - set(rows[0] if rows else NEXTGQA_COLUMNS)
-    if missing:
-        raise ValueError(f"NExT-GQA csv lacks columns {sorted(missing)}")
-    ground = json.loads(ground_text)
-    if not isinstance(ground, dict):
-        raise ValueError("NExT-GQA grounding json must map video ids to {duration, location}")
-    records = []
-    for line, row in enumerate(rows, 2):
-        vid, qid = str(row["video_id"]), str(row["qid"])
-        spans = ground.get(vid, {}).get("location", {}).get(qid)
-        if not spans:
-            continue  # not in the grounded subset
-        options = [row[c] for c in NEXTGQA_COLUMNS[8:] if row.get(c)]
-        if row["answer"] not in options:
-            raise ValueError(f"NExT-GQA csv line {line}: answer {row['answer']!r} is none of its "
-                             f"options {options}")
-        try:
-            records.append(Record(
-                id=f"{vid}_{qid}", video=video_pattern.format(vid=vid),
-                duration=float(ground[vid]["duration"]), task=Task.GQA, query=row["question"],
-                events=[Event(start=float(s), end=float(e)) for s, e in spans],
-                options=options, answer=options.index(row["answer"]), split=split))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"NExT-GQA question {vid}_{qid}: {err}") from None
-    return records
-
-
-def dump_nextgqa(records: Iterable[Record]) -> tuple[str, str]:
-    """GQA records -> (the QA csv, the grounding json) in NExT-GQA's layout. The qid is the
-    record id after `{video_id}_` (the whole id when it does not start so)."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=NEXTGQA_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    ground: dict[str, dict] = {}
-    for r in records:
-        if r.task != Task.GQA or r.answer is None:
-            raise ValueError(f"record {r.id!r}: NExT-GQA holds answered GQA records, got task "
-                             f"{r.task.value} with answer {r.answer}")
-        if len(r.options) > NEXTGQA_OPTIONS:
-            raise ValueError(f"record {r.id!r}: NExT-GQA holds at most {NEXTGQA_OPTIONS} options")
-        vid = video_id(r)
-        qid = r.id[len(vid) + 1:] if r.id.startswith(f"{vid}_") else r.id
-        options = {f"a{i}": o for i, o in enumerate(r.options)}
-        writer.writerow({"video_id": vid, "frame_count": 0, "width": 0, "height": 0,
-                         "question": r.query, "answer": r.options[r.answer], "qid": qid,
-                         "type": "DO", **options})
-        entry = ground.setdefault(vid, {"duration": _num(r.duration), "location": {}, "fps": None})
-        entry["location"][qid] = [[_num(e.start), _num(e.end)] for e in r.events]
-    return out.getvalue(), json.dumps(ground)
-
-
-def read_nextgqa(qa_uri: str, ground_uri: str, *, storage_options: dict | None = None,
-                 **kwargs: Any) -> list[Record]:
-    """`parse_nextgqa` of two stored files (keyword arguments go to it)."""
-    opts = storage_options or {}
-    return parse_nextgqa(storage.read_text(qa_uri, **opts), storage.read_text(ground_uri, **opts),
-                         **kwargs)
-
-
-def write_nextgqa(records: Iterable[Record], qa_uri: str, ground_uri: str, *,
-                  storage_options: dict | None = None) -> None:
-    qa_text, ground_text = dump_nextgqa(list(records))
-    storage.write_text(qa_uri, qa_text, **(storage_options or {}))
-    storage.write_text(ground_uri, ground_text, **(storage_options or {}))
 
 
 FORMATS: dict[str, tuple[Callable[..., list[Record]], Callable[[Iterable[Record]], str]]] = {

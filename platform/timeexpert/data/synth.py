@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from timeexpert import storage
-from timeexpert.data import formats
+from timeexpert.data import formats, nextgqa
 from timeexpert.data.video import write_mp4
 from timeexpert.events import Event, Record, Task
 
@@ -462,6 +462,50 @@ def _render_one(args: tuple[Scene, SynthSpec, int, str, dict]) -> None:
         write_mp4(frames, path, fps=spec.fps, gop_seconds=spec.gop_seconds)
 
 
+def _render_videos(jobs: list[tuple], workers: int, progress: Callable[[int, int], None]) -> None:
+    """Encode every scene's video (`_render_one`), in `workers` processes when there are several."""
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            rendered = pool.map(_render_one, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+            for done, _ in enumerate(rendered, 1):
+                progress(done, len(jobs))
+    else:
+        for done, job in enumerate(jobs, 1):
+            _render_one(job)
+            progress(done, len(jobs))
+
+
+def _write_split(out_root: str, split: str, split_scenes: list[Scene], spec: SynthSpec,
+                 opts: dict) -> tuple[str, int]:
+    """A split's records: its manifest, the same records in every public annotation format (under
+    annotations/{split}/) and the scenes drawn. Returns the manifest's URI and the record count."""
+    records = [r for s in split_scenes for r in scene_records(s, spec)]
+    manifest = storage.join_uri(out_root, "manifests", f"{split}.jsonl")
+    formats.write_manifest(records, manifest, **opts)
+    ann = storage.join_uri(out_root, "annotations", split)
+    by_task = {t: [r for r in records if r.task == t] for t in Task}
+    formats.write_format("charades_sta", by_task[Task.MR], f"{ann}/charades_sta.txt", storage_options=opts)
+    storage.write_text(
+        f"{ann}/durations.json", json.dumps({s.vid: s.duration for s in split_scenes}), **opts
+    )
+    formats.write_format("qvhighlights", by_task[Task.VHD], f"{ann}/qvhighlights.jsonl", storage_options=opts)
+    formats.write_format("activitynet", by_task[Task.DVC], f"{ann}/activitynet.json", storage_options=opts)
+    formats.write_format("youcook2", by_task[Task.DVC], f"{ann}/youcook2.json", storage_options=opts)
+    formats.write_format("sharegpt", by_task[Task.MR] + by_task[Task.VHD] + by_task[Task.DVC],
+                         f"{ann}/sharegpt.json", storage_options=opts)
+    nextgqa.write_nextgqa(by_task[Task.GQA], f"{ann}/nextgqa.csv", f"{ann}/gsub.json",
+                          storage_options=opts)
+    formats.write_format(
+        "evidence", by_task[Task.MR] + by_task[Task.DVC], f"{ann}/evidence.json", storage_options=opts
+    )
+    storage.write_text(
+        storage.join_uri(out_root, "scenes", f"{split}.jsonl"),
+        "".join(json.dumps(s.to_dict()) + "\n" for s in split_scenes),
+        **opts,
+    )
+    return manifest, len(records)
+
+
 def generate(
     size: str | SynthSpec,
     out_root: str,
@@ -499,45 +543,12 @@ def generate(
          storage.join_uri(out_root, formats.DEFAULT_VIDEO_PATTERN.format(vid=s.vid)), opts)
         for split_scenes in scenes.values() for s in split_scenes
     ]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    progress = progress or (lambda done, total: None)
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            rendered = pool.map(_render_one, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
-            for done, _ in enumerate(rendered, 1):
-                progress(done, len(jobs))
-    else:
-        for done, job in enumerate(jobs, 1):
-            _render_one(job)
-            progress(done, len(jobs))
-
+    _render_videos(jobs, workers or min(os.cpu_count() or 1, 8),
+                   progress or (lambda done, total: None))
     manifests, num_records = {}, 0
     for split, split_scenes in scenes.items():
-        records = [r for s in split_scenes for r in scene_records(s, spec)]
-        num_records += len(records)
-        manifests[split] = storage.join_uri(out_root, "manifests", f"{split}.jsonl")
-        formats.write_manifest(records, manifests[split], **opts)
-        ann = storage.join_uri(out_root, "annotations", split)
-        by_task = {t: [r for r in records if r.task == t] for t in Task}
-        formats.write_format("charades_sta", by_task[Task.MR], f"{ann}/charades_sta.txt", storage_options=opts)
-        storage.write_text(
-            f"{ann}/durations.json", json.dumps({s.vid: s.duration for s in split_scenes}), **opts
-        )
-        formats.write_format("qvhighlights", by_task[Task.VHD], f"{ann}/qvhighlights.jsonl", storage_options=opts)
-        formats.write_format("activitynet", by_task[Task.DVC], f"{ann}/activitynet.json", storage_options=opts)
-        formats.write_format("youcook2", by_task[Task.DVC], f"{ann}/youcook2.json", storage_options=opts)
-        formats.write_format("sharegpt", by_task[Task.MR] + by_task[Task.VHD] + by_task[Task.DVC],
-                             f"{ann}/sharegpt.json", storage_options=opts)
-        formats.write_nextgqa(by_task[Task.GQA], f"{ann}/nextgqa.csv", f"{ann}/gsub.json",
-                              storage_options=opts)
-        formats.write_format(
-            "evidence", by_task[Task.MR] + by_task[Task.DVC], f"{ann}/evidence.json", storage_options=opts
-        )
-        storage.write_text(
-            storage.join_uri(out_root, "scenes", f"{split}.jsonl"),
-            "".join(json.dumps(s.to_dict()) + "\n" for s in split_scenes),
-            **opts,
-        )
+        manifests[split], count = _write_split(out_root, split, split_scenes, spec, opts)
+        num_records += count
     seconds = time.perf_counter() - t0
     info = {
         "spec": dataclasses.asdict(spec),

@@ -1,1 +1,2 @@
-"""The TimeExpert model and its parts: MoE layer, expert parallelism, vision, temporal tokens."""
+"""The TimeExpert model and its parts: its config, MoE layer, expert parallelism, vision, temporal
+tokens."""

@@ -37,6 +37,8 @@ reads the weights, on any layout. A rank reads only
 its own slice of the expert weights (`load_weights(d, ep_rank, ep_size)`, whatever EP degree
 wrote them). `GroundingModel.load` reads either layout; `jobs/export.py` writes a checkpoint as
 one plain model directory (what `from_pretrained` of other tools reads).
+
+A run's checkpoints and Ray Train's run state live under its storage root (`storage_root`).
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from timeexpert import storage
 from timeexpert.checkpoints import TRAIN_STATE, persist_checkpoint
 from timeexpert.models.expert_parallel import WEIGHTS, expert_shard_file, is_expert_param
 from timeexpert.models.processor import TimeExpertProcessor
+from timeexpert.train.config import TrainConfig
 
 ROUTING = "routing.json"
 ZERO_DENSE = os.path.join("optim", "zero_dense.pt")  # ZeRO: the dense moments by name (rank 0)
@@ -145,6 +149,13 @@ def load_optimizer_state(directory: str, rank: int) -> dict[str, Any]:
             "world size it was written with"
         )
     return torch.load(path, weights_only=False)
+
+
+def storage_root(cfg: TrainConfig) -> str:
+    """The run's storage root as Ray Train and Tune take it (its checkpoints and Ray Train's run
+    state go under it): an s3:// URI as given, else an absolute local path."""
+    scheme, _ = storage.split_scheme(cfg.storage_root)
+    return cfg.storage_root if scheme == "s3" else os.path.abspath(storage.split_scheme(cfg.storage_root)[1])
 
 
 def upload(checkpoint, dir_name: str, *, rank: int, world_size: int, budget_s: float,

@@ -44,14 +44,16 @@ from timeexpert.events import IGNORE_INDEX, TokenType
 from timeexpert.inference import GroundingModel
 from timeexpert.models.evidence import (encode_evidence_example, find_evidence,
                                         interval_log_prob, pad_targets, site_targets)
-from timeexpert.models.timeexpert import TimeExpertConfig
+from timeexpert.models.configuration_timeexpert import TimeExpertConfig
 from timeexpert.models.tokenizer import collate
 from timeexpert.tracking import StepLogger
 from timeexpert.train import checkpoint as ckpt
 from timeexpert.train import parallel
+from timeexpert.train.batches import answer_events, data_config
 from timeexpert.train.config import TrainConfig
-from timeexpert.train.loop import answer_events, data_config, torch_trainer, worker_logging
+from timeexpert.train.fit import torch_trainer
 from timeexpert.train.recipes import set_trainable
+from timeexpert.train.telemetry import worker_logging
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +307,7 @@ def train_fpo(checkpoint_uri: str, cfg, *, output_uri: str, mlflow_run_id: str =
     checkpoint (the model, its tokenizer, train_state.json of stage "fpo") to `output_uri` and
     returns the last step's metrics (+ "fpo/first_margin", "step").
 
-    A Ray Train run on the connected cluster, as a stage's (`train.loop.fit`): `cfg.num_workers`
+    A Ray Train run on the connected cluster, as a stage's (`train.fit.fit`): `cfg.num_workers`
     workers (gloo on CPU, NCCL with `cfg.use_gpu`), each with the whole policy and reference on
     its device. Plain data parallel, no expert parallelism: `cfg.ep_size` is ignored (a warning).
     The train rows are cut in order into batches of `cfg.batch_size`, batch n going to rank

@@ -37,11 +37,12 @@ from timeexpert.checkpoints import read_config
 from timeexpert.data import formats
 from timeexpert.eval.evaluate import distinct_windows, evaluate_predictions, predict_records
 from timeexpert.events import Task
-from timeexpert.models.timeexpert import TimeExpertConfig
+from timeexpert.models.configuration_timeexpert import TimeExpertConfig
+from timeexpert.train.batches import data_config
+from timeexpert.train.checkpoint import storage_root
 from timeexpert.train.config import CURRICULUM_STAGE, STAGES, TrainConfig
+from timeexpert.train.fit import FitResult, fit, prepare_tokenizer
 from timeexpert.train.fpo import train_fpo
-from timeexpert.train.loop import (FitResult, data_config, fit, prepare_tokenizer,
-                                  storage_root)
 
 log = logging.getLogger(__name__)
 
@@ -163,48 +164,12 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
     status = "FAILED"
     try:
         for phase in phases:
-            t0 = time.perf_counter()
-            stage = phase.stage
-            stage_cfg = cfg.replace(stage=stage, init_from=start_from or "", data_root=phase.data_root,
-                                    name=phase.name, num_steps=phase.num_steps, curriculum=[],
-                                    curriculum_steps=0)
-            label = f"stage {stage}" + (f" curriculum {phase.curriculum}/{len(cfg.curriculum)} "
-                                        f"({phase.data_root})" if phase.curriculum else "")
-            run_id = ""
-            if uri:
-                tags = {**cfg.tags, "stage": str(stage)}
-                if phase.curriculum:
-                    tags["curriculum"] = str(phase.curriculum)
-                run_id = tracking.create_run(uri, cfg.experiment, stage_cfg.run_name(),
-                                             parent_id=parent_run_id, tags=tags)
-                stage_cfg = stage_cfg.replace(mlflow_run_id=run_id)
-                tracking.log_params(uri, run_id, stage_cfg.to_dict())
-            log.info(f"== {label}: {stage_cfg.num_steps} steps from "
-                     f"{stage_cfg.init_from or 'fresh weights'}")
-            try:
-                fitted: FitResult = fit(stage_cfg, tokenizer_uri=tokenizer_uri, callbacks=callbacks)
-                eval_metrics = _evaluate_and_plot(fitted.checkpoint_uri, stage_cfg, run_id)
-            except BaseException:
-                if uri:
-                    tracking.end_run(uri, run_id, "FAILED")
-                raise
-            sr = StageResult(stage=stage, checkpoint_uri=fitted.checkpoint_uri,
-                             train_metrics=fitted.metrics, eval_metrics=eval_metrics,
-                             mlflow_run_id=run_id, seconds=time.perf_counter() - t0,
-                             data_root=phase.data_root)
+            sr = _run_phase(cfg, phase, start_from, tokenizer_uri, parent_run_id, callbacks)
             if phase.curriculum:
                 result.curriculum.append(sr)
             else:
-                result.stages[stage] = sr
-            log.info(f"== {label} done in {sr.seconds:.0f} s: checkpoint {sr.checkpoint_uri}; "
-                     + ", ".join(f"{k} {v:.3f}" for k, v in
-                                 sample_names(eval_metrics, stage_cfg.eval_split).items()
-                                 if k.endswith(("R1@0.5", "HIT@1-VeryGood", "F1", "mIoU"))))
-            if uri:
-                _log_stage(uri, run_id, sr, parent_run_id,
-                           f"curriculum{phase.curriculum}" if phase.curriculum else f"stage{stage}",
-                           stage_cfg.eval_split)
-            start_from = fitted.checkpoint_uri
+                result.stages[phase.stage] = sr
+            start_from = sr.checkpoint_uri
         if cfg.fpo_steps:
             result.fpo = _run_fpo(cfg, start_from, parent_run_id)
         status = "FINISHED"
@@ -212,6 +177,52 @@ def run_pipeline(cfg: TrainConfig, *, stages: Sequence[int] = STAGES, resume_fro
         if own_parent:
             tracking.end_run(uri, parent_run_id, status)
     return result
+
+
+def _run_phase(cfg: TrainConfig, phase: Phase, start_from: str, tokenizer_uri: str,
+               parent_run_id: str, callbacks: list | None) -> StageResult:
+    """One phase of the pipeline (a stage, or a curriculum phase of stage 3) from the checkpoint
+    `start_from` ("": fresh weights): its MLflow child run, its `fit`, its evaluation and its log
+    lines."""
+    uri = cfg.tracking_uri
+    t0 = time.perf_counter()
+    stage = phase.stage
+    stage_cfg = cfg.replace(stage=stage, init_from=start_from or "", data_root=phase.data_root,
+                            name=phase.name, num_steps=phase.num_steps, curriculum=[],
+                            curriculum_steps=0)
+    label = f"stage {stage}" + (f" curriculum {phase.curriculum}/{len(cfg.curriculum)} "
+                                f"({phase.data_root})" if phase.curriculum else "")
+    run_id = ""
+    if uri:
+        tags = {**cfg.tags, "stage": str(stage)}
+        if phase.curriculum:
+            tags["curriculum"] = str(phase.curriculum)
+        run_id = tracking.create_run(uri, cfg.experiment, stage_cfg.run_name(),
+                                     parent_id=parent_run_id, tags=tags)
+        stage_cfg = stage_cfg.replace(mlflow_run_id=run_id)
+        tracking.log_params(uri, run_id, stage_cfg.to_dict())
+    log.info(f"== {label}: {stage_cfg.num_steps} steps from "
+             f"{stage_cfg.init_from or 'fresh weights'}")
+    try:
+        fitted: FitResult = fit(stage_cfg, tokenizer_uri=tokenizer_uri, callbacks=callbacks)
+        eval_metrics = _evaluate_and_plot(fitted.checkpoint_uri, stage_cfg, run_id)
+    except BaseException:
+        if uri:
+            tracking.end_run(uri, run_id, "FAILED")
+        raise
+    sr = StageResult(stage=stage, checkpoint_uri=fitted.checkpoint_uri,
+                     train_metrics=fitted.metrics, eval_metrics=eval_metrics,
+                     mlflow_run_id=run_id, seconds=time.perf_counter() - t0,
+                     data_root=phase.data_root)
+    log.info(f"== {label} done in {sr.seconds:.0f} s: checkpoint {sr.checkpoint_uri}; "
+             + ", ".join(f"{k} {v:.3f}" for k, v in
+                         sample_names(eval_metrics, stage_cfg.eval_split).items()
+                         if k.endswith(("R1@0.5", "HIT@1-VeryGood", "F1", "mIoU"))))
+    if uri:
+        _log_stage(uri, run_id, sr, parent_run_id,
+                   f"curriculum{phase.curriculum}" if phase.curriculum else f"stage{stage}",
+                   stage_cfg.eval_split)
+    return sr
 
 
 def _run_fpo(cfg: TrainConfig, start_from: str, parent_run_id: str) -> StageResult:
