@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -23,7 +24,28 @@ for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
 # replica): the jobs draw their own bars.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+# TE_RAY_VERBOSE=1: Ray's output on the terminal as Ray prints it. Otherwise the terminal shows the
+# job's own lines and Ray's output stays in its log files (the session's `logs/`): here what the
+# driver would print of its workers and of the raylet, in `init_ray` the driver's own.
+VERBOSE = os.environ.get("TE_RAY_VERBOSE") == "1"
+# A line of our workers' `timeexpert` logger (timeexpert.train.loop.worker_logging): rank 0's
+# progress lines, tagged `[stage N`, `[rank N]` or `[fpo]`, and warnings, `WARNING timeexpert...`.
+WORKER_LINE = r"^(\[(stage|rank) \d+\b|\[fpo\]|(WARNING|ERROR|CRITICAL) timeexpert\b)"
+if not VERBOSE:
+    # Ray's log deduplicator (Ray's "Configuring Logging" guide; read when `ray` is imported) sees
+    # every line the driver prints of a worker (with `log_to_driver`) and every message the raylet
+    # sends it ("(raylet) Task ServeController.graceful_shutdown failed ...", "N PYTHON worker
+    # processes have been started"): it prints our workers' lines (the allow regex wins) and
+    # skips the rest (".*"), which the workers' log files keep. Train's controller, its
+    # PlacementGroupCleaner, Ray Data's and Serve's actors are Ray's workers too.
+    # MLFLOW_CONFIGURE_LOGGING=false: MLflow, imported when a job first tracks a run (after
+    # `init_ray` routed the driver's records), would give its logger a terminal handler of its own.
+    for _k, _v in {"RAY_DEDUP_LOGS": "1", "RAY_DEDUP_LOGS_ALLOW_REGEX": WORKER_LINE,
+                   "RAY_DEDUP_LOGS_SKIP_REGEX": ".*", "MLFLOW_CONFIGURE_LOGGING": "false"}.items():
+        os.environ.setdefault(_k, _v)
+
 # After the path and the environment above (both must be set before these imports)
+import _console  # noqa: E402
 import ray  # noqa: E402
 
 from timeexpert import storage  # noqa: E402
@@ -75,12 +97,31 @@ def connect_ray(num_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     if os.environ.get("TE_RAY_GCS_ADDRESS"):  # the env file's RAY_ADDRESS is the job server's URL
-        ray.init(address=os.environ["TE_RAY_GCS_ADDRESS"])
+        init_ray(address=os.environ["TE_RAY_GCS_ADDRESS"])
     elif os.environ.get("RAY_ADDRESS"):  # ray job submit / a running cluster
-        ray.init()
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        init_ray()
+    else:  # no dashboard: on a few cores it is not worth its process (Ray Train's
+        # PlacementGroupCleaner, which asks its State API, warns into its own log file instead)
+        init_ray(num_cpus=num_cpus, include_dashboard=False)
     return True
+
+
+def init_ray(**options) -> None:
+    """`ray.init(**options)`, the terminal kept for the job's own lines unless TE_RAY_VERBOSE=1
+    (which also prints the workers' output, whatever `log_to_driver` says). Of the workers'
+    output the terminal shows our workers' lines (above); the driver's own output goes to files:
+    its log records (Ray's, Ray Data's, MLflow's, Python warnings; the terminal keeps
+    timeexpert's and errors) where the job sends them (`_console.driver_logging`), else to
+    `driver-PID.log` in the Ray session's `logs/`; what native code writes to stderr (the C++
+    core of Ray's driver copies its ERROR lines there) to `driver-PID.err` beside it."""
+    if VERBOSE:
+        ray.init(**{**options, "log_to_driver": True})
+        return
+    if not logging.getLogger().handlers:  # as logging.basicConfig: logging that a job (or a
+        _console.driver_logging()  # test runner) set up stays as it is
+    logs = os.path.join(ray.init(**options).address_info["session_dir"], "logs")
+    _console.driver_log_file(os.path.join(logs, f"driver-{os.getpid()}.log"))
+    _console.native_stderr_to(os.path.join(logs, f"driver-{os.getpid()}.err"))
 
 
 def prepare_data(args) -> None:

@@ -1,10 +1,10 @@
 """What a job shows a person at the terminal: its own lines, one progress bar per long step, and
-nothing of Ray's internals.
+nothing of Ray's internals (`_common.init_ray` applies the first three below to every job).
 
 - `driver_logging(path)`: the driver's log records (timeexpert's, Ray's, MLflow's, Python
   warnings) go to `path`; the terminal keeps errors and timeexpert's warnings.
-- `QUIET_RAY`: `ray.init` settings that keep the worker processes' output (Train workers, Serve
-  replicas, Ray's own actors) in Ray's log files, `<RAY_TMPDIR>/session_latest/logs`.
+- `driver_log_file(path)`: the file of a `driver_logging()` that was not given one.
+- `native_stderr_to(path)`: what native code writes to stderr (Ray's C++ core) goes to `path`.
 - `Bar`: a one-line progress bar on stderr, redrawn in place; `Bar.progress` is the
   `progress(done, total)` hook the library's long calls take.
 - `TrainingProgress`: a Ray Train callback that feeds a `Bar` per training stage.
@@ -14,6 +14,8 @@ nothing of Ray's internals.
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
 import threading
 import time
@@ -21,25 +23,25 @@ from ray import serve
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
-# Worker output stays in Ray's log files (`log_to_driver`); the driver's own Ray logger is routed
-# by `driver_logging`. Ray Train's PlacementGroupCleaner asks the State API (served by the
-# dashboard) whether the Train controller is alive and warns every few seconds when it cannot:
-# without a dashboard (2 cores: it is not worth its process) that warning is expected and lands in
-# the cleaner's log file.
-QUIET_RAY = {"log_to_driver": False, "include_dashboard": False}
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def driver_logging(path: str) -> None:
-    """Send this process's log records, INFO and up, to `path`; show on the terminal only what
-    `timeexpert` logs (its stage lines; warnings) and errors. The two handlers sit on the root
-    logger. Ray, Ray Data and MLflow give their loggers their own terminal handlers and no
-    propagation: those handlers are removed and the records propagate to the root (their file
-    handlers, like Ray Data's ray-data.log, stay; `ray.init` restyles only the `ray` logger's own
-    handlers, of which none is left). Python warnings (libraries' deprecations) are logged
-    through `py.warnings`, so they go to the file too."""
-    to_file = logging.FileHandler(path)
+def driver_logging(path: str | None = None) -> None:
+    """Send this process's log records, INFO and up, to `path` (None: held until
+    `driver_log_file` names the file, e.g. in Ray's session directory, known once `ray.init`
+    returns); show on the terminal only what `timeexpert` logs (its stage lines; warnings) and
+    errors. The two handlers sit on the root logger. Ray, Ray Data and MLflow give their loggers
+    their own terminal handlers and no propagation: those handlers are removed and the records
+    propagate to the root (their file handlers, like Ray Data's ray-data.log, stay; `ray.init`
+    restyles only the `ray` logger's own handlers, of which none is left). Python warnings
+    (libraries' deprecations, such as Ray Data's RayDeprecationWarning) are logged through
+    `py.warnings`, so they go to the file too."""
+    if path is None:  # never flushed by itself: no target yet, and no level above CRITICAL
+        to_file = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    else:
+        to_file = logging.FileHandler(path)
+        to_file.setFormatter(logging.Formatter(_FORMAT))
     to_file.setLevel(logging.INFO)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_console = logging.StreamHandler(sys.stderr)
     to_console.setLevel(logging.INFO)
     to_console.addFilter(
@@ -54,6 +56,43 @@ def driver_logging(path: str) -> None:
             logger.handlers[:] = [h for h in logger.handlers if not _to_terminal(h)]
             logger.propagate = True
     logging.captureWarnings(True)
+
+
+def driver_log_file(path: str) -> None:
+    """The records a `driver_logging()` without a file held, and the later ones, to `path`;
+    nothing where the records go to a file already (or were not routed)."""
+    root = logging.getLogger()
+    for held in [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        to_file = logging.FileHandler(path)
+        to_file.setFormatter(logging.Formatter(_FORMAT))
+        to_file.setLevel(held.level)
+        held.setTarget(to_file)
+        held.close()  # hands the held records to the file
+        root.removeHandler(held)
+        root.addHandler(to_file)
+
+
+def native_stderr_to(path: str) -> None:
+    """Point file descriptor 2 at `path`, for what native code writes to stderr: the C++ core of
+    Ray's driver copies each ERROR line of its own log file (python-core-driver-*.log) there, such
+    as Ray Data's "Actor with class name: 'MapWorker(...)' ... has constructor arguments in the
+    object store and max_restarts > 0", and no Ray setting turns that copy off alone
+    (RAY_BACKEND_LOG_LEVEL=fatal would drop every Ray process's errors from its log file too).
+    Python's `sys.stderr` (bars, log records, tracebacks) keeps the terminal on a copy of the
+    descriptor; a Python crash report or a C++ FATAL of Ray's lands in `path`. Nothing where
+    `sys.stderr` is not this process's own (a test runner captures it)."""
+    old = sys.stderr
+    if old is None or old is not sys.__stderr__:
+        return
+    old.flush()
+    terminal = os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+    sys.stderr = open(terminal, "w", buffering=1, encoding=old.encoding, errors=old.errors)
+    for handler in logging.getLogger().handlers:  # driver_logging's terminal handler
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.setStream(sys.stderr)
 
 
 class _ConsoleFormatter(logging.Formatter):

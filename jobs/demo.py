@@ -15,7 +15,8 @@ the data and checkpoints live on its S3, the runs on its MLflow server. Either w
   5. say where the MLflow runs, plots, checkpoints and logs are.
 
 The terminal shows the demo's own lines, a progress bar per long step and the table; the log
-records of the driver go to ROOT/demo.log, the output of Ray's workers to Ray's log files.
+records of the driver go to ROOT/demo.log, Ray's output to Ray's log files (TE_RAY_VERBOSE=1: all
+of it to the terminal).
 `serve run serve_apps/config.yaml` serves the registered model afterwards (`models:/timeexpert-
 demo/latest` from ROOT/mlflow.db with the default --root).
 
@@ -35,7 +36,7 @@ import subprocess
 import time
 import urllib.request
 
-import _common  # noqa: F401  (sys.path and environment defaults, before the imports below)
+import _common  # (sys.path and environment defaults, before the imports below)
 import _console
 import mlflow
 import ray
@@ -251,7 +252,8 @@ def run(args, stack: dict | None) -> int:
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
     log_file = os.path.join(root, "demo.log")
-    _console.driver_logging(log_file)
+    if not _common.VERBOSE:
+        _console.driver_logging(log_file)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the demo draws its own
 
     train_size = args.train_size or DEFAULT_TRAIN_SIZE.get(args.size, args.size)
@@ -290,9 +292,9 @@ def run(args, stack: dict | None) -> int:
     # and Ray's own actors on fractional CPUs): expect them, rather than warn at 4x num_cpus.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "8")
     if stack is None:
-        ray.init(num_cpus=4, **_console.QUIET_RAY)
+        _common.init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     else:
-        ray.init(address=stack["TE_RAY_GCS_ADDRESS"], log_to_driver=False)
+        _common.init_ray(address=stack["TE_RAY_GCS_ADDRESS"], log_to_driver=False)
     try:
         preset = get_preset(args.preset)
         fields = dict(preset.train)
@@ -349,7 +351,7 @@ def run(args, stack: dict | None) -> int:
         print(f"  artifacts:   {artifacts} (expert heatmaps, loss curves)")
     else:
         print(f"  MLflow UI:   {tracking_uri} (artifacts in s3://, proxied by the server)")
-    print(f"  logs:        {log_file}; Ray's workers: {_ray_logs(args.local_stack)}")
+    print(f"  logs:        {log_file}; Ray's: {_ray_logs(args.local_stack)}")
     print("  web page:    serve run serve_apps/config.yaml, then open http://127.0.0.1:8000/")
     if missed:
         print(f"  targets missed: {', '.join(missed)}")

@@ -24,6 +24,11 @@ MINI = dict(name="mini", num_videos={"train": 4, "val": 2, "test": 1}, min_durat
 # Small enough for a loaded 2-core machine: 1 worker of half a CPU, tiny batches, few steps.
 COMMON = ["--preset", "tiny_cpu", "--set", "log_every=1", "--set", "batch_size=2",
           "--set", "cpus_per_worker=0.5"]
+# What Ray prints on a job's terminal when left to: its workers' and actors' output (after a
+# cyan "(Name pid=N)"), the raylet's messages, the C++ lines of the driver's Ray core, its own
+# and Ray Data's log records, its deprecation warnings (jobs/_common.py keeps them in Ray's logs).
+RAY_CHATTER = ("\x1b[36m(", "(raylet)", "core_worker.cc", "PlacementGroupCleaner", "TrainController",
+               "ServeReplica", "RayDeprecationWarning", "INFO worker.py", "streaming_executor")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +86,16 @@ def _line(out: str, prefix: str) -> str:
     return lines[-1].removeprefix(prefix)
 
 
+def _common_worker_line() -> str:
+    """jobs/_common.py's WORKER_LINE: the lines of our Train workers that a job prints."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
+    return _common.WORKER_LINE
+
+
 def _mlflow(env):
     from mlflow.tracking import MlflowClient
 
@@ -124,6 +139,16 @@ def test_ray_job_submit_train(stack):
                   "--workers", "2", "--ep", "2", "--set", "eval_max_records=1",
                   "--register-model", f"{name}-model")
     assert "[stage 2] step 2/2" in out  # the progress line reached the user
+    # ... and of Ray's output only our Train workers' lines (after Ray's prefix), nothing else
+    job = out.split("Tailing logs until the job exits")[1].splitlines()  # not the CLI's lines
+    prefix = re.compile(r"\x1b\[36m\(RayTrainWorker pid=\d+(, ip=[\d.]+)?\)\x1b\[0m ")
+    worker_line = re.compile(_common_worker_line())
+    ours = [line for line in job if prefix.match(line)
+            and worker_line.match(prefix.sub("", line, count=1))]
+    assert ours, job
+    rest = "\n".join(line for line in job if line not in ours)
+    for chatter in RAY_CHATTER:
+        assert chatter not in rest, rest[-3000:]
     result = json.loads(_line(out, "RESULT "))
     uri = result["checkpoint_uri"]
     assert uri.startswith(f"{stack['TE_STORAGE_ROOT']}/runs/{name}-stage2/"), uri
@@ -234,8 +259,8 @@ def test_demo_on_the_local_stack(stack, tmp_path):
     name, version = registered.removeprefix("models:/").split("/")
     assert name == "timeexpert-demo" and table["registered"] == registered
     assert client.get_model_version(name, version).run_id == parent_id
-    # a console a person can read: the demo's lines and bars, not Ray's workers and actors
+    # a console a person can read: the demo's lines and bars, nothing of Ray's
     console = out.stdout + out.stderr
-    for chatter in ("PlacementGroupCleaner", "TrainController", "RayTrainWorker", "ServeReplica"):
+    for chatter in (*RAY_CHATTER, "RayTrainWorker"):
         assert chatter not in console, console[-3000:]
     assert len(console.splitlines()) <= 120, console

@@ -141,13 +141,25 @@ def save_profile(profiler, cfg: TrainConfig, first: int, last: int, logger) -> N
 _RAY_REPORT_LOGGER = os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
 
 
+class _WorkerFormatter(logging.Formatter):
+    """INFO as the bare message, a line tagged `[stage N`, `[rank N]` or `[fpo]`; a warning or an
+    error as `LEVEL logger: message`. The jobs' driver prints a worker's line only in one of these
+    forms (jobs/_common.py WORKER_LINE): the rest of the worker's output is Ray's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno <= logging.INFO:
+            return message
+        return f"{record.levelname} {record.name}: {message}"
+
+
 def worker_logging() -> None:
-    """A Train worker's own lines (rank 0's progress, resume notices) to its stdout, which Ray
-    keeps in the worker's log file; Ray's per-report INFO line silenced (above)."""
+    """A Train worker's own lines (rank 0's progress, resume notices, warnings) to its stdout,
+    which Ray keeps in the worker's log file; Ray's per-report INFO line silenced (above)."""
     package = logging.getLogger("timeexpert")
     if not package.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_WorkerFormatter())
         package.addHandler(handler)
         package.setLevel(logging.INFO)
         package.propagate = False  # once, whatever handlers Ray gave the root logger
