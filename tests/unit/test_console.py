@@ -99,7 +99,7 @@ def test_the_driver_prints_our_workers_lines_and_none_of_rays(monkeypatch):
     messages do not."""
     from ray._private.ray_logging import LogDeduplicator
 
-    from timeexpert.train.loop import _WorkerFormatter
+    from timeexpert.train.telemetry import _WorkerFormatter
 
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))
     import _common
