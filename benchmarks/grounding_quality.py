@@ -128,9 +128,9 @@ def as_batch(records, frames: dict[str, tuple], num_frames: int | None = None,
     with its video's `captions` (`pipeline.video_captions`); with `rng`, each row's `num_frames`
     frames are drawn from its denser decoded grid, as decode-once training draws them
     (`pipeline.draw_segment_frames`)."""
-    from timeexpert.data.pipeline import _row, draw_segment_frames
+    from timeexpert.data.pipeline import draw_segment_frames, record_row
 
-    rows = [_row(r, r.video, (captions or {}).get(r.video, ())) for r in records]
+    rows = [record_row(r, r.video, (captions or {}).get(r.video, ())) for r in records]
     batch = {k: np.array([row[k] for row in rows]) for k in rows[0]}
     batch["frames"] = np.stack([frames[r.video][0] for r in records])
     batch["timestamps"] = np.stack([frames[r.video][1] for r in records])

@@ -167,7 +167,7 @@ def _plain_loop(cfg_dict: dict, out_q) -> None:
 
     from timeexpert import storage
     from timeexpert.data import formats
-    from timeexpert.data.pipeline import _row, decode_rows
+    from timeexpert.data.pipeline import decode_rows, record_row
     from timeexpert.models.timeexpert import TimeExpertForGrounding, create_model
     from timeexpert.train import parallel
     from timeexpert.train.config import TrainConfig
@@ -192,7 +192,7 @@ def _plain_loop(cfg_dict: dict, out_q) -> None:
                                 grad_clip=cfg.grad_clip, zero_stage=0, batch_size=batch_size)
 
     t0 = time.perf_counter()
-    rows = [_row(r, storage.resolve_under_root(r.video, cfg.data_root)) for r in records]
+    rows = [record_row(r, storage.resolve_under_root(r.video, cfg.data_root)) for r in records]
     data = decode_rows(rows, data_config(cfg, mconfig, train=True))
     decode_s = time.perf_counter() - t0
     rng = np.random.default_rng(cfg.seed)
@@ -273,7 +273,7 @@ def _binding_lever(lever: str, data_root: str, steps: int, out_q) -> None:
 
     from timeexpert import devices, storage
     from timeexpert.data import formats
-    from timeexpert.data.pipeline import _row, decode_rows, video_captions
+    from timeexpert.data.pipeline import decode_rows, record_row, video_captions
     from timeexpert.models.timeexpert import create_model
     from timeexpert.train import parallel
     from timeexpert.train.config import TrainConfig
@@ -298,7 +298,7 @@ def _binding_lever(lever: str, data_root: str, steps: int, out_q) -> None:
                                 zero_stage=0, batch_size=cfg.batch_size)
     n = (steps + 2) * cfg.batch_size
     captions = video_captions(records)
-    rows = [_row(r, storage.resolve_under_root(r.video, data_root), captions.get(r.video, ()))
+    rows = [record_row(r, storage.resolve_under_root(r.video, data_root), captions.get(r.video, ()))
             for r in records[:n]]
     data = decode_rows(rows, data_config(cfg, mconfig, train=True))
     batches = [{k: v[i: i + cfg.batch_size] for k, v in data.items()}

@@ -74,6 +74,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; none: no tracking)")
     p.add_argument("--experiment", default="timeexpert")
+    p.add_argument("--settings", default="", metavar="URI",
+                   help="TrainConfig fields from a JSON file, local or s3:// (a sweep's "
+                        "--best-out), applied before --set")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="any TrainConfig field, value as JSON (e.g. --set 'moe={\"gating\":\"topk\"}')")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a local Ray instance")
@@ -130,6 +133,19 @@ def prepare_data(args) -> None:
         synth.generate(args.synthetic, args.data_root, seed=0)
 
 
+def read_settings(path: str) -> dict:
+    """The JSON object of TrainConfig fields at `path` (`--settings`, local or s3://); SystemExit
+    naming the file when it is not one."""
+    try:
+        fields = json.loads(storage.read_text(path))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--settings {path}: {e}") from None
+    if not isinstance(fields, dict):
+        raise SystemExit(f"--settings {path}: expected a JSON object of TrainConfig fields, got "
+                         f"{type(fields).__name__}")
+    return fields
+
+
 def train_config(args, **extra):
     fields = dict(get_preset(args.preset).train)
     fields.update(preset=args.preset, data_root=args.data_root, storage_root=args.storage_root,
@@ -137,6 +153,8 @@ def train_config(args, **extra):
                   tracking_uri=args.tracking_uri, experiment=args.experiment)
     if args.steps:
         fields["num_steps"] = args.steps
+    if args.settings:
+        fields.update(read_settings(args.settings))
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

@@ -51,7 +51,10 @@ def test_ep2_zero2_on_s3_matches_ep1(ray_cluster, tiny_s3_data, s3_server):
     from timeexpert.inference import GroundingModel
     from timeexpert.train.fit import fit, prepare_tokenizer
 
-    cfg = _config(data_root=tiny_s3_data, storage_root=f"{s3_server.root}/runs", zero_stage=2)
+    # and both score grounding on the validation queries as they train (`val_every`): the
+    # EP=2 ranks answer them in step
+    cfg = _config(data_root=tiny_s3_data, storage_root=f"{s3_server.root}/runs", zero_stage=2,
+                  val_every=2, val_records=3)
     tok = prepare_tokenizer(cfg, formats.read_manifest(f"{tiny_s3_data}/manifests/train.jsonl"))
     ep1 = fit(cfg.replace(name="ep1", ep_size=1), tokenizer_uri=tok)
     ep2 = fit(cfg.replace(name="ep2", ep_size=2), tokenizer_uri=tok)
@@ -82,6 +85,15 @@ def test_ep2_zero2_on_s3_matches_ep1(ray_cluster, tiny_s3_data, s3_server):
         torch.testing.assert_close(value, ref[name], rtol=1e-2, atol=1e-4, msg=name)
     state = json.loads(storage.read_text(f"{ep2.checkpoint_uri}/train_state.json"))["state"]
     assert state["step"] == 4 and state["samples"] == 4 * 2
+    # the last report's validation score is the saved model's on the same queries
+    from timeexpert.train.batches import data_config
+    from timeexpert.train.validation import ValidationProbe
+
+    probe = ValidationProbe.build(data_config(cfg, gm.model.config), "val", 3)
+    assert len(probe.records) == 3
+    for r in (ep1, ep2):
+        saved = GroundingModel.load(r.checkpoint_uri)
+        assert r.metrics["val/mr/R1@0.5"] == probe.score(saved.model, saved.tokenizer)
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_s3_data, tmp_path):

@@ -113,21 +113,35 @@ def test_four_trial_sweep(stack):
     steps = sorted(t["step"] for t in trials)
     assert all(1 <= s <= 4 for s in steps), steps  # ASHA may stop weak trials at a rung
     assert steps[-1] == 4  # the best trial ran to the end
+    # every trial reported its validation score, what ASHA ranked them by (not the loss)
+    assert all(0.0 <= t["val"] <= 100.0 for t in trials), trials
     best = json.loads(_line(out, "BEST "))
     assert {"lr", "alpha", "tau_min", "lambda_1", "lambda_2"} <= set(best)
+    assert max(t["val"] for t in trials) == next(t["val"] for t in trials if t["hp"] == best)
+    # its settings, where jobs/train.py --settings reads them
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key=stack["AWS_ACCESS_KEY_ID"], secret=stack["AWS_SECRET_ACCESS_KEY"],
+                           client_kwargs={"endpoint_url": stack["AWS_ENDPOINT_URL"]})
+    saved = json.loads(fs.cat_file(f"{stack['TE_STORAGE_ROOT']}/runs/sweeps/{name}.json"
+                                   .removeprefix("s3://")))
+    assert saved["lr"] == best["lr"]
+    assert {k: saved["moe"][k] for k in ("alpha", "tau_min", "lambda_1", "lambda_2")} == {
+        k: best[k] for k in ("alpha", "tau_min", "lambda_1", "lambda_2")}
 
     c = _mlflow(stack)
     exp = c.get_experiment_by_name("timeexpert")
     parents = c.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{name}'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert "best_loss" in parents[0].data.metrics
+    assert {"best_loss", "best_val/mr/R1_0.5"} <= set(parents[0].data.metrics)
     runs = c.search_runs([exp.experiment_id], f"tags.sweep = '{name}'")
     assert len(runs) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)  # none left RUNNING
     assert all("lr" in r.data.params for r in runs)
     finished = [r for r in runs if r.info.status == "FINISHED"]
-    assert finished and all("final_loss" in r.data.metrics for r in finished)
+    assert finished and all({"final_loss", "final_val/mr/R1_0.5"} <= set(r.data.metrics)
+                            for r in finished)
     assert any("loss" in r.data.metrics for r in runs)  # the workers' step metrics
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -36,6 +37,8 @@ def test_cosine_decays_from_the_peak_to_the_floor():
     ("lr_schedule", "linear", "lr_schedule must be one of"),
     ("min_lr_ratio", 1.5, "min_lr_ratio must be in"),
     ("lr", 0.0, "lr must be > 0"),
+    ("val_every", 3, "val_every must be a multiple of log_every"),  # log_every 5
+    ("val_records", 0, "val_records >= 1"),
 ])
 def test_bad_schedule_settings_say_what_is_wrong(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -259,6 +262,15 @@ def test_train_job_passes_the_curriculum_flags(tmp_path, monkeypatch):
     assert train.main(["--data-root", str(tmp_path), "--curriculum", "a,b",
                        "--curriculum-steps", "4"]) == 0
     assert seen["cfg"].curriculum == ["a", "b"] and seen["cfg"].curriculum_steps == 4
+    # a sweep's best settings (`jobs/sweep.py --best-out`), before --set; a bad file is named
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"lr": 7e-4, "moe": {"gating": "dynamic", "alpha": 0.2}}))
+    assert train.main(["--data-root", str(tmp_path), "--settings", str(best),
+                       "--set", "lr=0.001"]) == 0
+    assert seen["cfg"].lr == 0.001 and seen["cfg"].moe["alpha"] == 0.2
+    best.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="best.json: expected a JSON object"):
+        train.main(["--data-root", str(tmp_path), "--settings", str(best)])
 
 
 def test_decode_once_ranks_get_equal_parts_of_at_least_a_batch():

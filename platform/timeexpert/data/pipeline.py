@@ -136,7 +136,7 @@ def row_options(row: dict[str, Any]) -> list[str] | None:
     return json.loads(str(row["options"])) if "options" in row else None
 
 
-def _row(r: Record, video: str, captions: Sequence[Event] = ()) -> dict[str, Any]:
+def record_row(r: Record, video: str, captions: Sequence[Event] = ()) -> dict[str, Any]:
     """A record as a pipeline row; `captions`: its video's captioned events (`video_captions`)."""
     return {
         "id": r.id,
@@ -358,7 +358,7 @@ def build_dataset(
         ):
             driver_skips[ANNOTATION_REASON] += 1
             continue
-        rows.append(_row(r, video, captions.get(r.video, ())))
+        rows.append(record_row(r, video, captions.get(r.video, ())))
         kept.append(r)
     if shuffle:
         order = np.random.default_rng(config.seed).permutation(len(rows))

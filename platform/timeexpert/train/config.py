@@ -98,6 +98,10 @@ class TrainConfig:
     eval_max_records: int = 12  # records per task evaluated at the end of the stage (0 = none)
     eval_replicas: int = 1  # model replicas of the stage evaluation's actor pool (Ray Data), each
     # with cpus_per_worker CPUs and, with use_gpu, one GPU
+    val_every: int = 0  # steps between scores of the model in training on `val_records` MR
+    # queries of eval_split (`train.validation`, reported as val/mr/R1@0.5: what a sweep stops
+    # on); a multiple of log_every, 0 = none
+    val_records: int = 16  # the first this many MR queries (by id) of eval_split
     eval_captions: bool = False  # DVC caption metrics (METEOR/CIDEr/SODA_c, java) in stage evals
     tracking_uri: str = ""  # MLflow tracking URI ("" = no MLflow)
     experiment: str = "timeexpert"  # MLflow experiment name
@@ -151,6 +155,11 @@ class TrainConfig:
         if self.jitter_grid < 1 or self.profile_steps < 0:
             raise ValueError(f"jitter_grid must be >= 1 and profile_steps >= 0, got "
                              f"{self.jitter_grid} and {self.profile_steps}")
+        if self.val_every < 0 or self.val_every % self.log_every or self.val_records < 1:
+            raise ValueError(f"val_every must be a multiple of log_every ({self.log_every}) or 0, "
+                             f"and val_records >= 1, got {self.val_every} and {self.val_records}")
+        if self.val_every and not self.eval_split:
+            raise ValueError("val_every scores queries of eval_split: set it (e.g. 'val')")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.fpo_steps < 0:

@@ -40,10 +40,12 @@ from timeexpert.presets import get_preset
 from timeexpert.tracking import StepLogger
 from timeexpert.train import checkpoint as ckpt
 from timeexpert.train import parallel
-from timeexpert.train.batches import decode_part, draws_segments, tokenize_batch, worker_batches
+from timeexpert.train.batches import (data_config, decode_part, draws_segments, tokenize_batch,
+                                      worker_batches)
 from timeexpert.train.config import TrainConfig
 from timeexpert.train.recipes import apply_lora, set_stage_trainable, stage_loss, stage_spec
 from timeexpert.train.telemetry import (
+    VAL_METRIC,
     StepTimes,
     accumulate_routing,
     progress_line,
@@ -55,6 +57,7 @@ from timeexpert.train.telemetry import (
     time_line,
     worker_logging,
 )
+from timeexpert.train.validation import ValidationProbe
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,8 @@ class Worker:
     logger: StepLogger | None  # rank 0 only
     data_stats: dict[str, float] = field(default_factory=dict)  # decode_s: this rank's decode
     storage_wait_s: float = 0.0  # this rank's checkpoint writes' wait for storage so far
+    probe: ValidationProbe | None = None  # the validation queries of `val_every`
+    val_score: float | None = None  # their last score
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -155,8 +160,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # shard: this rank's expert slots on its device, the stage's trainable set, the optimizers
     model, optim, spec = _shard(cfg, mconfig, groups, start)
     logger = StepLogger(cfg.tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
+    probe = (ValidationProbe.build(data_config(cfg, mconfig), cfg.eval_split, cfg.val_records)
+             if cfg.val_every else None)
     worker = Worker(cfg=cfg, groups=groups, tokenizer=tokenizer, mconfig=mconfig, model=model,
-                    optim=optim, spec=spec, logger=logger, data_stats=stats)
+                    optim=optim, spec=spec, logger=logger, data_stats=stats, probe=probe)
     if rank == 0:
         log.info(_start_line(worker, start))
     # loop and report
@@ -380,11 +387,16 @@ def _report(w: Worker, step: int, lr: float, epoch: int, state: dict, window: di
         p.numel() for n, p in w.model.named_parameters() if parallel.is_expert_param(n)))
     w.model.reset_routing_telemetry()
     timer.lap("report")
+    last = step == cfg.num_steps
+    if w.probe is not None:  # every report carries the last score (what a Tune scheduler reads)
+        if w.val_score is None or step % cfg.val_every == 0 or last:
+            w.val_score = w.probe.score(w.model, w.tokenizer)
+        metrics[VAL_METRIC] = w.val_score
+        timer.lap("validate")
     metrics.update(timer.window())  # this rank's; the result and MLflow keep rank 0's
     if w.logger is not None:
         log.info(progress_line(cfg, metrics))
         w.logger.log(metrics, step)
-    last = step == cfg.num_steps
     if step % cfg.checkpoint_every and not last:
         ray.train.report(metrics)
         timer.lap("report")

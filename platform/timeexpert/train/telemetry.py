@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 # --- where the time goes -------------------------------------------------------------------------
 
-PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "experts", "report", "checkpoint")
+VAL_METRIC = "val/mr/R1@0.5"  # the validation score of `val_every` (`train.validation`)
+PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "experts", "validate", "report",
+          "checkpoint")
 
 
 class StepTimes:
@@ -43,7 +45,8 @@ class StepTimes:
     lap's seconds charged to the phase it ends, so the phases tile the loop's wall time. "data"
     is waiting for the shard's batch and tokenizing it; "grad_sync" the explicit gradient
     all-reduce (under ZeRO, DeepSpeed reduces dense gradients inside backward and its step);
-    "experts" the A_t sync and token-adaptive add/prune; "report" the metric bookkeeping, the
+    "experts" the A_t sync and token-adaptive add/prune; "validate" the validation score of
+    `val_every` (`train.validation`); "report" the metric bookkeeping, the
     reduction over ranks, the progress line, MLflow and `ray.train.report`; "checkpoint" the
     state gather, the write and the report that persists it. No device sync is added: on CPU the
     laps are exact, on CUDA a phase holds its kernel launches and the GPU time lands in the phase
@@ -174,6 +177,7 @@ def progress_line(cfg: TrainConfig, m: dict[str, float]) -> str:
         f"(time {m['loss_time']:.3f} score {m['loss_score']:.3f} text {m['loss_text']:.3f} "
         f"aux {m['aux_loss']:.4f} z {m['z_loss']:.4f}"
         + (f" frames {m['loss_frames']:.3f}" if "loss_frames" in m else "")
+        + (f", val R1@0.5 {m[VAL_METRIC]:.2f}" if VAL_METRIC in m else "")
         + f") {m['tokens_per_s']:.0f} tok/s, {m['time/step']:.2f} s/step (data "
         f"{m['time/data']:.2f}, sync {m['time/grad_sync']:.2f}) "
         f"experts {m['experts/num_active']:.1f} active, {m['experts/mean_active']:.2f}/token"
