@@ -144,18 +144,29 @@ class LocalNodes:
             self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-nodes")
         return self._starter.submit(self._add, name).result(timeout=300)
 
-    def _add(self, name: str):
-        os.makedirs(self.tmpdir(name))
+    def _add(self, name: str, attempts: int = 3):
+        """A raylet whose dashboard agent is slow to write its ports (a loaded machine) aborts
+        its start ("The current node timed out during startup"): such a start is tried again,
+        `attempts` times in all, in a fresh TMPDIR."""
         args = dict(num_cpus=self.cpus, object_store_memory=self.OBJECT_STORE_BYTES,
                     env_vars={"TMPDIR": self.tmpdir(name)})
-        if threading.current_thread() is threading.main_thread():
-            self.nodes[name] = self.cluster.add_node(**args)
-        else:
-            from unittest import mock
+        for attempt in range(1, attempts + 1):
+            shutil.rmtree(self.tmpdir(name), ignore_errors=True)
+            os.makedirs(self.tmpdir(name))
+            try:
+                if threading.current_thread() is threading.main_thread():
+                    self.nodes[name] = self.cluster.add_node(**args)
+                else:
+                    from unittest import mock
 
-            with mock.patch("ray._private.utils.set_sigterm_handler"):
-                self.nodes[name] = self.cluster.add_node(**args)
-        return self.nodes[name]
+                    with mock.patch("ray._private.utils.set_sigterm_handler"):
+                        self.nodes[name] = self.cluster.add_node(**args)
+                return self.nodes[name]
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+                if attempt == attempts or "timed out during startup" not in str(e):
+                    raise
+                print(f"node {name}: start timed out (attempt {attempt} of {attempts}); again",
+                      flush=True)
 
     def remove(self, name: str) -> None:
         self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
