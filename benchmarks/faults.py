@@ -16,12 +16,14 @@ The faults:
   the run goes on, no restart.
 - `mlflow_outage`: the MLflow server stops for `--outage-s` seconds as soon as the first
   checkpoint is registered: the workers keep their step metrics and send them when it is back.
-- `node_lost`: on a cluster of its own (`ray.cluster_utils.Cluster`, as Ray's tests build one):
-  a head without CPUs and two worker nodes on 127.0.0.1, each raylet with its own resources and
-  its own TMPDIR, the two workers placed STRICT_SPREAD (one per node) and reading and writing
-  only through S3. When the first checkpoint is registered, one worker node is removed (its
-  processes killed, its TMPDIR deleted: a worker that used another node's local disk would fail
-  loudly) and a new node joins; the run resumes from its last checkpoint on the nodes it has.
+- `node_lost`: on a cluster of its own (`local_servers.LocalNodes`: `ray.cluster_utils.Cluster`,
+  as Ray's tests build one): a head without CPUs and two worker nodes on this machine (at Ray's
+  node IP: see `LocalNodes` for why not 127.0.0.1), each raylet with its own resources and its
+  own TMPDIR, the two workers placed STRICT_SPREAD (one per node) and reading and writing only
+  through S3. When the first checkpoint is registered, one worker node is removed (its processes
+  killed, its TMPDIR deleted: a worker that used another node's local disk would fail loudly)
+  and a new node joins; the run resumes from its last checkpoint on the nodes it has. The row
+  names the nodes the last checkpoint's ranks ran on (`ran_on`, from their commit markers).
 
 A row: `injected` (the fault happened: the crash was seen in the run's state, the outage met a
 checkpoint write or a metrics send), `survived` (the stage reached its last step with every
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,7 @@ import time
 from typing import Any, Callable
 
 from benchmarks.common import emit, parse_args
-from benchmarks.local_servers import MlflowServer, S3Endpoint, free_port
+from benchmarks.local_servers import LocalNodes, MlflowServer, S3Endpoint
 
 FAULTS = ("checkpoint_crash", "worker_killed", "s3_outage", "mlflow_outage", "node_lost")
 BUCKET = "timeexpert-faults"
@@ -142,33 +143,35 @@ def check_run(result, cfg, tracking_uri: str) -> dict[str, Any]:
 
 
 class NodeLoss:
-    """The `node_lost` cluster: a head without CPUs and worker nodes of 2 CPUs on 127.0.0.1, each
-    with its own TMPDIR under `root`; `lose()` removes the second node and its TMPDIR and adds a
-    new node."""
+    """The `node_lost` cluster (`LocalNodes`): a head without CPUs and worker nodes a and b of 2
+    CPUs, each with its own TMPDIR under `root`; `lose()` removes node b (its processes and its
+    TMPDIR) and adds a fresh node c."""
 
     def __init__(self, root: str) -> None:
-        from ray.cluster_utils import Cluster
+        self.nodes = LocalNodes(root)
+        self.before = self.nodes.node_ids()
 
-        self.root = root
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-            "gcs_server_port": free_port()})
-        self.nodes = [self._add(name) for name in ("a", "b")]
-
-    def _add(self, name: str):
-        tmp = os.path.join(self.root, f"node-{name}")
-        os.makedirs(tmp)
-        return self.cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1",
-                                     env_vars={"TMPDIR": tmp})
+    def connect(self) -> None:
+        self.nodes.connect(log_to_driver=False)
 
     def lose(self) -> None:
-        lost = self.nodes.pop()
-        self.cluster.remove_node(lost, allow_graceful=False)
-        shutil.rmtree(os.path.join(self.root, "node-b"))  # its local disk goes with it
-        self.nodes.append(self._add("c"))
+        self.nodes.remove("b")
+        self.nodes.add("c")
+
+    def ran_on(self, checkpoint_uri: str) -> list[str]:
+        """The names of the nodes the checkpoint's ranks ran on, by rank."""
+        from timeexpert import storage
+        from timeexpert.checkpoints import COMMIT
+
+        names = {node_id: name for ids in (self.before, self.nodes.node_ids())
+                 for name, node_id in ids.items()}
+        markers = sorted((json.loads(storage.read_text(f)) for f in
+                          storage.list_files(storage.join_uri(checkpoint_uri, COMMIT))),
+                         key=lambda m: m["rank"])
+        return [names.get(m.get("node"), "?") for m in markers]
 
     def shutdown(self) -> None:
-        self.cluster.shutdown()
+        self.nodes.shutdown()
 
 
 def run_fault(name: str, data_root: str, tokenizer: str, mlflow: MlflowServer, s3: S3Endpoint,
@@ -205,6 +208,8 @@ def run_fault(name: str, data_root: str, tokenizer: str, mlflow: MlflowServer, s
             watcher.join(timeout=outage_s + 300)
     seconds = time.perf_counter() - t0
     check = check_run(result, cfg, mlflow.uri)
+    if nodes is not None:  # the nodes the last checkpoint's ranks ran on (their commit markers)
+        check["ran_on"] = nodes.ran_on(result.checkpoint_uri)
     if name in ("s3_outage", "mlflow_outage"):
         check["outage_s"] = round(log["started_at"] - log["stopped_at"], 1) if log else 0.0
     tracking.end_run(mlflow.uri, cfg.mlflow_run_id)
@@ -267,7 +272,7 @@ def main() -> None:
                 if name == "node_lost":  # last: a multi-node cluster instead of the local one
                     ray.shutdown()
                     nodes = NodeLoss(tmp)
-                    ray.init(address=nodes.cluster.address, log_to_driver=False)
+                    nodes.connect()
                 check, seconds = run_fault(name, data_root, tokenizer, mlflow, s3,
                                            args.outage_s, nodes)
             except Exception as err:  # noqa: BLE001 - a run the fault broke is a row, not a crash

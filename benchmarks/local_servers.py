@@ -1,18 +1,22 @@
 """Servers on loopback that a fault benchmark or test stops and starts again on the same port:
 an S3 endpoint (moto) and an MLflow tracking server. Stopping one is an outage of that service;
 what it stored survives the restart (moto keeps its buckets in the process, MLflow its SQLite
-database and artifact folder)."""
+database and artifact folder). And a multi-node Ray cluster on this machine whose nodes leave
+and join (`LocalNodes`)."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 
 def free_port() -> int:
@@ -89,3 +93,98 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+class LocalNodes:
+    """A Ray cluster of several nodes on this machine (`ray.cluster_utils.Cluster`, as Ray's own
+    tests build one): a head without CPUs (the driver's node, where Ray Train's controller runs)
+    and worker nodes of `cpus` CPUs, each with its own TMPDIR `root`/node-NAME (its local disk)
+    and a small object store. `remove(name)` kills a node's processes and deletes its TMPDIR (its
+    disk goes with it); `add(name)` starts a fresh one. `connect()` is the driver's `ray.init`.
+
+    The nodes take Ray's own node IP (`ray.util.get_node_ip_address()`, the machine's address),
+    not 127.0.0.1: `ray.init(address="127.0.0.1:PORT")` rewrites a loopback address into that IP
+    (`services.resolve_ip_for_localhost`), and a head started on 127.0.0.1 listens on loopback
+    only, so the driver would retry that address for ever and no job, no Train worker, would start.
+    """
+
+    OBJECT_STORE_BYTES = 100 * 1024 * 1024
+
+    def __init__(self, root: str, names=("a", "b"), cpus: int = 2) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.root = str(root)
+        self.cpus = cpus
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False,
+            "object_store_memory": self.OBJECT_STORE_BYTES})
+        self.nodes = {}
+        self._starter: ThreadPoolExecutor | None = None
+        try:
+            for name in names:
+                self.add(name)
+        except BaseException:
+            self.cluster.shutdown()
+            raise
+
+    def tmpdir(self, name: str) -> str:
+        return os.path.join(self.root, f"node-{name}")
+
+    def add(self, name: str):
+        """Start node `name`. From another thread than the main one (a fault injected while the
+        driver trains), the node is started by a thread of this object's that lives until
+        `shutdown()`: Ray starts a node's processes with PR_SET_PDEATHSIG (fate-sharing), which
+        kills them as soon as the *thread* that started them ends (a node started by a watcher
+        thread that then returns is gone at once). Off the main thread, Ray's `Node` cannot set
+        its SIGTERM handler, so that is skipped there (each node's handler replaces the previous
+        one anyway; the node's processes still go at exit and with this process)."""
+        if threading.current_thread() is threading.main_thread():
+            return self._add(name)
+        if self._starter is None:
+            self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-nodes")
+        return self._starter.submit(self._add, name).result(timeout=300)
+
+    def _add(self, name: str, attempts: int = 3):
+        """A raylet whose dashboard agent is slow to write its ports (a loaded machine) aborts
+        its start ("The current node timed out during startup"): such a start is tried again,
+        `attempts` times in all, in a fresh TMPDIR."""
+        args = dict(num_cpus=self.cpus, object_store_memory=self.OBJECT_STORE_BYTES,
+                    env_vars={"TMPDIR": self.tmpdir(name)})
+        for attempt in range(1, attempts + 1):
+            shutil.rmtree(self.tmpdir(name), ignore_errors=True)
+            os.makedirs(self.tmpdir(name))
+            try:
+                if threading.current_thread() is threading.main_thread():
+                    self.nodes[name] = self.cluster.add_node(**args)
+                else:
+                    from unittest import mock
+
+                    with mock.patch("ray._private.utils.set_sigterm_handler"):
+                        self.nodes[name] = self.cluster.add_node(**args)
+                return self.nodes[name]
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+                if attempt == attempts or "timed out during startup" not in str(e):
+                    raise
+                print(f"node {name}: start timed out (attempt {attempt} of {attempts}); again",
+                      flush=True)
+
+    def remove(self, name: str) -> None:
+        self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
+        shutil.rmtree(self.tmpdir(name), ignore_errors=True)
+
+    def node_ids(self) -> dict[str, str]:
+        """{name: Ray node id} of the worker nodes there now."""
+        return {name: node.node_id for name, node in self.nodes.items()}
+
+    def connect(self, **init_args) -> None:
+        import ray
+
+        ray.init(address=self.cluster.address, **init_args)
+        self.cluster.wait_for_nodes(timeout=60)
+
+    def shutdown(self) -> None:
+        try:
+            self.cluster.shutdown()
+        finally:
+            if self._starter is not None:
+                self._starter.shutdown(wait=False)

@@ -14,12 +14,12 @@ config.json (in place where the storage allows).
 
 A training checkpoint is committed part by part (`persist_checkpoint`): each rank stores its files
 (objects appear whole: `storage.put_file`), `train_state.json` last, then its commit marker
-`commit/rank_{r:05d}.json` naming every part it stored with its size and the world size. A
-checkpoint is complete when every rank's marker is there and every part it names has that size
-(`check_checkpoint`); a reader refuses a marked checkpoint that is not (`local_copy`), a resume
-takes the newest complete one (`resumable`), and `clean_incomplete` reports and removes the
-leftovers of a write that was cut short. A folder without markers (written before they existed,
-an exported model) is read as it is.
+`commit/rank_{r:05d}.json` naming every part it stored with its size, the world size and the
+Ray node the rank ran on (Ray Train's writes). A checkpoint is complete when every rank's marker
+is there and every part it names has that size (`check_checkpoint`); a reader refuses a marked
+checkpoint that is not (`local_copy`), a resume takes the newest complete one (`resumable`), and
+`clean_incomplete` reports and removes the leftovers of a write that was cut short. A folder
+without markers (written before they existed, an exported model) is read as it is.
 """
 
 from __future__ import annotations
@@ -51,11 +51,13 @@ def commit_marker(rank: int) -> str:
 
 
 def persist_checkpoint(local_dir: str, uri: str, *, rank: int, world_size: int, budget_s: float,
-                       after_part: Callable[[str], None] | None = None) -> float:
+                       after_part: Callable[[str], None] | None = None,
+                       node: str | None = None) -> float:
     """Store rank `rank`'s part of a checkpoint: every file under `local_dir` to the folder `uri`
-    (`train_state.json` last), then its commit marker. Unreachable storage is waited for
-    (`storage.retrying`, `budget_s` seconds in all). `after_part(name)` is called after each
-    stored file (fault injection). Returns the seconds waited."""
+    (`train_state.json` last), then its commit marker (with `node`, the Ray node id of the
+    writer, when given). Unreachable storage is waited for (`storage.retrying`, `budget_s`
+    seconds in all). `after_part(name)` is called after each stored file (fault injection).
+    Returns the seconds waited."""
     parts = {}
     for folder, _, files in os.walk(local_dir):
         for name in files:
@@ -70,8 +72,11 @@ def persist_checkpoint(local_dir: str, uri: str, *, rank: int, world_size: int, 
         waited += w
         if after_part is not None:
             after_part(name)
-    marker = json.dumps({"rank": rank, "world_size": world_size,
-                         "parts": {name: os.path.getsize(path) for name, path in parts.items()}})
+    marker = {"rank": rank, "world_size": world_size,
+              "parts": {name: os.path.getsize(path) for name, path in parts.items()}}
+    if node is not None:
+        marker["node"] = node
+    marker = json.dumps(marker)
     _, w = storage.retrying(lambda: storage.write_text(storage.join_uri(uri, commit_marker(rank)),
                                                        marker, **storage.FAIL_FAST),
                             what=f"commit rank {rank}'s part of checkpoint {uri}",

@@ -161,13 +161,14 @@ def storage_root(cfg: TrainConfig) -> str:
 def upload(checkpoint, dir_name: str, *, rank: int, world_size: int, budget_s: float,
            after_part=None) -> tuple[ray.train.Checkpoint, float]:
     """Store this rank's checkpoint folder as `dir_name` of the run (`persist_checkpoint`): the
-    body of Ray Train's `checkpoint_upload_fn`. Returns the stored checkpoint and the seconds
-    waited for storage."""
+    body of Ray Train's `checkpoint_upload_fn`. The rank's commit marker names the Ray node it
+    ran on. Returns the stored checkpoint and the seconds waited for storage."""
     storage_context = ray.train.get_context().get_storage()
     path = storage_context.build_checkpoint_path_from_name(dir_name)
     stored = ray.train.Checkpoint(path, filesystem=storage_context.storage_filesystem)
     waited = persist_checkpoint(checkpoint.path, checkpoint_uri(stored), rank=rank,
-                                world_size=world_size, budget_s=budget_s, after_part=after_part)
+                                world_size=world_size, budget_s=budget_s, after_part=after_part,
+                                node=ray.get_runtime_context().get_node_id())
     return stored, waited
 
 
