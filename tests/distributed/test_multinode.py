@@ -35,17 +35,6 @@ def nodes(s3_server, tmp_path_factory):  # s3 env first: the raylets and their w
         cluster.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny_s3_data(s3_server):
-    from timeexpert.data import synth
-
-    spec = synth.SynthSpec(name="mini", num_videos={"train": 4, "val": 2, "test": 1},
-                           min_duration=8, max_duration=12, max_event_len=5)
-    root = f"{s3_server.root}/data/mini"
-    synth.generate(spec, root, seed=0, workers=1)
-    return root
-
-
 def _config(data_root: str, storage_root: str, **kw):
     from timeexpert.train.config import TrainConfig
 

@@ -24,17 +24,6 @@ def ray_cluster(s3_server):  # s3 env first: Ray workers inherit it
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny_s3_data(s3_server):
-    from timeexpert.data import synth
-
-    spec = synth.SynthSpec(name="mini", num_videos={"train": 4, "val": 2, "test": 1},
-                           min_duration=8, max_duration=12, max_event_len=5)
-    root = f"{s3_server.root}/data/mini"
-    synth.generate(spec, root, seed=0, workers=1)
-    return root
-
-
 def _config(**kw):
     from timeexpert.train.config import TrainConfig
 
