@@ -25,7 +25,7 @@ from timeexpert.events import (EOS, SWITCH, Event, Task, TokenType, gqa_hypothes
                                read_gqa_answer, saliency_from_events)
 from timeexpert.models.evidence import interval_from_salient
 from timeexpert.models.frame_relevance import (
-    RELEVANT, clip_saliency, dense_events_from_relevance, pad_caption_ids, windows_from_relevance,
+    clip_saliency, dense_events_from_relevance, pad_caption_ids, windows_from_relevance,
 )
 from timeexpert.models.generation import frame_relevance, generate_answer
 from timeexpert.models.processor import TimeExpertProcessor

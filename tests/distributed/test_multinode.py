@@ -11,7 +11,6 @@ worker's node never had it)."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 

@@ -12,7 +12,6 @@ import torch
 from timeexpert.events import Event, Task, TokenType
 from timeexpert.inference import GroundingModel, PredictRequest
 from timeexpert.models.frame_relevance import (
-    FrameRelevanceHead,
     PatchQueryScore,
     caption_contrast_loss,
     clip_saliency,
