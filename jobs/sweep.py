@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import _common  # (sys.path and environment defaults, before the imports below)
 from ray import tune
@@ -89,6 +88,7 @@ def run_sweep(base, *, num_samples: int, max_concurrent: int = 1, seed: int = 0,
     space = dict(search_space(gating, only_lr), base=base.to_dict(), tokenizer_uri=tokenizer_uri,
                  parent_run_id=parent)
     reports = max(1, base.num_steps // base.log_every)
+    tune_path, tune_filesystem = storage.ray_storage(storage.join_uri(storage_root(base), "tune"))
     tuner = tune.Tuner(
         # A sliver of a CPU for the trial driver (Tune refuses an empty request); the trial's
         # Train workers reserve the real CPUs.
@@ -102,9 +102,8 @@ def run_sweep(base, *, num_samples: int, max_concurrent: int = 1, seed: int = 0,
             # Tune ignores max_concurrent_trials beside an explicit BasicVariantGenerator.
             search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
         ),
-        run_config=tune.RunConfig(name=base.name, storage_path=os.path.join(storage_root(base), "tune")
-                                  if not base.storage_root.startswith("s3://") else
-                                  storage.join_uri(base.storage_root, "tune")),
+        run_config=tune.RunConfig(name=base.name, storage_path=tune_path,
+                                  storage_filesystem=tune_filesystem),
     )
     grid = tuner.fit()
     if parent:

@@ -10,6 +10,8 @@ name a URI under the configured storage root.
 
 `retrying` is the one wait for an endpoint that stopped answering (an object store restarting, a
 network partition): it retries with a bounded exponential backoff and says how long it waited.
+`ray_storage` gives Ray Train and Tune a filesystem that waits too, for the writes they make
+themselves (a run's snapshot after each checkpoint).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import IO, Any, Callable, TypeVar
 
 import botocore.exceptions
 import fsspec
+import pyarrow.fs
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,11 @@ T = TypeVar("T")
 # s3fs options of a call made inside `retrying`: botocore gives up after one attempt instead of
 # retrying for ~8 s on its own, so that the wait happens, and is counted, in `retrying`
 FAIL_FAST: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+
+# Attempts of pyarrow's standard AWS retry strategy (`ray_storage`): it waits random(0, 1) x 2^n
+# s, at most 20 s, between attempts, so 20 attempts wait about 5 minutes, as `retrying` does for
+# a checkpoint's parts (`TrainConfig.storage_wait_s`)
+ARROW_S3_ATTEMPTS = 20
 
 LOCAL_SCHEMES = ("", "file", "local")
 SUPPORTED_SCHEMES = ("", "file", "s3")
@@ -79,6 +87,21 @@ def filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSys
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
 
 
+def ray_storage(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """Ray Train's and Tune's (`storage_path`, `storage_filesystem`) for a storage root: for
+    s3:// a pyarrow S3 filesystem on the endpoint and region Ray would pick (AWS settings), whose
+    calls wait out an endpoint that stops answering (`ARROW_S3_ATTEMPTS`) instead of failing the
+    run at once; a local root as an absolute path and Ray's own filesystem."""
+    scheme, rest = split_scheme(uri)
+    if scheme != "s3":
+        return os.path.abspath(os.path.expanduser(rest)), None
+    default, path = pyarrow.fs.FileSystem.from_uri(uri)  # region and credentials as Ray's
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    retry = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS)
+    return path, pyarrow.fs.S3FileSystem(region=default.region, endpoint_override=endpoint,
+                                         retry_strategy=retry)
+
+
 def open_uri(uri: str, mode: str = "rb", **storage_options: Any) -> IO:
     """Open `uri` like `open()`; parent folders are created when writing a local file."""
     fs, path = filesystem(uri, **storage_options)
@@ -101,8 +124,16 @@ def join_uri(root: str, *parts: str) -> str:
     return out
 
 
-def exists(uri: str, **storage_options: Any) -> bool:
+def _listing(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`filesystem(uri)` with its cached listings under `uri` dropped: what other processes and
+    nodes wrote since (a checkpoint's parts, its commit markers) is seen, not an old listing."""
     fs, path = filesystem(uri, **storage_options)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def exists(uri: str, **storage_options: Any) -> bool:
+    fs, path = _listing(uri, **storage_options)
     return fs.exists(path)
 
 
@@ -141,7 +172,7 @@ def put_file(local_path: str, uri: str, **storage_options: Any) -> None:
 def file_sizes(uri: str, **storage_options: Any) -> dict[str, int]:
     """Every file under the folder `uri` as {path relative to it, with "/": size in bytes}; {}
     when nothing is there."""
-    fs, root = filesystem(uri, **storage_options)
+    fs, root = _listing(uri, **storage_options)
     root = root.rstrip("/")
     try:
         found = fs.find(root, detail=True)
@@ -160,7 +191,7 @@ def remove_dir(uri: str, **storage_options: Any) -> None:
 
 def list_dirs(uri: str, **storage_options: Any) -> list[str]:
     """The names of the folders directly under `uri`, sorted ([] when it does not exist)."""
-    fs, root = filesystem(uri, **storage_options)
+    fs, root = _listing(uri, **storage_options)
     try:
         entries = fs.ls(root.rstrip("/"), detail=True)
     except FileNotFoundError:
@@ -242,7 +273,7 @@ def download_dir(uri: str, local_dir: str, **storage_options: Any) -> None:
 
 def list_files(uri: str, **storage_options: Any) -> list[str]:
     """Every file under `uri`, as URIs of the same scheme, sorted."""
-    fs, root = filesystem(uri, **storage_options)
+    fs, root = _listing(uri, **storage_options)
     paths = sorted(fs.find(root))
     return [("s3://" + p) if _is_s3(uri) else p for p in paths]
 

@@ -11,6 +11,7 @@ worker's node never had it)."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -104,3 +105,134 @@ def test_two_workers_on_two_nodes_train_through_s3(nodes, tiny_s3_data, s3_serve
     assert sorted(markers) == [0, 1]
     ran_on = {markers[r]["node"] for r in markers}
     assert ran_on == set(nodes.node_ids().values()), (ran_on, nodes.node_ids())  # one per node
+
+
+def test_a_node_that_leaves_is_replaced_and_the_run_resumes(nodes, tiny_s3_data, s3_server,
+                                                           tmp_path):
+    """When the first checkpoint is registered, node b leaves (its processes killed, its TMPDIR
+    deleted) and node c joins: the group restarts on a and c from the last complete checkpoint,
+    ends with every step and sample counted, and its MLflow run (a tracking server on loopback)
+    shows the restart."""
+    from mlflow.tracking import MlflowClient
+
+    from benchmarks.faults import when_writing
+    from benchmarks.local_servers import MlflowServer
+    from timeexpert import storage, tracking
+    from timeexpert.train.fit import fit
+
+    mlflow = MlflowServer(tmp_path)
+    mlflow.start()
+    cfg = _config(tiny_s3_data, f"{s3_server.root}/runs", name="lost", num_steps=6,
+                  max_failures=2, tracking_uri=mlflow.uri, experiment="nodes")
+    cfg = cfg.replace(mlflow_run_id=tracking.create_run(mlflow.uri, cfg.experiment, cfg.name))
+    tok = _tokenizer(cfg)
+    _no_local_path(cfg, tok)
+    before = nodes.node_ids()
+    replaced = threading.Event()
+
+    def replace() -> None:
+        nodes.remove("b")
+        nodes.add("c")
+        replaced.set()
+
+    stop = threading.Event()
+    watcher = when_writing(storage.join_uri(cfg.storage_root, cfg.run_name()), replace, stop,
+                           new_checkpoint=False)
+    try:
+        result = fit(cfg, tokenizer_uri=tok)
+        tracking.end_run(mlflow.uri, cfg.mlflow_run_id)  # the workers sent their metrics on ending
+        restores = MlflowClient(mlflow.uri).get_metric_history(cfg.mlflow_run_id, "restores")
+    finally:
+        stop.set()
+        watcher.join(timeout=120)
+        mlflow.stop()
+    assert replaced.is_set()
+    # a checkpoint both ranks stored but whose registration the loss cut short stays, complete
+    # (Ray Train's run state does not name it, so `fit` does not remove it)
+    state, _ = _check_run(result, cfg)
+    assert state["restores"] >= 1 and state["resumed_at"][0] in (2, 4), state
+    assert max(m.value for m in restores) == state["restores"], restores  # the restart, in MLflow
+    after = nodes.node_ids()
+    ran_on = {m["node"] for m in _markers(result.checkpoint_uri).values()}
+    assert ran_on == {after["a"], after["c"]}, (ran_on, before, after)
+    assert before["b"] not in ran_on
+
+
+def test_an_expert_sharded_replica_spans_two_nodes_and_survives_losing_one(nodes, s3_server,
+                                                                           tmp_path):
+    """The model replica's two EP workers sit on two nodes (STRICT_SPREAD over its 1 + 2
+    bundles; checkpoint and video on S3). The node of EP rank 1 leaves and another joins:
+    requests fail only while Serve replaces the replica, and none fail after."""
+    import httpx
+    from ray import serve
+
+    from serve_apps.grounding import app
+    from serve_support import build_checkpoint, free_port, make_videos, wait_until
+    from timeexpert import storage
+    from timeexpert.serve.settings import ServiceConfig
+
+    nodes.add("d")  # three worker nodes: one per bundle
+    ckpt, videos = f"{s3_server.root}/checkpoints/multinode", f"{s3_server.root}/serve-videos"
+    storage.upload_dir(build_checkpoint(str(tmp_path / "ckpt")), ckpt)
+    (video,) = make_videos(str(tmp_path / "videos"), num=1)
+    storage.put_file(video, f"{videos}/v.mp4")
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    body = {"video": {"uri": f"{videos}/v.mp4"}, "query": "a red circle", "max_windows": 2}
+    try:
+        model = dict(checkpoint=ckpt, ep_size=2, ep_placement="STRICT_SPREAD", num_cpus=0.5,
+                     ep_worker_num_cpus=0.5, max_batch_size=2, health_check_period_s=1.0,
+                     ep_timeout_s=20, autoscaling={"min_replicas": 1, "max_replicas": 1})
+        serve.run(app(ServiceConfig(model=model, video={"allowed_roots": [videos]},
+                                    decoder={"num_cpus": 0.1}, ingress={"num_cpus": 0.1})),
+                  name="grounding", route_prefix="/", blocking=False)
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout=300, interval=2, what="the sharded replica ready")
+        with httpx.Client(base_url=base, timeout=120) as c:
+            assert c.post("/v1/moments", json=body).status_code == 200
+            before = _ep_nodes()
+            names = {node_id: name for name, node_id in nodes.node_ids().items()}
+            assert len(set(before.values())) == 2 and set(before.values()) <= set(names), before
+            lost = names[before[1]]
+            nodes.remove(lost)
+            nodes.add("e")
+            statuses = []
+
+            def answers() -> bool:
+                try:
+                    statuses.append(c.post("/v1/moments", json=body).status_code)
+                except httpx.HTTPError as e:
+                    statuses.append(type(e).__name__)
+                return statuses[-1] == 200
+
+            wait_until(answers, timeout=300, interval=2, what="answers again without " + lost)
+            after = [c.post("/v1/moments", json=body).status_code for _ in range(5)]
+        assert after == [200] * 5, (statuses, after)
+        assert all(s in (500, 502, 503, 504, 200) or isinstance(s, str) for s in statuses)
+        now = _ep_nodes()
+        assert len(set(now.values())) == 2 and before[1] not in now.values(), (before, now)
+    finally:
+        serve.shutdown()
+
+
+def _ep_nodes() -> dict[int, str]:
+    """{EP rank: Ray node id} of the model replica's live EP workers."""
+    import ray
+
+    found = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("EP_WORKER::"):
+            rank = int(actor["name"].rsplit("#rank", 1)[1])
+            try:
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                found[rank] = ray.get(handle.node_id.remote(), timeout=30)
+            except (ray.exceptions.RayError, ValueError):
+                continue  # a worker of the replica going away
+    return found

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from test_serve_support import build_checkpoint, make_videos
+from serve_support import build_checkpoint, make_videos
 
 from timeexpert.data.video import decode_frames
 from timeexpert.inference import GroundingModel

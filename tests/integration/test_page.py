@@ -25,7 +25,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from serve_apps.grounding import app
-from test_serve_support import (
+from serve_support import (
     build_checkpoint,
     free_port,
     make_videos,

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from mlflow_support import running_mlflow_server
-from test_serve_support import (
+from serve_support import (
     build_checkpoint,
     free_port,
     make_videos,

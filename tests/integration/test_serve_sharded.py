@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from test_serve_support import (
+from serve_support import (
     build_checkpoint,
     free_port,
     make_videos,

@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import ray
 import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from timeexpert import storage
 from timeexpert.config import DataConfig, VideoConfig
@@ -363,7 +364,10 @@ def build_dataset(
     if shuffle:
         order = np.random.default_rng(config.seed).permutation(len(rows))
         rows, kept = [rows[i] for i in order], [kept[i] for i in order]
-    counter = _skip_counter_class().remote()
+    # pinned to the driver's node: a worker node may leave mid-run, and the count with it (a
+    # soft affinity let Ray place it on a worker node)
+    counter = _skip_counter_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     if not rows:
         raise ValueError(f"no usable records for split {split!r} under {config.root!r}")
     num_blocks = max(1, min(len(rows) // config.decode_batch_size, 2000))

@@ -14,7 +14,7 @@ validated, in the process that builds the app: replicas run in other working dir
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -98,6 +98,10 @@ class ModelServerConfig(_Section):
                                       description="CPUs each EP worker reserves (its bundle)")
     ep_timeout_s: float = Field(default=300.0, gt=0,
                                 description="collective timeout: a lost EP worker fails, never hangs")
+    ep_placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="how a replica's bundles (its own, then one per EP worker) "
+        "spread over the nodes (Ray's placement group strategies): PACK keeps the EP group's "
+        "all-to-all on one node where it fits; STRICT_SPREAD puts every bundle on its own node")
     device: str = "cpu"
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs of a replica (its own bundle)")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
@@ -141,7 +145,7 @@ class ModelServerConfig(_Section):
                 worker["GPU"] = 1.0
             options["placement_group_bundles"] = (
                 [{"CPU": self.num_cpus}] + [dict(worker) for _ in range(self.ep_size)])
-            options["placement_group_strategy"] = "PACK"
+            options["placement_group_strategy"] = self.ep_placement
         return options
 
 

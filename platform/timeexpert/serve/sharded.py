@@ -73,6 +73,10 @@ class EPWorker:
     def ping(self) -> bool:
         return True
 
+    def node_id(self) -> str:
+        """The Ray node this rank runs on."""
+        return ray.get_runtime_context().get_node_id()
+
 
 def _replica_tag() -> str:
     """`app#deployment#replica` of the Serve replica creating the workers (unique per replica)."""

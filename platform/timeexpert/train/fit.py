@@ -96,8 +96,10 @@ def torch_trainer(loop, loop_config: dict[str, Any], cfg: TrainConfig, *, name: 
                   storage_path: str, datasets: dict | None = None, dataset_config=None,
                   checkpoint_config=None, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer of `cfg.num_workers` workers running `loop(loop_config)` (NCCL with
-    `cfg.use_gpu`, else gloo), persisting into `storage_path`/`name`: a stage's run (`fit`) and
-    FPO's (`train.fpo.train_fpo`)."""
+    `cfg.use_gpu`, else gloo), persisting into `storage_path`/`name` (through a filesystem that
+    waits for S3 that stops answering, `storage.ray_storage`): a stage's run (`fit`) and FPO's
+    (`train.fpo.train_fpo`)."""
+    path, filesystem = storage.ray_storage(storage_path)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -111,7 +113,8 @@ def torch_trainer(loop, loop_config: dict[str, Any], cfg: TrainConfig, *, name: 
         dataset_config=dataset_config,
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             # Ray Train's INFO lines (every report's full metrics, once per rank) stay in its log
             # files; the console gets warnings and our own progress line per `log_every` steps

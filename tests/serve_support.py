@@ -1,6 +1,6 @@
 """Shared pieces of the Serve tests: a tiny test checkpoint, synthetic mp4s, a local Serve.
 
-(Named test_serve_* so it sits with the tests it serves; it holds no tests itself.)
+(Beside tests/conftest.py, so the integration and distributed tests both import it.)
 """
 
 from __future__ import annotations
