@@ -87,19 +87,35 @@ def filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSys
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
 
 
+class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3 filesystem with standard AWS retries (`ARROW_S3_ATTEMPTS`) that keeps them
+    when pickled: pyarrow's own pickling drops `retry_strategy`, and Ray hands the filesystem
+    to its Train controller and workers pickled."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        retry = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS)
+        super().__init__(retry_strategy=retry, **options)
+
+    def __reduce__(self):
+        return _retrying_s3, (self._options,)
+
+
+def _retrying_s3(options: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(**options)
+
+
 def ray_storage(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """Ray Train's and Tune's (`storage_path`, `storage_filesystem`) for a storage root: for
-    s3:// a pyarrow S3 filesystem on the endpoint and region Ray would pick (AWS settings), whose
-    calls wait out an endpoint that stops answering (`ARROW_S3_ATTEMPTS`) instead of failing the
-    run at once; a local root as an absolute path and Ray's own filesystem."""
+    s3:// a `RetryingS3FileSystem` on the endpoint and region Ray would pick (AWS settings),
+    whose calls wait out an endpoint that stops answering instead of failing the run at once;
+    a local root as an absolute path and Ray's own filesystem."""
     scheme, rest = split_scheme(uri)
     if scheme != "s3":
         return os.path.abspath(os.path.expanduser(rest)), None
     default, path = pyarrow.fs.FileSystem.from_uri(uri)  # region and credentials as Ray's
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    retry = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS)
-    return path, pyarrow.fs.S3FileSystem(region=default.region, endpoint_override=endpoint,
-                                         retry_strategy=retry)
+    return path, RetryingS3FileSystem(region=default.region, endpoint_override=endpoint)
 
 
 def open_uri(uri: str, mode: str = "rb", **storage_options: Any) -> IO:

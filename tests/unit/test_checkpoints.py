@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import threading
 import time
 
@@ -221,6 +222,7 @@ def test_ray_trains_own_writes_wait_for_s3_that_stops_answering(tmp_path):
         storage.filesystem("s3://snapshot-test")[0].mkdir("snapshot-test")
         path, fs = storage.ray_storage("s3://snapshot-test/runs")
         assert path == "snapshot-test/runs"
+        fs = pickle.loads(pickle.dumps(fs))  # as Ray hands it to its controller
         default = pyarrow.fs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"],
                                           region="us-east-1")
         server.stop()
