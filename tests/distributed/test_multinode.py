@@ -69,9 +69,11 @@ def _markers(uri: str) -> dict[int, dict]:
                                    for f in storage.list_files(storage.join_uri(uri, COMMIT)))}
 
 
-def _check_run(result, cfg) -> tuple[dict, set[str]]:
+def _check_run(result, cfg, *, cut_short_ok: bool = False) -> tuple[dict, set[str]]:
     """The run's counts and its checkpoints on S3: every folder complete, the ones Ray Train's
-    run state names among them. Returns the last checkpoint's state and the folders not named."""
+    run state names among them; none removed as cut short unless `cut_short_ok` (a node that
+    left while its rank was writing). Returns the last checkpoint's state and the folders not
+    named."""
     from timeexpert import storage
     from timeexpert.checkpoints import check_checkpoint
     from timeexpert.train.fit import _registered
@@ -88,7 +90,9 @@ def _check_run(result, cfg) -> tuple[dict, set[str]]:
     for d in kept:
         check = check_checkpoint(storage.join_uri(run_dir, d))
         assert check.complete, check.problems
-    assert not result.removed_incomplete
+    if not cut_short_ok:
+        assert not result.removed_incomplete
+    assert not set(result.removed_incomplete) & {storage.join_uri(run_dir, d) for d in kept}
     return state, kept - registered
 
 
@@ -149,7 +153,7 @@ def test_a_node_that_leaves_is_replaced_and_the_run_resumes(nodes, tiny_s3_data,
     assert replaced.is_set()
     # a checkpoint both ranks stored but whose registration the loss cut short stays, complete
     # (Ray Train's run state does not name it, so `fit` does not remove it)
-    state, _ = _check_run(result, cfg)
+    state, _ = _check_run(result, cfg, cut_short_ok=True)
     assert state["restores"] >= 1 and state["resumed_at"][0] in (2, 4), state
     assert max(m.value for m in restores) == state["restores"], restores  # the restart, in MLflow
     after = nodes.node_ids()
@@ -164,6 +168,7 @@ def test_an_expert_sharded_replica_spans_two_nodes_and_survives_losing_one(nodes
     bundles; checkpoint and video on S3). The node of EP rank 1 leaves and another joins:
     requests fail only while Serve replaces the replica, and none fail after."""
     import httpx
+    import ray
     from ray import serve
 
     from serve_apps.grounding import app
@@ -184,9 +189,11 @@ def test_an_expert_sharded_replica_spans_two_nodes_and_survives_losing_one(nodes
         model = dict(checkpoint=ckpt, ep_size=2, ep_placement="STRICT_SPREAD", num_cpus=0.5,
                      ep_worker_num_cpus=0.5, max_batch_size=2, health_check_period_s=1.0,
                      ep_timeout_s=20, autoscaling={"min_replicas": 1, "max_replicas": 1})
-        serve.run(app(ServiceConfig(model=model, video={"allowed_roots": [videos]},
-                                    decoder={"num_cpus": 0.1}, ingress={"num_cpus": 0.1})),
-                  name="grounding", route_prefix="/", blocking=False)
+        config = ServiceConfig(model=model, video={"allowed_roots": [videos]},
+                               decoder={"num_cpus": 0.1}, ingress={"num_cpus": 0.1})
+        # not serve.run: it waits for ever for an application whose replicas cannot be placed
+        serve.run_many([serve.RunTarget(app(config), name="grounding", route_prefix="/")],
+                       wait_for_applications_running=False)
 
         def ready() -> bool:
             try:
@@ -194,7 +201,11 @@ def test_an_expert_sharded_replica_spans_two_nodes_and_survives_losing_one(nodes
             except httpx.HTTPError:
                 return False
 
-        wait_until(ready, timeout=300, interval=2, what="the sharded replica ready")
+        try:
+            wait_until(ready, timeout=300, interval=2, what="the sharded replica ready")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}: {serve.status()}; nodes {nodes.node_ids()}; free "
+                                 f"{ray.available_resources()}") from None
         with httpx.Client(base_url=base, timeout=120) as c:
             assert c.post("/v1/moments", json=body).status_code == 200
             before = _ep_nodes()
