@@ -6,7 +6,6 @@ that stops answering."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -155,19 +154,19 @@ def test_a_part_of_the_wrong_size_or_missing_is_named(tmp_path):
     assert marker["world_size"] == 2 and marker["parts"]["optim/rank_00001.pt"] == 50
 
 
-@contextlib.contextmanager
-def _moto_endpoint():
-    """moto on 127.0.0.1, the AWS settings pointing at it; yields (server, port, restart_after)
-    where `restart_after(seconds)` starts it again on the same port that much later."""
+@pytest.fixture
+def moto_endpoint(monkeypatch):
+    """A moto server of this test's own on 127.0.0.1 (the session's `s3_server` cannot be
+    stopped), the AWS settings pointing at it; yields (server, restart_after) where
+    `restart_after(seconds)` starts it again on the same port that much later."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
     restarted = []
 
     def restart_after(seconds: float) -> None:
@@ -177,61 +176,54 @@ def _moto_endpoint():
             restarted[0].start()
         threading.Thread(target=restart, daemon=True).start()
 
-    try:
-        yield server, restart_after
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        for s in restarted or [server]:
-            s.stop()
+    yield server, restart_after
+    for s in restarted or [server]:
+        s.stop()
 
 
 @pytest.mark.slow
-def test_a_write_waits_for_s3_that_stops_answering_and_loses_nothing(tmp_path):
+def test_a_write_waits_for_s3_that_stops_answering_and_loses_nothing(tmp_path, moto_endpoint):
     """The endpoint goes away for 4 s in the middle of a write; the write waits with backoff,
     says how long, and every part arrives whole."""
-    with _moto_endpoint() as (server, restart_after):
-        storage.filesystem("s3://outage-test")[0].mkdir("outage-test")
-        dest = "s3://outage-test/run/checkpoint_1"
+    server, restart_after = moto_endpoint
+    storage.filesystem("s3://outage-test")[0].mkdir("outage-test")
+    dest = "s3://outage-test/run/checkpoint_1"
 
-        def outage(name: str) -> None:
-            if name == "config.json":  # stop the endpoint after the first part, 4 s
-                server.stop()
-                restart_after(4)
+    def outage(name: str) -> None:
+        if name == "config.json":  # stop the endpoint after the first part, 4 s
+            server.stop()
+            restart_after(4)
 
-        local = _rank_parts(tmp_path / "r0", 0, step=2)
-        t0 = time.perf_counter()
-        waited = persist_checkpoint(local, dest, rank=0, world_size=1, budget_s=60,
-                                    after_part=outage)
-        assert 2.0 < waited <= time.perf_counter() - t0
-        check = check_checkpoint(dest)
-        assert check.complete, check.problems
-        assert storage.file_sizes(dest)["model.safetensors"] == 200
+    local = _rank_parts(tmp_path / "r0", 0, step=2)
+    t0 = time.perf_counter()
+    waited = persist_checkpoint(local, dest, rank=0, world_size=1, budget_s=60,
+                                after_part=outage)
+    assert 2.0 < waited <= time.perf_counter() - t0
+    check = check_checkpoint(dest)
+    assert check.complete, check.problems
+    assert storage.file_sizes(dest)["model.safetensors"] == 200
 
 
 @pytest.mark.slow
-def test_ray_trains_own_writes_wait_for_s3_that_stops_answering(tmp_path):
+def test_ray_trains_own_writes_wait_for_s3_that_stops_answering(tmp_path, moto_endpoint):
     """What Ray Train writes itself (its run snapshot after each checkpoint) goes through
     `storage.ray_storage`'s filesystem: a write begun while the endpoint is away for 4 s lands
     when it returns, where pyarrow's default filesystem fails it at once."""
     assert storage.ray_storage(str(tmp_path / "runs")) == (str(tmp_path / "runs"), None)
-    with _moto_endpoint() as (server, restart_after):
-        storage.filesystem("s3://snapshot-test")[0].mkdir("snapshot-test")
-        path, fs = storage.ray_storage("s3://snapshot-test/runs")
-        assert path == "snapshot-test/runs"
-        fs = pickle.loads(pickle.dumps(fs))  # as Ray hands it to its controller
-        default = pyarrow.fs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"],
-                                          region="us-east-1")
-        server.stop()
-        with pytest.raises(OSError, match="NETWORK_CONNECTION"):
-            with default.open_output_stream(f"{path}/default.json") as f:
-                f.write(b"{}")
-        restart_after(4)
-        t0 = time.perf_counter()
-        with fs.open_output_stream(f"{path}/snapshot.json") as f:
-            f.write(b'{"step": 2}')
-        assert time.perf_counter() - t0 > 2.0
-        assert storage.read_text("s3://snapshot-test/runs/snapshot.json") == '{"step": 2}'
+    server, restart_after = moto_endpoint
+    storage.filesystem("s3://snapshot-test")[0].mkdir("snapshot-test")
+    path, fs = storage.ray_storage("s3://snapshot-test/runs")
+    assert path == "snapshot-test/runs"
+    fs = pickle.loads(pickle.dumps(fs))  # as Ray hands it to its controller
+    default = pyarrow.fs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"],
+                                      region="us-east-1")
+    server.stop()
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        with default.open_output_stream(f"{path}/default.json") as f:
+            f.write(b"{}")
+    restart_after(4)
+    t0 = time.perf_counter()
+    with fs.open_output_stream(f"{path}/snapshot.json") as f:
+        f.write(b'{"step": 2}')
+    assert time.perf_counter() - t0 > 2.0
+    assert storage.read_text("s3://snapshot-test/runs/snapshot.json") == '{"step": 2}'
